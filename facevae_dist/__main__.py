@@ -1,0 +1,3 @@
+from facevae_dist.cli import run
+
+run()

@@ -1,0 +1,85 @@
+"""The `facevae` command. Each stage has its own module here that only parses arguments and calls one library
+function; this file wires them together and turns user errors into one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from facevae_dist.errors import FaceVAEError
+
+# Stage order = the pipeline's flow: data -> model/train -> evaluate -> report -> sweep.
+# A module listed here that does not exist yet is simply skipped, so stages can land one by one.
+COMMAND_MODULES = [
+    "facevae_dist.cli.demo",
+    "facevae_dist.cli.shards",
+    "facevae_dist.cli.train",
+    "facevae_dist.cli.evaluate",
+    "facevae_dist.cli.report",
+    "facevae_dist.cli.infer",
+    "facevae_dist.cli.sweep",
+    "facevae_dist.cli.bench",
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse prints usage + error on exit code 2 already; keep that, but make the error one line."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="facevae",
+        description="Face reconstruction with a VAE and face masks (Toledo & Antonelo 2021), "
+        "from shards to a Slurm sweep over the paper's hypothesis grid.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines (for scripts)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        # `facevae` or `facevae shards` alone: show the relevant help.
+        (getattr(args, "_parser", None) or parser).print_help()
+        return 2
+    from facevae_dist import progress
+
+    progress.set_quiet(args.quiet)
+    if args.quiet:
+        os.environ["FACEVAE_QUIET"] = "1"  # child processes (workers, launched ranks) inherit it
+    try:
+        rc = args.func(args)
+        return int(rc or 0)
+    except FaceVAEError as exc:
+        if args.debug:
+            raise
+        print(f"facevae: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("facevae: interrupted", file=sys.stderr)
+        return 130
+
+
+def run() -> None:  # pragma: no cover - console entry
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

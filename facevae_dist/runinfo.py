@@ -1,0 +1,48 @@
+"""What a run directory records about where it ran: versions, git revision, host, world size."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_revision(path: str | os.PathLike | None = None) -> str | None:
+    """The git commit of the source tree this package runs from (with '-dirty' if modified), or None."""
+    src = Path(path) if path else Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment_info(world_size: int | None = None) -> dict:
+    import facevae_dist
+
+    return {
+        "facevae_dist": facevae_dist.__version__,
+        "git_revision": git_revision(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "world_size": world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")),
+        "versions": {p: _version(p) for p in (
+            "torch", "accelerate", "deepspeed", "webdataset", "submitit", "pytorch-msssim", "numpy", "pillow", "safetensors")},
+        "argv": sys.argv,
+    }
