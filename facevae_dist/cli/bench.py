@@ -1,0 +1,63 @@
+"""`facevae bench data|train`: throughput benchmarks that write JSON (speed targets live here, not in tests)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _run_data(args) -> int:
+    from facevae_dist.bench.data import run_data_bench
+
+    run_data_bench(out=Path(args.out), n=args.n, workers=args.workers, seed=args.seed,
+                   image_size=args.image_size, work_dir=Path(args.work_dir) if args.work_dir else None)
+    return 0
+
+
+def _run_train(args) -> int:
+    from facevae_dist.bench.train import run_train_bench
+
+    run_train_bench(out=Path(args.out), batch_sizes=args.batch_sizes, steps=args.steps, warmup=args.warmup,
+                    configs=[c for c in args.configs.split(",") if c], device=args.device)
+    return 0
+
+
+def register(sub) -> None:
+    bench = sub.add_parser("bench", help="throughput benchmarks (results as JSON)",
+                           description="Measure data-pipeline and training throughput on this machine; results are "
+                           "written as JSON and summarised on the console.")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="WHAT", parser_class=type(bench))
+    bench.set_defaults(_parser=bench)
+
+    data = bench_sub.add_parser(
+        "data", help="shard build/read throughput vs the paper's per-file loading",
+        description="Builds synthetic shards, then measures: build images/s, shard read images/s (decoded to uint8 "
+        "tensors) for each worker count, the paper's per-file way (one JPEG + one label-map PNG per sample, decode and "
+        "resize at load time), and the raw decode limit (decode the stored bytes in a tight loop). Reports ratios.")
+    data.add_argument("--out", required=True, help="JSON file to write (parent directories are created)")
+    data.add_argument("--n", type=int, default=2000, help="number of synthetic images (default 2000)")
+    data.add_argument("--workers", type=_int_list, default=[0, 1, 2], help="DataLoader worker counts (default 0,1,2)")
+    data.add_argument("--image-size", type=int, default=144, help="training image size (default 144)")
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--work-dir", help="where to build the temporary dataset (default: a temp dir, removed after)")
+    data.set_defaults(func=_run_data, _parser=data)
+
+    train = bench_sub.add_parser(
+        "train", help="training images/s of the paper model per precision/layout/compile setting",
+        description="Training throughput (forward + losses + backward + optimizer step) of the paper's model with and "
+        "without the mask decoder, for each configuration in --configs, on random data already on the device.")
+    train.add_argument("--out", required=True, help="JSON file to write")
+    train.add_argument("--batch-sizes", type=_int_list, default=[32], help="comma-separated (default 32; on a GPU try 32,64,128,256,512)")
+    train.add_argument("--steps", type=int, default=5, help="timed steps per configuration (default 5)")
+    train.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (default 2; compile needs >= 1)")
+    train.add_argument("--configs", default="fp32,bf16,channels_last,channels_last+bf16,compile",
+                       help="comma-separated from fp32, bf16, fp16 (GPU), channels_last, compile and '+' combinations")
+    train.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    train.set_defaults(func=_run_train, _parser=train)
