@@ -1,0 +1,174 @@
+"""The paper's losses, as in the authors' Keras code (`VAE2train.add_losses`, `SSIMLoss`, `BCELoss`, `KLLoss`).
+
+Reductions follow Keras exactly: l1/l2 are global means over all B*C*H*W values, background included (for mask
+models the composite's background error is exactly 0, so the effective weight scales with the face area);
+SSIM is TF's `tf.image.ssim` (9x9 Gaussian, sigma 1.5, VALID window, per channel); KL is a mean over batch and
+latent dims; BCE is Keras' clipped BCE; Dice is batch-global with squared denominators.
+
+Every term is computed in fp32 with autocast off: bf16 SSIM statistics are badly wrong (toolchain.md §5).
+The returned terms are the *weighted* contributions, so `loss == sum of the terms` (as the paper's logs).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from facevae_dist.errors import UsageError
+
+IMAGE_TERMS = ("l1", "l2", "ssim")
+_KERAS_EPS = 1e-7
+
+
+@dataclass
+class LossConfig:
+    """Which image terms are on and every weight; defaults are the paper's (SSIM + l1, its released config)."""
+
+    terms: tuple[str, ...] = ("ssim", "l1")
+    w_l1: float = 4.0
+    w_l2: float = 100.0
+    w_ssim: float = 1.0
+    ssim_window: int = 9
+    ssim_sigma: float = 1.5
+    kl_factor: float = 1e-3
+    w_bce: float = 1.0
+    w_dice: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.terms, (list, str)):
+            self.terms = (self.terms,) if isinstance(self.terms, str) else tuple(self.terms)
+
+    def validate(self) -> "LossConfig":
+        if not self.terms:
+            raise UsageError(f"loss.terms is empty; choose one or more of {', '.join(IMAGE_TERMS)}")
+        bad = [t for t in self.terms if t not in IMAGE_TERMS]
+        if bad:
+            raise UsageError(f"loss.terms has unknown term(s) {', '.join(map(repr, bad))}; "
+                             f"valid: {', '.join(IMAGE_TERMS)}")
+        if len(set(self.terms)) != len(self.terms):
+            raise UsageError(f"loss.terms={list(self.terms)} repeats a term")
+        for name in ("w_l1", "w_l2", "w_ssim", "kl_factor", "w_bce", "w_dice", "ssim_sigma"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise UsageError(f"loss.{name}={v!r} must be a finite number >= 0")
+        if self.ssim_sigma <= 0:
+            raise UsageError(f"loss.ssim_sigma={self.ssim_sigma!r} must be > 0")
+        if not isinstance(self.ssim_window, int) or self.ssim_window < 1 or self.ssim_window % 2 == 0:
+            raise UsageError(f"loss.ssim_window={self.ssim_window!r} must be a positive odd integer (the paper: 9)")
+        return self
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        d = asdict(self)
+        d["terms"] = list(self.terms)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LossConfig":
+        from dataclasses import fields
+
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UsageError(f"unknown loss config field(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**d).validate()
+
+
+# ---- SSIM (TF 2.x tf.image.ssim semantics) ------------------------------------------------------------------
+
+
+def gaussian_window(size: int = 9, sigma: float = 1.5, device=None) -> torch.Tensor:
+    """TF's normalised 1-D Gaussian (softmax of -x^2 / 2 sigma^2), fp32."""
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    return torch.softmax(-(x**2) / (2 * sigma**2), 0).to(torch.float32).to(device)
+
+
+def _filter_valid(x: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of every channel of x, VALID (no padding). x: [B, C, H, W]."""
+    b, c, h, w = x.shape
+    k = win.numel()
+    # Fold channels into the batch: one 1-in/1-out conv is faster on CPU than a grouped depthwise one.
+    y = x.reshape(b * c, 1, h, w)
+    y = F.conv2d(y, win.view(1, 1, k, 1))
+    y = F.conv2d(y, win.view(1, 1, 1, k))
+    return y.reshape(b, c, h - k + 1, w - k + 1)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 9, sigma: float = 1.5, max_val: float = 1.0) -> torch.Tensor:
+    """Per-image SSIM [B] as tf.image.ssim(x, y, max_val, filter_size=window): per-channel mean of
+    luminance * contrast-structure over the VALID map, then the mean over channels. fp32, autocast off."""
+    if x.shape != y.shape or x.dim() != 4:
+        raise ValueError(f"ssim expects two [B,C,H,W] tensors of equal shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if min(x.shape[-2:]) < window:
+        raise UsageError(f"SSIM window {window} is larger than the image ({x.shape[-2]}x{x.shape[-1]}); "
+                         "lower loss.ssim_window")
+    with torch.autocast(x.device.type, enabled=False):
+        x, y = x.float(), y.float()
+        c1, c2 = (0.01 * max_val) ** 2, (0.03 * max_val) ** 2
+        n = x.shape[1]
+        stats = _filter_valid(torch.cat([x, y, x * x + y * y, x * y], 1), gaussian_window(window, sigma, x.device))
+        mu_x, mu_y, e_sq, e_xy = stats[:, :n], stats[:, n:2 * n], stats[:, 2 * n:3 * n], stats[:, 3 * n:]
+        num0 = 2 * mu_x * mu_y
+        den0 = mu_x * mu_x + mu_y * mu_y
+        luminance = (num0 + c1) / (den0 + c1)
+        cs = (2 * e_xy - num0 + c2) / (e_sq - den0 + c2)
+        return (luminance * cs).mean(dim=(-2, -1)).mean(dim=-1)
+
+
+# ---- KL, BCE, Dice ---------------------------------------------------------------------------------------------
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, sampling: str = "standard") -> torch.Tensor:
+    """Unweighted KL, mean over batch and latent dims (the paper's reduction).
+    "standard": logvar is log sigma^2. "paper": the released code's formula for s = log sigma."""
+    mu, logvar = mu.float(), logvar.float()
+    if sampling == "paper":
+        return -0.5 * torch.mean(1 + 2 * logvar - mu.square() - torch.exp(2 * logvar))
+    return -0.5 * torch.mean(1 + logvar - mu.square() - torch.exp(logvar))
+
+
+def keras_bce(target: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+    """tf.keras BinaryCrossentropy on probabilities: clip to [eps, 1-eps], log(p + eps), global mean."""
+    p = prob.float().clamp(_KERAS_EPS, 1 - _KERAS_EPS)
+    t = target.float()
+    return -torch.mean(t * torch.log(p + _KERAS_EPS) + (1 - t) * torch.log(1 - p + _KERAS_EPS))
+
+
+def dice_loss(target: torch.Tensor, prob: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 - (2 sum|t p| + smooth) / (sum t^2 + sum p^2 + smooth + 1e-8), summed over the whole batch at once."""
+    t, p = target.float(), prob.float()
+    return 1 - (2 * torch.sum(torch.abs(t * p)) + smooth) / (torch.sum(t.square()) + torch.sum(p.square()) + smooth + 1e-8)
+
+
+# ---- total ------------------------------------------------------------------------------------------------------
+
+
+def compute_losses(out, image: torch.Tensor, mask: torch.Tensor | None, loss_cfg: LossConfig,
+                   model_cfg) -> dict[str, torch.Tensor]:
+    """Weighted loss terms and their sum "loss", all fp32 scalars.
+
+    Image terms compare `out.recon` (the GT-mask composite for mask models, the raw output otherwise) with
+    `image`; "kl" is always on; "bce" and "dice" only for mask_mode "mask+decoder" (they need `mask`)."""
+    device_type = image.device.type
+    with torch.autocast(device_type, enabled=False):
+        recon, target = out.recon.float(), image.float()
+        terms: dict[str, torch.Tensor] = {}
+        if "l1" in loss_cfg.terms:
+            terms["l1"] = loss_cfg.w_l1 * torch.mean(torch.abs(recon - target))
+        if "l2" in loss_cfg.terms:
+            terms["l2"] = loss_cfg.w_l2 * torch.mean(torch.square(recon - target))
+        if "ssim" in loss_cfg.terms:
+            s = ssim(target, recon, loss_cfg.ssim_window, loss_cfg.ssim_sigma)
+            terms["ssim"] = loss_cfg.w_ssim * torch.mean(2 - s)
+        terms["kl"] = loss_cfg.kl_factor * kl_divergence(out.mu, out.logvar, model_cfg.sampling)
+        if model_cfg.mask_mode == "mask+decoder":
+            if mask is None or out.mask_pred is None:
+                raise UsageError("mask_mode 'mask+decoder' needs the ground-truth mask and a predicted mask for BCE/Dice")
+            terms["bce"] = loss_cfg.w_bce * keras_bce(mask, out.mask_pred)
+            terms["dice"] = loss_cfg.w_dice * dice_loss(mask, out.mask_pred)
+        total = torch.stack(list(terms.values())).sum()
+    return {"loss": total, **terms}
