@@ -1,0 +1,105 @@
+"""The hypothesis grid: {l1, l2, ssim, ssim+l1, ssim+l2} x {none, mask, mask+decoder} = 15 named runs.
+
+The single definition used by train, sweep and report. Names are "<loss>/<mask_mode>"; the paper's H-numbers are
+aliases where the README pins them down (H1, H5, H6, H9; the others cannot be assigned, paper.md §4.1). The paper
+ran 10 of these (mask "no" = "none", mask "yes" = "mask+decoder"); "mask" (GT-mask compositing without the mask
+decoder) is our extra ablation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from facevae_dist.errors import UsageError
+from facevae_dist.losses import LossConfig
+from facevae_dist.model import MASK_MODES, ModelConfig
+from facevae_dist.paper_results import paper_result
+
+LOSSES: dict[str, tuple[str, ...]] = {
+    "l1": ("l1",),
+    "l2": ("l2",),
+    "ssim": ("ssim",),
+    "ssim+l1": ("ssim", "l1"),
+    "ssim+l2": ("ssim", "l2"),
+}
+_LOSS_LABELS = {"l1": "l1", "l2": "l2", "ssim": "SSIM", "ssim+l1": "SSIM + l1", "ssim+l2": "SSIM + l2"}
+_ALIASES = {"ssim+l1/none": ("H1",), "ssim/none": ("H5",), "ssim/mask+decoder": ("H6",),
+            "ssim+l2/mask+decoder": ("H9",)}
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    name: str  # "<loss>/<mask_mode>", e.g. "ssim+l2/mask+decoder"
+    loss: str  # key of LOSSES, e.g. "ssim+l2"
+    loss_terms: tuple[str, ...]  # image loss terms for LossConfig.terms
+    mask_mode: str  # ModelConfig.mask_mode
+    aliases: tuple[str, ...] = ()
+    paper_label: str | None = None  # how the paper names this run; None if the paper has no such run
+
+    @property
+    def slug(self) -> str:
+        """File-name-safe form of the name (no '/'): "ssim+l2--mask+decoder"."""
+        return self.name.replace("/", "--")
+
+    def model_overrides(self) -> dict:
+        """The ModelConfig fields this hypothesis fixes (merge into a config's model section)."""
+        return {"mask_mode": self.mask_mode}
+
+    def loss_overrides(self) -> dict:
+        """The LossConfig fields this hypothesis fixes."""
+        return {"terms": self.loss_terms}
+
+    def model_config(self, **overrides) -> ModelConfig:
+        return ModelConfig(**{**overrides, **self.model_overrides()}).validate()
+
+    def loss_config(self, **overrides) -> LossConfig:
+        return LossConfig(**{**overrides, **self.loss_overrides()}).validate()
+
+    def paper_result(self) -> dict[str, float] | None:
+        """The paper's published metrics for this run (paper_results.METRICS), or None."""
+        return paper_result(self.loss, self.mask_mode)
+
+
+def _build() -> dict[str, Hypothesis]:
+    grid = {}
+    for loss, terms in LOSSES.items():
+        for mode in MASK_MODES:
+            name = f"{loss}/{mode}"
+            aliases = _ALIASES.get(name, ())
+            label = None
+            if mode != "mask":
+                label = f"{_LOSS_LABELS[loss]}, {'w/ mask' if mode == 'mask+decoder' else 'w/o mask'}"
+                if aliases:
+                    label += f" ({', '.join(aliases)})"
+            grid[name] = Hypothesis(name, loss, terms, mode, aliases, label)
+    return grid
+
+
+HYPOTHESES: dict[str, Hypothesis] = _build()
+
+GRIDS: dict[str, list[str]] = {
+    "paper15": list(HYPOTHESES),
+    "paper10": [n for n, h in HYPOTHESES.items() if h.mask_mode != "mask"],  # the runs the paper reports
+    "named4": [n for n, h in HYPOTHESES.items() if h.aliases],  # H1, H5, H6, H9
+}
+
+_LOOKUP: dict[str, Hypothesis] = {}
+for _h in HYPOTHESES.values():
+    for _key in (_h.name, _h.slug, *_h.aliases):
+        _LOOKUP[_key.lower()] = _h
+
+
+def resolve_hypothesis(name_or_alias: str) -> Hypothesis:
+    """A grid name ("ssim+l2/mask+decoder"), its slug ("ssim+l2--mask+decoder") or an alias ("H9", any case)."""
+    h = _LOOKUP.get(str(name_or_alias).strip().lower())
+    if h is None:
+        aliases = ", ".join(f"{a}={h.name}" for h in HYPOTHESES.values() for a in h.aliases)
+        raise UsageError(f"unknown hypothesis {name_or_alias!r}; valid: {', '.join(HYPOTHESES)} "
+                         f"(aliases: {aliases})")
+    return h
+
+
+def resolve_grid(name: str) -> list[Hypothesis]:
+    if name not in GRIDS:
+        raise UsageError(f"unknown grid {name!r}; valid: {', '.join(GRIDS)}")
+    return [HYPOTHESES[n] for n in GRIDS[name]]
