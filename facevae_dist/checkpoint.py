@@ -1,0 +1,297 @@
+"""Checkpoints of a run directory: atomic, every N steps, keep the last k, best-by-validation, resume-latest.
+
+Layout (inside the run directory):
+    checkpoints/step_<n>/        model.safetensors + config.json   (FaceVAE.save_pretrained: weights incl. BN stats)
+                                 train_config.toml                 (the full TrainConfig)
+                                 trainer_state.pt                  (optimizer, grad scaler, counters, data position)
+                                 rng_rank<r>.pt                    (python/numpy/torch/cuda RNG states of each rank)
+                                 meta.json                         (step, samples seen, val loss; written last)
+    checkpoints/latest           text file "step_<n>", written after the directory is complete
+    best/                        the same files for the step with the lowest validation loss so far
+
+A checkpoint is written into `checkpoints/.tmp-step_<n>/` and renamed into place only when every rank has written
+its files, so a directory named step_<n> is always complete: a run killed at any moment leaves at most a stale
+temp dir, which the next save removes. `.pt` files hold only tensors and plain Python values and are read back
+with torch.load(weights_only=True): nothing here ever unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from facevae_dist.config import TrainConfig, load_toml, save_toml
+from facevae_dist.errors import FaceVAEError, RunError, UsageError
+from facevae_dist.fileio import atomic_write_json, atomic_write_text
+
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+LATEST = "latest"
+STATE_FILE = "trainer_state.pt"
+CONFIG_FILE = "train_config.toml"
+META_FILE = "meta.json"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """The trainer's counters (torchtitan's Stateful trainer): enough to continue exactly where it stopped."""
+
+    step: int = 0  # optimizer steps done (skipped non-finite steps included)
+    samples_seen: int = 0  # training samples consumed, all ranks together
+    epoch: int = 0  # data position: the epoch being read ...
+    batch_in_epoch: int = 0  # ... and how many of its batches (per rank) were consumed
+    best_val_loss: float = math.inf
+    best_step: int = -1
+    bad_steps_total: int = 0  # non-finite losses skipped so far
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainState":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+# ---- RNG ----------------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step may touch, as tensors / plain values (loadable with weights_only=True)."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- files ----------------------------------------------------------------------------------------------------------
+
+
+def load_pt(path: Path) -> Any:
+    """torch.load restricted to tensors and plain containers (never arbitrary pickles)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise RunError(f"{path}: missing; the checkpoint is incomplete (delete its directory to resume from an "
+                       "earlier one)") from None
+    except Exception as exc:  # a truncated or foreign file: name it instead of a deep traceback
+        raise RunError(f"{path}: unreadable checkpoint file ({type(exc).__name__}: {exc})") from None
+
+
+def step_of(path: Path) -> int:
+    m = _STEP_RE.match(Path(path).name)
+    return int(m.group(1)) if m else -1
+
+
+def is_complete(ckpt: Path) -> bool:
+    return (ckpt / META_FILE).is_file() and (ckpt / "model.safetensors").is_file()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete step checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_RE.match(p.name) and is_complete(p)]
+    return sorted(found, key=step_of)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint: the highest complete step_<n> (the `latest` pointer can lag by one
+    checkpoint if the run died between the rename and the pointer write, so the directories decide)."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+class CheckpointManager:
+    """Saves and prunes the checkpoints of one run. All ranks call save(); rank 0 writes the shared files, each
+    rank its own RNG file, and `barrier` (accelerator.wait_for_everyone) keeps them in step."""
+
+    def __init__(self, run_dir: str | Path, every: int, keep_last: int, *, rank: int = 0, world_size: int = 1,
+                 barrier: Callable[[], None] = lambda: None):
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / CHECKPOINTS
+        self.every = every
+        self.keep_last = keep_last
+        self.rank = rank
+        self.world_size = world_size
+        self.barrier = barrier
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def save(self, *, model: torch.nn.Module, optimizer_state: dict | None, scaler_state: dict | None,
+             state: TrainState, cfg: TrainConfig, extra: dict | None = None, val_loss: float | None = None) -> Path:
+        """Write checkpoints/step_<state.step>/ atomically, point `latest` at it, prune to keep_last."""
+        final = self.root / f"step_{state.step}"
+        tmp = self._write(self.root / f".tmp-step_{state.step}", model=model, optimizer_state=optimizer_state,
+                          scaler_state=scaler_state, state=state, cfg=cfg, extra=extra, val_loss=val_loss)
+        if self.rank == 0:
+            _replace_dir(tmp, final)
+            atomic_write_text(self.root / LATEST, final.name + "\n")
+            for old in list_checkpoints(self.run_dir)[:-self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.barrier()
+        return final
+
+    def save_best(self, *, model: torch.nn.Module, state: TrainState, cfg: TrainConfig, val_loss: float) -> Path:
+        """Write best/ (weights, config, meta; no optimizer: it is for evaluation, not for resuming)."""
+        final = self.run_dir / BEST
+        tmp = self._write(self.run_dir / ".tmp-best", model=model, optimizer_state=None, scaler_state=None,
+                          state=state, cfg=cfg, extra=None, val_loss=val_loss, with_rng=False)
+        if self.rank == 0:
+            _replace_dir(tmp, final)
+        self.barrier()
+        return final
+
+    def _write(self, tmp: Path, *, model, optimizer_state, scaler_state, state: TrainState, cfg: TrainConfig,
+               extra: dict | None, val_loss: float | None, with_rng: bool = True) -> Path:
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a stale one from a killed save
+            tmp.mkdir(parents=True)
+        self.barrier()
+        if with_rng:
+            torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        if self.rank == 0:
+            model.save_pretrained(tmp)
+            save_toml(cfg, tmp / CONFIG_FILE)
+            if optimizer_state is not None:
+                torch.save({"optimizer": optimizer_state, "scaler": scaler_state, "state": state.to_dict(),
+                            "extra": extra or {}}, tmp / STATE_FILE)
+        self.barrier()  # every rank's RNG file is in before the directory is declared complete
+        if self.rank == 0:
+            atomic_write_json(tmp / META_FILE, {
+                "step": state.step, "samples_seen": state.samples_seen, "epoch": state.epoch,
+                "batch_in_epoch": state.batch_in_epoch, "val_loss": val_loss, "world_size": self.world_size,
+                "hypothesis": cfg.hypothesis, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            })
+        return tmp
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename tmp -> final; an existing final (re-saving a step after resuming from an older checkpoint) is moved
+    aside first, so there is never a moment without a complete directory under one of the two names."""
+    if final.exists():
+        trash = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+# ---- resume ---------------------------------------------------------------------------------------------------------
+
+
+def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
+    """'auto' -> the latest complete checkpoint of run_dir or None; 'none' -> None; else that directory."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if not is_complete(path):
+        raise UsageError(f"resume={resume!r}: not a complete checkpoint directory (needs {META_FILE} and "
+                         "model.safetensors); use --resume auto or a checkpoints/step_<n> directory")
+    return path
+
+
+@dataclass
+class Restored:
+    """What a checkpoint gives back to the trainer."""
+
+    path: Path
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict | None
+    scaler_state: dict | None
+    state: TrainState
+    rng: dict | None  # this rank's RNG states (None if the checkpoint was written by fewer ranks)
+    extra: dict
+
+
+def load_checkpoint(path: str | Path, rank: int = 0) -> Restored:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not is_complete(path):
+        raise RunError(f"{path}: incomplete checkpoint (no {META_FILE}); delete it or pick another with --resume")
+    blob = load_pt(path / STATE_FILE)
+    rng_file = path / f"rng_rank{rank}.pt"
+    return Restored(
+        path=path,
+        model_state=load_file(str(path / "model.safetensors")),
+        optimizer_state=blob.get("optimizer"),
+        scaler_state=blob.get("scaler"),
+        state=TrainState.from_dict(blob["state"]),
+        rng=load_pt(rng_file) if rng_file.is_file() else None,
+        extra=blob.get("extra") or {},
+    )
+
+
+# ---- for evaluation / inference -----------------------------------------------------------------------------------
+
+
+def resolve_which(run_dir: str | Path, which: str = "best") -> Path:
+    """'best' | 'latest' | 'step_<n>' | a directory -> the checkpoint directory. 'best' falls back to 'latest'
+    for runs that never validated (val_every=0)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FaceVAEError(f"{run_dir}: no such run directory (expected the --run-dir of `facevae train`)")
+    if which == "best":
+        best = run_dir / BEST
+        if is_complete(best):
+            return best
+        which = "latest"
+    if which == "latest":
+        latest = latest_checkpoint(run_dir)
+        if latest is None:
+            raise FaceVAEError(f"{run_dir}: no complete checkpoint in {CHECKPOINTS}/ or {BEST}/ "
+                               "(train longer than --ckpt-every steps, or let the run finish)")
+        return latest
+    if _STEP_RE.match(which):
+        path = run_dir / CHECKPOINTS / which
+    else:
+        path = Path(which)
+    if not is_complete(path):
+        have = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
+        raise FaceVAEError(f"{path}: not a complete checkpoint; use best, latest or one of: {have}")
+    return path
+
+
+def load_model(run_dir: str | Path, which: str = "best", map_location: str | torch.device = "cpu"):
+    """(FaceVAE in eval mode, TrainConfig, step) from a run directory; `which` is best | latest | step_<n>."""
+    from facevae_dist.model import FaceVAE
+
+    path = resolve_which(run_dir, which)
+    model = FaceVAE.from_pretrained(path, map_location=map_location).eval()
+    cfg = load_toml(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else TrainConfig(model=model.cfg)
+    meta = json.loads((path / META_FILE).read_text())
+    return model, cfg, int(meta["step"])

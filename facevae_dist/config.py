@@ -1,0 +1,322 @@
+"""Training configuration: small validated dataclasses, TOML load/save and `a.b=value` overrides.
+
+One TrainConfig says everything a run needs: where the data is (DataConfig), the network (ModelConfig, beside the
+model), the loss (LossConfig, beside the losses), the optimizer (OptimConfig) and the run's own fields (steps,
+intervals, precision, checkpointing). The resolved config is written to `<run_dir>/config.toml` and into every
+checkpoint, so a run can always be rebuilt from its directory.
+
+Precedence (later wins): dataclass defaults < hypothesis preset < --config FILE.toml < CLI flags < --set a.b=value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from facevae_dist.errors import UsageError
+from facevae_dist.fileio import atomic_write_text
+from facevae_dist.losses import LossConfig
+from facevae_dist.model import ModelConfig
+
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+CLIP_MODES = ("per-tensor", "global", "none")
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how they are read (facevae_dist.data.loader.make_loader)."""
+
+    shards: str = "shards/synthetic"  # a directory written by `facevae shards build`
+    batch_size: int = 32  # per process and per micro-step (the paper: 32 on one GPU)
+    workers: int = 2  # DataLoader worker processes per rank (0 = read in the training process)
+    seed: int = 0  # shard/sample shuffle seed (epoch e shuffles with seed + e, identically on every rank)
+    resampled: bool = False  # sample shards with replacement (for shard counts not divisible by world x workers)
+
+    def validate(self) -> "DataConfig":
+        if not isinstance(self.shards, str) or not self.shards:
+            raise UsageError("data.shards is empty; pass --shards DIR (a directory from `facevae shards build`)")
+        _check_int("data.batch_size", self.batch_size, 1, "e.g. --batch-size 32")
+        _check_int("data.workers", self.workers, 0, "e.g. --set data.workers=2")
+        _check_int("data.seed", self.seed, 0, "e.g. --seed 0")
+        return self
+
+
+@dataclass
+class OptimConfig:
+    """Adam as in the paper's Keras code: lr 1e-4, eps 1e-7 (Keras' default, not PyTorch's 1e-8), and `clipnorm`
+    1e-3, which Keras applies to each gradient tensor separately ("per-tensor"); "global" clips the total norm."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-7
+    weight_decay: float = 0.0
+    clip: str = "per-tensor"  # "per-tensor" | "global" | "none"
+    clip_value: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
+
+    def validate(self) -> "OptimConfig":
+        _check_float("optim.lr", self.lr, positive=True)
+        _check_float("optim.eps", self.eps, positive=True)
+        _check_float("optim.weight_decay", self.weight_decay)
+        _check_float("optim.clip_value", self.clip_value, positive=True)
+        if (not isinstance(self.betas, tuple) or len(self.betas) != 2
+                or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)):
+            raise UsageError(f"optim.betas={self.betas!r} must be two numbers in [0, 1), e.g. --set optim.betas=[0.9,0.999]")
+        _check_choice("optim.clip", self.clip, CLIP_MODES)
+        return self
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run. Steps are optimizer steps (each uses grad_accum micro-batches on every rank)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run_dir: str = "runs/default"
+    hypothesis: str = ""  # the grid name this config was built from ("" = hand-made)
+    seed: int = 0  # model init (same on every rank) and sampling noise (seed + rank)
+    max_steps: int = 1000
+    val_every: int = 500  # 0 = never validate (then best/ is never written)
+    val_batches: int = 20  # batches per rank per validation
+    ckpt_every: int = 500  # 0 = only at the end and on preemption
+    keep_last: int = 2  # step checkpoints kept (best/ is separate)
+    log_every: int = 10
+    sample_every: int = 500  # sample grid PNG; 0 = never
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (fp16 uses loss scaling)
+    grad_accum: int = 1
+    channels_last: bool = False
+    compile: bool = False
+    deepspeed: str = ""  # path of a DeepSpeed JSON (launch/ds_zero2.json); "" = plain DDP
+    resume: str = "auto"  # "auto" (latest checkpoint in run_dir if any) | "none" | a checkpoint directory
+    max_bad_steps: int = 5  # stop after this many non-finite losses in a row
+
+    def validate(self) -> "TrainConfig":
+        self.data.validate()
+        self.model.validate()
+        self.loss.validate()
+        self.optim.validate()
+        if not isinstance(self.run_dir, str) or not self.run_dir:
+            raise UsageError("run_dir is empty; pass --run-dir DIR")
+        _check_int("seed", self.seed, 0, "e.g. --seed 0")
+        _check_int("max_steps", self.max_steps, 1, "e.g. --max-steps 1000")
+        for name in ("val_every", "ckpt_every", "sample_every"):
+            _check_int(name, getattr(self, name), 0, f"0 disables it, e.g. --{name.replace('_', '-')} 500")
+        _check_int("val_batches", self.val_batches, 1, "e.g. --set val_batches=20")
+        _check_int("keep_last", self.keep_last, 1, "e.g. --set keep_last=2")
+        _check_int("log_every", self.log_every, 1, "e.g. --log-every 10")
+        _check_int("grad_accum", self.grad_accum, 1, "e.g. --grad-accum 1")
+        _check_int("max_bad_steps", self.max_bad_steps, 1, "e.g. --set max_bad_steps=5")
+        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        if "ssim" in self.loss.terms and self.loss.ssim_window > self.model.image_size:
+            raise UsageError(f"loss.ssim_window={self.loss.ssim_window} is larger than model.image_size="
+                             f"{self.model.image_size}; lower it, e.g. --set loss.ssim_window=3")
+        if self.deepspeed:
+            if not Path(self.deepspeed).is_file():
+                raise UsageError(f"deepspeed={self.deepspeed!r}: no such file; use e.g. --deepspeed launch/ds_zero2.json")
+            if self.optim.clip == "per-tensor":
+                raise UsageError("optim.clip='per-tensor' cannot run under DeepSpeed (its engine clips the global norm "
+                                 "itself); add --set optim.clip=global")
+            if self.mixed_precision == "fp16":
+                raise UsageError("mixed_precision='fp16' with DeepSpeed is not supported here; use bf16 or no")
+        if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
+            raise UsageError(f"resume={self.resume!r} is neither 'auto', 'none' nor a checkpoint directory "
+                             "(e.g. runs/x/checkpoints/step_500)")
+        return self
+
+    # ---- construction ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_hypothesis(cls, name: str, **run_fields: Any) -> "TrainConfig":
+        """The config of one grid hypothesis (e.g. "ssim+l2/mask+decoder" or "H9"): its mask mode and loss
+        terms over the defaults, then `run_fields` (top-level fields, or sections given as dicts)."""
+        from facevae_dist.hypotheses import resolve_hypothesis
+
+        hyp = resolve_hypothesis(name)
+        cfg = cls()
+        cfg.hypothesis = hyp.name
+        cfg.run_dir = f"runs/{hyp.slug}"
+        cfg.model = dataclasses.replace(cfg.model, **hyp.model_overrides())
+        cfg.loss = dataclasses.replace(cfg.loss, **hyp.loss_overrides())
+        return apply_dict(cfg, run_fields, source="from_hypothesis()")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "TrainConfig":
+        return apply_dict(cls(), d, source=source)
+
+
+# ---- TOML ---------------------------------------------------------------------------------------------------------
+
+
+def save_toml(cfg: TrainConfig, path: str | Path) -> Path:
+    """Write the resolved config as TOML (atomically)."""
+    import tomli_w
+
+    path = Path(path)
+    atomic_write_text(path, "# facevae-dist training config (resolved); rerun with --config this-file\n"
+                      + tomli_w.dumps(cfg.to_dict()))
+    return path
+
+
+def load_toml(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+    """Read a TOML file (a full config or only some fields) over `base` (default: the defaults)."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path}: config file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: not valid TOML ({exc})") from None
+    return apply_dict(base if base is not None else TrainConfig(), data, source=str(path))
+
+
+# ---- overrides ----------------------------------------------------------------------------------------------------
+
+
+def apply_dict(cfg: TrainConfig, data: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Return a copy of `cfg` with the (possibly nested) values of `data` set, each type-checked."""
+    cfg = _deepcopy(cfg)
+    for key, value in data.items():
+        section = getattr(cfg, key, None) if key in _field_names(cfg) else None
+        if dataclasses.is_dataclass(section):
+            if not isinstance(value, dict):
+                raise UsageError(f"{source}: '{key}' must be a table of fields, got {value!r}")
+            for sub_key, sub_value in value.items():
+                _set_field(section, sub_key, sub_value, f"{key}.{sub_key}", source)
+        else:
+            _set_field(cfg, key, value, key, source)
+    return cfg
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply `a.b=value` strings (from --set). Values are TOML literals (1e-4, true, [0.9, 0.999], "x"); a bare
+    word is taken as a string, and a comma list as a list (loss.terms=ssim,l2)."""
+    data: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip().removeprefix("--")
+        if not sep or not key:
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.lr=2e-4")
+        value = parse_value(raw.strip())
+        parts = key.split(".")
+        if len(parts) > 2:
+            raise UsageError(f"--set {item!r}: keys have at most one dot (section.field), e.g. loss.w_l2=100")
+        if len(parts) == 2:
+            data.setdefault(parts[0], {})
+            if not isinstance(data[parts[0]], dict):
+                raise UsageError(f"--set {item!r}: '{parts[0]}' is not a section")
+            data[parts[0]][parts[1]] = value
+        else:
+            data[key] = value
+    return apply_dict(cfg, data, source="--set")
+
+
+def parse_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        if "," in raw:
+            return [p.strip() for p in raw.split(",") if p.strip()]
+        return raw
+
+
+def _set_field(obj: Any, name: str, value: Any, path: str, source: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    if name not in hints or name not in _field_names(obj):
+        valid = ", ".join(sorted(_field_names(obj)))
+        raise UsageError(f"{source}: unknown field '{path}'; valid fields here: {valid}")
+    if dataclasses.is_dataclass(getattr(obj, name)):
+        raise UsageError(f"{source}: '{path}' is a section; set one of its fields, e.g. {path}.<field>=...")
+    setattr(obj, name, _coerce(value, hints[name], path, source))
+
+
+def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
+    """Check `value` against the annotation `tp` (int, float, bool, str, tuple[...]); ints widen to floats."""
+    origin = typing.get_origin(tp)
+    bad = UsageError(f"{source}: {path}={value!r} has the wrong type; expected {_type_name(tp)}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise bad
+        return value if isinstance(value, str) else str(value)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], path, source) for v in value)
+        if len(value) != len(args):
+            raise UsageError(f"{source}: {path}={value!r} must have {len(args)} items ({_type_name(tp)})")
+        return tuple(_coerce(v, a, path, source) for v, a in zip(value, args))
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return "a list [" + ", ".join(_type_name(a) for a in args) + "]"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _field_names(obj: Any) -> set[str]:
+    return {f.name for f in fields(obj)}
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _deepcopy(cfg: TrainConfig) -> TrainConfig:
+    import copy
+
+    return copy.deepcopy(cfg)
+
+
+# ---- checks -----------------------------------------------------------------------------------------------------
+
+
+def _check_int(path: str, value: Any, minimum: int, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"{path}={value!r} must be an integer >= {minimum} ({hint})")
+
+
+def _check_float(path: str, value: Any, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+            or (positive and value == 0):
+        raise UsageError(f"{path}={value!r} must be a finite number {'> 0' if positive else '>= 0'}")
+
+
+def _check_choice(path: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UsageError(f"{path}={value!r} is not one of {', '.join(choices)}")
