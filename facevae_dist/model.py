@@ -6,7 +6,8 @@ transposed conv is 'valid', 4 -> 9), 256 down to 32 channels, 3-channel sigmoid 
 layout with 32 channels everywhere and a 1-channel sigmoid head. Both decoders read the same z.
 
 Keras defaults that matter are reproduced: BatchNorm momentum 0.99 (0.01 in PyTorch terms) and eps 1e-3,
-glorot-uniform kernels with zero bias, TF 'same' transposed-conv cropping (the trailing row/column is dropped).
+glorot-uniform kernels with zero bias. TF's 'same' transposed conv keeps the leading 2n rows/cols of the full
+output, PyTorch's the trailing 2n; `tf_same_crop=True` reproduces TF exactly, the default uses PyTorch's faster form.
 Trainable parameters: 9,328,228 with the mask decoder, 9,059,331 without (see tests/test_model.py).
 
 `width` scales every channel count and `image_size` may be 9 * 2**k (144, 72, 36, 18, 9): smaller sizes drop the
@@ -54,6 +55,11 @@ class ModelConfig:
     mask_mode: str = "mask+decoder"  # "none" | "mask" | "mask+decoder"
     sampling: str = "standard"  # "standard" | "paper" (the released code's z = mu + eps * s)
     logvar_clamp: tuple[float, float] = (-30.0, 20.0)
+    # Stride-2 'same' transposed convs: TF keeps the first 2n rows/cols of the full 2n+1 output, PyTorch's
+    # padding=1/output_padding=1 the last 2n: a 1-px phase shift of the same layer and parameters, irrelevant
+    # when training from scratch. True = TF's exact numerics (needed only to load Keras weights), but the odd
+    # 2n+1 intermediate is 1.5-10x slower on CPU (bf16 worst), so the default is PyTorch's form.
+    tf_same_crop: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.logvar_clamp, list):
@@ -71,6 +77,8 @@ class ModelConfig:
             raise UsageError(f"model.width={self.width!r} must be a positive number (1.0 = the paper)")
         if not isinstance(self.latent_dim, int) or self.latent_dim < 1:
             raise UsageError(f"model.latent_dim={self.latent_dim!r} must be a positive integer (the paper uses 512)")
+        if not isinstance(self.tf_same_crop, bool):
+            raise UsageError(f"model.tf_same_crop={self.tf_same_crop!r} must be true or false")
         lo_hi = self.logvar_clamp
         if (not isinstance(lo_hi, tuple) or len(lo_hi) != 2 or not all(isinstance(v, (int, float)) for v in lo_hi)
                 or not lo_hi[0] < lo_hi[1]):
@@ -119,20 +127,24 @@ class ConvBlock(nn.Sequential):
 class ConvTBlock(nn.Module):
     """Keras Conv2DTranspose(3x3, stride 2, padding) -> BatchNormalization -> ELU.
 
-    TF 'same' yields 2n by dropping the *trailing* row/column of the full 2n+1 output; PyTorch's
-    padding=1/output_padding=1 would drop the leading one instead (a 1-px phase shift), so crop explicitly."""
+    'valid' is ConvTranspose2d(padding=0) (n -> 2n+1). For 'same' (n -> 2n), TF drops the *trailing*
+    row/column of the full 2n+1 output (tf_crop=True reproduces that by cropping); PyTorch's
+    padding=1/output_padding=1 drops the leading one instead, with the same parameters."""
 
-    def __init__(self, cin: int, cout: int, padding: str):
+    def __init__(self, cin: int, cout: int, padding: str, tf_crop: bool = False):
         super().__init__()
-        self.same = padding == "same"
-        self.conv = nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=0)
+        self.crop = padding == "same" and tf_crop
+        if padding == "same" and not tf_crop:
+            self.conv = nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1)
+        else:
+            self.conv = nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=0)
         self.bn = _keras_bn(cout)
         self.act = nn.ELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n_h, n_w = x.shape[-2:]
         x = self.conv(x)
-        if self.same:
+        if self.crop:
             x = x[..., : 2 * n_h, : 2 * n_w]
         return self.act(self.bn(x))
 
@@ -171,7 +183,7 @@ class Decoder(nn.Module):
         stages: list[nn.Module] = []
         cin = cfg.latent_dim
         for c, pad in zip(channels, paddings):
-            stages += [ConvTBlock(cin, c, pad), ConvBlock(c, c)]
+            stages += [ConvTBlock(cin, c, pad, cfg.tf_same_crop), ConvBlock(c, c)]
             cin = c
         self.stages = nn.Sequential(*stages)
         self.head = nn.Conv2d(cin, out_channels, 3, padding=1)

@@ -169,3 +169,20 @@ def test_channels_last_matches_contiguous():
     model_cl = model.to(memory_format=torch.channels_last)
     out = model_cl.reconstruct(image.contiguous(memory_format=torch.channels_last))
     assert torch.allclose(out.recon, ref.recon, atol=1e-5)
+
+
+def test_transposed_conv_same_padding_tf_crop_vs_pytorch_form():
+    from facevae_dist.model import ConvTBlock
+
+    torch.manual_seed(0)
+    tf_block, pt_block = ConvTBlock(4, 5, "same", tf_crop=True), ConvTBlock(4, 5, "same", tf_crop=False)
+    pt_block.load_state_dict(tf_block.state_dict())  # same parameters, only the cropping differs
+    x = torch.randn(2, 4, 3, 3)
+    full = torch.nn.functional.conv_transpose2d(x, tf_block.conv.weight, tf_block.conv.bias, stride=2)  # 7x7
+    assert torch.allclose(tf_block.conv(x)[..., :6, :6], full[..., :6, :6], atol=1e-6)  # TF: leading 2n
+    assert torch.allclose(pt_block.conv(x), full[..., 1:, 1:], atol=1e-6)  # PyTorch: trailing 2n
+    for crop in (True, False):
+        model = FaceVAE(ModelConfig(mask_mode="none", tf_same_crop=crop))
+        assert model.num_trainable_parameters() == 9_059_331
+    out = tiny(mask_mode="none", tf_same_crop=True)(torch.rand(1, 3, 36, 36))
+    assert out.recon.shape == (1, 3, 36, 36)
