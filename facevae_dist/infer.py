@@ -1,0 +1,267 @@
+"""Inference on ordinary image files: export a trained model, reconstruct photos, sample and interpolate.
+
+Photos of any size are squashed to the model's square input (bilinear, no crop: the paper's preprocessing) and the
+outputs are resized back to each photo's own size. Compositing happens at the photo's full resolution, so the
+background of a composite is the original photo pixel for pixel.
+
+What each mask mode does in `reconstruct`:
+- "mask+decoder": predicts the face mask itself; writes the reconstruction, the predicted mask and the composite
+  (reconstructed face on the original background). No mask input needed (the paper's test-time mode).
+- "none": the model has no notion of a mask; writes the reconstruction. With --masks DIR (a <name>.png face mask
+  per photo) it also writes the composite with that mask.
+- "mask": trained to reconstruct the face under a ground-truth mask but cannot predict one; as "none": the
+  reconstruction, and the composite only when --masks gives the mask.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from facevae_dist.errors import FaceVAEError, UsageError
+from facevae_dist.fileio import atomic_write_bytes, atomic_write_json
+
+MODE_NOTES = {
+    "mask+decoder": "mask+decoder model: the face mask is predicted, no mask input needed; writes *_recon.png, "
+                    "*_mask.png (predicted) and *_composite.png (reconstructed face on the original background)",
+    "none": "no-mask model: writes *_recon.png (the whole image is reconstructed); it cannot predict a mask, so "
+            "*_composite.png is written only for photos with a mask in --masks DIR",
+    "mask": "'mask' model (trained with ground-truth mask compositing, no mask decoder): writes *_recon.png; it "
+            "cannot predict a mask, so *_composite.png is written only for photos with a mask in --masks DIR",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+
+def load_any_model(path: str | Path, which: str = "best", device: str | torch.device = "cpu"):
+    """A FaceVAE from an exported directory (model.safetensors + config.json) or from a run directory."""
+    from facevae_dist.model import CONFIG_FILE, WEIGHTS_FILE, FaceVAE
+
+    path = Path(path)
+    if (path / WEIGHTS_FILE).is_file() or (path / CONFIG_FILE).is_file():
+        return FaceVAE.from_pretrained(path, map_location=device).eval()
+    if (path / "checkpoints").is_dir() or (path / "best").is_dir():
+        from facevae_dist.checkpoint import load_model
+
+        return load_model(path, which, map_location=device)[0]
+    raise FaceVAEError(f"{path}: neither an exported model (model.safetensors + config.json, from `facevae export`) "
+                       "nor a run directory (from `facevae train`)")
+
+
+def export_model(run_dir: str | Path, out_dir: str | Path, which: str = "best") -> Path:
+    """Write the chosen checkpoint of `run_dir` as model.safetensors + config.json (FaceVAE.from_pretrained(out))
+    plus export.json saying where it came from."""
+    from facevae_dist.checkpoint import load_model
+    from facevae_dist.evaluate import loss_name
+
+    model, cfg, step = load_model(run_dir, which)
+    out = model.save_pretrained(out_dir)
+    atomic_write_json(Path(out) / "export.json", {
+        "run_dir": str(run_dir), "checkpoint": which, "step": step, "hypothesis": cfg.hypothesis or None,
+        "loss": loss_name(cfg.loss.terms), "mask_mode": model.cfg.mask_mode, "image_size": model.cfg.image_size,
+    })
+    return Path(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image files
+
+def read_rgb(path: str | Path) -> Image.Image:
+    """Open and fully decode an image as RGB; raises FaceVAEError with the reason for non-images/corrupt files."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.width < 1 or im.height < 1:
+                raise FaceVAEError(f"{path}: empty image")
+            return im.convert("RGB")
+    except FaceVAEError:
+        raise
+    except FileNotFoundError:
+        raise FaceVAEError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise FaceVAEError(f"{path}: is a directory, not an image") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        # PIL raises UnidentifiedImageError (an OSError) for non-images and OSError/SyntaxError for truncated ones.
+        raise FaceVAEError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+def to_tensor(im: Image.Image, size: int | None = None) -> torch.Tensor:
+    """[3,H,W] float in [0,1]; squashed to size x size (bilinear) when size is given."""
+    if size is not None and im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
+
+
+def to_png(t: torch.Tensor) -> bytes:
+    """[C,H,W] (C = 1 or 3) float in [0,1] -> PNG bytes."""
+    a = (t.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    im = Image.fromarray(a[0], "L") if a.shape[0] == 1 else Image.fromarray(a.transpose(1, 2, 0), "RGB")
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _resize(t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    if tuple(t.shape[-2:]) == tuple(hw):
+        return t
+    return F.interpolate(t[None], size=hw, mode="bilinear", align_corners=False, antialias=True)[0].clamp(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reconstruct
+
+@dataclass
+class ReconstructResult:
+    mask_mode: str
+    note: str
+    written: dict[str, list[str]] = field(default_factory=dict)  # input path -> output files
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (input path, reason)
+
+
+def _unique_stems(paths: list[Path]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for p in paths:
+        stem = p.stem or "image"
+        n = seen.get(stem, 0)
+        seen[stem] = n + 1
+        out.append(stem if n == 0 else f"{stem}-{n + 1}")
+    return out
+
+
+@torch.no_grad()
+def reconstruct_files(model_dir: str | Path, paths, out_dir: str | Path, *, batch_size: int = 16,
+                      masks_dir: str | Path | None = None, device: str | None = None) -> ReconstructResult:
+    """Reconstruct every image in `paths` into `out_dir` (see the module docstring for what each mode writes).
+    Corrupt and non-image files are reported in `skipped` and the rest are processed."""
+    from facevae_dist.model import composite
+    from facevae_dist.progress import make_progress
+
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size}: must be >= 1")
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise UsageError("no input images given")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_any_model(model_dir, device=dev)
+    size, mode = model.cfg.image_size, model.cfg.mask_mode
+    masks_dir = Path(masks_dir) if masks_dir else None
+    if masks_dir is not None and not masks_dir.is_dir():
+        raise UsageError(f"--masks {masks_dir}: no such directory")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = ReconstructResult(mask_mode=mode, note=MODE_NOTES[mode])
+    stems = _unique_stems(paths)
+    with make_progress() as progress:
+        task = progress.add_task("reconstruct", total=len(paths))
+        for start in range(0, len(paths), batch_size):
+            batch = []  # (path, stem, full-res tensor, mask or None)
+            for path, stem in zip(paths[start:start + batch_size], stems[start:start + batch_size]):
+                try:
+                    full = to_tensor(read_rgb(path))
+                    gt = None
+                    if masks_dir is not None and mode != "mask+decoder":
+                        mp = masks_dir / f"{path.stem}.png"
+                        if mp.is_file():
+                            gt = (_resize(to_tensor(read_rgb(mp))[:1], full.shape[-2:]) >= 0.5).float()
+                    batch.append((path, stem, full, gt))
+                except FaceVAEError as exc:
+                    result.skipped.append((str(path), str(exc)))
+                    progress.advance(task)
+            if not batch:
+                continue
+            x = torch.stack([_resize(full, (size, size)) for _, _, full, _ in batch]).to(dev)
+            out = model.reconstruct(x)
+            for i, (path, stem, full, gt) in enumerate(batch):
+                hw = full.shape[-2:]
+                recon = _resize(out.recon_raw[i].float().cpu(), hw)
+                files = {f"{stem}_recon.png": recon}
+                alpha = None
+                if out.mask_pred is not None:
+                    alpha = _resize(out.mask_pred[i].float().cpu(), hw)
+                    files[f"{stem}_mask.png"] = alpha
+                elif gt is not None:
+                    alpha = gt
+                if alpha is not None:
+                    files[f"{stem}_composite.png"] = composite(recon[None], full[None], alpha[None])[0]
+                for name, t in files.items():
+                    atomic_write_bytes(out_dir / name, to_png(t))
+                result.written[str(path)] = [str(out_dir / n) for n in files]
+                progress.advance(task)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sample / interpolate
+
+def _grid(tiles: torch.Tensor, ncol: int, pad: int = 2) -> torch.Tensor:
+    """[N,3,H,W] -> [3, rows*(H+pad)+pad, ncol*(W+pad)+pad] on a white background."""
+    n, c, h, w = tiles.shape
+    nrow = math.ceil(n / ncol)
+    g = torch.ones(c, nrow * (h + pad) + pad, ncol * (w + pad) + pad)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        g[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = tiles[i]
+    return g
+
+
+@torch.no_grad()
+def sample_grid(model_dir: str | Path, out: str | Path, *, n: int = 16, seed: int = 0, temperature: float = 1.0,
+                device: str | None = None) -> Path:
+    """Decode n prior samples z ~ N(0, temperature^2 I) into one PNG grid. Mask+decoder models show the face on
+    mid grey through their predicted mask (their background was never trained: it carries no signal)."""
+    if n < 1:
+        raise UsageError(f"--n {n}: must be >= 1")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_any_model(model_dir, device=dev)
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(n, model.cfg.latent_dim, generator=g) * temperature).to(dev)
+    tiles = model.decoder(z).float()
+    if model.mask_decoder is not None:
+        m = model.mask_decoder(z).float()
+        tiles = tiles * m + 0.5 * (1 - m)
+    out = Path(out)
+    atomic_write_bytes(out, to_png(_grid(tiles.cpu(), ncol=min(n, 8))))
+    return out
+
+
+@torch.no_grad()
+def interpolate_images(model_dir: str | Path, a: str | Path, b: str | Path, out: str | Path, *, steps: int = 8,
+                       device: str | None = None) -> Path:
+    """Encode two photos (z = mu), decode `steps` points on the line between them; one PNG row:
+    photo a, the interpolation, photo b. Mask+decoder models composite each frame onto the cross-faded inputs."""
+    if steps < 2:
+        raise UsageError(f"--steps {steps}: must be >= 2")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_any_model(model_dir, device=dev)
+    size = model.cfg.image_size
+    x = torch.stack([to_tensor(read_rgb(p), size) for p in (a, b)]).to(dev)
+    mu, _ = model.encode(x)
+    t = torch.linspace(0, 1, steps, device=dev).view(-1, 1)
+    z = (1 - t) * mu[0:1] + t * mu[1:2]
+    frames = model.decoder(z).float()
+    if model.mask_decoder is not None:
+        m = model.mask_decoder(z).float()
+        background = (1 - t.view(-1, 1, 1, 1)) * x[0:1] + t.view(-1, 1, 1, 1) * x[1:2]
+        frames = frames * m + background * (1 - m)
+    row = torch.cat([x[0:1], frames, x[1:2]]).cpu()
+    out = Path(out)
+    atomic_write_bytes(out, to_png(_grid(row, ncol=row.shape[0])))
+    return out
+
+
+def write_summary(result: ReconstructResult, out_dir: str | Path) -> Path:
+    path = Path(out_dir) / "reconstruct.json"
+    atomic_write_json(path, {"mask_mode": result.mask_mode, "note": result.note, "written": result.written,
+                             "skipped": [{"file": f, "reason": r} for f, r in result.skipped]})
+    return path
+

@@ -1,0 +1,114 @@
+"""Inference CLI on real photos (matplotlib's public-domain grace_hopper.jpg), bad inputs, config mismatches."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from facevae_dist.cli import main
+from facevae_dist.model import FaceVAE, ModelConfig
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+def _photo() -> Path:
+    from matplotlib import cbook
+
+    return Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+
+
+def _save_model(path: Path, **kw) -> Path:
+    torch.manual_seed(0)
+    cfg = ModelConfig(image_size=36, width=0.125, latent_dim=16, **kw)
+    return FaceVAE(cfg).eval().save_pretrained(path)
+
+
+def test_reconstruct_real_photo_skips_bad_files(tmp_path, capsys):
+    model = _save_model(tmp_path / "model")
+    photo = tmp_path / "grace_hopper.jpg"
+    shutil.copy(_photo(), photo)
+    (tmp_path / "truncated.jpg").write_bytes(photo.read_bytes()[:4000])
+    (tmp_path / "notes.txt").write_text("not an image")
+    small = tmp_path / "small.png"
+    Image.fromarray(np.full((20, 31, 3), 200, np.uint8)).save(small)
+    inputs = [photo, tmp_path / "truncated.jpg", tmp_path / "notes.txt", small]
+    out = tmp_path / "out"
+    rc = main(["reconstruct", "--model", str(model), *map(str, inputs), "--out", str(out), "--batch-size", "2"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert "skipped" in err and "truncated.jpg" in err and "notes.txt" in err
+    summary = json.loads((out / "reconstruct.json").read_text())
+    assert {s["file"] for s in summary["skipped"]} == {str(tmp_path / "truncated.jpg"), str(tmp_path / "notes.txt")}
+    assert summary["mask_mode"] == "mask+decoder" and "no mask input" in summary["note"]
+    # Every output has the photo's own size; the composite is recon*m + photo*(1-m) at full resolution.
+    src = np.asarray(Image.open(photo).convert("RGB"), dtype=np.float64) / 255
+    recon = np.asarray(Image.open(out / "grace_hopper_recon.png"), dtype=np.float64) / 255
+    mask = np.asarray(Image.open(out / "grace_hopper_mask.png"), dtype=np.float64)[..., None] / 255
+    comp = np.asarray(Image.open(out / "grace_hopper_composite.png"), dtype=np.float64) / 255
+    assert recon.shape == comp.shape == src.shape and mask.shape[:2] == src.shape[:2]
+    np.testing.assert_allclose(comp, recon * mask + src * (1 - mask), atol=2.5 / 255)
+    assert Image.open(out / "small_recon.png").size == (31, 20)
+
+
+def test_reconstruct_no_mask_model_composites_only_with_given_masks(tmp_path, capsys):
+    model = _save_model(tmp_path / "model", mask_mode="none")
+    photo = tmp_path / "face.jpg"
+    shutil.copy(_photo(), photo)
+    out = tmp_path / "out"
+    assert main(["reconstruct", "--model", str(model), str(photo), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["face_recon.png"]
+    assert "cannot predict a mask" in json.loads((out / "reconstruct.json").read_text())["note"]
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    w, h = Image.open(photo).size
+    m = np.zeros((h, w), np.uint8)
+    m[100:400, 100:400] = 255
+    Image.fromarray(m).save(masks / "face.png")
+    assert main(["reconstruct", "--model", str(model), str(photo), "--out", str(out), "--masks", str(masks)]) == 0
+    comp = np.asarray(Image.open(out / "face_composite.png"))
+    src = np.asarray(Image.open(photo).convert("RGB"))
+    assert np.array_equal(comp[:50], src[:50])  # outside the mask: the photo itself
+
+
+def test_all_inputs_unreadable_is_one_clear_error(tmp_path, capsys):
+    model = _save_model(tmp_path / "model")
+    (tmp_path / "a.txt").write_text("x")
+    rc = main(["reconstruct", "--model", str(model), str(tmp_path / "a.txt"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err[-1].startswith("facevae: error: none of the 1 input file(s)")
+
+
+def test_model_from_another_config_is_refused(tmp_path, capsys):
+    model = _save_model(tmp_path / "model")  # has a mask decoder
+    cfg_file = model / "config.json"
+    meta = json.loads(cfg_file.read_text())
+    meta["model"]["mask_mode"] = "none"
+    cfg_file.write_text(json.dumps(meta))
+    rc = main(["reconstruct", "--model", str(model), str(_photo()), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1
+    assert "does not match" in err and "mask_mode=none" in err and "unexpected tensor" in err and "mask_decoder" in err
+    meta["model"].update(mask_mode="mask+decoder", width=0.25)
+    cfg_file.write_text(json.dumps(meta))
+    assert main(["sample", "--model", str(model), "--out", str(tmp_path / "s.png")]) == 1
+    assert "shape mismatch" in capsys.readouterr().err
+
+
+def test_sample_and_interpolate_grids(tmp_path):
+    model = _save_model(tmp_path / "model")
+    assert main(["sample", "--model", str(model), "--out", str(tmp_path / "s.png"), "--n", "10"]) == 0
+    # 8 per row, 2 px padding, 36 px tiles
+    assert Image.open(tmp_path / "s.png").size == (8 * 38 + 2, 2 * 38 + 2)
+    photo = _photo()
+    assert main(["interpolate", "--model", str(model), str(photo), str(photo), "--steps", "5",
+                 "--out", str(tmp_path / "i.png")]) == 0
+    assert Image.open(tmp_path / "i.png").size == (7 * 38 + 2, 38 + 2)
