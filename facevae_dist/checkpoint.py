@@ -149,11 +149,14 @@ class CheckpointManager:
         return self.every > 0 and step % self.every == 0
 
     def save(self, *, model: torch.nn.Module, optimizer_state: dict | None, scaler_state: dict | None,
-             state: TrainState, cfg: TrainConfig, extra: dict | None = None, val_loss: float | None = None) -> Path:
-        """Write checkpoints/step_<state.step>/ atomically, point `latest` at it, prune to keep_last."""
+             state: TrainState, cfg: TrainConfig, extra: dict | None = None, val_loss: float | None = None,
+             write_rank_files: Callable[[Path], None] | None = None) -> Path:
+        """Write checkpoints/step_<state.step>/ atomically, point `latest` at it, prune to keep_last.
+        `write_rank_files(tmp_dir)` runs on every rank before the directory is declared complete."""
         final = self.root / f"step_{state.step}"
         tmp = self._write(self.root / f".tmp-step_{state.step}", model=model, optimizer_state=optimizer_state,
-                          scaler_state=scaler_state, state=state, cfg=cfg, extra=extra, val_loss=val_loss)
+                          scaler_state=scaler_state, state=state, cfg=cfg, extra=extra, val_loss=val_loss,
+                          write_rank_files=write_rank_files)
         if self.rank == 0:
             _replace_dir(tmp, final)
             atomic_write_text(self.root / LATEST, final.name + "\n")
@@ -173,13 +176,16 @@ class CheckpointManager:
         return final
 
     def _write(self, tmp: Path, *, model, optimizer_state, scaler_state, state: TrainState, cfg: TrainConfig,
-               extra: dict | None, val_loss: float | None, with_rng: bool = True) -> Path:
+               extra: dict | None, val_loss: float | None, with_rng: bool = True,
+               write_rank_files: Callable[[Path], None] | None = None) -> Path:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # a stale one from a killed save
             tmp.mkdir(parents=True)
         self.barrier()
         if with_rng:
             torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        if write_rank_files is not None:
+            write_rank_files(tmp)
         if self.rank == 0:
             model.save_pretrained(tmp)
             save_toml(cfg, tmp / CONFIG_FILE)

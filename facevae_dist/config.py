@@ -23,7 +23,7 @@ from facevae_dist.fileio import atomic_write_text
 from facevae_dist.losses import LossConfig
 from facevae_dist.model import ModelConfig
 
-MIXED_PRECISIONS = ("no", "bf16", "fp16")
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 CLIP_MODES = ("per-tensor", "global", "none")
 
 
@@ -92,9 +92,11 @@ class TrainConfig:
     keep_last: int = 2  # step checkpoints kept (best/ is separate)
     log_every: int = 10
     sample_every: int = 500  # sample grid PNG; 0 = never
-    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (fp16 uses loss scaling)
+    # "auto" = bf16 where the hardware runs it natively (CUDA with bf16, CPUs with avx512_bf16/AMX), else "no";
+    # resolved once at start (resolve_mixed_precision) and recorded resolved in config.toml
+    mixed_precision: str = "auto"  # "auto" | "no" | "bf16" | "fp16" (fp16 uses loss scaling)
     grad_accum: int = 1
-    channels_last: bool = False
+    channels_last: bool = True  # NHWC convolutions: ~1.4x faster on CPU, and on GPUs with tensor cores
     compile: bool = False
     deepspeed: str = ""  # path of a DeepSpeed JSON (launch/ds_zero2.json); "" = plain DDP
     resume: str = "auto"  # "auto" (latest checkpoint in run_dir if any) | "none" | a checkpoint directory
@@ -155,6 +157,21 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "TrainConfig":
         return apply_dict(cls(), d, source=source)
+
+
+def resolve_mixed_precision(value: str) -> str:
+    """"auto" -> "bf16" where it is native and fast, else "no" (bf16 emulated on older CPUs is slower than fp32)."""
+    if value != "auto":
+        return value
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "no"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
 
 
 # ---- TOML ---------------------------------------------------------------------------------------------------------

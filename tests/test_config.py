@@ -52,7 +52,7 @@ def test_bad_overrides_name_the_field(item, match):
 
 
 @pytest.mark.parametrize("item, match", [
-    ("mixed_precision=fp8", "mixed_precision='fp8' is not one of no, bf16, fp16"),
+    ("mixed_precision=fp8", "mixed_precision=.fp8. is not one of auto, no, bf16, fp16"),
     ("optim.clip=both", "optim.clip='both' is not one of per-tensor, global, none"),
     ("max_steps=0", "max_steps=0 must be an integer >= 1"),
     ("data.batch_size=0", "data.batch_size=0 must be an integer >= 1"),

@@ -1,0 +1,119 @@
+"""`facevae train`: parse arguments into a TrainConfig and call facevae_dist.train.train (no logic here)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+EXAMPLES = """\
+examples:
+  facevae train --hypothesis H9 --shards shards/synthetic --run-dir runs/h9 --max-steps 300
+  facevae train --hypothesis ssim/none --shards shards/celeba --mixed-precision no --set optim.clip=global
+  facevae train --config runs/h9/config.toml --max-steps 2000           # continue a run for longer
+  torchrun --standalone --nproc_per_node 2 -m facevae_dist.train --hypothesis H9 --shards shards/synthetic
+  accelerate launch --config_file launch/8gpu-bf16.yaml -m facevae_dist.train --hypothesis H9 --shards ...
+
+precedence: defaults < --hypothesis preset < --config FILE < flags < --set KEY=VALUE (later wins).
+The resolved config is written to RUN_DIR/config.toml. A run directory with checkpoints is resumed
+automatically (--resume auto), so rerunning the same command after a crash or preemption continues
+exactly where the last checkpoint left off. SIGTERM / SIGUSR1 / SIGUSR2 save a checkpoint and exit 0.
+"""
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by `facevae train` and `python -m facevae_dist.train` (torchrun / accelerate launch)."""
+    what = p.add_argument_group("what to train")
+    what.add_argument("--hypothesis", metavar="NAME",
+                      help="grid hypothesis <loss>/<mask mode>, e.g. ssim+l2/mask+decoder, l1/none, or an alias "
+                           "H1 H5 H6 H9 (see `facevae sweep --help` for the grid); sets loss terms and mask mode")
+    what.add_argument("--config", metavar="FILE.toml", help="a TOML config (full, or only the fields to change)")
+    what.add_argument("--shards", metavar="DIR", help="shards directory from `facevae shards build` "
+                                                      "(default shards/synthetic)")
+    what.add_argument("--run-dir", metavar="DIR", help="output directory (default runs/<hypothesis>)")
+    what.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override any config field, e.g. --set optim.lr=2e-4 --set loss.terms=ssim,l1 "
+                           "--set model.width=0.5 (repeatable; TOML values; see config.toml of a run for all keys)")
+
+    how = p.add_argument_group("schedule (all counted in optimizer steps)")
+    how.add_argument("--max-steps", type=int, metavar="N", help="stop after N steps (default 1000)")
+    how.add_argument("--batch-size", type=int, metavar="N", help="per process and micro-step (default 32, the paper)")
+    how.add_argument("--grad-accum", type=int, metavar="N", help="micro-batches per step (default 1)")
+    how.add_argument("--val-every", type=int, metavar="N", help="validate every N steps, keep best/ (0 = never; "
+                                                               "default 500)")
+    how.add_argument("--val-batches", type=int, metavar="N", help="batches per rank per validation (default 20)")
+    how.add_argument("--ckpt-every", type=int, metavar="N", help="checkpoint every N steps (default 500; one is "
+                                                                "always written at the end)")
+    how.add_argument("--keep-last", type=int, metavar="K", help="step checkpoints to keep (default 2)")
+    how.add_argument("--log-every", type=int, metavar="N", help="metrics.jsonl line every N steps (default 10)")
+    how.add_argument("--sample-every", type=int, metavar="N",
+                     help="write samples/step_N.png (input | recon | predicted mask | true mask) every N steps "
+                          "(0 = never; default 500)")
+    how.add_argument("--seed", type=int, metavar="S", help="seeds model init, noise and data order (default 0)")
+    how.add_argument("--workers", type=int, metavar="N", help="data loader workers per process (default 2)")
+    how.add_argument("--resume", metavar="auto|none|DIR",
+                     help="auto (default): continue from the newest complete checkpoint in the run dir if any; "
+                          "none: start fresh; DIR: a checkpoints/step_<n> directory")
+
+    speed = p.add_argument_group("precision and speed")
+    speed.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"),
+                       help="auto (default): bf16 autocast where the hardware supports it natively (CUDA, CPUs with "
+                            "avx512_bf16/AMX), else fp32; losses are always fp32; fp16 uses loss scaling")
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="NHWC memory layout for convolutions (default on)")
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the model (default off; ~40-60 s first-step compile on CPU)")
+    speed.add_argument("--deepspeed", metavar="JSON",
+                       help="run under DeepSpeed ZeRO with this config, e.g. launch/ds_zero2.json (needs "
+                            "--set optim.clip=global); the JSON sets the ZeRO stage and buckets, while batch size, "
+                            "accumulation, clip value, lr and precision always come from the training config")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show full tracebacks for errors")
+
+
+_FLAG_FIELDS = {  # argparse dest -> TrainConfig path
+    "shards": "data.shards", "batch_size": "data.batch_size", "workers": "data.workers",
+    "run_dir": "run_dir", "max_steps": "max_steps", "grad_accum": "grad_accum", "val_every": "val_every",
+    "val_batches": "val_batches", "ckpt_every": "ckpt_every", "keep_last": "keep_last", "log_every": "log_every",
+    "sample_every": "sample_every", "resume": "resume", "mixed_precision": "mixed_precision",
+    "channels_last": "channels_last", "compile": "compile", "deepspeed": "deepspeed",
+}
+
+
+def config_from_args(args: argparse.Namespace):
+    """defaults < hypothesis < --config < flags < --set; validated."""
+    from facevae_dist.config import TrainConfig, apply_dict, apply_overrides, load_toml
+
+    cfg = TrainConfig.from_hypothesis(args.hypothesis) if args.hypothesis else TrainConfig()
+    if args.config:
+        cfg = load_toml(args.config, base=cfg)
+    flags: dict = {}
+    for dest, path in _FLAG_FIELDS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        section, _, name = path.rpartition(".")
+        (flags.setdefault(section, {}) if section else flags)[name] = value
+    if args.seed is not None:
+        flags["seed"] = args.seed
+        flags.setdefault("data", {})["seed"] = args.seed
+    cfg = apply_dict(cfg, flags, source="command line")
+    cfg = apply_overrides(cfg, args.overrides)
+    return cfg.validate()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from facevae_dist.train import train
+
+    summary = train(config_from_args(args))
+    print(json.dumps(summary))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train one hypothesis (plain, torchrun, accelerate launch or DeepSpeed)",
+        description="Train the paper's VAE on WebDataset shards: Accelerate DDP (gloo on CPU, NCCL on GPU) or "
+                    "DeepSpeed ZeRO, mixed precision, step-based validation/checkpoints, exact resume.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(p)
+    p.set_defaults(func=_run, _parser=p)
