@@ -92,6 +92,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of all trainable parameters' bytes: equal on every rank iff DDP kept them in sync (BN running
+    statistics are excluded: each rank updates them from its own batch)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 # ---- files ----------------------------------------------------------------------------------------------------------
 
 
@@ -136,7 +148,7 @@ class CheckpointManager:
     rank its own RNG file, and `barrier` (accelerator.wait_for_everyone) keeps them in step."""
 
     def __init__(self, run_dir: str | Path, every: int, keep_last: int, *, rank: int = 0, world_size: int = 1,
-                 barrier: Callable[[], None] = lambda: None):
+                 barrier: Callable[[], None] = lambda: None, gather: Callable[[str], list[str]] = lambda x: [x]):
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / CHECKPOINTS
         self.every = every
@@ -144,6 +156,7 @@ class CheckpointManager:
         self.rank = rank
         self.world_size = world_size
         self.barrier = barrier
+        self.gather = gather  # all ranks' values on every rank (accelerate.utils.gather_object)
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -192,9 +205,14 @@ class CheckpointManager:
             if optimizer_state is not None:
                 torch.save({"optimizer": optimizer_state, "scaler": scaler_state, "state": state.to_dict(),
                             "extra": extra or {}}, tmp / STATE_FILE)
+        digests = self.gather(weights_digest(model)) if with_rng else None
         self.barrier()  # every rank's RNG file is in before the directory is declared complete
         if self.rank == 0:
+            if digests and len(set(digests)) > 1:
+                raise RunError(f"parameters differ across ranks at step {state.step} (digests {digests}); "
+                               "distributed training has diverged, please report this")
             atomic_write_json(tmp / META_FILE, {
+                "weights_sha256_by_rank": digests,
                 "step": state.step, "samples_seen": state.samples_seen, "epoch": state.epoch,
                 "batch_in_epoch": state.batch_in_epoch, "val_loss": val_loss, "world_size": self.world_size,
                 "hypothesis": cfg.hypothesis, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

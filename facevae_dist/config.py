@@ -160,10 +160,17 @@ class TrainConfig:
 
 
 def resolve_mixed_precision(value: str) -> str:
-    """"auto" -> "bf16" where it is native and fast, else "no" (bf16 emulated on older CPUs is slower than fp32)."""
+    """"auto" -> the launcher's choice (`accelerate launch` exports its profile's mixed_precision), else "bf16"
+    where it is native and fast, else "no" (bf16 emulated on older CPUs is slower than fp32)."""
     if value != "auto":
         return value
+    import os
+
     import torch
+
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
+    if launcher in ("no", "bf16", "fp16"):
+        return launcher
 
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "no"

@@ -51,7 +51,10 @@ def train(cfg: TrainConfig) -> dict:
     Raises RunError after cfg.max_bad_steps non-finite losses in a row (the last good checkpoint stays)."""
     from facevae_dist.data.loader import make_loader, read_manifest, to_float
 
-    cfg = dataclasses.replace(cfg, mixed_precision=resolve_mixed_precision(cfg.mixed_precision)).validate()
+    cfg = dataclasses.replace(cfg, mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
+    if not cfg.deepspeed and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        cfg.deepspeed = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")  # launched with deepspeed-zero2.yaml
+    cfg.validate()
     run_dir = Path(cfg.run_dir)
     accelerator = _make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -107,7 +110,7 @@ def train(cfg: TrainConfig) -> dict:
             _seed_everything(cfg.seed + rank + 1000 * state.step)
 
     manager = ckpt.CheckpointManager(run_dir, cfg.ckpt_every, cfg.keep_last, rank=rank, world_size=world,
-                                     barrier=accelerator.wait_for_everyone)
+                                     barrier=accelerator.wait_for_everyone, gather=lambda x: _gather_objects(accelerator, x))
     metrics = _Metrics(run_dir / "metrics.jsonl", enabled=is_main, accelerator=accelerator)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -402,6 +405,14 @@ def _broadcast(accelerator, value):
     from accelerate.utils import broadcast_object_list
 
     return broadcast_object_list([value])[0]
+
+
+def _gather_objects(accelerator, value) -> list:
+    if accelerator.num_processes == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
 
 
 def _check_same_model(path: Path, cfg: TrainConfig) -> None:
