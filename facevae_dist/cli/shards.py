@@ -1,0 +1,153 @@
+"""`facevae shards build|verify|info`: raw faces -> WebDataset shards, their check, and their summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+BUILD_EPILOG = """\
+sources and the layout each expects under --root:
+  synthetic       nothing: procedural CelebA-like portraits with 19-class label maps (--n images, --seed);
+                  split 80/10/10 in CelebA's contiguous style (--split-ratios)
+  celeba          img_align_celeba/*.jpg, list_eval_partition.txt ('<image>.jpg <0|1|2>' per line) and a folder of
+                  face-parsing label-map PNGs named like the images: ROOT/mask_faceparsing/ (the paper's) or --masks DIR
+  celebamask-hq   CelebA-HQ-img/<id>.jpg, CelebAMask-HQ-mask-anno/<k>/<id:05d>_<part>.png and
+                  CelebA-HQ-to-CelebA-mapping.txt (gives the official split)
+
+face mask = label map minus background, ears, earring, neck, necklace and cloth (the paper's definition: hair, hat
+and glasses count as face). Stored as a 1-channel PNG: the 0/255 mask resized bilinearly, so edges are soft.
+
+output (OUT, default shards/<source>): {train,val,test}/shard-NNNNNN.tar (+ .stats.json written last),
+manifest.json, sizes.json, errors.tsv (every skipped item with its reason), build.json.
+Re-running the same command resumes (complete shards are kept, partial ones rebuilt); the bytes written do not
+depend on --workers. A different dataset already in OUT is refused unless --overwrite.
+
+examples:
+  facevae shards build --source synthetic --n 5000 --workers 2
+  facevae shards build --source celeba --root /data/celeba --out shards/celeba --workers 8
+  facevae shards verify shards/synthetic
+  facevae shards info shards/synthetic --grid sheet.png
+"""
+
+
+def _ratios(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1) > 1e-6:
+        raise argparse.ArgumentTypeError(f"expected three non-negative fractions summing to 1, e.g. 0.8,0.1,0.1; "
+                                         f"got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def _build(args) -> int:
+    from facevae_dist.data.shards import ShardOptions, build_shards
+    from facevae_dist.data.sources import make_source
+
+    source = make_source(args.source, root=args.root, masks=args.masks, n=args.n, seed=args.seed,
+                         on_missing_mask=args.on_missing_mask, split_ratios=args.split_ratios)
+    opts = ShardOptions(image_size=args.image_size, resize=args.resize, image_format=args.format,
+                        jpeg_quality=args.jpeg_quality, shard_size=args.shard_size)
+    build_shards(source, args.out or Path("shards") / args.source, opts, workers=args.workers,
+                 overwrite=args.overwrite)
+    return 0
+
+
+def _verify(args) -> int:
+    import sys
+
+    from facevae_dist.data.shards import verify_shards
+    from facevae_dist.progress import info
+
+    report = verify_shards(args.dir)
+    if report["ok"]:
+        info(f"{args.dir}: OK, {report['shards']} shards, " +
+             ", ".join(f"{s} {n}" for s, n in report["counts"].items()) + " samples decoded")
+        return 0
+    for problem in report["problems"]:
+        print(f"facevae: verify: {problem}", file=sys.stderr)
+    print(f"facevae: error: {args.dir}: {len(report['problems'])} problem(s) found", file=sys.stderr)
+    return 1
+
+
+def _info(args) -> int:
+    from facevae_dist.data.shards import shards_info
+
+    summary = shards_info(args.dir, grid=args.grid, n_grid=args.n_grid)
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"shards: {summary['dir']}")
+    table.add_column("split")
+    table.add_column("samples", justify="right")
+    table.add_column("shards", justify="right")
+    for split, count in summary["counts"].items():
+        table.add_row(split, str(count), str(summary["shards"][split]))
+    console = Console()
+    console.print(table)
+    console.print(f"source: {json.dumps(summary['source'])}")
+    console.print(f"options: {json.dumps(summary['options'])}")
+    console.print(f"skipped: {summary['skipped']}   size: {summary['bytes'] / 1e6:.1f} MB   "
+                  f"built by facevae-dist {summary['package_version']}")
+    if "grid" in summary:
+        console.print(f"contact sheet: {summary['grid']}")
+    return 0
+
+
+def register(sub) -> None:
+    shards = sub.add_parser("shards", help="build, verify and inspect WebDataset shards",
+                            description="Turn raw faces (synthetic, CelebA, CelebAMask-HQ) into WebDataset tar shards "
+                            "at training size, check them, and summarise them.")
+    shards_sub = shards.add_subparsers(dest="shards_command", metavar="ACTION", parser_class=type(shards))
+    shards.set_defaults(_parser=shards)
+
+    build = shards_sub.add_parser("build", help="build (or resume building) shards from a source",
+                                  description="Build train/val/test WebDataset shards from a face source.",
+                                  epilog=BUILD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = build.add_argument_group("source")
+    src.add_argument("--source", default="synthetic", choices=["synthetic", "celeba", "celebamask-hq"],
+                     help="where faces come from (default synthetic)")
+    src.add_argument("--root", help="dataset root directory (celeba, celebamask-hq)")
+    src.add_argument("--masks", help="celeba: folder of label-map PNGs (default ROOT/mask_faceparsing)")
+    src.add_argument("--n", type=int, default=2000, help="synthetic: number of images (default 2000)")
+    src.add_argument("--seed", type=int, default=0, help="synthetic: generator seed (default 0)")
+    src.add_argument("--split-ratios", type=_ratios, default=None, metavar="TRAIN,VAL,TEST",
+                     help="synthetic: split fractions (default 0.8,0.1,0.1)")
+    src.add_argument("--on-missing-mask", choices=["error", "skip"], default="error",
+                     help="an image without a label map: stop with an error naming it (default), or skip it "
+                     "(listed in errors.tsv)")
+    out = build.add_argument_group("output")
+    out.add_argument("--out", help="output directory (default shards/<source>)")
+    out.add_argument("--image-size", type=int, default=144, help="square training size in pixels (default 144)")
+    out.add_argument("--resize", choices=["squash", "center-crop"], default="squash",
+                     help="squash: whole image to a square, as the paper does (default); center-crop: largest "
+                     "centered square, aspect ratio kept")
+    out.add_argument("--format", choices=["jpg", "png"], default="jpg", help="image encoding in shards (default jpg)")
+    out.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1-100 (default 95)")
+    out.add_argument("--shard-size", type=int, default=1000,
+                     help="samples per shard (default 1000; keep shards >= ranks x loader workers per split)")
+    out.add_argument("--workers", type=int, default=1, help="parallel processes (default 1; output identical)")
+    out.add_argument("--overwrite", action="store_true", help="delete an existing dataset in --out and start over")
+    build.set_defaults(func=_build, _parser=build)
+
+    verify = shards_sub.add_parser("verify", help="re-read every shard: sha256, counts, decode every sample",
+                                   description="Check a shards directory against its manifest: every tar's sha256 "
+                                   "and sample count, key format, and that every image, mask and json decodes at the "
+                                   "expected size. Exit 0 if all is well, 1 with a list of problems otherwise.")
+    verify.add_argument("dir", help="shards directory (holding manifest.json)")
+    verify.set_defaults(func=_verify, _parser=verify)
+
+    info = shards_sub.add_parser("info", help="summary of a shards directory, optional contact sheet",
+                                 description="Print counts, source and options of a shards directory; with --grid, "
+                                 "write a contact sheet PNG (each sample beside itself with the mask overlaid: "
+                                 "background dimmed, soft mask edge in green).")
+    info.add_argument("dir", help="shards directory (holding manifest.json)")
+    info.add_argument("--grid", help="write a contact sheet PNG here")
+    info.add_argument("--n-grid", type=int, default=32, help="samples on the contact sheet (default 32)")
+    info.add_argument("--json", action="store_true", help="print the summary as JSON")
+    info.set_defaults(func=_info, _parser=info)

@@ -1,0 +1,270 @@
+"""Distributed shard reader: uint8 batches, identical epoch plans on every rank, exact resume.
+
+How an epoch is planned (the same arithmetic runs on every rank, no communication needed):
+  1. Shard order = permutation(seed, epoch) of the split's shards (identical on all ranks); within each shard the
+     sample order is permutation(seed, epoch, shard). Concatenated, that is the epoch's global sample sequence
+     (N samples; counts come from manifest.json, so nothing is read to plan).
+  2. Split by rank: rank r takes the contiguous slice [r*P, (r+1)*P) with P = N // world_size, so a rank reads
+     about N/world_size/shard_size whole shards. Every rank has exactly P samples -> the same number of batches
+     (no DDP hang, whatever the shard sizes).
+  3. Batches: P // batch_size full batches (drop_last=True; the last partial one is dropped, as
+     DataLoader(drop_last=True) does) or ceil(P / batch_size) (drop_last=False, last batch smaller, same size on all
+     ranks).
+  4. Split by worker: batch j of the rank goes to DataLoader worker (j - start_batch) % workers; DataLoader's
+     round-robin then yields batches exactly in order j = start_batch, start_batch+1, ...
+Remainder: the samples a rank does not get (N mod world_size, fewer than world_size) plus those in dropped partial
+batches are left out of THIS epoch only; which ones changes every epoch because the order is reshuffled. We drop
+rather than pad because padding repeats samples, which biases gradients and validation means; the count is
+`loader.dropped_samples` (0 when world_size * batch_size divides N, or with world_size=1 and drop_last=False).
+Everything else is seen exactly once per epoch.
+Resampled mode (endless streams): each rank draws shards with replacement from its own stream
+(seed, epoch, rank) and reads them in shuffled order; an "epoch" is the same number of batches as above.
+Resume: start_batch=k skips the first k batches of the current epoch without reading them.
+Corrupt samples at read time are replaced by a copy of another sample of the same batch (so batch shapes and counts
+stay equal across ranks) and reported: their keys are in batch["corrupt"], counted in loader.corrupt_count and
+warned about once each. A batch with no readable sample, or an unreadable shard, raises DataError.
+Do NOT pass this loader to accelerator.prepare: it already shards by rank (prepare would re-shard or dispatch).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from facevae_dist.data.shards import read_manifest
+from facevae_dist.data.tario import index_tar, read_fields
+from facevae_dist.errors import DataError, UsageError
+
+
+def read_sizes(shards_dir: str | os.PathLike) -> dict[str, int]:
+    path = Path(shards_dir) / "sizes.json"
+    try:
+        return json.loads(path.read_text())
+    except OSError:
+        raise DataError(f"{path}: not found (build shards with `facevae shards build`)")
+    except ValueError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})")
+
+
+def to_float(batch: dict, device, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 batch -> (image float32 [B,3,H,W] in [0,1], mask float32 [B,1,H,W] in [0,1]), converted on `device`
+    (the uint8 tensors cross the bus: 4x less than float)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    image = batch["image"].to(device, non_blocking=True).float().div_(255).contiguous(memory_format=fmt)
+    mask = batch["mask"].to(device, non_blocking=True).float().div_(255).contiguous(memory_format=fmt)
+    return image, mask
+
+
+class _EpochPlan:
+    """This rank's batches for one epoch: arrays of (shard number, sample number in shard) per position."""
+
+    def __init__(self, shard_counts: list[int], *, rank: int, world_size: int, batch_size: int, seed: int, epoch: int,
+                 resampled: bool, drop_last: bool, shuffle: bool):
+        total = sum(shard_counts)
+        per_rank = total // world_size
+        self.num_batches = per_rank // batch_size if drop_last else -(-per_rank // batch_size)
+        self.num_samples = min(per_rank, self.num_batches * batch_size)
+        self.dropped_samples = 0 if resampled else total - world_size * self.num_samples
+        self.batch_size = batch_size
+        if resampled:
+            rng = np.random.default_rng([seed, epoch, rank, 0x5A])
+            shards_seq, locals_seq, have = [], [], 0
+            while have < self.num_samples:
+                s = int(rng.integers(len(shard_counts)))
+                shards_seq.append(np.full(shard_counts[s], s, np.int32))
+                locals_seq.append(rng.permutation(shard_counts[s]).astype(np.int32))
+                have += shard_counts[s]
+            self.shard = np.concatenate(shards_seq)[: self.num_samples]
+            self.local = np.concatenate(locals_seq)[: self.num_samples]
+            return
+        order = np.random.default_rng([seed, epoch]).permutation(len(shard_counts)) if shuffle \
+            else np.arange(len(shard_counts))
+        shard = np.concatenate([np.full(shard_counts[s], s, np.int32) for s in order])
+        local = np.concatenate([
+            (np.random.default_rng([seed, epoch, int(s)]).permutation(shard_counts[s]) if shuffle
+             else np.arange(shard_counts[s])).astype(np.int32) for s in order])
+        start = rank * per_rank
+        self.shard = shard[start:start + self.num_samples]
+        self.local = local[start:start + self.num_samples]
+
+    def batch(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        sl = slice(j * self.batch_size, min((j + 1) * self.batch_size, self.num_samples))
+        return self.shard[sl], self.local[sl]
+
+
+class _ShardReader:
+    """Random access to samples of a few open shards (tar header index cached per shard)."""
+
+    def __init__(self, paths: list[Path], max_open: int = 8):
+        self.paths = paths
+        self.max_open = max_open
+        self.open: dict[int, tuple] = {}
+
+    def get(self, s: int, i: int) -> tuple[str, dict[str, bytes]]:
+        if s not in self.open:
+            if len(self.open) >= self.max_open:
+                old = next(iter(self.open))
+                self.open.pop(old)[0].close()
+            path = self.paths[s]
+            try:
+                index = index_tar(path)
+            except Exception as exc:
+                raise DataError(f"{path}: unreadable shard ({type(exc).__name__}: {exc}); "
+                                "run `facevae shards verify` and rebuild it")
+            self.open[s] = (open(path, "rb"), index)
+        f, index = self.open[s]
+        if i >= len(index):
+            raise DataError(f"{self.paths[s]}: has {len(index)} samples, manifest.json expects more; "
+                            "run `facevae shards verify`")
+        key, fields = index[i]
+        return key, read_fields(f, fields)
+
+    def close(self) -> None:
+        for f, _ in self.open.values():
+            f.close()
+        self.open.clear()
+
+
+class _ShardDataset(IterableDataset):
+    def __init__(self, paths: list[Path], image_ext: str, image_size: int):
+        self.paths, self.image_ext, self.image_size = paths, image_ext, image_size
+        self.plan: _EpochPlan | None = None
+        self.start_batch = 0
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        plan, reader = self.plan, _ShardReader(self.paths)
+        try:
+            for j in range(self.start_batch + worker, plan.num_batches, workers):
+                yield self._load_batch(reader, *plan.batch(j))
+        finally:
+            reader.close()
+
+    def _load_batch(self, reader: _ShardReader, shards: np.ndarray, locals_: np.ndarray) -> dict:
+        b, size = len(shards), self.image_size
+        images = np.empty((b, size, size, 3), np.uint8)
+        masks = np.empty((b, size, size), np.uint8)
+        keys, corrupt, good = [], [], []
+        for n, (s, i) in enumerate(zip(shards.tolist(), locals_.tolist())):
+            key, fields = reader.get(s, i)
+            keys.append(key)
+            try:
+                with Image.open(io.BytesIO(fields[self.image_ext])) as im:
+                    images[n] = np.asarray(im.convert("RGB"))
+                with Image.open(io.BytesIO(fields["mask.png"])) as im:
+                    masks[n] = np.asarray(im.convert("L"))
+                good.append(n)
+            except Exception as exc:
+                corrupt.append(f"{key} ({self.paths[s].name}: {type(exc).__name__}: {exc})")
+                keys[-1] = None
+        if corrupt:
+            if not good:
+                raise DataError(f"no readable sample in a whole batch ({'; '.join(corrupt[:3])}); "
+                                "run `facevae shards verify`")
+            for n in range(b):  # fill each hole with a readable sample of the same batch
+                if keys[n] is None:
+                    src = good[n % len(good)]
+                    images[n], masks[n], keys[n] = images[src], masks[src], keys[src]
+        return {"image": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+                "mask": torch.from_numpy(masks).unsqueeze(1), "key": keys, "corrupt": corrupt}
+
+
+class ShardLoader:
+    """Iterable over this rank's batches of one epoch: {"image": uint8 [B,3,H,W], "mask": uint8 [B,1,H,W],
+    "key": list[str], "corrupt": list[str]}. See the module docstring for the exact semantics."""
+
+    def __init__(self, shards_dir, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 workers: int = 0, seed: int = 0, epoch: int = 0, resampled: bool = False, start_batch: int = 0,
+                 drop_last: bool = True, shuffle: bool = True, pin_memory: bool | None = None,
+                 prefetch_factor: int = 4):
+        if batch_size < 1:
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise UsageError(f"rank {rank} out of range for world_size {world_size}")
+        if workers < 0:
+            raise UsageError(f"workers must be >= 0, got {workers}")
+        manifest = read_manifest(shards_dir)
+        if split not in manifest["splits"]:
+            raise UsageError(f"split {split!r} not in {shards_dir} (have {', '.join(manifest['splits'])})")
+        shards = [s for s in manifest["splits"][split]["shards"] if s["count"] > 0]
+        readers = world_size * max(workers, 1)
+        if len(shards) < readers:
+            raise DataError(f"{shards_dir}/{split}: {len(shards)} shard(s) for {world_size} rank(s) x "
+                            f"{max(workers, 1)} worker(s); need at least {readers}: rebuild with a smaller "
+                            "--shard-size or use fewer workers")
+        self.shards_dir, self.split, self.batch_size = Path(shards_dir), split, batch_size
+        self.rank, self.world_size, self.workers, self.seed = rank, world_size, workers, seed
+        self.resampled, self.drop_last, self.shuffle = resampled, drop_last, shuffle
+        self.image_size = int(manifest["image_size"])
+        self.shard_counts = [int(s["count"]) for s in shards]
+        self._dataset = _ShardDataset([self.shards_dir / s["path"] for s in shards], manifest["image_ext"],
+                                      self.image_size)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.corrupt_count = 0
+        self._warned: set[str] = set()
+        self.epoch = epoch
+        self._plan = self._make_plan()
+        if self._plan.num_batches == 0:
+            raise DataError(f"{shards_dir}/{split}: {sum(self.shard_counts)} samples give no batch of "
+                            f"{batch_size} per rank over {world_size} rank(s); use a smaller batch size")
+        if not 0 <= start_batch <= self._plan.num_batches:
+            raise UsageError(f"start_batch {start_batch} outside [0, {self._plan.num_batches}]")
+        self.start_batch = start_batch
+
+    def _make_plan(self) -> _EpochPlan:
+        return _EpochPlan(self.shard_counts, rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
+                          seed=self.seed, epoch=self.epoch, resampled=self.resampled, drop_last=self.drop_last,
+                          shuffle=self.shuffle)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self._plan = self._make_plan()
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return self._plan.num_batches
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank yields per full epoch."""
+        return self._plan.num_samples
+
+    @property
+    def dropped_samples(self) -> int:
+        """Samples of the split left out of this epoch on ALL ranks together (see module docstring)."""
+        return self._plan.dropped_samples
+
+    def __iter__(self):
+        self._dataset.plan, self._dataset.start_batch = self._plan, self.start_batch
+        if self.workers == 0:
+            batches = iter(self._dataset)
+        else:
+            batches = iter(DataLoader(self._dataset, batch_size=None, num_workers=self.workers,
+                                      pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
+                                      persistent_workers=False))
+        for batch in batches:
+            if batch["corrupt"]:
+                self.corrupt_count += len(batch["corrupt"])
+                for item in batch["corrupt"]:
+                    if item not in self._warned:
+                        self._warned.add(item)
+                        warnings.warn(f"corrupt sample replaced by a copy of another in its batch: {item}")
+            yield batch
+        self.start_batch = 0  # a finished epoch; the next iteration starts at its beginning
+
+
+def make_loader(shards_dir, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1, workers: int = 0,
+                seed: int = 0, epoch: int = 0, resampled: bool = False, start_batch: int = 0,
+                drop_last: bool = True, **kwargs) -> ShardLoader:
+    return ShardLoader(shards_dir, split, batch_size, rank=rank, world_size=world_size, workers=workers, seed=seed,
+                       epoch=epoch, resampled=resampled, start_batch=start_batch, drop_last=drop_last, **kwargs)

@@ -1,0 +1,418 @@
+"""`facevae shards build|verify|info`: raw faces -> WebDataset tar shards at training size, resumable and
+byte-identical whatever the worker count.
+
+Layout of OUT/:
+  build.json                         what is being built (source + options), written first: a re-run with other
+                                     options refuses to mix datasets unless --overwrite
+  {train,val,test}/shard-NNNNNN.tar  samples `<split>-<index:08d>` with `jpg`|`png`, `mask.png`, `json`
+  {split}/shard-NNNNNN.stats.json    per-shard stats, written LAST: the shard's completion marker
+  manifest.json                      counts, shard list with sha256, source, options, package version
+  sizes.json                         {"train": n, "val": n, "test": n}
+  errors.tsv                         split, source id, reason for every skipped item (empty if none)
+Shard k of a split holds items [k*shard_size, (k+1)*shard_size) of the source's ordered list, so every shard
+depends only on its own items; skipped (corrupt) items leave a gap in the indices and the shard a little short.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from facevae_dist.data.masks import FACE_EXCLUDED_LABELS
+from facevae_dist.data.sources import SPLITS, CorruptSample, Item, Record, Source
+from facevae_dist.data.tario import iter_tar, write_tar
+from facevae_dist.errors import DataError, UsageError
+from facevae_dist.fileio import atomic_write_json, atomic_write_text, sha256_file
+
+FORMAT = "facevae-shards"
+FORMAT_VERSION = 1
+RESIZE_MODES = ("squash", "center-crop")
+IMAGE_FORMATS = ("jpg", "png")
+OUR_FILES = ("build.json", "manifest.json", "sizes.json", "errors.tsv")
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    image_size: int = 144
+    resize: str = "squash"  # the paper squashes 178x218 -> 144x144; center-crop keeps the aspect ratio
+    image_format: str = "jpg"
+    jpeg_quality: int = 95
+    shard_size: int = 1000
+
+    def validate(self) -> None:
+        if not 8 <= self.image_size <= 2048:
+            raise UsageError(f"--image-size must be in [8, 2048], got {self.image_size}")
+        if self.resize not in RESIZE_MODES:
+            raise UsageError(f"--resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise UsageError(f"--format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise UsageError(f"--jpeg-quality must be in [1, 100], got {self.jpeg_quality}")
+        if self.shard_size < 1:
+            raise UsageError(f"--shard-size must be >= 1, got {self.shard_size}")
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("facevae-dist")
+    except Exception:
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------------------------- encode
+def _crop_box(size: tuple[int, int], resize: str) -> tuple[float, float, float, float]:
+    w, h = size
+    if resize == "squash":
+        return (0.0, 0.0, float(w), float(h))
+    side = min(w, h)
+    return ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+
+
+def encode_record(record: Record, opts: ShardOptions) -> dict[str, bytes]:
+    """Record -> shard fields. The mask is the 0/255 face mask resized bilinearly from its own frame (label maps
+    may have another size than the image, e.g. 512x512 face-parsing output), so edges are soft like the paper's.
+    Center-crop takes the same relative box from image and mask, which share one frame."""
+    size = (opts.image_size, opts.image_size)
+    image = Image.fromarray(record.image)
+    box = _crop_box(image.size, opts.resize)
+    image = image.resize(size, Image.BILINEAR, box=box)
+    mask = Image.fromarray(record.face_mask().astype(np.uint8) * 255)
+    sx, sy = mask.size[0] / record.image.shape[1], mask.size[1] / record.image.shape[0]
+    mask = mask.resize(size, Image.BILINEAR, box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy))
+    buf = io.BytesIO()
+    if opts.image_format == "jpg":
+        image.save(buf, format="JPEG", quality=opts.jpeg_quality)
+    else:
+        image.save(buf, format="PNG")
+    mbuf = io.BytesIO()
+    mask.save(mbuf, format="PNG")
+    meta = {"source_id": record.source_id, "split": record.split, "orig_size": list(record.image.shape[1::-1])}
+    meta.update(record.meta)
+    return {opts.image_format: buf.getvalue(), "mask.png": mbuf.getvalue(),
+            "json": json.dumps(meta, sort_keys=True).encode()}
+
+
+# ----------------------------------------------------------------------------------------------- build
+def _shard_name(k: int) -> str:
+    return f"shard-{k:06d}"
+
+
+def _build_one(task: tuple[Source, str, int, int, list[Item], ShardOptions, str]) -> dict:
+    """Write one shard (tar, then stats as completion marker). Runs in worker processes."""
+    source, split, k, first, items, opts, out = task
+    samples, skipped = [], []
+    for offset, item in enumerate(items):
+        try:
+            fields = encode_record(source.load(item), opts)
+        except CorruptSample as exc:
+            skipped.append([item.source_id, str(exc)])
+            continue
+        samples.append((f"{split}-{first + offset:08d}", fields))
+    split_dir = Path(out) / split
+    tar_path = split_dir / f"{_shard_name(k)}.tar"
+    tmp = split_dir / f".{_shard_name(k)}.tar.tmp"
+    write_tar(tmp, samples)
+    os.replace(tmp, tar_path)
+    stats = {"shard": f"{split}/{tar_path.name}", "split": split, "count": len(samples), "first_index": first,
+             "items": len(items), "skipped": skipped, "sha256": sha256_file(tar_path),
+             "bytes": tar_path.stat().st_size}
+    atomic_write_json(split_dir / f"{_shard_name(k)}.stats.json", stats)
+    return stats
+
+
+def _load_complete_stats(out: Path, split: str, k: int, n_items: int) -> dict | None:
+    """A shard counts as done iff its stats JSON exists, matches the planned item count and the tar's size."""
+    stats_path = out / split / f"{_shard_name(k)}.stats.json"
+    tar_path = out / split / f"{_shard_name(k)}.tar"
+    try:
+        stats = json.loads(stats_path.read_text())
+        if stats["items"] == n_items and tar_path.stat().st_size == stats["bytes"]:
+            return stats
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
+
+
+def _identity(source: Source, opts: ShardOptions) -> dict:
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "source": source.describe(), "options": asdict(opts)}
+
+
+def _prepare_out_dir(out: Path, identity: dict, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a directory")
+    entries = [p.name for p in out.iterdir()] if out.exists() else []
+    if overwrite:
+        for name in SPLITS:
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in OUR_FILES:
+            (out / name).unlink(missing_ok=True)
+    elif entries:
+        build_json = out / "build.json"
+        if not build_json.exists():
+            raise DataError(f"{out}: not empty and not a facevae shards directory (no build.json); "
+                            "choose another --out or pass --overwrite")
+        try:
+            existing = json.loads(build_json.read_text())
+        except ValueError:
+            raise DataError(f"{build_json}: unreadable; pass --overwrite to rebuild {out}")
+        if existing != identity:
+            diff = sorted(k for k in set(existing.get("source", {})) | set(identity["source"])
+                          if existing.get("source", {}).get(k) != identity["source"].get(k))
+            diff += sorted(f"options.{k}" for k in identity["options"]
+                           if existing.get("options", {}).get(k) != identity["options"][k])
+            raise DataError(f"{out}: holds a different dataset (differs in {', '.join(diff) or 'format'}); "
+                            "pass --overwrite to replace it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        (out / split).mkdir(exist_ok=True)
+        for stale in (out / split).glob(".*.tmp"):  # left by an interrupted run
+            stale.unlink()
+    atomic_write_json(out / "build.json", identity)
+
+
+def build_shards(source: Source, out: str | os.PathLike, opts: ShardOptions | None = None, *, workers: int = 1,
+                 overwrite: bool = False) -> dict:
+    """Build (or resume building) shards of `source` into `out`; returns the manifest dict.
+    Output bytes depend only on (source, opts), never on `workers` or on interruptions."""
+    from facevae_dist.progress import info, make_progress
+
+    opts = opts or ShardOptions()
+    opts.validate()
+    if workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {workers}")
+    out = Path(out)
+    plan = source.plan()  # layout errors surface here, before anything is written
+    identity = _identity(source, opts)
+    _prepare_out_dir(out, identity, overwrite)
+
+    tasks, done = [], {}
+    for split in SPLITS:
+        items = plan.items[split]
+        for k, first in enumerate(range(0, len(items), opts.shard_size)):
+            chunk = items[first:first + opts.shard_size]
+            stats = _load_complete_stats(out, split, k, len(chunk))
+            if stats is not None:
+                done[(split, k)] = stats
+            else:
+                tasks.append((source, split, k, first, chunk, opts, str(out)))
+        # Remove shards beyond the planned count (cannot happen with an identical identity, but stay safe).
+        n_shards = -(-len(items) // opts.shard_size)
+        for path in (out / split).glob("shard-*"):
+            if int(path.name[6:12]) >= n_shards:
+                path.unlink()
+
+    total_items = sum(len(v) for v in plan.items.values())
+    if done:
+        info(f"resuming: {len(done)} complete shard(s) kept, {len(tasks)} to build")
+    t0 = time.perf_counter()
+    with make_progress() as progress:
+        bar = progress.add_task(f"building {source.name} shards", total=total_items)
+        progress.update(bar, completed=sum(s["items"] for s in done.values()))
+        if workers == 1 or len(tasks) <= 1:
+            results = map(_build_one, tasks)
+            pool = None
+        else:
+            # fork: workers inherit the imported modules (spawn would re-import torch/numpy per worker).
+            ctx = get_context("fork" if os.name == "posix" else "spawn")
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+            results = pool.map(_build_one, tasks, chunksize=1)
+        try:
+            for stats in results:
+                done[(stats["split"], int(Path(stats["shard"]).stem[6:]))] = stats
+                progress.update(bar, advance=stats["items"])
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+    elapsed = time.perf_counter() - t0
+
+    manifest = _write_manifest(out, source, opts, plan, done)
+    built = sum(len(t[4]) for t in tasks)
+    per_split = ", ".join(f"{s} {manifest['splits'][s]['count']}" for s in SPLITS)
+    info(f"{out}: {manifest['total']} samples in {manifest['num_shards']} shards "
+         f"({per_split}), {manifest['skipped']} skipped"
+         + (f"; built {built} items in {elapsed:.1f}s ({built / max(elapsed, 1e-9):.0f} items/s)" if built else ""))
+    return manifest
+
+
+def _write_manifest(out: Path, source: Source, opts: ShardOptions, plan, done: dict) -> dict:
+    splits, errors = {}, []
+    for split, source_id, reason in plan.skipped:
+        errors.append((split, source_id, reason))
+    for split in SPLITS:
+        shards = [done[key] for key in sorted(k for k in done if k[0] == split)]
+        for s in shards:
+            errors.extend((split, sid, reason) for sid, reason in s["skipped"])
+        splits[split] = {
+            "count": sum(s["count"] for s in shards),
+            "skipped": sum(len(s["skipped"]) for s in shards) + sum(1 for e in plan.skipped if e[0] == split),
+            "shards": [{"path": s["shard"], "count": s["count"], "sha256": s["sha256"], "bytes": s["bytes"]}
+                       for s in shards],
+        }
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "package_version": package_version(),
+        "source": source.describe(), "options": asdict(opts),
+        "image_size": opts.image_size, "image_ext": opts.image_format,
+        "mask": {"field": "mask.png", "excluded_labels": list(FACE_EXCLUDED_LABELS),
+                 "encoding": "uint8 1-channel: 0/255 face mask resized bilinearly (soft edges), like the paper"},
+        "splits": splits,
+        "total": sum(v["count"] for v in splits.values()),
+        "skipped": len(errors),
+        "num_shards": sum(len(v["shards"]) for v in splits.values()),
+    }
+    atomic_write_text(out / "errors.tsv", "".join(f"{s}\t{sid}\t{r}\n" for s, sid, r in errors))
+    atomic_write_json(out / "sizes.json", {s: splits[s]["count"] for s in SPLITS})
+    atomic_write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def read_manifest(shards_dir: str | os.PathLike) -> dict:
+    path = Path(shards_dir) / "manifest.json"
+    if not path.is_file():
+        hint = (" (the build did not finish: re-run the same `facevae shards build` command to resume)"
+                if (Path(shards_dir) / "build.json").exists() else " (build shards with `facevae shards build`)")
+        raise DataError(f"{path}: not found{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})")
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: not a facevae shards manifest")
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------- verify
+def decode_sample(fields: dict[str, bytes], image_ext: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Shard fields -> (uint8 HxWx3 image, uint8 HxW mask, metadata). Raises on anything malformed."""
+    with Image.open(io.BytesIO(fields[image_ext])) as im:
+        image = np.asarray(im.convert("RGB"))
+    with Image.open(io.BytesIO(fields["mask.png"])) as im:
+        if im.mode != "L":
+            raise ValueError(f"mask.png mode {im.mode}, expected L")
+        mask = np.asarray(im)
+    meta = json.loads(fields["json"])
+    return image, mask, meta
+
+
+def verify_shards(shards_dir: str | os.PathLike) -> dict:
+    """Re-read every shard: sha256, counts, keys, and decode every sample. Returns a report dict with "ok"."""
+    from facevae_dist.progress import make_progress
+
+    shards_dir = Path(shards_dir)
+    manifest = read_manifest(shards_dir)
+    problems: list[str] = []
+    size, ext = manifest["image_size"], manifest["image_ext"]
+    counts = {}
+    total = sum(v["count"] for v in manifest["splits"].values())
+    with make_progress() as progress:
+        bar = progress.add_task("verifying shards", total=total)
+        for split, info in manifest["splits"].items():
+            listed = {s["path"] for s in info["shards"]}
+            for path in sorted((shards_dir / split).glob("*.tar")):
+                if f"{split}/{path.name}" not in listed:
+                    problems.append(f"{split}/{path.name}: tar not listed in manifest.json")
+            seen = 0
+            for shard in info["shards"]:
+                path = shards_dir / shard["path"]
+                if not path.is_file():
+                    problems.append(f"{shard['path']}: missing")
+                    continue
+                if sha256_file(path) != shard["sha256"]:
+                    problems.append(f"{shard['path']}: sha256 mismatch (file changed or corrupted)")
+                n = 0
+                try:
+                    for key, fields in iter_tar(path):
+                        n += 1
+                        if not key.startswith(f"{split}-") or not key[len(split) + 1:].isdigit():
+                            problems.append(f"{shard['path']}: unexpected key {key!r}")
+                        try:
+                            image, mask, meta = decode_sample(fields, ext)
+                            if image.shape != (size, size, 3) or mask.shape != (size, size):
+                                raise ValueError(f"image {image.shape} / mask {mask.shape}, expected {size}x{size}")
+                            if meta.get("split") != split:
+                                raise ValueError(f"json split {meta.get('split')!r}")
+                        except Exception as exc:
+                            problems.append(f"{shard['path']}: sample {key}: {type(exc).__name__}: {exc}")
+                        progress.advance(bar)
+                except Exception as exc:  # truncated or garbled tar
+                    problems.append(f"{shard['path']}: unreadable tar ({type(exc).__name__}: {exc})")
+                if n != shard["count"]:
+                    problems.append(f"{shard['path']}: {n} samples, manifest says {shard['count']}")
+                seen += n
+            counts[split] = seen
+            if seen != info["count"]:
+                problems.append(f"{split}: {seen} samples read, manifest says {info['count']}")
+    sizes_path = shards_dir / "sizes.json"
+    try:
+        sizes = json.loads(sizes_path.read_text())
+        if sizes != {s: v["count"] for s, v in manifest["splits"].items()}:
+            problems.append("sizes.json disagrees with manifest.json")
+    except (OSError, ValueError):
+        problems.append("sizes.json missing or unreadable")
+    return {"ok": not problems, "problems": problems, "counts": counts,
+            "shards": sum(len(v["shards"]) for v in manifest["splits"].values())}
+
+
+# ----------------------------------------------------------------------------------------------- info
+def shards_info(shards_dir: str | os.PathLike, grid: str | os.PathLike | None = None, n_grid: int = 32) -> dict:
+    """Summary of a shards dir; optionally a contact sheet PNG of samples (image | image with mask overlaid)."""
+    shards_dir = Path(shards_dir)
+    manifest = read_manifest(shards_dir)
+    summary = {
+        "dir": str(shards_dir), "source": manifest["source"], "options": manifest["options"],
+        "counts": {s: v["count"] for s, v in manifest["splits"].items()},
+        "shards": {s: len(v["shards"]) for s, v in manifest["splits"].items()},
+        "skipped": manifest["skipped"], "bytes": sum(sh["bytes"] for v in manifest["splits"].values()
+                                                     for sh in v["shards"]),
+        "package_version": manifest["package_version"],
+    }
+    if grid is not None:
+        tiles = []
+        for split in ("test", "val", "train"):
+            for shard in manifest["splits"][split]["shards"]:
+                for _, fields in iter_tar(shards_dir / shard["path"]):
+                    image, mask, _ = decode_sample(fields, manifest["image_ext"])
+                    tiles.append(_overlay_tile(image, mask))
+                    if len(tiles) >= n_grid:
+                        break
+                if len(tiles) >= n_grid:
+                    break
+        if tiles:
+            write_contact_sheet(tiles, Path(grid))
+            summary["grid"] = str(grid)
+    return summary
+
+
+def _overlay_tile(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Image beside the same image with the background dimmed and tinted, and the mask edge in green."""
+    m = mask.astype(np.float32)[..., None] / 255
+    tint = np.array([40, 40, 90], np.float32)
+    over = image.astype(np.float32) * (0.35 + 0.65 * m) + tint * (1 - m) * 0.5
+    edge = (mask > 64) & (mask < 192)
+    over[edge] = (60, 255, 60)
+    return np.concatenate([image, np.clip(over, 0, 255).astype(np.uint8)], axis=1)
+
+
+def write_contact_sheet(tiles: list[np.ndarray], path: Path, cols: int = 8) -> None:
+    h, w, _ = tiles[0].shape
+    rows = -(-len(tiles) // cols)
+    sheet = np.full((rows * (h + 2), cols * (w + 2), 3), 255, np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, cols)
+        sheet[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = tile
+    buf = io.BytesIO()
+    Image.fromarray(sheet).save(buf, format="PNG")
+    from facevae_dist.fileio import atomic_write_bytes
+
+    atomic_write_bytes(path, buf.getvalue())
