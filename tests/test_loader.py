@@ -1,0 +1,133 @@
+"""ShardLoader over real shards: exactly-once across ranks x workers, equal batch counts with uneven shards,
+determinism by seed, exact mid-epoch resume, resampled mode, corrupt samples reported."""
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from facevae_dist.data import make_loader, read_sizes, to_float
+from facevae_dist.data.shards import ShardOptions, build_shards, read_manifest
+from facevae_dist.data.sources import SyntheticSource
+from facevae_dist.data.tario import iter_tar, write_tar
+from facevae_dist.errors import DataError
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    # 100 images -> train 80 in shards of 7: 11 x 7 + 1 x 3 (uneven on purpose)
+    out = tmp_path_factory.mktemp("shards")
+    build_shards(SyntheticSource(n=100, seed=2), out, ShardOptions(image_size=24, shard_size=7))
+    return out
+
+
+def epoch_keys(loader):
+    return [k for batch in loader for k in batch["key"]]
+
+
+def test_exactly_once_across_two_ranks_and_two_workers(shards):
+    all_keys = []
+    for rank in (0, 1):
+        loader = make_loader(shards, "train", 8, rank=rank, world_size=2, workers=2, seed=1)
+        batches = list(loader)
+        assert len(batches) == len(loader) == 5  # 40 samples per rank
+        for b in batches:
+            assert b["image"].shape == (8, 3, 24, 24) and b["image"].dtype == torch.uint8
+            assert b["mask"].shape == (8, 1, 24, 24) and b["mask"].dtype == torch.uint8
+        all_keys += [k for b in batches for k in b["key"]]
+        assert loader.dropped_samples == 0
+    assert len(all_keys) == 80 and len(set(all_keys)) == 80
+    assert set(all_keys) == {f"train-{i:08d}" for i in range(80)}
+
+
+def test_equal_batch_counts_with_uneven_shards_and_counted_remainder(shards):
+    # batch 6: 40 per rank -> 6 batches of 6 on every rank; 2 x 4 samples dropped this epoch, and counted.
+    keys, lengths = [], []
+    for rank in (0, 1):
+        loader = make_loader(shards, "train", 6, rank=rank, world_size=2, workers=2, seed=0)
+        got = list(loader)
+        lengths.append((len(loader), len(got)))
+        keys += [k for b in got for k in b["key"]]
+        assert loader.dropped_samples == 8
+    assert lengths == [(6, 6), (6, 6)]
+    assert len(keys) == 72 and len(set(keys)) == 72
+    # drop_last=False with one rank: every sample exactly once, last batch short.
+    loader = make_loader(shards, "train", 6, drop_last=False, shuffle=False)
+    got = list(loader)
+    assert [len(b["key"]) for b in got][-1] == 2 and loader.dropped_samples == 0
+    assert epoch_keys(loader) == [f"train-{i:08d}" for i in range(80)]
+
+
+def test_three_ranks_never_hang(shards):
+    # 80 samples over 3 ranks: 26 each (2 left out), 3 batches of 8 on every rank.
+    counts = [len(list(make_loader(shards, "train", 8, rank=r, world_size=3, seed=4))) for r in range(3)]
+    assert counts == [3, 3, 3]
+
+
+def test_determinism_by_seed_and_epoch_independent_of_workers(shards):
+    a = epoch_keys(make_loader(shards, "train", 8, seed=3, workers=0))
+    b = epoch_keys(make_loader(shards, "train", 8, seed=3, workers=2))
+    assert a == b  # worker count changes nothing
+    assert a != epoch_keys(make_loader(shards, "train", 8, seed=4))
+    loader = make_loader(shards, "train", 8, seed=3)
+    loader.set_epoch(1)
+    e1 = epoch_keys(loader)
+    assert e1 != a and sorted(e1) == sorted(a)  # reshuffled each epoch, same samples
+    first = next(iter(make_loader(shards, "train", 8, seed=3)))
+    again = next(iter(make_loader(shards, "train", 8, seed=3)))
+    assert torch.equal(first["image"], again["image"]) and torch.equal(first["mask"], again["mask"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_gives_the_same_tail(shards, workers):
+    full = [b["key"] for b in make_loader(shards, "train", 8, rank=1, world_size=2, seed=5, epoch=2, workers=workers)]
+    resumed = make_loader(shards, "train", 8, rank=1, world_size=2, seed=5, epoch=2, start_batch=3, workers=workers)
+    assert len(resumed) == len(full)  # len is the whole epoch
+    assert [b["key"] for b in resumed] == full[3:]
+    assert [b["key"] for b in resumed] == full  # the next pass is a whole epoch again
+
+
+def test_resampled_mode(shards):
+    loaders = [make_loader(shards, "train", 8, rank=r, world_size=2, resampled=True, seed=0) for r in (0, 1)]
+    counts = [len(list(loader)) for loader in loaders]
+    assert counts == [len(loaders[0])] * 2 == [5, 5]
+    keys = epoch_keys(loaders[0])
+    assert keys == epoch_keys(loaders[0])  # deterministic
+    loaders[0].set_epoch(1)
+    assert epoch_keys(loaders[0]) != keys
+
+
+def test_too_few_shards_for_ranks_times_workers(shards):
+    with pytest.raises(DataError, match=r"2 shard\(s\) for 2 rank\(s\) x 2 worker\(s\); need at least 4"):
+        make_loader(shards, "val", 2, world_size=2, workers=2)
+
+
+def test_to_float_and_sizes(shards):
+    batch = next(iter(make_loader(shards, "val", 4)))
+    image, mask = to_float(batch, "cpu", channels_last=True)
+    assert image.dtype == mask.dtype == torch.float32 and image.is_contiguous(memory_format=torch.channels_last)
+    assert 0 <= image.min() and image.max() <= 1 and mask.shape == (4, 1, 24, 24)
+    assert torch.allclose(image * 255, batch["image"].float())
+    assert read_sizes(shards) == {"train": 80, "val": 10, "test": 10}
+    assert read_manifest(shards)["image_size"] == 24
+
+
+def test_corrupt_sample_is_reported_and_counted(tmp_path, shards):
+    import shutil
+
+    out = tmp_path / "s"
+    shutil.copytree(shards, out)
+    tar = out / "test" / "shard-000000.tar"
+    samples = list(iter_tar(tar))
+    samples[2][1]["jpg"] = b"\xff\xd8 not a jpeg"
+    write_tar(tar, samples)
+    loader = make_loader(out, "test", 5, shuffle=False)
+    with pytest.warns(UserWarning, match="test-00000002"):
+        batches = list(loader)
+    assert loader.corrupt_count == 1
+    assert [len(b["key"]) for b in batches] == [5, 5]  # shapes and batch count kept
+    assert "test-00000002" in batches[0]["corrupt"][0] and "test-00000002" not in batches[0]["key"]
+    assert json.loads((out / "sizes.json").read_text())["test"] == 10
