@@ -33,7 +33,7 @@ import torch
 
 from facevae_dist import checkpoint as ckpt
 from facevae_dist.config import TrainConfig, resolve_mixed_precision, save_toml
-from facevae_dist.errors import DataError, RunError, UsageError
+from facevae_dist.errors import RunError, UsageError
 from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from facevae_dist.losses import compute_losses
 from facevae_dist.model import FaceVAE
@@ -49,7 +49,8 @@ def train(cfg: TrainConfig) -> dict:
     """Train one run; returns {"run_dir", "step", "best_val_loss", "best_step", "stopped", ...}.
     stopped: "finished" (max_steps reached) | "preempted" (SIGTERM/SIGUSR1/SIGUSR2: checkpoint saved first).
     Raises RunError after cfg.max_bad_steps non-finite losses in a row (the last good checkpoint stays)."""
-    from facevae_dist.data.loader import make_loader, read_manifest, to_float
+    from facevae_dist.data.loader import make_loader, to_float
+    from facevae_dist.data.shards import read_manifest
 
     cfg = dataclasses.replace(cfg, mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
     if not cfg.deepspeed and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
@@ -125,17 +126,18 @@ def train(cfg: TrainConfig) -> dict:
     _init_trackers(accelerator, cfg)
 
     # ---- data: an endless stream of training batches that keeps (epoch, batch_in_epoch) in `state` ---------------
+    corrupt = {"done": 0, "loader": None}  # corrupt samples the loader replaced (it warns about each one)
+
     def train_batches() -> Iterator[dict]:
         while True:
             loader = make_loader(cfg.data.shards, "train", cfg.data.batch_size, rank=rank, world_size=world,
                                  workers=cfg.data.workers, seed=cfg.data.seed, epoch=state.epoch,
                                  resampled=cfg.data.resampled, start_batch=state.batch_in_epoch)
-            if len(loader) == 0:
-                raise DataError(f"{cfg.data.shards}/train has fewer samples than one batch per rank "
-                                f"({cfg.data.batch_size} x {world} ranks); lower --batch-size or build more shards")
+            corrupt["loader"] = loader
             for batch in loader:
                 state.batch_in_epoch += 1
                 yield batch
+            corrupt["done"] += loader.corrupt_count
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
     def val_batches() -> Iterator[dict]:
@@ -145,6 +147,9 @@ def train(cfg: TrainConfig) -> dict:
             if i >= cfg.val_batches:
                 break
             yield batch
+
+    if cfg.val_every:  # fail now, not at the first validation, if the val split is missing or too small
+        make_loader(cfg.data.shards, "val", cfg.data.batch_size, rank=rank, world_size=world, drop_last=False)
 
     def validate() -> dict[str, float]:
         """Mean loss terms over cfg.val_batches batches per rank, z = mu (deterministic, no RNG drawn)."""
@@ -252,8 +257,10 @@ def train(cfg: TrainConfig) -> dict:
                     reduced = _mean_over_ranks(accelerator, step_terms)
                     ips = n_window / max(now - t_window, 1e-9)
                     t_window, n_window = now, 0
+                    n_corrupt = corrupt["done"] + (corrupt["loader"].corrupt_count if corrupt["loader"] else 0)
                     metrics.write({"step": step, **reduced, "images_per_s": round(ips, 2), "lr": cfg.optim.lr,
-                                   "samples_seen": state.samples_seen, "epoch": state.epoch})
+                                   "samples_seen": state.samples_seen, "epoch": state.epoch,
+                                   **({"corrupt_samples_rank0": n_corrupt} if n_corrupt else {})})
                     progress.update(task, description=f"train loss {reduced['loss']:.4f} {ips:.1f} img/s")
                 val_loss = None
                 if cfg.val_every and step % cfg.val_every == 0:

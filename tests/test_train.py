@@ -1,0 +1,179 @@
+"""The training loop on real tiny shards: every hypothesis, exact resume after SIGKILL, SIGTERM, NaN handling,
+precision/accumulation options, CLI errors, and a recorded loss curve."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from facevae_dist.checkpoint import latest_checkpoint, load_checkpoint, load_model
+from facevae_dist.errors import RunError
+from facevae_dist.hypotheses import GRIDS
+from facevae_dist.train import INJECT_NAN_ENV, train
+
+from train_helpers import (REPO, build_tiny_shards, cli_args, env, losses, metrics, run, tiny_config, train_module,
+                           wait_for_step)
+
+ASSET = REPO / "tests" / "assets" / "losses" / "tiny_h9_fp32.json"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    torch.set_num_threads(1)
+    return build_tiny_shards(tmp_path_factory.mktemp("shards") / "synthetic")
+
+
+def test_every_hypothesis_trains(shards, tmp_path):
+    assert len(GRIDS["paper15"]) == 15
+    for name in GRIDS["paper15"]:
+        run_dir = tmp_path / name.replace("/", "--")
+        summary = train(tiny_config(shards, run_dir, name, max_steps=2, sample_every=2))
+        assert summary["stopped"] == "finished" and summary["step"] == 2 and summary["samples_seen"] == 8, name
+        lines = [m for m in metrics(run_dir) if "loss" in m]
+        assert [m["step"] for m in lines] == [1, 2] and all(math.isfinite(m["loss"]) for m in lines), name
+        mask_terms = {"bce", "dice"} <= set(lines[0])
+        assert mask_terms == name.endswith("mask+decoder"), name
+        assert math.isfinite(summary["best_val_loss"]) and (run_dir / "best" / "meta.json").is_file()
+        assert (run_dir / "samples" / "step_2.png").stat().st_size > 0
+        model, cfg, step = load_model(run_dir, "latest")
+        assert step == 2 and cfg.hypothesis == name and model.cfg.mask_mode == name.split("/")[1]
+    # the run dir records what ran
+    assert (run_dir / "config.toml").is_file() and json.loads((run_dir / "env.json").read_text())["versions"]["torch"]
+
+
+def test_keep_last_best_and_resolved_config(shards, tmp_path):
+    summary = train(tiny_config(shards, tmp_path, max_steps=6, ckpt_every=1, keep_last=2, val_every=3,
+                                mixed_precision="auto"))
+    assert [p.name for p in sorted((tmp_path / "checkpoints").glob("step_*"))] == ["step_5", "step_6"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_6"
+    best = json.loads((tmp_path / "best" / "meta.json").read_text())
+    assert best["step"] == summary["best_step"] and best["val_loss"] == summary["best_val_loss"]
+    assert 'mixed_precision = "auto"' not in (tmp_path / "config.toml").read_text()  # resolved before saving
+    val = [m for m in metrics(tmp_path) if m.get("split") == "val"]
+    assert [m["step"] for m in val] == [3, 6] and min(m["val_loss"] for m in val) == summary["best_val_loss"]
+
+
+def test_sigkill_then_resume_is_exact(shards, tmp_path):
+    """Really kill a training process mid-run; the resumed run must match an uninterrupted one exactly."""
+    args = ["--max-steps", "24", "--ckpt-every", "5", "--val-every", "6", "--keep-last", "2"]  # CLI defaults otherwise
+    ref, cut = tmp_path / "uninterrupted", tmp_path / "killed"
+    run(train_module(*cli_args(shards, ref, *args)))
+    proc = subprocess.Popen(train_module(*cli_args(shards, cut, *args)), cwd=REPO, env=env(), text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_step(cut, proc, 8)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL and not (cut / "summary.json").exists()
+    killed_at = latest_checkpoint(cut)
+    assert killed_at is not None and killed_at.name != "step_24"
+    resumed = run(train_module(*cli_args(shards, cut, *args)))
+    assert json.loads((cut / "env.json").read_text())["resumed_from"] == str(killed_at)
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == 24
+    assert losses(cut) == losses(ref)  # every per-step train loss term and every validation, bit for bit
+    a = load_file(ref / "checkpoints" / "step_24" / "model.safetensors")
+    b = load_file(cut / "checkpoints" / "step_24" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # weights and BN statistics
+    sa, sb = (load_checkpoint(d / "checkpoints" / "step_24").optimizer_state["state"] for d in (ref, cut))
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+
+
+def test_sigterm_saves_and_exits_cleanly(shards, tmp_path):
+    cmd = [sys.executable, "-m", "facevae_dist", "train",  # the `facevae` command
+           *cli_args(shards, tmp_path, "--max-steps", "500", "--ckpt-every", "100", "--val-every", "0")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for_step(tmp_path, proc, 3)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["stopped"] == "preempted" and 3 <= summary["step"] < 500
+    assert latest_checkpoint(tmp_path).name == f"step_{summary['step']}"
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert max(m["step"] for m in metrics(tmp_path)) == summary["step"]
+
+
+def test_nonfinite_loss_is_skipped_and_counted(shards, tmp_path, monkeypatch):
+    monkeypatch.setenv(INJECT_NAN_ENV, "2")
+    summary = train(tiny_config(shards, tmp_path, max_steps=4, val_every=0))
+    assert summary["stopped"] == "finished" and summary["bad_steps"] == 1
+    events = [m for m in metrics(tmp_path) if m["step"] == 2]
+    assert events == [events[0]] and events[0]["event"] == "non_finite_loss" and events[0]["skipped"]
+    state = load_checkpoint(tmp_path / "checkpoints" / "step_4")
+    # the poisoned forward's BatchNorm updates were undone: weights and running statistics are all finite
+    assert all(torch.isfinite(t.float()).all() for t in state.model_state.values())
+    assert state.state.bad_steps_total == 1
+
+
+def test_nonfinite_losses_in_a_row_stop_with_last_good_checkpoint(shards, tmp_path, monkeypatch):
+    monkeypatch.setenv(INJECT_NAN_ENV, "3,4,5")
+    cfg = tiny_config(shards, tmp_path, max_steps=8, val_every=0, ckpt_every=2, max_bad_steps=3)
+    with pytest.raises(RunError, match=r"non-finite loss in 3 steps in a row \(steps 3-5\).*Last good checkpoint: "
+                                       r".*step_4"):
+        train(cfg)
+    good = load_checkpoint(latest_checkpoint(tmp_path))
+    assert good.state.step == 4 and all(torch.isfinite(t.float()).all() for t in good.model_state.values())
+    monkeypatch.delenv(INJECT_NAN_ENV)
+    assert train(cfg)["step"] == 8  # the same command resumes from it once the data is fixed
+
+
+def test_fp16_grad_accum_global_clip(shards, tmp_path):
+    """fp16 autocast + GradScaler, 2 micro-batches per step, global-norm clipping, channels_last."""
+    cfg = tiny_config(shards, tmp_path, max_steps=2, grad_accum=2, mixed_precision="fp16", channels_last=True,
+                      optim={"clip": "global"}, val_every=0)
+    summary = train(cfg)
+    assert summary["samples_seen"] == 2 * 2 * 4 and summary["step"] == 2
+    state = load_checkpoint(tmp_path / "checkpoints" / "step_2")
+    assert state.scaler_state and state.scaler_state["scale"] > 0 and state.state.batch_in_epoch == 4
+
+
+def test_recorded_loss_curve(shards, tmp_path):
+    """A tiny deterministic fp32 run against tests/assets/losses (torchtitan-style regression asset).
+    Regenerate after an intended change with FACEVAE_UPDATE_LOSS_ASSETS=1."""
+    train(tiny_config(shards, tmp_path, max_steps=8, val_every=0, ckpt_every=0))
+    got = [m["loss"] for m in metrics(tmp_path) if "loss" in m]
+    if os.environ.get("FACEVAE_UPDATE_LOSS_ASSETS") == "1":
+        ASSET.parent.mkdir(parents=True, exist_ok=True)
+        ASSET.write_text(json.dumps({"what": "tiny H9 (18 px, width 1/8), batch 4, fp32, seed 0, synthetic n=120",
+                                     "losses": got}, indent=1) + "\n")
+    expected = json.loads(ASSET.read_text())["losses"]
+    assert len(got) == len(expected) == 8
+    assert got == pytest.approx(expected, rel=1e-3)
+    assert got[0] != got[-1]
+
+
+def test_same_seed_same_first_losses_other_seed_differs(shards, tmp_path):
+    a = train(tiny_config(shards, tmp_path / "a", max_steps=2, val_every=0, ckpt_every=0))
+    b = train(tiny_config(shards, tmp_path / "b", max_steps=2, val_every=0, ckpt_every=0))
+    c = train(tiny_config(shards, tmp_path / "c", max_steps=2, val_every=0, ckpt_every=0, seed=1,
+                          data={"seed": 1}))
+    assert a["step"] == b["step"] == c["step"] == 2
+    assert losses(tmp_path / "a") == losses(tmp_path / "b") != losses(tmp_path / "c")
+
+
+def test_cli_errors_are_one_line(shards, tmp_path, capsys):
+    from facevae_dist.cli import main
+
+    assert main(["train", "--shards", str(tmp_path / "nope"), "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nope" in err
+    assert main(["train", "--hypothesis", "H42"]) == 2
+    assert "H9" in capsys.readouterr().err
+    assert main(["train", "--shards", str(shards), "--set", "optim.lr=fast"]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+    # a shards dir with another image size than the model
+    assert main(["train", "--shards", str(shards), "--run-dir", str(tmp_path / "r2"), "--workers", "0"]) == 2
+    assert "model.image_size=18" in capsys.readouterr().err

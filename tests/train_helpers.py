@@ -1,0 +1,93 @@
+"""Shared by the trainer tests: tiny real shards, a tiny config of the paper's architecture, subprocess runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from facevae_dist.config import TrainConfig
+
+REPO = Path(__file__).resolve().parent.parent
+# The paper's architecture at 18 px (the 9x9 -> 1x1 tail plus one high-resolution stage) and 1/8 of the channels.
+TINY_MODEL = {"image_size": 18, "width": 0.125, "latent_dim": 16}
+
+
+def build_tiny_shards(path: Path, n: int = 120) -> Path:
+    """Real WebDataset shards from the synthetic source: 96 train / 12 val / 12 test samples, 8 per shard."""
+    from facevae_dist.data.shards import ShardOptions, build_shards
+    from facevae_dist.data.sources import SyntheticSource
+
+    build_shards(SyntheticSource(n=n, seed=0), path, ShardOptions(image_size=18, shard_size=8, image_format="png"))
+    return path
+
+
+def tiny_config(shards: Path, run_dir: Path, hypothesis: str = "H9", **fields) -> TrainConfig:
+    base = dict(run_dir=str(run_dir), max_steps=4, val_every=2, val_batches=1, ckpt_every=2, log_every=1,
+                sample_every=0, mixed_precision="no", channels_last=False,
+                data={"shards": str(shards), "batch_size": 4, "workers": 0}, model=dict(TINY_MODEL))
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            base.setdefault(key, {}).update(value)
+        else:
+            base[key] = value
+    return TrainConfig.from_hypothesis(hypothesis, **base)
+
+
+def cli_args(shards: Path, run_dir: Path, *extra: str, hypothesis: str = "H9") -> list[str]:
+    """`facevae train` arguments for the tiny setup (shared by the CLI, python -m and launcher runs)."""
+    return ["--hypothesis", hypothesis, "--shards", str(shards), "--run-dir", str(run_dir), "--batch-size", "4",
+            "--workers", "0", "--log-every", "1", "--sample-every", "0", "--val-batches", "1",
+            *[a for k, v in TINY_MODEL.items() for a in ("--set", f"model.{k}={v}")], *extra]
+
+
+def env(**extra: str) -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", FACEVAE_QUIET="1", PYTHONUNBUFFERED="1",
+             TORCH_EXTENSIONS_DIR=str(Path.home() / ".cache" / "facevae-torch-extensions"))
+    e.pop("FACEVAE_INJECT_NAN_STEPS", None)
+    e.update(extra)
+    return e
+
+
+def run(cmd: list[str], timeout: float = 240, **env_extra: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\nrc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def train_module(*args: str) -> list[str]:
+    return [sys.executable, "-m", "facevae_dist.train", *args]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def losses(run_dir: Path) -> list[tuple]:
+    """Every logged loss value (train and val lines), without timings."""
+    out = []
+    for rec in metrics(run_dir):
+        out.append((rec["step"], rec.get("split", "train"), rec.get("event"),
+                    tuple(sorted((k, v) for k, v in rec.items() if "loss" in k or k in ("l1", "l2", "ssim", "kl", "bce", "dice")
+                                 or k.startswith("val_")))))
+    return out
+
+
+def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 120) -> int:
+    """Poll metrics.jsonl until a line with step >= `step` appears; returns the highest step seen."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            seen = max((r["step"] for r in metrics(run_dir)), default=0)
+        except (json.JSONDecodeError, KeyError):
+            seen = 0  # a line being written
+        if seen >= step:
+            return seen
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early (rc={proc.returncode}): {proc.stderr.read()[-4000:]}")
+        time.sleep(0.02)
+    raise AssertionError(f"no step {step} within {timeout} s")
