@@ -136,6 +136,7 @@ class _ShardReader:
 class _ShardDataset(IterableDataset):
     def __init__(self, paths: list[Path], image_ext: str, image_size: int):
         self.paths, self.image_ext, self.image_size = paths, image_ext, image_size
+        self._formats = ("JPEG",) if image_ext == "jpg" else ("PNG",)
         self.plan: _EpochPlan | None = None
         self.start_batch = 0
 
@@ -158,10 +159,10 @@ class _ShardDataset(IterableDataset):
             key, fields = reader.get(s, i)
             keys.append(key)
             try:
-                with Image.open(io.BytesIO(fields[self.image_ext])) as im:
-                    images[n] = np.asarray(im.convert("RGB"))
-                with Image.open(io.BytesIO(fields["mask.png"])) as im:
-                    masks[n] = np.asarray(im.convert("L"))
+                with Image.open(io.BytesIO(fields[self.image_ext]), formats=self._formats) as im:
+                    images[n] = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+                with Image.open(io.BytesIO(fields["mask.png"]), formats=("PNG",)) as im:
+                    masks[n] = np.asarray(im if im.mode == "L" else im.convert("L"))
                 good.append(n)
             except Exception as exc:
                 corrupt.append(f"{key} ({self.paths[s].name}: {type(exc).__name__}: {exc})")
@@ -174,13 +175,15 @@ class _ShardDataset(IterableDataset):
                 if keys[n] is None:
                     src = good[n % len(good)]
                     images[n], masks[n], keys[n] = images[src], masks[src], keys[src]
-        return {"image": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+        # NHWC memory seen as [B,3,H,W] (channels_last strides): no copy here; to_float lays it out on the device.
+        return {"image": torch.from_numpy(images).permute(0, 3, 1, 2),
                 "mask": torch.from_numpy(masks).unsqueeze(1), "key": keys, "corrupt": corrupt}
 
 
 class ShardLoader:
     """Iterable over this rank's batches of one epoch: {"image": uint8 [B,3,H,W], "mask": uint8 [B,1,H,W],
-    "key": list[str], "corrupt": list[str]}. See the module docstring for the exact semantics."""
+    "key": list[str], "corrupt": list[str]}. The image tensor has channels_last strides (NHWC memory, as decoded);
+    to_float() converts it to the layout you ask for on the device. See the module docstring for the semantics."""
 
     def __init__(self, shards_dir, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  workers: int = 0, seed: int = 0, epoch: int = 0, resampled: bool = False, start_batch: int = 0,
