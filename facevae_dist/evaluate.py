@@ -1,0 +1,327 @@
+"""`facevae eval`: score a run's checkpoint on a shard split, per image, in every region; write eval/metrics.json.
+
+Per image and per region (metrics.REGIONS: whole, face, paper) every metric of metrics.METRICS is computed; the
+output holds the mean and a 95% percentile-bootstrap interval of each, the number of images, the checkpoint step
+and every metric setting. Per-image values go to eval/per_image.csv (paired comparisons between runs are possible)
+and a few fixed test images with their reconstructions to eval/examples.safetensors (the report's visual
+comparison: the same images, by key, through every run).
+
+Multi-process: launched with several ranks (torchrun / accelerate launch set RANK / WORLD_SIZE), each rank scores
+its part of the shards and rank 0 gathers the rows (deduplicated by sample key) and writes the files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from facevae_dist.errors import DataError, FaceVAEError, UsageError
+from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from facevae_dist.metrics import METRICS, REGIONS, MetricSettings, MetricSuite, load_lpips
+
+EVAL_DIR = "eval"
+METRICS_FILE = "metrics.json"
+PER_IMAGE_FILE = "per_image.csv"
+EXAMPLES_FILE = "examples.safetensors"
+FORMAT = "facevae-dist/eval-v1"
+N_EXAMPLES = 8
+BOOTSTRAP_RESAMPLES = 1000
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics
+
+def bootstrap_summary(values: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+                      ci: float = 0.95) -> list[dict]:
+    """Mean and percentile-bootstrap CI for each column of values [n, k]; NaNs (e.g. no face pixels) are left out
+    of the means and counted. The same resampled image sets serve every column (paired resampling)."""
+    values = np.asarray(values, dtype=np.float64)
+    n, k = values.shape
+    valid = ~np.isnan(values)
+    filled = np.where(valid, values, 0.0)
+    rng = np.random.default_rng(seed)
+    boot = np.empty((resamples, k))
+    chunk = max(1, min(resamples, 2_000_000 // max(n, 1)))
+    for start in range(0, resamples, chunk):
+        m = min(chunk, resamples - start)
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=m).astype(np.float64)  # [m, n]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            boot[start:start + m] = (counts @ filled) / (counts @ valid.astype(np.float64))
+    lo, hi = (1 - ci) / 2 * 100, (1 + ci) / 2 * 100
+    out = []
+    for j in range(k):
+        col = values[valid[:, j], j]
+        b = boot[:, j][~np.isnan(boot[:, j])]
+        out.append({
+            "mean": float(col.mean()) if col.size else None,
+            "std": float(col.std(ddof=1)) if col.size > 1 else None,
+            "ci95": [float(np.percentile(b, lo)), float(np.percentile(b, hi))] if b.size else None,
+            "n": int(col.size),
+            "n_undefined": int(n - col.size),
+        })
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distributed helpers (no-ops in one process)
+
+def _dist_setup(device: torch.device) -> tuple[int, int, bool]:
+    """(rank, world_size, we_initialised). Uses an existing process group, or creates one from the launcher's
+    environment (RANK/WORLD_SIZE/MASTER_ADDR set by torchrun or accelerate launch)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
+
+
+def _gather(obj, world_size: int) -> list:
+    if world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+def _pick_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def check_split(shards_dir: str | Path, split: str) -> int:
+    """Number of images in `split`; one clear error for a missing shards dir, an unknown or an empty split."""
+    from facevae_dist.data.loader import read_sizes
+
+    shards_dir = Path(shards_dir)
+    if not shards_dir.is_dir():
+        raise DataError(f"{shards_dir}: no such shards directory (build one with `facevae shards build`)")
+    sizes = read_sizes(shards_dir)
+    if split not in sizes:
+        raise UsageError(f"unknown split {split!r} in {shards_dir}; it has: {', '.join(sorted(sizes)) or 'none'}")
+    if not sizes[split]:
+        raise DataError(f"split {split!r} of {shards_dir} is empty (0 images); evaluate another split or rebuild "
+                        "the shards with a non-zero fraction for it")
+    return int(sizes[split])
+
+
+def loss_name(terms) -> str:
+    """The grid's loss name of a LossConfig.terms tuple, e.g. ("ssim", "l1") -> "ssim+l1"."""
+    terms = list(terms)
+    ordered = [t for t in ("ssim", "l1", "l2") if t in terms] + [t for t in terms if t not in ("ssim", "l1", "l2")]
+    return "+".join(ordered)
+
+
+def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: str = "test",
+             limit: int | None = None, which: str = "best", *, batch_size: int = 64, workers: int = 0,
+             device: str | None = None, lpips_weights: str | Path | None = None, out: str | Path | None = None,
+             bootstrap: int = BOOTSTRAP_RESAMPLES, seed: int = 0, n_examples: int = N_EXAMPLES) -> dict:
+    """Evaluate one checkpoint of `run_dir` on `split`; writes <run_dir>/eval/metrics.json (or `out`) on rank 0
+    and returns the result dict (on every rank). `shards_dir` defaults to the run's training shards."""
+    from facevae_dist.checkpoint import load_model
+    from facevae_dist.data.loader import make_loader, read_manifest, to_float
+    from facevae_dist.progress import make_progress
+
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit {limit}: must be a positive number of images")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size}: must be >= 1")
+    run_dir = Path(run_dir)
+    dev = _pick_device(device)
+    model, cfg, step = load_model(run_dir, which, map_location=dev)
+    shards_dir = Path(shards_dir if shards_dir is not None else cfg.data.shards)
+    n_split = check_split(shards_dir, split)
+    image_size = int(read_manifest(shards_dir)["image_size"])
+    if image_size != model.cfg.image_size:
+        raise UsageError(f"{shards_dir} holds {image_size}px images but the checkpoint of {run_dir} was trained at "
+                         f"{model.cfg.image_size}px (model.image_size); evaluate on shards built at that size")
+    mode = model.cfg.mask_mode
+    lpips = load_lpips(lpips_weights, device=dev)
+    settings = MetricSettings()
+    suite = MetricSuite(lpips, settings)
+
+    rank, world, we_init = _dist_setup(dev)
+    try:
+        # Fixed order (no shuffle) and no dropped partial batch: every image once, the same ones in every run.
+        loader = make_loader(shards_dir, split, batch_size, rank=rank, world_size=world, workers=workers, seed=seed,
+                             epoch=0, resampled=False, drop_last=False, shuffle=False)
+        corrupt: list[str] = []
+        rank_limit = None if limit is None else math.ceil(limit / world)
+        keys: list[str] = []
+        rows: list[np.ndarray] = []  # [B, regions*metrics] per batch
+        examples: dict[str, dict[str, np.ndarray]] = {}
+        columns = [f"{r}.{m}" for r in REGIONS for m in METRICS]
+        t0 = time.perf_counter()
+        total = n_split if limit is None else min(limit, n_split)
+        with make_progress() as progress:
+            task = progress.add_task(f"eval {run_dir.name} [{split}]", total=total)
+            for batch in loader:
+                image, mask = to_float(batch, dev)
+                batch_keys = list(batch["key"])
+                # The loader fills a corrupt sample's slot with a copy of another sample of the batch (same key):
+                # the copy is scored once (rows are deduplicated by key) and the corrupt sample is reported.
+                corrupt += list(batch.get("corrupt") or [])
+                if rank_limit is not None and len(keys) + len(batch_keys) > rank_limit:
+                    keep = rank_limit - len(keys)
+                    image, mask, batch_keys = image[:keep], mask[:keep], batch_keys[:keep]
+                rec = model.reconstruct(image, mask if mode == "mask" else None)
+                scores = suite.score_regions(image, mask, rec.recon_raw, rec.mask_pred, mode)
+                rows.append(torch.stack([scores[r][m] for r in REGIONS for m in METRICS], 1).cpu().numpy())
+                keys += batch_keys
+                _keep_examples(examples, batch_keys, image, mask, rec, mode, n_examples)
+                progress.advance(task, len(batch_keys) * world)
+                if rank_limit is not None and len(keys) >= rank_limit:
+                    break
+        seconds = time.perf_counter() - t0
+        gathered = _gather((keys, np.concatenate(rows) if rows else np.zeros((0, len(columns))), examples, corrupt,
+                            loader.dropped_samples), world)
+    finally:
+        if we_init:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
+
+    # Rank 0 and the others alike build the result (cheap); only rank 0 writes.
+    by_key: dict[str, np.ndarray] = {}
+    all_examples: dict[str, dict[str, np.ndarray]] = {}
+    all_corrupt: list[str] = []
+    for k, vals, ex, bad, _ in gathered:
+        for key, row in zip(k, vals):
+            by_key.setdefault(key, row)  # a key seen twice (a corrupt sample's stand-in) counts once
+        all_examples.update(ex)
+        all_corrupt += bad
+    dropped = gathered[0][4] if limit is None else 0
+    ordered = sorted(by_key)
+    if limit is not None:
+        ordered = ordered[:limit]
+    if not ordered:
+        raise DataError(f"split {split!r} of {shards_dir}: the loader yielded no images")
+    values = np.stack([by_key[k] for k in ordered])
+    summary = bootstrap_summary(values, resamples=bootstrap, seed=seed)
+    metrics = {r: {} for r in REGIONS}
+    for col, s in zip(columns, summary):
+        region, metric = col.split(".")
+        metrics[region][metric] = s
+    example_keys = sorted(all_examples)[:n_examples]
+
+    result = {
+        "format": FORMAT,
+        "run_dir": str(run_dir),
+        "run_name": run_dir.name,
+        "hypothesis": cfg.hypothesis or None,
+        "loss": loss_name(cfg.loss.terms),
+        "mask_mode": mode,
+        "model": model.cfg.to_dict(),
+        "checkpoint": {"which": which, "step": step},
+        "split": split,
+        "shards_dir": str(shards_dir),
+        "n_images": len(ordered),
+        "split_size": n_split,
+        "limit": limit,
+        "corrupt_samples": sorted(all_corrupt),
+        "left_out_by_loader": dropped,  # N mod world_size with several ranks (data/loader.py), else 0
+        "world_size": world,
+        "device": str(dev),
+        "settings": {**settings.to_dict(image_size=image_size), "lpips_weights": lpips.source,
+                     "face_region": "ground-truth mask >= 0.5",
+                     "latent": "z = mu (no sampling), as the paper's testing code",
+                     "bootstrap": {"resamples": bootstrap, "ci": 0.95, "method": "percentile, paired across metrics",
+                                   "seed": seed}},
+        "regions": dict(REGIONS),
+        "metrics": metrics,
+        "examples": {"file": EXAMPLES_FILE, "keys": example_keys},
+        "seconds": round(seconds, 3),
+        "images_per_s": round(len(ordered) / seconds, 2) if seconds > 0 else None,
+    }
+    if rank == 0:
+        out_path = Path(out) if out is not None else run_dir / EVAL_DIR / METRICS_FILE
+        _write_per_image(out_path.parent / PER_IMAGE_FILE, ordered, columns, values)
+        _write_examples(out_path.parent / EXAMPLES_FILE, example_keys, all_examples)
+        atomic_write_json(out_path, result)  # last: its presence means the eval is complete
+        result["path"] = str(out_path)
+    return result
+
+
+def _keep_examples(store: dict, keys: list[str], image, mask, out, mode: str, n: int) -> None:
+    """Keep the reconstructions of the n smallest keys seen (the same keys in every run of the same shards)."""
+    face = (mask >= 0.5).float()
+    alpha = out.mask_pred if (mode == "mask+decoder" and out.mask_pred is not None) else face
+    composite = out.recon_raw * alpha + image * (1 - alpha)
+    for i, key in enumerate(keys):
+        if len(store) >= n and key >= max(store):
+            continue
+        item = {"input": image[i], "gt_mask": mask[i], "recon_raw": out.recon_raw[i], "composite": composite[i]}
+        if out.mask_pred is not None:
+            item["mask_pred"] = out.mask_pred[i]
+        store[key] = {k: (v.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy() for k, v in item.items()}
+        if len(store) > n:
+            del store[max(store)]
+
+
+def _write_per_image(path: Path, keys: list[str], columns: list[str], values: np.ndarray) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["key", *columns])
+    for key, row in zip(keys, values):
+        w.writerow([key, *(f"{v:.6g}" for v in row)])
+    atomic_write_text(path, buf.getvalue())
+
+
+def _write_examples(path: Path, keys: list[str], examples: dict) -> None:
+    from safetensors.numpy import save
+
+    tensors = {}
+    for field in ("input", "gt_mask", "recon_raw", "composite", "mask_pred"):
+        if keys and all(field in examples[k] for k in keys):
+            tensors[field] = np.stack([examples[k][field] for k in keys])
+    atomic_write_bytes(path, save(tensors, metadata={"keys": json.dumps(keys), "format": FORMAT}))
+
+
+def load_eval(run_dir: str | Path) -> dict:
+    """Read <run_dir>/eval/metrics.json (or a metrics.json path) with a clear error if it is not there."""
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / EVAL_DIR / METRICS_FILE
+    if not path.is_file():
+        raise FaceVAEError(f"{path}: no evaluation found; run `facevae eval {run_dir} --shards DIR` first")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FaceVAEError(f"{path}: not valid JSON ({exc}); re-run `facevae eval`") from None
+    if data.get("format") != FORMAT:
+        raise FaceVAEError(f"{path}: not a facevae eval file (format={data.get('format')!r}); re-run `facevae eval`")
+    data["path"] = str(path)
+    return data
+
+
+def load_examples(eval_json: dict) -> tuple[list[str], dict[str, np.ndarray]]:
+    """(keys, {field: uint8 [K,C,H,W]}) of an eval's examples file ({} if it is missing)."""
+    from safetensors import safe_open
+
+    path = Path(eval_json["path"]).parent / eval_json.get("examples", {}).get("file", EXAMPLES_FILE)
+    if not path.is_file():
+        return [], {}
+    with safe_open(str(path), framework="numpy") as f:
+        keys = json.loads((f.metadata() or {}).get("keys", "[]"))
+        return keys, {k: f.get_tensor(k) for k in f.keys()}

