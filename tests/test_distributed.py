@@ -1,0 +1,95 @@
+"""Real multi-process runs: 2-process DDP over gloo (torchrun and accelerate launch with launch/cpu-2proc.yaml),
+and the DeepSpeed world-size-1 path through Accelerate (the only DeepSpeed setting that works on CPU)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from facevae_dist.checkpoint import load_model, weights_digest
+from facevae_dist.config import TrainConfig
+from facevae_dist.errors import UsageError
+
+from train_helpers import REPO, build_tiny_shards, cli_args, losses, metrics, run, train_module
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return build_tiny_shards(tmp_path_factory.mktemp("shards") / "synthetic")
+
+
+def _check_ranks_identical(run_dir, step: int, world: int = 2) -> None:
+    meta = json.loads((run_dir / "checkpoints" / f"step_{step}" / "meta.json").read_text())
+    digests = meta["weights_sha256_by_rank"]
+    assert meta["world_size"] == world and len(digests) == world and len(set(digests)) == 1
+    model, _, got_step = load_model(run_dir, f"step_{step}")
+    assert got_step == step and weights_digest(model) == digests[0]  # the digest is of the saved weights
+
+
+def test_torchrun_two_process_ddp(shards, tmp_path):
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "facevae_dist.train",
+         *cli_args(shards, tmp_path, "--max-steps", "4", "--ckpt-every", "2", "--val-every", "2",
+                   "--mixed-precision", "no")])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step"] == 4 and summary["samples_seen"] == 4 * 4 * 2
+    _check_ranks_identical(tmp_path, 2)
+    _check_ranks_identical(tmp_path, 4)
+    train_lines = [m for m in metrics(tmp_path) if "loss" in m]
+    assert [m["step"] for m in train_lines] == [1, 2, 3, 4]  # rank 0 alone writes
+    assert json.loads((tmp_path / "env.json").read_text())["distributed_type"] == "DistributedType.MULTI_CPU"
+
+
+def test_accelerate_launch_cpu_2proc_profile(shards, tmp_path):
+    run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu-2proc.yaml"),
+         "-m", "facevae_dist.train", *cli_args(shards, tmp_path, "--max-steps", "3", "--ckpt-every", "3",
+                                               "--val-every", "0")])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["stopped"] == "finished"
+    _check_ranks_identical(tmp_path, 3)
+    assert 'mixed_precision = "no"' in (tmp_path / "config.toml").read_text()  # the profile's precision under auto
+
+
+def test_deepspeed_world1_runs_and_resumes_exactly(shards, tmp_path):
+    args = ["--deepspeed", "launch/ds_zero2.json", "--set", "optim.clip=global", "--mixed-precision", "bf16",
+            "--ckpt-every", "2", "--val-every", "2"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    run(train_module(*cli_args(shards, ref, "--max-steps", "4", *args)))
+    run(train_module(*cli_args(shards, cut, "--max-steps", "2", *args)))
+    run(train_module(*cli_args(shards, cut, "--max-steps", "4", *args)))
+    env = json.loads((cut / "env.json").read_text())
+    assert env["distributed_type"] == "DistributedType.DEEPSPEED" and env["resumed_from"].endswith("step_2")
+    ds = json.loads((ref / "deepspeed.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 2 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["optimizer"]["params"]["torch_adam"] is True and ds["gradient_clipping"] == 1e-3
+    assert (cut / "checkpoints" / "step_4" / "ds_optimizer_rank0.pt").is_file()
+    assert losses(cut) == losses(ref)
+    a, b = (load_file(d / "checkpoints" / "step_4" / "model.safetensors") for d in (ref, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_deepspeed_config_rejects_auto_and_bad_stage(tmp_path):
+    from facevae_dist.train import _deepspeed_plugin
+
+    cfg = TrainConfig(run_dir=str(tmp_path / "r"))
+    cfg.optim.clip = "global"
+    cfg.deepspeed = str(tmp_path / "ds.json")
+    (tmp_path / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto",
+                                                  "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}))
+    with pytest.raises(UsageError, match="train_micro_batch_size_per_gpu, zero_optimization.reduce_bucket_size"):
+        _deepspeed_plugin(cfg)
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(UsageError, match="stage=3"):
+        _deepspeed_plugin(cfg)
+    for name in ("ds_zero1.json", "ds_zero2.json"):  # the shipped files: explicit numbers, valid for DeepSpeed
+        cfg.deepspeed = str(REPO / "launch" / name)
+        plugin, _ = _deepspeed_plugin(cfg)
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        DeepSpeedConfig(plugin.deepspeed_config)
