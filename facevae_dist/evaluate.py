@@ -82,8 +82,9 @@ def _dist_setup(device: torch.device) -> tuple[int, int, bool]:
         return dist.get_rank(), dist.get_world_size(), False
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # all_gather_object over NCCL uses the current device
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return dist.get_rank(), dist.get_world_size(), True
     return 0, 1, False
 

