@@ -55,6 +55,8 @@ class TrainState:
     best_val_loss: float = math.inf
     best_step: int = -1
     bad_steps_total: int = 0  # non-finite losses skipped so far
+    world_size: int = 1  # the data layout batch_in_epoch refers to (batches are per rank) ...
+    batch_size: int = 0  # ... and per micro-step
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

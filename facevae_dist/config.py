@@ -128,6 +128,8 @@ class TrainConfig:
             if self.optim.clip == "per-tensor":
                 raise UsageError("optim.clip='per-tensor' cannot run under DeepSpeed (its engine clips the global norm "
                                  "itself); add --set optim.clip=global")
+            if self.compile:
+                raise UsageError("compile=true with DeepSpeed is not supported here; drop --compile")
             if self.mixed_precision == "fp16":
                 raise UsageError("mixed_precision='fp16' with DeepSpeed is not supported here; use bf16 or no")
         if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():

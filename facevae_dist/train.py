@@ -79,10 +79,19 @@ def train(cfg: TrainConfig) -> dict:
     resume_from = ckpt.resolve_resume(run_dir, cfg.resume) if is_main else None
     resume_from = _broadcast(accelerator, str(resume_from) if resume_from else None)
     restored = ckpt.load_checkpoint(resume_from, rank) if resume_from else None
+    if resume_from is None and cfg.resume == "none" and ckpt.latest_checkpoint(run_dir) is not None:
+        raise UsageError(f"{run_dir} already has checkpoints (latest {ckpt.latest_checkpoint(run_dir).name}) and "
+                         "--resume none would mix two runs in it; use a new --run-dir, or --resume auto to continue")
     state = restored.state if restored else ckpt.TrainState()
     if restored:
         _check_same_model(restored.path, cfg)
         model.load_state_dict(restored.model_state)
+        if (state.world_size, state.batch_size) != (world, cfg.data.batch_size):
+            # the position within the epoch counted other batches: continue from the next epoch (not bit-exact)
+            info(f"resuming with {world} process(es) x batch {cfg.data.batch_size} instead of {state.world_size} x "
+                 f"{state.batch_size}: data continues at the start of epoch {state.epoch + 1}")
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    state.world_size, state.batch_size = world, cfg.data.batch_size
 
     if use_ds:
         from accelerate.utils import DummyOptim

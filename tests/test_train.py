@@ -19,7 +19,7 @@ from facevae_dist.errors import RunError
 from facevae_dist.hypotheses import GRIDS
 from facevae_dist.train import INJECT_NAN_ENV, train
 
-from train_helpers import (REPO, build_tiny_shards, cli_args, env, losses, metrics, run, tiny_config, train_module,
+from train_helpers import (REPO, build_fixed_shards, build_tiny_shards, cli_args, env, losses, metrics, run, tiny_config, train_module,
                            wait_for_step)
 
 ASSET = REPO / "tests" / "assets" / "losses" / "tiny_h9_fp32.json"
@@ -140,14 +140,16 @@ def test_fp16_grad_accum_global_clip(shards, tmp_path):
     assert state.scaler_state and state.scaler_state["scale"] > 0 and state.state.batch_in_epoch == 4
 
 
-def test_recorded_loss_curve(shards, tmp_path):
+def test_recorded_loss_curve(tmp_path):
     """A tiny deterministic fp32 run against tests/assets/losses (torchtitan-style regression asset).
     Regenerate after an intended change with FACEVAE_UPDATE_LOSS_ASSETS=1."""
-    train(tiny_config(shards, tmp_path, max_steps=8, val_every=0, ckpt_every=0))
-    got = [m["loss"] for m in metrics(tmp_path) if "loss" in m]
+    shards = build_fixed_shards(tmp_path / "gradients")
+    train(tiny_config(shards, tmp_path / "run", max_steps=8, val_every=0, ckpt_every=0))
+    got = [m["loss"] for m in metrics(tmp_path / "run") if "loss" in m]
     if os.environ.get("FACEVAE_UPDATE_LOSS_ASSETS") == "1":
         ASSET.parent.mkdir(parents=True, exist_ok=True)
-        ASSET.write_text(json.dumps({"what": "tiny H9 (18 px, width 1/8), batch 4, fp32, seed 0, synthetic n=120",
+        ASSET.write_text(json.dumps({"what": "tiny H9 (18 px, width 1/8), batch 4, fp32, seed 0, "
+                                             "train_helpers.build_fixed_shards",
                                      "losses": got}, indent=1) + "\n")
     expected = json.loads(ASSET.read_text())["losses"]
     assert len(got) == len(expected) == 8
@@ -177,3 +179,16 @@ def test_cli_errors_are_one_line(shards, tmp_path, capsys):
     # a shards dir with another image size than the model
     assert main(["train", "--shards", str(shards), "--run-dir", str(tmp_path / "r2"), "--workers", "0"]) == 2
     assert "model.image_size=18" in capsys.readouterr().err
+
+
+def test_finished_run_is_idempotent_and_resume_none_refuses_to_mix(shards, tmp_path):
+    cfg = tiny_config(shards, tmp_path, max_steps=2, val_every=0)
+    train(cfg)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    again = train(cfg)  # a requeued job that already finished: nothing to do, nothing rewritten
+    assert again["step"] == 2 and again["stopped"] == "finished" and (tmp_path / "metrics.jsonl").read_text() == before
+    from facevae_dist.config import apply_overrides
+    from facevae_dist.errors import UsageError
+
+    with pytest.raises(UsageError, match="already has checkpoints .*step_2.*new --run-dir"):
+        train(apply_overrides(cfg, ["resume=none"]))

@@ -25,6 +25,39 @@ def build_tiny_shards(path: Path, n: int = 120) -> Path:
     return path
 
 
+def build_fixed_shards(path: Path, n_train: int = 64, n_val: int = 8, size: int = 18) -> Path:
+    """Shards from a few lines of numpy (colour gradients, an elliptic face mask) instead of the synthetic face
+    renderer, so the recorded loss curve regresses the loader + model + losses + trainer, and does not move when
+    the renderer is improved."""
+    import numpy as np
+
+    from facevae_dist.data.shards import ShardOptions, build_shards
+    from facevae_dist.data.sources import Item, Record, Source, SourcePlan
+
+    class Gradients(Source):
+        name = "test-gradients"
+
+        def plan(self) -> SourcePlan:
+            counts = {"train": n_train, "val": n_val, "test": n_val}
+            return SourcePlan({s: [Item(f"{s}{i:05d}", s, i) for i in range(n)] for s, n in counts.items()})
+
+        def load(self, item: Item) -> Record:
+            rng = np.random.default_rng([len(item.split), item.ref])
+            yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+            c0, c1, c2 = rng.uniform(0, 255, (3, 3))
+            img = c0 + xx[..., None] * (c1 - c0) + yy[..., None] * (c2 - c0) * 0.5
+            cy, cx, ry, rx = rng.uniform(0.4, 0.6), rng.uniform(0.4, 0.6), rng.uniform(0.2, 0.4), rng.uniform(0.2, 0.4)
+            mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+            img[mask] = img[mask] * 0.5 + rng.uniform(0, 255, 3) * 0.5
+            return Record(item.source_id, item.split, np.clip(img, 0, 255).astype(np.uint8), mask=mask)
+
+        def describe(self) -> dict:
+            return {"name": self.name, "n_train": n_train, "n_val": n_val, "size": size}
+
+    build_shards(Gradients(), path, ShardOptions(image_size=size, shard_size=8, image_format="png"))
+    return path
+
+
 def tiny_config(shards: Path, run_dir: Path, hypothesis: str = "H9", **fields) -> TrainConfig:
     base = dict(run_dir=str(run_dir), max_steps=4, val_every=2, val_batches=1, ckpt_every=2, log_every=1,
                 sample_every=0, mixed_precision="no", channels_last=False,
