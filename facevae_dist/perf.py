@@ -1,0 +1,37 @@
+"""Process-level CPU performance settings for training and benchmarks.
+
+glibc serves every allocation above 32 MiB with a fresh mmap and unmaps it on free. A training step at batch 32
+allocates and frees dozens of 40-170 MB activation buffers, so each step page-faults ~1 M times and spends a large
+share of its time in the kernel zeroing pages (measured here: ~1 M minor faults and 1.5-6 s of system time per
+step of the paper's model). Keeping freed memory in the heap for reuse removes most of that; resident memory then
+stays at the peak, which a training process reaches anyway.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_done = False
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc malloc to serve large blocks from the heap and not to return freed memory to the OS.
+    Idempotent; returns True when applied (Linux with glibc), False elsewhere (a no-op)."""
+    global _done
+    if _done:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other libcs have no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    _done = ok
+    return ok
