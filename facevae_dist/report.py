@@ -192,30 +192,26 @@ def _markdown(rows: list[Row], figures: list[str]) -> str:
     ns = sorted({e["n_images"] for e in evs})
     shards = sorted({e["shards_dir"] for e in evs})
     settings = evs[0]["settings"]
-    out = [f"# Reconstruction metrics: {len(rows)} run(s)", ""]
-    out.append(f"Split **{', '.join(splits)}**, {', '.join(map(str, ns))} images per run "
-               f"(shards: {', '.join(f'`{s}`' for s in shards)}); checkpoints: "
-               + ", ".join(f"{r.label} step {r.ev['checkpoint']['step']} ({r.ev['checkpoint']['which']})" for r in rows)
-               + ".")
+    # Title, one context line, then the main table: the first three blocks tell the story on their own.
+    out = [f"# Reconstruction metrics of {len(rows)} run(s), scored as the paper did", "",
+           f"{', '.join(splits)} split, {', '.join(map(str, ns))} images per run; region `paper`: "
+           f"{REGIONS['paper']}. Lower is better; **bold** = our best per column; (in brackets) = the paper's value.",
+           "", _markdown_table(rows, "paper", True), ""]
     if len(ns) > 1 or len(shards) > 1 or len(splits) > 1:
-        out.append("")
-        out.append("**Warning:** the runs were not evaluated on the same images; rows are not directly comparable.")
-    out += ["", "All six metrics: lower is better. **Bold**: best of our runs in the column. "
-            "In brackets: the paper's value for the same loss and mask setting (" + SOURCE + "); "
-            "the paper has no counterpart for the 'GT mask only' ablation. " + L2_NOTE, ""]
-    sections = [
-        ("paper", "Main table — region: as the paper scored", True),
-        ("face", "Face region only", False),
-        ("whole", "Whole image, raw decoder output", False),
-    ]
-    for region, title, with_paper in sections:
+        out += ["**Warning:** the runs were not evaluated on the same images; rows are not directly comparable.", ""]
+    delta = _delta_table(rows, "paper")
+    if delta:
+        out += ["### Mask minus no mask (negative: the mask helps)", "",
+                "Ours, with the paper's difference in brackets.", "", delta, ""]
+    out += ["## Notes", "",
+            f"- Shards: {', '.join(f'`{s}`' for s in shards)}. Checkpoints: "
+            + ", ".join(f"{r.label} step {r.ev['checkpoint']['step']} ({r.ev['checkpoint']['which']})" for r in rows)
+            + ".",
+            f"- Paper values: {SOURCE}. The paper has no counterpart for the 'GT mask only' ablation.",
+            f"- {L2_NOTE}", ""]
+    for region, title in (("face", "Face region only"), ("whole", "Whole image, raw decoder output")):
         out += [f"## {title}", "", f"Region `{region}`: {REGIONS[region]}.", "",
-                _markdown_table(rows, region, with_paper), ""]
-        if region == "paper":
-            delta = _delta_table(rows, region)
-            if delta:
-                out += ["### Mask minus no mask (negative: the mask helps)", "",
-                        "Ours, with the paper's difference in brackets.", "", delta, ""]
+                _markdown_table(rows, region, False), ""]
     out += ["## Metric settings", "",
             f"- SSIM / MS-SSIM: Gaussian window {settings['ssim_window']} (sigma {settings['ssim_sigma']}), "
             f"MS-SSIM with {settings.get('ms_ssim_scales')} scales at {settings.get('image_size')} px. "
@@ -250,7 +246,7 @@ def _bar_chart(rows: list[Row], region: str, path: Path) -> None:
     with plt.rc_context({"font.family": "DejaVu Sans", "font.size": 9, "axes.titlesize": 10,
                          "axes.titleweight": "bold", "axes.edgecolor": "#444444", "axes.linewidth": 0.6}):
         fig, axes = plt.subplots(2, 3, figsize=(11.5, 6.4), constrained_layout=True)
-        width = 0.8 / max(len(modes), 1)
+        width = min(0.8 / max(len(modes), 1), 0.3)  # few runs: slim bars, not one slab per panel
         x = np.arange(len(losses))
         for ax, (key, title, metric, tf) in zip(axes.flat, COLUMNS):
             ax.set_facecolor("#F4F4F4")
@@ -279,13 +275,15 @@ def _bar_chart(rows: list[Row], region: str, path: Path) -> None:
                         top = max(top, paper[key])
             ax.set_title(title.replace(" (paper: 10·l2)", "  (paper: 10·l2)"))
             ax.set_xticks(x, [LOSS_LABELS.get(l, l) for l in losses], rotation=0)
+            ax.set_xlim(-0.6, len(losses) - 0.4)
             ax.set_ylim(0, top * 1.12 if top > 0 else 1)
             ax.tick_params(axis="x", length=0)
         handles = [Patch(color=MODE_COLORS.get(m, "#777777"), label=f"mask: {MODE_LABELS.get(m, m)}") for m in modes]
         if show_paper:
             handles.append(Line2D([], [], marker="D", markersize=5, markerfacecolor="white", markeredgecolor="black",
                                   linestyle="none", label="paper (Toledo & Antonelo 2021)"))
-        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False,
+                   title="training loss on the x axis", title_fontsize=8)
         n = rows[0].ev["n_images"]
         fig.suptitle(f"Reconstruction error by loss and face mask — {rows[0].ev['split']} split, n = {n}, "
                      f"region: {region} (lower is better; bars: 95% bootstrap CI)", fontsize=11)
