@@ -330,24 +330,28 @@ class LPIPS(nn.Module):
             taps.append(h)
         return taps
 
-    def layer_maps(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-        """Per-layer distance maps [B,1,h_l,w_l]; LPIPS is the sum over layers of their spatial means."""
+    def unit_taps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The 5 feature maps of x, each scaled to unit length along channels (reusable as a cached target)."""
         if self.source is None:
             raise FaceVAEError("LPIPS module has no weights loaded; build it with facevae_dist.metrics.load_lpips()")
-        b = x.shape[0]
-        taps = self._taps(torch.cat([x.float(), y.float()], 0))
-        maps = []
-        for t, lin in zip(taps, self.lins):
-            t = t / (t.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # unit length along channels
-            maps.append(lin((t[:b] - t[b:]) ** 2))
-        return maps
+        return [t / (t.pow(2).sum(1, keepdim=True).sqrt() + 1e-10) for t in self._taps(x.float())]
 
-    def multi(self, x, y, weights) -> list[torch.Tensor]:
+    def layer_maps(self, x: torch.Tensor, y: torch.Tensor, y_taps: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Per-layer distance maps [B,1,h_l,w_l]; LPIPS is the sum over layers of their spatial means."""
+        if y_taps is None:
+            b = x.shape[0]
+            both = self.unit_taps(torch.cat([x, y], 0))
+            x_taps, y_taps = [t[:b] for t in both], [t[b:] for t in both]
+        else:
+            x_taps = self.unit_taps(x)
+        return [lin((a - b) ** 2) for a, b, lin in zip(x_taps, y_taps, self.lins)]
+
+    def multi(self, x, y, weights, y_taps: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         if min(x.shape[-2:]) < LPIPS_MIN_SIZE:
             # AlexNet's strides leave no pixel for the third layer below 31 px: undefined, not an error, so
             # tiny test-size runs can still be evaluated on the other metrics.
             return [torch.full((x.shape[0],), float("nan"), device=x.device) for _ in weights]
-        maps = self.layer_maps(x, y)
+        maps = self.layer_maps(x, y, y_taps)
         out = []
         for w in weights:
             total = 0.0
@@ -511,9 +515,10 @@ class MetricSuite:
         self.settings = settings
 
     @torch.no_grad()
-    def compute(self, pred: torch.Tensor, target: torch.Tensor,
-                weights: list[torch.Tensor | None] = (None,)) -> list[dict[str, torch.Tensor]]:
-        """One dict metric -> [B] fp32 per weight map. `target` is the reference (matters for VIF)."""
+    def compute(self, pred: torch.Tensor, target: torch.Tensor, weights: list[torch.Tensor | None] = (None,),
+                target_taps: list[torch.Tensor] | None = None) -> list[dict[str, torch.Tensor]]:
+        """One dict metric -> [B] fp32 per weight map. `target` is the reference (matters for VIF);
+        `target_taps` = self.lpips.unit_taps(target) when already computed."""
         for w in weights:
             _check_pair(pred, target, w)
         with torch.autocast(device_type=pred.device.type, enabled=False):
@@ -522,7 +527,7 @@ class MetricSuite:
             cols = {
                 "ssim": _ssim_multi(pred, target, weights, s),
                 "ms_ssim": _ms_ssim_multi(pred, target, weights, s),
-                "lpips": self.lpips.multi(pred, target, weights),
+                "lpips": self.lpips.multi(pred, target, weights, target_taps),
                 "vif": _vif_multi(target, pred, weights, s),
             }
             out = []
@@ -538,9 +543,13 @@ class MetricSuite:
     def score_regions(self, image: torch.Tensor, gt_mask: torch.Tensor, recon_raw: torch.Tensor,
                       mask_pred: torch.Tensor | None, mask_mode: str) -> dict[str, dict[str, torch.Tensor]]:
         """Every metric in every region of `REGIONS` for one batch: {region: {metric: [B]}}."""
-        face = (gt_mask.float() >= FACE_THRESHOLD).float()
-        whole, face_scores = self.compute(recon_raw, image, [None, face])
-        alpha = mask_pred.float() if (mask_mode == "mask+decoder" and mask_pred is not None) else face
-        composite = recon_raw.float() * alpha + image.float() * (1.0 - alpha)
-        (paper,) = self.compute(composite, image, [None])
+        with torch.autocast(device_type=image.device.type, enabled=False):
+            face = (gt_mask.float() >= FACE_THRESHOLD).float()
+            image = image.float()
+            # The input's LPIPS features serve both comparisons (raw output and composite).
+            taps = self.lpips.unit_taps(image) if min(image.shape[-2:]) >= LPIPS_MIN_SIZE else None
+            whole, face_scores = self.compute(recon_raw, image, [None, face], taps)
+            alpha = mask_pred.float() if (mask_mode == "mask+decoder" and mask_pred is not None) else face
+            composite = recon_raw.float() * alpha + image * (1.0 - alpha)
+            (paper,) = self.compute(composite, image, [None], taps)
         return {"whole": whole, "face": face_scores, "paper": paper}

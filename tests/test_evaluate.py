@@ -206,3 +206,11 @@ def test_two_process_eval_matches_one_process(runs, shards, tmp_path):
     vb = np.array([[float(x) for x in r.split(",")[1:]] for r in per_b[1:]])
     np.testing.assert_allclose(vb, va, rtol=1e-4, atol=1e-6)
     assert b["examples"]["keys"] == a["examples"]["keys"]
+
+
+def test_report_on_unevaluated_run_is_one_clear_line(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "rep")]) == 1
+    line = _err_line(capsys)
+    assert "no evaluation found" in line and "facevae eval" in line
+    assert not (tmp_path / "rep" / "table.md").exists()

@@ -53,7 +53,9 @@ def register(sub) -> None:
     p.add_argument("run_dir", help="a run directory written by `facevae train`")
     p.add_argument("--shards", help="shards directory (default: the one the run was trained on)")
     p.add_argument("--split", default="test", help="split to score (default test)")
-    p.add_argument("--limit", type=_positive_int, help="score only the first N images (by key order)")
+    p.add_argument("--limit", type=_positive_int,
+                   help="score only N images: the first N in shard order (with several ranks, the first N/ranks "
+                   "of each rank's part), the same ones for every run")
     p.add_argument("--checkpoint", default="best", metavar="best|latest|step_N",
                    help="which checkpoint (default best; falls back to latest when the run never validated)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default 64)")
