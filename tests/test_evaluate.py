@@ -214,3 +214,25 @@ def test_report_on_unevaluated_run_is_one_clear_line(tmp_path, capsys):
     line = _err_line(capsys)
     assert "no evaluation found" in line and "facevae eval" in line
     assert not (tmp_path / "rep" / "table.md").exists()
+
+
+@pytest.mark.slow
+def test_eval_reports_corrupt_samples(runs, shards, tmp_path):
+    """A corrupt image inside a real shard is reported in metrics.json and not scored; the rest are."""
+    import tarfile
+
+    bad = tmp_path / "shards"
+    shutil.copytree(shards, bad)
+    tar_path = bad / "test" / "shard-000000.tar"
+    with tarfile.open(tar_path) as t:
+        member = next(m for m in t.getmembers() if m.name.endswith(".png") and not m.name.endswith(".mask.png"))
+    with open(tar_path, "r+b") as f:  # same size, garbage content: the tar stays valid, the PNG does not
+        f.seek(member.offset_data)
+        f.write(b"\0" * member.size)
+    out = tmp_path / "eval" / "metrics.json"
+    with pytest.warns(UserWarning, match="corrupt sample"):
+        assert main(["eval", str(runs["l2/none"]), "--shards", str(bad), "--bootstrap", "50", "--out", str(out)]) == 0
+    ev = json.loads(out.read_text())
+    key = member.name.split(".")[0]
+    assert len(ev["corrupt_samples"]) == 1 and ev["corrupt_samples"][0].startswith(key)
+    assert ev["n_images"] == 7 and key not in (tmp_path / "eval" / "per_image.csv").read_text()
