@@ -197,10 +197,9 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
         gathered = _gather((keys, np.concatenate(rows) if rows else np.zeros((0, len(columns))), examples, corrupt,
                             loader.dropped_samples), world)
     finally:
-        if we_init:
+        if we_init:  # a group we created is ours to close (after the gather every rank is past its collectives)
             import torch.distributed as dist
 
-            dist.barrier()
             dist.destroy_process_group()
 
     # Rank 0 and the others alike build the result (cheap); only rank 0 writes.
