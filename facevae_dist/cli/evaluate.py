@@ -47,7 +47,7 @@ def register(sub) -> None:
         description="Reconstruct every image of a split with z = mu and score it per image in three regions: "
         "'whole' (raw decoder output, all pixels), 'face' (raw output, ground-truth face pixels only) and 'paper' "
         "(the output composited onto the input's background - binary GT mask for no-mask models, the predicted "
-        "mask for mask+decoder models - as the paper scored). Writes RUN_DIR/eval/metrics.json (mean and 95%% "
+        "mask for mask+decoder models - as the paper scored). Writes RUN_DIR/eval/metrics.json (mean and 95% "
         "bootstrap interval per metric and region, checkpoint step, metric settings), eval/per_image.csv and "
         "eval/examples.safetensors. Runs on several processes when launched with torchrun/accelerate launch.")
     p.add_argument("run_dir", help="a run directory written by `facevae train`")
