@@ -33,16 +33,18 @@ def _check_ranks_identical(run_dir, step: int, world: int = 2) -> None:
 
 
 def test_torchrun_two_process_ddp(shards, tmp_path):
+    """2 ranks, 2 micro-batches per step, and a poisoned batch at step 3 that every rank must skip together."""
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "facevae_dist.train",
          *cli_args(shards, tmp_path, "--max-steps", "4", "--ckpt-every", "2", "--val-every", "2",
-                   "--mixed-precision", "no")])
+                   "--grad-accum", "2", "--mixed-precision", "no")], FACEVAE_INJECT_NAN_STEPS="3")
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["step"] == 4 and summary["samples_seen"] == 4 * 4 * 2
+    assert summary["world_size"] == 2 and summary["step"] == 4 and summary["samples_seen"] == 4 * 2 * 4 * 2
+    assert summary["bad_steps"] == 1
     _check_ranks_identical(tmp_path, 2)
     _check_ranks_identical(tmp_path, 4)
     train_lines = [m for m in metrics(tmp_path) if "loss" in m]
-    assert [m["step"] for m in train_lines] == [1, 2, 3, 4]  # rank 0 alone writes
+    assert [m["step"] for m in train_lines] == [1, 2, 4]  # rank 0 alone writes; step 3 was skipped
     assert json.loads((tmp_path / "env.json").read_text())["distributed_type"] == "DistributedType.MULTI_CPU"
 
 

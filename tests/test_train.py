@@ -88,13 +88,14 @@ def test_sigkill_then_resume_is_exact(shards, tmp_path):
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
 
 
-def test_sigterm_saves_and_exits_cleanly(shards, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])  # Slurm's default / submitit's preemption signal
+def test_preemption_signal_saves_and_exits_cleanly(shards, tmp_path, sig):
     cmd = [sys.executable, "-m", "facevae_dist", "train",  # the `facevae` command
            *cli_args(shards, tmp_path, "--max-steps", "500", "--ckpt-every", "100", "--val-every", "0")]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         wait_for_step(tmp_path, proc, 3)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
