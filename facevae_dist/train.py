@@ -37,6 +37,7 @@ from facevae_dist.errors import RunError, UsageError
 from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from facevae_dist.losses import compute_losses
 from facevae_dist.model import FaceVAE
+from facevae_dist.perf import keep_freed_memory
 from facevae_dist.progress import info, make_progress
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -56,6 +57,7 @@ def train(cfg: TrainConfig) -> dict:
     if not cfg.deepspeed and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         cfg.deepspeed = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")  # launched with deepspeed-zero2.yaml
     cfg.validate()
+    keep_freed_memory()  # glibc would otherwise mmap/munmap every large activation each step (see perf.py)
     run_dir = Path(cfg.run_dir)
     accelerator = _make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
