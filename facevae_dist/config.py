@@ -92,7 +92,7 @@ class TrainConfig:
     keep_last: int = 2  # step checkpoints kept (best/ is separate)
     log_every: int = 10
     sample_every: int = 500  # sample grid PNG; 0 = never
-    # "auto" = bf16 where the hardware runs it natively (CUDA with bf16, CPUs with avx512_bf16/AMX), else "no";
+    # "auto" = the launcher profile's precision, else bf16 on CUDA GPUs that support it, else fp32 (CPU);
     # resolved once at start (resolve_mixed_precision) and recorded resolved in config.toml
     mixed_precision: str = "auto"  # "auto" | "no" | "bf16" | "fp16" (fp16 uses loss scaling)
     grad_accum: int = 1
@@ -162,8 +162,10 @@ class TrainConfig:
 
 
 def resolve_mixed_precision(value: str) -> str:
-    """"auto" -> the launcher's choice (`accelerate launch` exports its profile's mixed_precision), else "bf16"
-    where it is native and fast, else "no" (bf16 emulated on older CPUs is slower than fp32)."""
+    """"auto" -> the launcher's choice (`accelerate launch` exports its profile's mixed_precision), else "bf16" on
+    CUDA GPUs that support it, else "no". CPUs get fp32: on this project's 2-core Xeon (avx512_bf16) the trainer
+    measured 12.7 img/s fp32 vs 10.0 img/s bf16 autocast (both channels_last, paper model, batch 32), and CPUs
+    without native bf16 are slower still."""
     if value != "auto":
         return value
     import os
@@ -173,14 +175,9 @@ def resolve_mixed_precision(value: str) -> str:
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
     if launcher in ("no", "bf16", "fp16"):
         return launcher
-
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "no"
-    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
 
 
 # ---- TOML ---------------------------------------------------------------------------------------------------------

@@ -56,8 +56,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     speed = p.add_argument_group("precision and speed")
     speed.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"),
-                       help="auto (default): bf16 autocast where the hardware supports it natively (CUDA, CPUs with "
-                            "avx512_bf16/AMX), else fp32; losses are always fp32; fp16 uses loss scaling")
+                       help="auto (default): the launch profile's setting, else bf16 autocast on CUDA GPUs with bf16, "
+                            "else fp32 (on the 2-core dev CPU bf16 autocast was slower than fp32); losses are always "
+                            "fp32; fp16 uses loss scaling")
     speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="NHWC memory layout for convolutions (default on)")
     speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
