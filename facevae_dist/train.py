@@ -529,7 +529,8 @@ class _Metrics:
 
 @torch.no_grad()
 def _write_sample_grid(model: FaceVAE, val_batches, to_float, device, cfg: TrainConfig, path: Path, n: int = 8) -> None:
-    """Rows of input | reconstruction | predicted mask | ground-truth mask (gray where a model has no mask head)."""
+    """Rows of input | reconstruction | predicted mask | ground-truth mask (checkerboard where a model has no mask
+    head). The reconstruction is the inference output (z = mu; mask+decoder composites with its predicted mask)."""
     import io
 
     import numpy as np
@@ -544,8 +545,12 @@ def _write_sample_grid(model: FaceVAE, val_batches, to_float, device, cfg: Train
     out = model.reconstruct(image.contiguous(memory_format=torch.channels_last) if cfg.channels_last else image,
                             mask if cfg.model.mask_mode == "mask" else None)
     model.train()
-    gray = torch.full_like(mask, 0.5)
-    pred = out.mask_pred if out.mask_pred is not None else gray
+    if out.mask_pred is not None:
+        pred = out.mask_pred
+    else:  # no mask head: a checkerboard, so it cannot be mistaken for an undecided (0.5) prediction
+        h, w = mask.shape[-2:]
+        yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        pred = (((yy // 4 + xx // 4) % 2) * 0.5 + 0.25).to(mask)[None, None].expand_as(mask)
     cols = [image, out.recon, pred.expand_as(image), mask.expand_as(image)]
     rows = torch.cat([torch.cat([c[i].float().cpu() for c in cols], dim=2) for i in range(image.shape[0])], dim=1)
     arr = (rows.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
