@@ -101,6 +101,7 @@ class TrainConfig:
     deepspeed: str = ""  # path of a DeepSpeed JSON (launch/ds_zero2.json); "" = plain DDP
     resume: str = "auto"  # "auto" (latest checkpoint in run_dir if any) | "none" | a checkpoint directory
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
+    tensorboard: bool = True  # also log to RUN_DIR/tensorboard/ when the tensorboard package is installed
 
     def validate(self) -> "TrainConfig":
         self.data.validate()

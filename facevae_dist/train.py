@@ -326,7 +326,8 @@ def _make_accelerator(cfg: TrainConfig):
     # train() may run several times in one process (tests, a debug sweep): start from a clean Accelerate state.
     # The process group (PartialState) is kept: it belongs to the launcher.
     AcceleratorState._reset_state(reset_partial_state=False)
-    kwargs = {"gradient_accumulation_steps": cfg.grad_accum, "log_with": _trackers(), "project_dir": cfg.run_dir}
+    kwargs = {"gradient_accumulation_steps": cfg.grad_accum, "log_with": _trackers() if cfg.tensorboard else None,
+              "project_dir": cfg.run_dir}
     if cfg.deepspeed:
         plugin, mixed = _deepspeed_plugin(cfg)
         _ensure_single_process_env()

@@ -60,7 +60,7 @@ def build_fixed_shards(path: Path, n_train: int = 64, n_val: int = 8, size: int 
 
 def tiny_config(shards: Path, run_dir: Path, hypothesis: str = "H9", **fields) -> TrainConfig:
     base = dict(run_dir=str(run_dir), max_steps=4, val_every=2, val_batches=1, ckpt_every=2, log_every=1,
-                sample_every=0, mixed_precision="no", channels_last=False,
+                sample_every=0, mixed_precision="no", channels_last=False, tensorboard=False,
                 data={"shards": str(shards), "batch_size": 4, "workers": 0}, model=dict(TINY_MODEL))
     for key, value in fields.items():
         if isinstance(value, dict):
