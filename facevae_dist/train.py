@@ -215,7 +215,7 @@ def train(cfg: TrainConfig) -> dict:
             while state.step < cfg.max_steps:
                 step = state.step + 1
                 bn_backup = [b.detach().clone() for b in raw_model.buffers()]
-                step_terms: dict[str, float] = {}
+                step_terms: dict[str, torch.Tensor] = {}  # kept on the device; read only at log steps
                 bad = False
                 for _ in range(cfg.grad_accum):
                     batch = next(batches)
@@ -232,7 +232,7 @@ def train(cfg: TrainConfig) -> dict:
                         if not bad:
                             accelerator.backward(scaler.scale(terms["loss"]))
                             for k, v in terms.items():
-                                step_terms[k] = step_terms.get(k, 0.0) + v.item() / cfg.grad_accum
+                                step_terms[k] = step_terms.get(k, 0.0) + v.detach() / cfg.grad_accum
                 if bad:
                     # skip the update; undo the BN running-stat updates the poisoned forward made
                     optimizer.zero_grad(set_to_none=True)
@@ -452,12 +452,12 @@ def _any_rank(accelerator, flag: bool) -> bool:
     return accelerator.reduce(t, "sum").item() > 0
 
 
-def _mean_over_ranks(accelerator, terms: dict[str, float]) -> dict[str, float]:
+def _mean_over_ranks(accelerator, terms: dict[str, torch.Tensor]) -> dict[str, float]:
     keys = sorted(terms, key=lambda k: (k != "loss", k))
-    if accelerator.num_processes == 1:
-        return {k: terms[k] for k in keys}
-    t = accelerator.reduce(torch.tensor([terms[k] for k in keys], device=accelerator.device), "mean")
-    return {k: v for k, v in zip(keys, t.tolist())}
+    t = torch.stack([terms[k].float() for k in keys])
+    if accelerator.num_processes > 1:
+        t = accelerator.reduce(t, "mean")
+    return dict(zip(keys, t.tolist()))
 
 
 @torch.no_grad()
