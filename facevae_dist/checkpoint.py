@@ -234,6 +234,47 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+def remove_stale_temps(run_dir: str | Path) -> list[Path]:
+    """Delete temp/aside directories left by saves that were killed (call on rank 0 before training starts)."""
+    run_dir = Path(run_dir)
+    stale = [p for p in (run_dir / CHECKPOINTS).glob(".tmp-*")] + [p for p in (run_dir / CHECKPOINTS).glob(".old-*")]
+    stale += [p for p in run_dir.glob(".tmp-best")]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+class RunDirLock:
+    """An exclusive lock on a run directory (flock on RUN_DIR/.lock, held by rank 0 while training): a second
+    training process on the same directory would interleave checkpoints. The OS drops it if the holder dies."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / ".lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunDirLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UsageError(f"{self.path.parent} is being trained by another process ({holder}); wait for it, "
+                             "stop it, or use another --run-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
+
+
 # ---- resume ---------------------------------------------------------------------------------------------------------
 
 

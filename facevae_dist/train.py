@@ -70,6 +70,19 @@ def train(cfg: TrainConfig) -> dict:
         raise UsageError(f"{cfg.data.shards} holds {image_size}px images but model.image_size="
                          f"{cfg.model.image_size}; pass --set model.image_size={image_size}")
 
+    # one training process per run dir (rank 0 holds the lock until train() returns)
+    lock = ckpt.RunDirLock(run_dir) if is_main else contextlib.nullcontext()
+    with lock:
+        return _train_locked(cfg, accelerator, make_loader, to_float)
+
+
+def _train_locked(cfg: TrainConfig, accelerator, make_loader, to_float) -> dict:
+    run_dir = Path(cfg.run_dir)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    is_main = accelerator.is_main_process
+    device = accelerator.device
+    use_ds = bool(cfg.deepspeed)
+
     # ---- model and optimizer: same init on every rank, then per-rank noise -----------------------------------
     _seed_everything(cfg.seed)
     model = FaceVAE(cfg.model)
@@ -78,6 +91,8 @@ def train(cfg: TrainConfig) -> dict:
     _seed_everything(cfg.seed + rank)
 
     # resume: rank 0 decides which checkpoint (all ranks must load the same one), then everyone loads it
+    if is_main:
+        ckpt.remove_stale_temps(run_dir)
     resume_from = ckpt.resolve_resume(run_dir, cfg.resume) if is_main else None
     resume_from = _broadcast(accelerator, str(resume_from) if resume_from else None)
     restored = ckpt.load_checkpoint(resume_from, rank) if resume_from else None

@@ -193,3 +193,16 @@ def test_finished_run_is_idempotent_and_resume_none_refuses_to_mix(shards, tmp_p
 
     with pytest.raises(UsageError, match="already has checkpoints .*step_2.*new --run-dir"):
         train(apply_overrides(cfg, ["resume=none"]))
+
+
+def test_second_trainer_on_same_run_dir_is_refused_and_stale_temps_removed(shards, tmp_path):
+    from facevae_dist.checkpoint import RunDirLock
+    from facevae_dist.errors import UsageError
+
+    cfg = tiny_config(shards, tmp_path, max_steps=2, val_every=0)
+    (tmp_path / "checkpoints" / ".tmp-step_7").mkdir(parents=True)  # left by a save that was killed
+    with RunDirLock(tmp_path):
+        with pytest.raises(UsageError, match=r"being trained by another process \(pid \d+"):
+            train(cfg)
+    assert train(cfg)["step"] == 2  # the lock is released with its holder
+    assert not (tmp_path / "checkpoints" / ".tmp-step_7").exists()
