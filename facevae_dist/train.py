@@ -314,6 +314,7 @@ def _train_locked(cfg: TrainConfig, accelerator, make_loader, to_float) -> dict:
             info(f"stopped by {stop_requested['signal'] or 'a signal on another rank'} at step {state.step}; "
                  f"checkpoint saved, rerun the same command to resume")
     finally:
+        batches.close()  # stops DataLoader workers now rather than at garbage collection
         for s, h in previous_handlers.items():
             signal.signal(s, h)
         accelerator.end_training()
@@ -321,6 +322,7 @@ def _train_locked(cfg: TrainConfig, accelerator, make_loader, to_float) -> dict:
     wall = time.perf_counter() - t_start
     summary = {
         "run_dir": str(run_dir), "step": state.step, "stopped": stopped,
+        "signal": stop_requested["signal"],  # which signal stopped it (None: finished, or another rank's signal)
         "best_val_loss": state.best_val_loss if math.isfinite(state.best_val_loss) else None,
         "best_step": state.best_step if state.best_step >= 0 else None, "samples_seen": state.samples_seen,
         "bad_steps": state.bad_steps_total, "world_size": world, "wall_s": round(wall, 2),
