@@ -90,18 +90,21 @@ def test_sigkill_then_resume_is_exact(shards, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])  # Slurm's default / submitit's preemption signal
 def test_preemption_signal_saves_and_exits_cleanly(shards, tmp_path, sig):
+    """Like Slurm: the signal goes to the whole process group, DataLoader workers included."""
     cmd = [sys.executable, "-m", "facevae_dist", "train",  # the `facevae` command
-           *cli_args(shards, tmp_path, "--max-steps", "500", "--ckpt-every", "100", "--val-every", "0")]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           *cli_args(shards, tmp_path, "--max-steps", "500", "--ckpt-every", "100", "--val-every", "0"),
+           "--workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
     try:
         wait_for_step(tmp_path, proc, 3)
-        proc.send_signal(sig)
+        os.killpg(proc.pid, sig)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["stopped"] == "preempted" and 3 <= summary["step"] < 500
+    assert summary["stopped"] == "preempted" and summary["signal"] == sig.name and 3 <= summary["step"] < 500
     assert latest_checkpoint(tmp_path).name == f"step_{summary['step']}"
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert max(m["step"] for m in metrics(tmp_path)) == summary["step"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import warnings
 from pathlib import Path
 
@@ -143,6 +144,11 @@ class _ShardDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None:
+            # Preemption signals are for the training process, which checkpoints and then stops its workers.
+            # Slurm signals the whole process group; a worker dying of SIGTERM would crash training before the save.
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+                signal.signal(sig, signal.SIG_IGN)
         plan, reader = self.plan, _ShardReader(self.paths)
         try:
             for j in range(self.start_batch + worker, plan.num_batches, workers):
