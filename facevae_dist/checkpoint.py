@@ -245,8 +245,10 @@ def remove_stale_temps(run_dir: str | Path) -> list[Path]:
 
 
 class RunDirLock:
-    """An exclusive lock on a run directory (flock on RUN_DIR/.lock, held by rank 0 while training): a second
-    training process on the same directory would interleave checkpoints. The OS drops it if the holder dies."""
+    """An exclusive lock on a run directory (a POSIX lock on RUN_DIR/.lock, held by rank 0 while training): a
+    second training process on the same directory would interleave checkpoints. The OS drops it when the holder
+    dies; unlike flock it is not inherited by forked DataLoader workers (which outlive a SIGKILLed parent for a few
+    seconds), and it also works on NFS."""
 
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / ".lock"
@@ -258,7 +260,7 @@ class RunDirLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
@@ -271,7 +273,7 @@ class RunDirLock:
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
-            os.close(self.fd)  # closing releases the flock
+            os.close(self.fd)  # closing releases the lock
             self.fd = None
 
 

@@ -63,7 +63,9 @@ def test_keep_last_best_and_resolved_config(shards, tmp_path):
 
 def test_sigkill_then_resume_is_exact(shards, tmp_path):
     """Really kill a training process mid-run; the resumed run must match an uninterrupted one exactly."""
-    args = ["--max-steps", "24", "--ckpt-every", "5", "--val-every", "6", "--keep-last", "2"]  # CLI defaults otherwise
+    # CLI defaults otherwise (auto precision, channels_last); 2 loader workers, 96 samples / 4 = 24 batches per epoch,
+    # so the run crosses an epoch boundary
+    args = ["--max-steps", "30", "--ckpt-every", "5", "--val-every", "6", "--keep-last", "2", "--workers", "2"]
     ref, cut = tmp_path / "uninterrupted", tmp_path / "killed"
     run(train_module(*cli_args(shards, ref, *args)))
     proc = subprocess.Popen(train_module(*cli_args(shards, cut, *args)), cwd=REPO, env=env(), text=True,
@@ -76,15 +78,16 @@ def test_sigkill_then_resume_is_exact(shards, tmp_path):
         proc.kill()
     assert proc.returncode == -signal.SIGKILL and not (cut / "summary.json").exists()
     killed_at = latest_checkpoint(cut)
-    assert killed_at is not None and killed_at.name != "step_24"
+    assert killed_at is not None and killed_at.name != "step_30"
     resumed = run(train_module(*cli_args(shards, cut, *args)))
     assert json.loads((cut / "env.json").read_text())["resumed_from"] == str(killed_at)
-    assert json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == 24
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == 30
     assert losses(cut) == losses(ref)  # every per-step train loss term and every validation, bit for bit
-    a = load_file(ref / "checkpoints" / "step_24" / "model.safetensors")
-    b = load_file(cut / "checkpoints" / "step_24" / "model.safetensors")
+    a = load_file(ref / "checkpoints" / "step_30" / "model.safetensors")
+    b = load_file(cut / "checkpoints" / "step_30" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # weights and BN statistics
-    sa, sb = (load_checkpoint(d / "checkpoints" / "step_24").optimizer_state["state"] for d in (ref, cut))
+    sa, sb = (load_checkpoint(d / "checkpoints" / "step_30").optimizer_state["state"] for d in (ref, cut))
+    assert load_checkpoint(cut / "checkpoints" / "step_30").state.epoch == 1
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
 
 
@@ -199,13 +202,19 @@ def test_finished_run_is_idempotent_and_resume_none_refuses_to_mix(shards, tmp_p
 
 
 def test_second_trainer_on_same_run_dir_is_refused_and_stale_temps_removed(shards, tmp_path):
-    from facevae_dist.checkpoint import RunDirLock
     from facevae_dist.errors import UsageError
 
     cfg = tiny_config(shards, tmp_path, max_steps=2, val_every=0)
     (tmp_path / "checkpoints" / ".tmp-step_7").mkdir(parents=True)  # left by a save that was killed
-    with RunDirLock(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from facevae_dist.checkpoint import RunDirLock\n"
+                               f"with RunDirLock({str(tmp_path)!r}):\n    print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(UsageError, match=r"being trained by another process \(pid \d+"):
             train(cfg)
-    assert train(cfg)["step"] == 2  # the lock is released with its holder
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(cfg)["step"] == 2  # the lock went away with its holder
     assert not (tmp_path / "checkpoints" / ".tmp-step_7").exists()

@@ -258,9 +258,12 @@ class ShardLoader:
         if self.workers == 0:
             batches = iter(self._dataset)
         else:
+            # An own generator: DataLoader would otherwise draw its worker base seed from the global torch RNG,
+            # shifting the training noise stream by one draw per epoch/resume and breaking exact resume.
+            seed_gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             batches = iter(DataLoader(self._dataset, batch_size=None, num_workers=self.workers,
                                       pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
-                                      persistent_workers=False))
+                                      persistent_workers=False, generator=seed_gen))
         for batch in batches:
             if batch["corrupt"]:
                 self.corrupt_count += len(batch["corrupt"])
