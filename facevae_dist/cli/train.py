@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 EXAMPLES = """\
 examples:
@@ -106,7 +107,8 @@ def _run(args: argparse.Namespace) -> int:
     from facevae_dist.train import train
 
     summary = train(config_from_args(args))
-    print(json.dumps(summary))
+    if int(os.environ.get("RANK", "0")) == 0:  # under a launcher, rank 0 alone prints
+        print(json.dumps(summary))
     return 0
 
 
