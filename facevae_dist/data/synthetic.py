@@ -98,25 +98,37 @@ def _texture_bank(height: int, width: int) -> tuple[np.ndarray, ...]:
     return tuple(bank)
 
 
-def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    bank = _texture_bank(height, width)
-    oy, ox = rng.integers(0, _TEXTURE_PAD, 2)
-    t1 = bank[rng.integers(len(bank))][oy:oy + height, ox:ox + width]
-    c0, c1 = rng.uniform(0, 255, (2, 3)).astype(np.float32)
-    bg = c0 + t1[..., None] * (c1 - c0)
-    # A second texture over a random half-plane, and a colour gradient, for more clutter.
-    oy, ox = rng.integers(0, _TEXTURE_PAD, 2)
-    t2 = bank[rng.integers(len(bank))][oy:oy + height, ox:ox + width]
-    ang = rng.uniform(0, 2 * math.pi)
-    yy = np.linspace(-1, 1, height, dtype=np.float32)[:, None]
-    xx = np.linspace(-1, 1, width, dtype=np.float32)[None, :]
-    ramp = xx * math.cos(ang) + yy * math.sin(ang)
-    half = (ramp > rng.uniform(-0.6, 0.6)).astype(np.float32)
-    c2 = rng.uniform(0, 255, 3).astype(np.float32)
-    mix = (half * t2 * rng.uniform(0.3, 0.9))[..., None]
-    bg = bg * (1 - mix) + c2 * mix
-    bg += (ramp * rng.uniform(-60, 60))[..., None]
-    return np.clip(bg, 0, 255).astype(np.uint8)
+def _lut(c0: np.ndarray, c1: np.ndarray) -> np.ndarray:
+    """A 256x3 colour ramp c0 -> c1 (uint8): colourising a texture is then one table lookup."""
+    ramp = np.linspace(0, 1, 256, dtype=np.float32)[:, None]
+    return np.clip(c0 + ramp * (c1 - c0), 0, 255).astype(np.uint8)
+
+
+@lru_cache(maxsize=4)
+def _texture_u8(height: int, width: int) -> tuple[np.ndarray, ...]:
+    return tuple((t * 255).astype(np.uint8) for t in _texture_bank(height, width))
+
+
+def _background(rng: np.random.Generator, height: int, width: int) -> Image.Image:
+    """Two colourised textures (one over a random half-plane), each a crop of the bank at a random offset.
+    Colourising is a lookup table, so this costs a few C passes and no float maths."""
+    bank = _texture_u8(height, width)
+    layers = []
+    for _ in range(2):
+        oy, ox = (int(v) for v in rng.integers(0, _TEXTURE_PAD, 2))
+        tex = bank[int(rng.integers(len(bank)))][oy:oy + height, ox:ox + width]
+        c0, c1 = rng.uniform(0, 255, (2, 3)).astype(np.float32)
+        layers.append(Image.fromarray(np.take(_lut(c0, c1), tex, axis=0)))
+    half = Image.new("L", (width, height), 0)
+    ang, off = rng.uniform(0, 2 * math.pi), rng.uniform(-0.3, 0.3)
+    nx, ny = math.cos(ang), math.sin(ang)
+    cx, cy, r = width * (0.5 + off * nx), height * (0.5 + off * ny), 2 * (width + height)
+    # Half-plane beyond the line through (cx, cy) with normal (nx, ny), drawn as a big quad.
+    ImageDraw.Draw(half).polygon([(cx - ny * r, cy + nx * r), (cx + ny * r, cy - nx * r),
+                                  (cx + ny * r + nx * r, cy - nx * r + ny * r),
+                                  (cx - ny * r + nx * r, cy + nx * r + ny * r)],
+                                 fill=int(rng.integers(100, 256)))
+    return Image.composite(layers[1], layers[0], half)
 
 
 def _random_shapes(rng: np.random.Generator, draw: ImageDraw.ImageDraw, width: int, height: int) -> None:
@@ -162,14 +174,20 @@ class _FacePainter:
 
     def ellipse(self, x: float, y: float, rx: float, ry: float, colour, label: int | None, n: int = 28,
                 start: float = 0.0, end: float = 2 * math.pi) -> None:
-        t = np.linspace(start, end, n)
-        self.polygon(np.stack([x + rx * np.cos(t), y + ry * np.sin(t)], 1), colour, label)
+        cos, sin = _unit_arc(start, end, n)
+        self.polygon(np.stack([x + rx * cos, y + ry * sin], 1), colour, label)
 
     def line(self, pts: np.ndarray, colour, label: int | None, width: int) -> None:
         pts = self._rot(np.asarray(pts, np.float64))
         self.rgb.line(pts, fill=tuple(int(c) for c in colour), width=width, joint="curve")
         if label is not None:
             self.lab.line(pts, fill=label, width=width, joint="curve")
+
+
+@lru_cache(maxsize=64)
+def _unit_arc(start: float, end: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+    t = np.linspace(start, end, n)
+    return np.cos(t), np.sin(t)
 
 
 def _shade(c: np.ndarray, k: float) -> np.ndarray:
@@ -286,24 +304,27 @@ def _draw_face(rng: np.random.Generator, image: Image.Image, label: Image.Image)
 def render_face(seed: int, index: int, width: int = DEFAULT_WIDTH, height: int = DEFAULT_HEIGHT) -> SyntheticFace:
     """Image `index` of the synthetic dataset with this seed (independent of any other index)."""
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index), 0xFACE])
-    image = Image.fromarray(_background(rng, height, width))
+    image = _background(rng, height, width)
     _random_shapes(rng, ImageDraw.Draw(image), width, height)
     label = Image.new("L", (width, height), 0)
     cx, cy, a, angle = _draw_face(rng, image, label)
 
-    # Directional light over the person (face, hair, neck, clothes), leaving the background unlit.
-    rgb = np.asarray(image, np.float32)
+    # Directional light over the person (face, hair, neck, clothes), leaving the background unlit, plus a slight
+    # colour cast. Integer maths: gain is computed at 1/4 resolution, upsampled, then one multiply (x/128 fixed point).
     lab = np.asarray(label)
     light = rng.uniform(0, 2 * math.pi)
-    yy = (np.arange(height, dtype=np.float32)[:, None] - cy) / a
-    xx = (np.arange(width, dtype=np.float32)[None, :] - cx) / a
     strength = rng.uniform(0.08, 0.25)
+    small_h, small_w = -(-height // 4), -(-width // 4)
+    yy = (np.arange(small_h, dtype=np.float32)[:, None] * 4 + 1.5 - cy) / a
+    xx = (np.arange(small_w, dtype=np.float32)[None, :] * 4 + 1.5 - cx) / a
     gain = 1 + strength * (xx * math.cos(light) + yy * math.sin(light)) - 0.04 * (xx * xx + yy * yy)
-    person = (lab > 0).astype(np.float32)
-    gain = 1 + (np.clip(gain, 0.45, 1.4) - 1) * person
-    rgb *= (gain * rng.uniform(0.85, 1.15))[..., None]
-    rgb += rng.normal(0, 3, 3).astype(np.float32)  # slight colour cast
-    return SyntheticFace(np.clip(rgb, 0, 255).astype(np.uint8), np.ascontiguousarray(lab))
+    gain = np.clip(gain * rng.uniform(0.85, 1.15), 0.45, 1.5)
+    gain_img = Image.fromarray((gain * 128).astype(np.uint8)).resize((width, height), Image.BILINEAR)
+    gain_u = np.where(lab > 0, np.asarray(gain_img), np.uint8(128)).astype(np.uint16)
+    cast = np.clip(128 + rng.normal(0, 3, 3) * 128 / 100, 100, 156).astype(np.uint16)
+    gain3 = (gain_u[..., None] * cast) >> 7  # <= 192 * 156 / 128 = 234, so image * gain3 fits in uint16
+    rgb = (np.asarray(image).astype(np.uint16) * gain3) >> 7
+    return SyntheticFace(np.minimum(rgb, 255).astype(np.uint8), np.ascontiguousarray(lab))
 
 
 def face_fraction(label: np.ndarray) -> float:
