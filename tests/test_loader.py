@@ -131,3 +131,14 @@ def test_corrupt_sample_is_reported_and_counted(tmp_path, shards):
     assert [len(b["key"]) for b in batches] == [5, 5]  # shapes and batch count kept
     assert "test-00000002" in batches[0]["corrupt"][0] and "test-00000002" not in batches[0]["key"]
     assert json.loads((out / "sizes.json").read_text())["test"] == 10
+
+
+def test_persistent_workers_follow_set_epoch_and_resume(shards):
+    reference = make_loader(shards, "train", 8, seed=6)
+    loader = make_loader(shards, "train", 8, seed=6, workers=2)
+    assert epoch_keys(loader) == epoch_keys(reference)
+    loader.set_epoch(3, start_batch=2)
+    reference.set_epoch(3)
+    expected = [b["key"] for b in reference]
+    assert [b["key"] for b in loader] == expected[2:]
+    assert [b["key"] for b in loader] == expected  # same workers, next pass = whole epoch 3

@@ -3,7 +3,7 @@
 Measured in one run on the same synthetic images:
   build        images/s of `build_shards` with one process (render + resize + JPEG/PNG encode + tar): per core
   read[w]      images/s of ShardLoader over the train split with w DataLoader workers (batches of uint8 tensors,
-               one full epoch after a warm-up epoch, worker start-up included)
+               one full epoch after a warm-up epoch; workers are persistent, so start-up is paid once per run)
   per_file     the paper's way: one JPEG + one 512x512 label-map PNG per sample from folders, decoded, label map ->
                mask, both resized to the training size at load time (PIL bilinear; the paper uses cv2), one core
   raw_decode   decoding the very bytes stored in the shards (image + mask PNG) in a tight loop, no pipeline:

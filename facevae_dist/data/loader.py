@@ -135,11 +135,27 @@ class _ShardReader:
 
 
 class _ShardDataset(IterableDataset):
-    def __init__(self, paths: list[Path], image_ext: str, image_size: int):
+    """Each reader (main process or DataLoader worker) rebuilds the epoch plan from (seed, epoch): cheap and
+    deterministic. Epoch and start batch live in shared memory (open_clip's SharedEpoch idea), so persistent
+    workers, forked once, follow set_epoch() and resume positions without being restarted."""
+
+    def __init__(self, paths: list[Path], image_ext: str, image_size: int, plan_args: dict):
+        import multiprocessing
+
         self.paths, self.image_ext, self.image_size = paths, image_ext, image_size
         self._formats = ("JPEG",) if image_ext == "jpg" else ("PNG",)
-        self.plan: _EpochPlan | None = None
-        self.start_batch = 0
+        self.plan_args = plan_args
+        self._epoch = multiprocessing.RawValue("q", 0)
+        self._start = multiprocessing.RawValue("q", 0)
+        self._cached: tuple[int, _EpochPlan] | None = None
+
+    def set_position(self, epoch: int, start_batch: int) -> None:
+        self._epoch.value, self._start.value = epoch, start_batch
+
+    def plan_for(self, epoch: int) -> _EpochPlan:
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, _EpochPlan(**self.plan_args, epoch=epoch))
+        return self._cached[1]
 
     def __iter__(self):
         info = get_worker_info()
@@ -149,9 +165,10 @@ class _ShardDataset(IterableDataset):
             # Slurm signals the whole process group; a worker dying of SIGTERM would crash training before the save.
             for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
                 signal.signal(sig, signal.SIG_IGN)
-        plan, reader = self.plan, _ShardReader(self.paths)
+        plan, start_batch = self.plan_for(self._epoch.value), self._start.value
+        reader = _ShardReader(self.paths)
         try:
-            for j in range(self.start_batch + worker, plan.num_batches, workers):
+            for j in range(start_batch + worker, plan.num_batches, workers):
                 yield self._load_batch(reader, *plan.batch(j))
         finally:
             reader.close()
@@ -215,8 +232,11 @@ class ShardLoader:
         self.resampled, self.drop_last, self.shuffle = resampled, drop_last, shuffle
         self.image_size = int(manifest["image_size"])
         self.shard_counts = [int(s["count"]) for s in shards]
-        self._dataset = _ShardDataset([self.shards_dir / s["path"] for s in shards], manifest["image_ext"],
-                                      self.image_size)
+        self._dataset = _ShardDataset(
+            [self.shards_dir / s["path"] for s in shards], manifest["image_ext"], self.image_size,
+            dict(shard_counts=self.shard_counts, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
+                 resampled=resampled, drop_last=drop_last, shuffle=shuffle))
+        self._dataloader: DataLoader | None = None
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prefetch_factor = prefetch_factor
         self.corrupt_count = 0
@@ -231,9 +251,7 @@ class ShardLoader:
         self.start_batch = start_batch
 
     def _make_plan(self) -> _EpochPlan:
-        return _EpochPlan(self.shard_counts, rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
-                          seed=self.seed, epoch=self.epoch, resampled=self.resampled, drop_last=self.drop_last,
-                          shuffle=self.shuffle)
+        return self._dataset.plan_for(self.epoch)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch = epoch
@@ -254,16 +272,19 @@ class ShardLoader:
         return self._plan.dropped_samples
 
     def __iter__(self):
-        self._dataset.plan, self._dataset.start_batch = self._plan, self.start_batch
+        self._dataset.set_position(self.epoch, self.start_batch)
         if self.workers == 0:
             batches = iter(self._dataset)
         else:
-            # An own generator: DataLoader would otherwise draw its worker base seed from the global torch RNG,
-            # shifting the training noise stream by one draw per epoch/resume and breaking exact resume.
-            seed_gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            batches = iter(DataLoader(self._dataset, batch_size=None, num_workers=self.workers,
-                                      pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
-                                      persistent_workers=False, generator=seed_gen))
+            if self._dataloader is None:
+                # Persistent workers: forked once, they read the epoch/start batch from shared memory each pass,
+                # so no per-epoch start-up cost. An own generator: DataLoader would otherwise draw its worker base
+                # seed from the global torch RNG, shifting the training noise stream (breaks exact resume).
+                seed_gen = torch.Generator().manual_seed(self.seed * 1_000_003)
+                self._dataloader = DataLoader(self._dataset, batch_size=None, num_workers=self.workers,
+                                              pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
+                                              persistent_workers=True, generator=seed_gen)
+            batches = iter(self._dataloader)
         for batch in batches:
             if batch["corrupt"]:
                 self.corrupt_count += len(batch["corrupt"])
