@@ -1,0 +1,133 @@
+"""`facevae sweep submit|status|collect`: the hypothesis grid as one Slurm job array (submitit)."""
+
+from __future__ import annotations
+
+import argparse
+
+SUBMIT_EPILOG = """\
+Each array element trains one hypothesis (nodes x gpus-per-node ranks inside the element), then evaluates it, in
+SWEEP_DIR/<hypothesis>/. On preemption or time limit the element saves a checkpoint and is requeued; the requeued
+element resumes from that checkpoint. Rerunning the same command skips finished hypotheses and resubmits the
+others (queued/running ones are left alone). The code is snapshotted into SWEEP_DIR/code/ at submit time.
+
+examples:
+  # the paper's 15-hypothesis grid, one 8-GPU node per hypothesis, bf16, 4 elements at a time
+  facevae sweep submit --grid paper15 --shards /shared/shards/celeba --out /shared/sweeps/paper15 \\
+      --partition gpu --gpus-per-node 8 --cpus-per-task 8 --mem-gb 200 --timeout-min 1440 \\
+      --array-parallelism 4 --set max_steps=100000 --set mixed_precision=bf16
+  # a tiny grid on this machine, no Slurm
+  facevae sweep submit --hypotheses l2/none,l2/mask+decoder --shards shards/synthetic --out sweeps/try \\
+      --cluster local --set max_steps=50 --set model.width=0.25 --wait
+"""
+
+
+def _submit(args) -> int:
+    from facevae_dist.sweep import SlurmOptions, submit_sweep
+
+    slurm = SlurmOptions(partition=args.partition, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                         cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, timeout_min=args.timeout_min,
+                         array_parallelism=args.array_parallelism, signal_delay_s=args.signal_delay_s,
+                         max_num_timeout=args.max_num_timeout, account=args.account, qos=args.qos,
+                         constraint=args.constraint)
+    hyps = [h for h in (args.hypotheses or "").split(",") if h.strip()]
+    submit_sweep(args.out, args.shards, grid=args.grid, hypotheses=hyps or None, cluster=args.cluster, slurm=slurm,
+                 overrides=args.set or [], eval_split=args.eval_split, eval_limit=args.eval_limit, wait=args.wait)
+    if args.wait:
+        return _status(argparse.Namespace(sweep_dir=args.out, json=False))
+    return 0
+
+
+def _fmt_eta(seconds) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _status(args) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from facevae_dist.sweep import sweep_status
+
+    rows = sweep_status(args.sweep_dir)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title=f"sweep {args.sweep_dir}")
+    for col in ("hypothesis", "job", "state", "step", "loss", "img/s", "ETA", "log"):
+        table.add_column(col, overflow="fold")
+    colours = {"finished": "green", "failed": "red", "cancelled": "yellow", "training": "cyan"}
+    for r in rows:
+        state = r["state"] + (f" ({r['slurm_state']})" if r["slurm_state"] and r["slurm_state"].lower() not in r["state"] else "")
+        if r["error"]:
+            state += f"\n{r['error']}"
+        step = f"{r['step']}/{r['max_steps']}" if r["step"] is not None else ""
+        table.add_row(r["hypothesis"], r["job_id"], f"[{colours.get(r['state'], 'white')}]{state}[/]", step,
+                      f"{r['loss']:.4f}" if r["loss"] is not None else "",
+                      f"{r['images_per_s']:.1f}" if r["images_per_s"] else "", _fmt_eta(r["eta_s"]), r["log"] or "")
+    Console().print(table)  # the table is the command's output: stdout (progress and status lines go to stderr)
+    return 0
+
+
+def _collect(args) -> int:
+    from facevae_dist.progress import info
+    from facevae_dist.sweep import collect_sweep
+
+    result = collect_sweep(args.sweep_dir, args.out)
+    info(f"report: {result['table_md']}")
+    return 0
+
+
+def register(sub) -> None:
+    sweep = sub.add_parser("sweep", help="run the hypothesis grid as a Slurm job array (submitit)",
+                           description="Submit the paper's hypothesis grid as one Slurm job array, watch it, and "
+                           "collect the paper-style report.")
+    sweep_sub = sweep.add_subparsers(dest="sweep_command", metavar="ACTION", parser_class=type(sweep))
+    sweep.set_defaults(_parser=sweep)
+
+    p = sweep_sub.add_parser("submit", help="submit (or resume) a sweep", epilog=SUBMIT_EPILOG,
+                             formatter_class=argparse.RawDescriptionHelpFormatter,
+                             description="Submit every unfinished hypothesis of a grid as one job array.")
+    p.add_argument("--grid", default="paper15", help="paper15 (5 losses x 3 mask modes, default), paper10 (the "
+                   "paper's ten runs) or named4 (H1, H5, H6, H9)")
+    p.add_argument("--hypotheses", help="comma-separated names/aliases instead of a grid, e.g. l2/none,H9")
+    p.add_argument("--shards", required=True, help="shards directory (shared by all nodes)")
+    p.add_argument("--out", required=True, help="sweep directory (shared by all nodes); rerun to resume")
+    p.add_argument("--cluster", default="slurm", choices=["slurm", "local", "debug"],
+                   help="slurm (default), local (subprocesses on this machine) or debug (in this process)")
+    p.add_argument("--partition", help="Slurm partition")
+    p.add_argument("--nodes", type=int, default=1, help="nodes per hypothesis (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node = ranks per node (default 0: CPU, 1 rank)")
+    p.add_argument("--cpus-per-task", type=int, default=2, help="CPUs per rank (data workers + 1; default 2)")
+    p.add_argument("--mem-gb", type=float, help="memory per node in GB")
+    p.add_argument("--timeout-min", type=int, default=24 * 60, help="time limit per run of an element (default 1440)")
+    p.add_argument("--array-parallelism", type=int, default=15, help="elements running at once (default 15)")
+    p.add_argument("--signal-delay-s", type=int, default=120,
+                   help="preemption signal this long before the time limit (default 120)")
+    p.add_argument("--max-num-timeout", type=int, default=30, help="requeues after time limits (default 30)")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--constraint")
+    p.add_argument("--eval-split", default="test", help="split evaluated after training (default test)")
+    p.add_argument("--eval-limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="training override for every element, e.g. --set max_steps=100000 (repeatable)")
+    p.add_argument("--wait", action="store_true", help="wait for every element to end, then print the status")
+    p.set_defaults(func=_submit, _parser=p)
+
+    p = sweep_sub.add_parser("status", help="table of every hypothesis: state, step, loss, images/s, ETA, log",
+                             description="State from Slurm (sacct) and from each element's own record, progress "
+                             "from its metrics.jsonl, and where its log is.")
+    p.add_argument("sweep_dir")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_status, _parser=p)
+
+    p = sweep_sub.add_parser("collect", help="the paper-style report over the finished hypotheses",
+                             description="Runs `facevae report` over every finished element (default out: "
+                             "SWEEP_DIR/report).")
+    p.add_argument("sweep_dir")
+    p.add_argument("--out", help="report directory (default SWEEP_DIR/report)")
+    p.set_defaults(func=_collect, _parser=p)

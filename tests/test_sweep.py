@@ -1,0 +1,166 @@
+"""Sweeps as job arrays on a REAL local Slurm (slurmctld + slurmd + slurmdbd started by the fixture) and on
+submitit's local executor: completion + report, preemption -> requeue -> resume from the checkpoint step, a failing
+element that does not stop the others, a cancelled element, resubmission that skips finished work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from facevae_dist.cli import main
+from facevae_dist.sweep import MANIFEST, SlurmOptions, submit_sweep, sweep_status
+
+pytestmark = [pytest.mark.slow]
+
+TINY = ["model.width=0.125", "model.image_size=36", "data.batch_size=4", "data.workers=0", "log_every=1",
+        "sample_every=0", "mixed_precision=no", "val_batches=2"]
+ONE_CPU = SlurmOptions(cpus_per_task=1, timeout_min=20, array_parallelism=2, signal_delay_s=5)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from facevae_dist.data.shards import ShardOptions, build_shards
+    from facevae_dist.data.sources import make_source
+
+    out = tmp_path_factory.mktemp("sweep_shards") / "synthetic"
+    build_shards(make_source("synthetic", n=120, seed=0), out, ShardOptions(image_size=36, shard_size=20), workers=1)
+    return out
+
+
+def _wait(predicate, timeout: float, what: str, every: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _rows(sweep_dir) -> dict[str, dict]:
+    return {r["hypothesis"]: r for r in sweep_status(sweep_dir)}
+
+
+def _element(sweep_dir: Path, slug: str) -> dict:
+    try:
+        return json.loads((sweep_dir / slug / "element.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _job_id(sweep_dir: Path, name: str) -> str:
+    return json.loads((sweep_dir / MANIFEST).read_text())["hypotheses"][name]["job_ids"][-1]
+
+
+@pytest.mark.slurm
+def test_grid_on_slurm_completes_and_reports_and_resubmit_skips(slurm_cluster, shards, tmp_path):
+    out = tmp_path / "sweep"
+    names = ["l2/none", "l2/mask+decoder", "ssim/mask"]
+    submit_sweep(out, shards, hypotheses=names, cluster="slurm", slurm=ONE_CPU, eval_limit=8, wait=True,
+                 overrides=[*TINY, "max_steps=4", "val_every=2", "ckpt_every=2"])
+    def all_completed():
+        rows = _rows(out)
+        return rows if all(rows[n]["slurm_state"] == "COMPLETED" for n in names) else None
+
+    rows = _wait(all_completed, 30, "sacct to report COMPLETED")
+    assert {n: rows[n]["state"] for n in names} == {n: "finished" for n in names}
+    assert all(rows[n]["step"] == 4 for n in names)
+    manifest = json.loads((out / MANIFEST).read_text())
+    ids = {n: manifest["hypotheses"][n]["job_ids"] for n in names}
+    assert len({i[0].split("_")[0] for i in ids.values()}) == 1, "one job array for the whole grid"
+    assert sorted(manifest["hypotheses"][n]["array_index"] for n in names) == [0, 1, 2]
+    assert (out / "code").is_dir() and any((out / "code").glob("*/facevae_dist/train.py"))
+
+    assert main(["sweep", "collect", str(out)]) == 0
+    table = (out / "report" / "table.md").read_text()
+    assert "| l2 | no |" in table and "| SSIM |" in table
+
+    # resubmitting the same sweep submits nothing: every hypothesis is finished
+    submit_sweep(out, shards, hypotheses=names, cluster="slurm", slurm=ONE_CPU,
+                 overrides=[*TINY, "max_steps=4", "val_every=2", "ckpt_every=2"])
+    manifest2 = json.loads((out / MANIFEST).read_text())
+    assert {n: manifest2["hypotheses"][n]["job_ids"] for n in names} == ids
+
+
+@pytest.mark.slurm
+def test_preempted_element_is_requeued_and_resumes_from_its_checkpoint(slurm_cluster, shards, tmp_path):
+    import submitit
+
+    out = tmp_path / "sweep"
+    submit_sweep(out, shards, hypotheses=["l2/none"], cluster="slurm", slurm=ONE_CPU, eval_limit=8,
+                 overrides=[*TINY, "max_steps=250", "val_every=0", "ckpt_every=10"])
+    job_id = _job_id(out, "l2/none")
+    run = out / "l2--none"
+    # interrupt once a checkpoint exists and training goes on
+    _wait(lambda: list((run / "checkpoints").glob("step_*/meta.json")) if (run / "checkpoints").is_dir() else None,
+          180, "a first checkpoint")
+    submitit.SlurmJob(folder=out / "logs", job_id=job_id)._interrupt()  # SIGTERM + USR2, as a preemption
+
+    done = _wait(lambda: _element(out, "l2--none").get("state") == "finished" and _element(out, "l2--none"),
+                 300, "the requeued element to finish", every=1)
+    assert done["restarts"] >= 1, "the element was requeued"
+    assert done["start_step"] >= 10, f"the requeued run restarted from scratch: {done}"
+    assert done["step"] == 250
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "loss" in line and '"split"' not in line]
+    assert steps == list(range(1, 251)), "the step counter continues across the requeue, without gaps or repeats"
+    assert "REQUEUE" in subprocess.run(["sacct", "-j", job_id, "-D", "-X", "-n", "-o", "State"],
+                                       capture_output=True, text=True).stdout
+
+
+@pytest.mark.slurm
+def test_failing_and_cancelled_elements_do_not_stop_the_others(slurm_cluster, shards, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    # l1/none gets a corrupt checkpoint to resume from -> fails with its traceback
+    bad = out / "l1--none" / "checkpoints" / "step_2"
+    bad.mkdir(parents=True)
+    (bad / "meta.json").write_text("{}")
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    opts = SlurmOptions(cpus_per_task=1, timeout_min=20, array_parallelism=2, signal_delay_s=5)
+    submit_sweep(out, shards, hypotheses=["l2/none", "l1/none"], cluster="slurm", slurm=opts, eval_limit=8,
+                 overrides=[*TINY, "max_steps=4", "val_every=0", "ckpt_every=2"])
+    # a long element, cancelled by the user while it trains
+    submit_sweep(out, shards, hypotheses=["ssim/none"], cluster="slurm", slurm=opts, eval_limit=8,
+                 overrides=[*TINY, "max_steps=100000", "val_every=0", "ckpt_every=1000"])
+    victim = _job_id(out, "ssim/none")
+    _wait(lambda: _element(out, "ssim--none").get("state") == "training", 180, "ssim/none to start training")
+    subprocess.run(["scancel", victim], check=True)
+
+    def settled():
+        rows = _rows(out)
+        return rows if rows["l2/none"]["state"] == "finished" and rows["l1/none"]["state"] == "failed" \
+            and rows["ssim/none"]["slurm_state"] not in ("", "PENDING", "RUNNING") else None
+
+    rows = _wait(settled, 240, "the three elements to settle", every=1)
+    assert "checkpoint" in (rows["l1/none"]["error"] or "").lower()
+    assert "Traceback" in _element(out, "l1--none")["traceback"]
+    assert rows["ssim/none"]["state"] == "cancelled"
+    assert main(["sweep", "status", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "failed" in shown and "finished" in shown
+
+
+def test_local_cluster_runs_the_same_grid_without_slurm(shards, tmp_path):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "submit", "--hypotheses", "l2/none,l2/mask+decoder", "--shards", str(shards),
+                 "--out", str(out), "--cluster", "local", "--eval-limit", "8", "--wait",
+                 *[a for kv in [*TINY, "max_steps=3", "val_every=3", "ckpt_every=3"] for a in ("--set", kv)]]) == 0
+    rows = _rows(out)
+    assert rows["l2/none"]["state"] == rows["l2/mask+decoder"]["state"] == "finished"
+    assert (out / "l2--mask+decoder" / "eval" / "metrics.json").is_file()
+
+
+def test_sweep_bad_input_is_one_line(shards, tmp_path, capsys):
+    assert main(["sweep", "submit", "--grid", "nope", "--shards", str(shards), "--out", str(tmp_path / "s"),
+                 "--cluster", "local"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["sweep", "submit", "--shards", str(tmp_path / "missing"), "--out", str(tmp_path / "s"),
+                 "--cluster", "local"]) == 2
+    assert "manifest.json" in capsys.readouterr().err
+    assert main(["sweep", "status", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert "sweep.json" in err and "Traceback" not in err
