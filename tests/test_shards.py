@@ -196,3 +196,54 @@ def test_celebamask_hq_layout(tmp_path):
     assert mask[8, 8] == 255 and mask[0, 0] == 0 and mask[15, 8] == 0  # skin in, cloth out
     assert json.loads(fields["json"])["celeba_index"] == 10
     assert set(CELEBAMASK_HQ_PARTS) >= {"skin", "cloth"}
+
+
+def test_folder_source_with_mask_dir(tmp_path, capsys):
+    photos, masks = tmp_path / "photos", tmp_path / "masks"
+    (photos / "sub").mkdir(parents=True)
+    masks.mkdir()
+    (masks / "sub").mkdir()
+    rng = np.random.default_rng(0)
+    binary = np.zeros((40, 30), np.uint8)
+    binary[10:30, 5:25] = 255
+    label = np.zeros((40, 30), np.uint8)
+    label[10:30, 5:25] = 17  # hair: face
+    label[30:] = 16  # cloth: not face
+    for i, name in enumerate(["a.jpg", "b.png", "sub/c.jpg", "d.jpg"]):
+        Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(photos / name)
+        if name != "d.jpg":
+            Image.fromarray(binary if i != 1 else label).save(masks / Path(name).with_suffix(".png"))
+    args = ["--source", "folder", "--root", str(photos), "--masks", str(masks), "--split-ratios", "1,0,0"]
+    capsys.readouterr()
+    assert build(tmp_path / "s", *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "d.jpg: no mask" in err
+    assert build(tmp_path / "s", *args, "--on-missing-mask", "skip", "--image-size", "10") == 0
+    assert (tmp_path / "s" / "errors.tsv").read_text().startswith("train\td.jpg\tno mask")
+    samples = [s for shard in sorted((tmp_path / "s" / "train").glob("*.tar")) for s in iter_tar(shard)]
+    metas = [json.loads(f["json"]) for _, f in samples]
+    assert [m["source_id"] for m in metas] == ["a.jpg", "b.png", "sub/c.jpg"]
+    for _, fields in samples:  # both the 0/255 mask and the label map give the same face box
+        mask = np.asarray(Image.open(__import__("io").BytesIO(fields["mask.png"])))
+        assert mask[5, 5] == 255 and mask[0, 0] == 0 and mask[9, 5] == 0
+
+
+@pytest.mark.slow
+def test_folder_source_auto_masks_on_a_real_photo(tmp_path):
+    pytest.importorskip("mediapipe", reason="optional extra facevae-dist[masks] not installed")
+    import shutil
+
+    import matplotlib.cbook
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False), photos / "hopper.jpg")
+    Image.new("RGB", (96, 96), (30, 90, 200)).save(photos / "plain.png")  # no face in it
+    out = tmp_path / "s"
+    assert build(out, "--source", "folder", "--root", str(photos), "--split-ratios", "1,0,0", "--image-size", "48") == 0
+    assert "plain.png\tno face found" in (out / "errors.tsv").read_text()
+    (_, fields), = list(iter_tar(out / "train" / "shard-000000.tar"))
+    mask = np.asarray(Image.open(__import__("io").BytesIO(fields["mask.png"]))) > 127
+    assert 0.1 < mask.mean() < 0.6  # a face+hair blob, not empty and not the whole frame
+    # The face (upper centre) is in; the flag at the side and the uniform below the chin are out.
+    assert mask[10:20, 20:30].all() and not mask[:, :8].any() and not mask[36:].any()

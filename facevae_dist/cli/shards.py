@@ -14,6 +14,10 @@ sources and the layout each expects under --root:
                   face-parsing label-map PNGs named like the images: ROOT/mask_faceparsing/ (the paper's) or --masks DIR
   celebamask-hq   CelebA-HQ-img/<id>.jpg, CelebAMask-HQ-mask-anno/<k>/<id:05d>_<part>.png and
                   CelebA-HQ-to-CelebA-mapping.txt (gives the official split)
+  folder          any folder of face photos (recursive); masks from --masks DIR (one PNG per photo at the same
+                  relative path: 0/255 mask or 19-class label map) or --masks auto (default: offline MediaPipe
+                  face+hair extractor, an optional install: see facevae_dist/data/mediapipe_mask.py); photos where
+                  no face is found are skipped and listed; split by --split-ratios over the sorted file list
 
 face mask = label map minus background, ears, earring, neck, necklace and cloth (the paper's definition: hair, hat
 and glasses count as face). Stored as a 1-channel PNG: the 0/255 mask resized bilinearly, so edges are soft.
@@ -110,14 +114,15 @@ def register(sub) -> None:
                                   description="Build train/val/test WebDataset shards from a face source.",
                                   epilog=BUILD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = build.add_argument_group("source")
-    src.add_argument("--source", default="synthetic", choices=["synthetic", "celeba", "celebamask-hq"],
+    src.add_argument("--source", default="synthetic", choices=["synthetic", "celeba", "celebamask-hq", "folder"],
                      help="where faces come from (default synthetic)")
-    src.add_argument("--root", help="dataset root directory (celeba, celebamask-hq)")
-    src.add_argument("--masks", help="celeba: folder of label-map PNGs (default ROOT/mask_faceparsing)")
+    src.add_argument("--root", help="dataset root directory (celeba, celebamask-hq, folder)")
+    src.add_argument("--masks", help="celeba: folder of label-map PNGs (default ROOT/mask_faceparsing); "
+                     "folder: 'auto' (default, MediaPipe extractor) or a folder of mask/label-map PNGs")
     src.add_argument("--n", type=int, default=2000, help="synthetic: number of images (default 2000)")
     src.add_argument("--seed", type=int, default=0, help="synthetic: generator seed (default 0)")
     src.add_argument("--split-ratios", type=_ratios, default=None, metavar="TRAIN,VAL,TEST",
-                     help="synthetic: split fractions (default 0.8,0.1,0.1)")
+                     help="synthetic, folder: split fractions (default 0.8,0.1,0.1)")
     src.add_argument("--on-missing-mask", choices=["error", "skip"], default="error",
                      help="an image without a label map: stop with an error naming it (default), or skip it "
                      "(listed in errors.tsv)")

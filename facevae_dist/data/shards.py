@@ -406,6 +406,7 @@ def _overlay_tile(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def write_contact_sheet(tiles: list[np.ndarray], path: Path, cols: int = 8) -> None:
     h, w, _ = tiles[0].shape
+    cols = min(cols, len(tiles))
     rows = -(-len(tiles) // cols)
     sheet = np.full((rows * (h + 2), cols * (w + 2), 3), 255, np.uint8)
     for i, tile in enumerate(tiles):

@@ -308,7 +308,84 @@ class CelebAMaskHQSource(Source):
         return {"name": self.name, "root": str(Path(self.root).resolve()), "on_missing_mask": self.on_missing_mask}
 
 
-SOURCES = ("synthetic", "celeba", "celebamask-hq")
+# ------------------------------------------------------------------------------------------------ folder
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+
+@dataclass
+class FolderSource(Source):
+    """Any folder of face photos (searched recursively, sorted by relative path). Masks come from --masks DIR
+    (one PNG per image at the same relative path with .png suffix: a 0/255 (or 0/1) binary mask, or a 19-class
+    label map, told apart by its values) or are extracted with the offline MediaPipe recipe (--masks auto).
+    Split: contiguous blocks of the sorted list by --split-ratios, like CelebA's partition file."""
+
+    root: Path
+    masks: str = "auto"  # "auto" or a directory
+    on_missing_mask: str = "error"
+    split_ratios: tuple[float, float, float] = synthetic.DEFAULT_SPLIT_RATIOS
+    name = "folder"
+
+    def _images(self) -> list[str]:
+        root = Path(self.root)
+        names = [str(p.relative_to(root)) for p in root.rglob("*")
+                 if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")]
+        if self.masks != "auto":
+            mask_dir = Path(self.masks).resolve()
+            names = [n for n in names if mask_dir not in (root / n).resolve().parents]
+        return sorted(names)
+
+    def _mask_path(self, name: str) -> Path:
+        return Path(self.masks) / Path(name).with_suffix(".png")
+
+    def plan(self) -> SourcePlan:
+        root = Path(self.root)
+        _require_dir(root, "photo folder", "pass --root DIR holding face photos (jpg/png/...)")
+        if self.masks == "auto":
+            from facevae_dist.data import mediapipe_mask
+
+            mediapipe_mask.require()
+        else:
+            _require_dir(Path(self.masks), "mask folder", "pass --masks DIR with one PNG per photo, or --masks auto")
+        names = self._images()
+        if not names:
+            raise DataError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} recursively)")
+        plan = SourcePlan({s: [] for s in SPLITS})
+        for i, name in enumerate(names):
+            split = synthetic.split_for_index(i, len(names), self.split_ratios)
+            if self.masks != "auto" and not self._mask_path(name).is_file():
+                if self.on_missing_mask == "skip":
+                    plan.skipped.append((split, name, f"no mask {self._mask_path(name)}"))
+                    continue
+                raise DataError(f"{root / name}: no mask {self._mask_path(name)} "
+                                "(use --on-missing-mask skip to leave such images out, or --masks auto)")
+            plan.items[split].append(Item(name, split, name))
+        return plan
+
+    def load(self, item: Item) -> Record:
+        image = _read_rgb(Path(self.root) / item.ref, item.source_id)
+        if self.masks == "auto":
+            from facevae_dist.data.mediapipe_mask import extract_face_mask
+
+            mask = extract_face_mask(image)
+            if mask is None:
+                raise CorruptSample("no face found by the MediaPipe extractor")
+            return Record(item.source_id, item.split, image, mask=mask, meta={"mask": "mediapipe"})
+        values = _read_label(self._mask_path(item.ref))
+        if values.max() > 18:  # a 0/255 binary mask (no label map has values above 18)
+            mask = values > 127
+        else:  # a label map (a 0/1 mask reads the same: 1 = skin = face)
+            from facevae_dist.data.masks import labelmap_to_mask
+
+            mask = labelmap_to_mask(values)
+        return Record(item.source_id, item.split, image, mask=mask)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "root": str(Path(self.root).resolve()),
+                "masks": "auto" if self.masks == "auto" else str(Path(self.masks).resolve()),
+                "on_missing_mask": self.on_missing_mask, "split_ratios": list(self.split_ratios)}
+
+
+SOURCES = ("synthetic", "celeba", "celebamask-hq", "folder")
 
 
 def make_source(name: str, *, root: str | Path | None = None, masks: str | Path | None = None, n: int = 2000,
@@ -323,6 +400,9 @@ def make_source(name: str, *, root: str | Path | None = None, masks: str | Path 
         raise UsageError(f"--source {name} needs --root DIR")
     if name == "celeba":
         return CelebASource(Path(root), Path(masks) if masks else None, on_missing_mask)
+    if name == "folder":
+        return FolderSource(Path(root), str(masks) if masks else "auto", on_missing_mask,
+                            split_ratios or synthetic.DEFAULT_SPLIT_RATIOS)
     if name == "celebamask-hq":
         if masks:
             raise UsageError("--masks applies to --source celeba (celebamask-hq reads its own part masks)")
