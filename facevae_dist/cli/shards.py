@@ -134,8 +134,9 @@ def register(sub) -> None:
                      "centered square, aspect ratio kept")
     out.add_argument("--format", choices=["jpg", "png"], default="jpg", help="image encoding in shards (default jpg)")
     out.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1-100 (default 95)")
-    out.add_argument("--shard-size", type=int, default=1000,
-                     help="samples per shard (default 1000; keep shards >= ranks x loader workers per split)")
+    out.add_argument("--shard-size", type=int, default=None,
+                     help="samples per shard (default auto: ~64 train shards, at most 1000 samples each); the loader "
+                     "needs at least ranks x loader workers shards per split it reads")
     out.add_argument("--workers", type=int, default=1, help="parallel processes (default 1; output identical)")
     out.add_argument("--overwrite", action="store_true", help="delete an existing dataset in --out and start over")
     build.set_defaults(func=_build, _parser=build)

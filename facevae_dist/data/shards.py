@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -47,7 +47,7 @@ class ShardOptions:
     resize: str = "squash"  # the paper squashes 178x218 -> 144x144; center-crop keeps the aspect ratio
     image_format: str = "jpg"
     jpeg_quality: int = 95
-    shard_size: int = 1000
+    shard_size: int | None = None  # None: auto, see resolve_shard_size
 
     def validate(self) -> None:
         if not 8 <= self.image_size <= 2048:
@@ -58,8 +58,17 @@ class ShardOptions:
             raise UsageError(f"--format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise UsageError(f"--jpeg-quality must be in [1, 100], got {self.jpeg_quality}")
-        if self.shard_size < 1:
+        if self.shard_size is not None and self.shard_size < 1:
             raise UsageError(f"--shard-size must be >= 1, got {self.shard_size}")
+
+
+AUTO_SHARDS_TARGET, AUTO_SHARD_MAX = 64, 1000
+
+
+def resolve_shard_size(n_train: int) -> int:
+    """Auto shard size: about 64 train shards (so 8 ranks x 8 loader workers each get one and small sets still
+    split), at most 1000 samples (~13 MB at 144 px JPEG q95) per shard."""
+    return max(1, min(AUTO_SHARD_MAX, -(-n_train // AUTO_SHARDS_TARGET)))
 
 
 def package_version() -> str:
@@ -194,6 +203,8 @@ def build_shards(source: Source, out: str | os.PathLike, opts: ShardOptions | No
         raise UsageError(f"--workers must be >= 1, got {workers}")
     out = Path(out)
     plan = source.plan()  # layout errors surface here, before anything is written
+    if opts.shard_size is None:
+        opts = replace(opts, shard_size=resolve_shard_size(len(plan.items["train"])))
     identity = _identity(source, opts)
     _prepare_out_dir(out, identity, overwrite)
 
