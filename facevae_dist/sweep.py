@@ -16,6 +16,7 @@ Layout of SWEEP_DIR:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -45,6 +46,7 @@ class SlurmOptions:
     partition: str | None = None
     nodes: int = 1
     gpus_per_node: int = 0  # 0 = CPU; otherwise one task (rank) per GPU
+    tasks_per_node: int | None = None  # ranks per node; None = one per GPU (1 on CPU); >1 on CPU = gloo ranks
     cpus_per_task: int = 2
     mem_gb: float | None = None
     timeout_min: int = 24 * 60
@@ -61,13 +63,18 @@ class SlurmOptions:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
         if self.gpus_per_node < 0:
             raise UsageError(f"--gpus-per-node {self.gpus_per_node}: must be >= 0")
+        if self.tasks_per_node is not None and self.tasks_per_node < 1:
+            raise UsageError(f"--tasks-per-node {self.tasks_per_node}: must be >= 1")
+        if self.tasks_per_node and self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
+            raise UsageError(f"--tasks-per-node {self.tasks_per_node} with --gpus-per-node {self.gpus_per_node}: "
+                             "the trainer runs one rank per GPU; leave --tasks-per-node out")
         if self.signal_delay_s < 0 or self.max_num_timeout < 0:
             raise UsageError("--signal-delay-s and --max-num-timeout must be >= 0")
         return self
 
     @property
-    def tasks_per_node(self) -> int:
-        return max(1, self.gpus_per_node)
+    def ranks_per_node(self) -> int:
+        return self.tasks_per_node or max(1, self.gpus_per_node)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -98,12 +105,15 @@ class HypothesisTask:
         if env.num_tasks > 1:
             # ranks of this element (nodes x tasks_per_node) -> RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/PORT, which
             # Accelerate reads like torchrun's. Every rank keeps all GPUs visible and uses cuda:LOCAL_RANK.
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            # overwrite: stale RANK/MASTER_* inherited from the submitting shell must not win over this job's ranks
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         is_main = env.global_rank == 0
         preempt_signal = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
         submitit_handler = signal.getsignal(preempt_signal)  # submitit's checkpoint-and-requeue handler
         element = {"hypothesis": self.config.get("hypothesis"), "job_id": env.job_id, "hostname": env.hostname,
-                   "restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0")), "world_size": env.num_tasks}
+                   "restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0")), "world_size": env.num_tasks,
+                   # the package this element imports: SWEEP_DIR/code/<stamp>/ (the snapshot), not the live checkout
+                   "code": str(Path(__import__("facevae_dist").__file__).resolve().parent)}
         # where this run of the element starts: > 0 after a requeue (the proof that it resumed, not restarted)
         element["start_step"] = _latest_checkpoint_step(self.run_dir)
         try:
@@ -207,6 +217,8 @@ def element_configs(names: list[str], shards: str | Path, out: Path, overrides: 
         cfg.model.mask_mode = hyp.mask_mode
         cfg.loss.terms = hyp.loss_terms
         cfg.resume = "auto"
+        if cfg.deepspeed:  # jobs start in the code snapshot directory: relative paths would not resolve there
+            cfg.deepspeed = str(Path(cfg.deepspeed).resolve())
         configs[name] = cfg.validate().to_dict()
     return configs
 
@@ -236,7 +248,7 @@ def _make_executor(cluster: str, folder: Path, slurm: SlurmOptions, code_dir: Pa
     import submitit
 
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster, slurm_max_num_timeout=slurm.max_num_timeout)
-    params = dict(name=name, timeout_min=slurm.timeout_min, nodes=slurm.nodes, tasks_per_node=slurm.tasks_per_node,
+    params = dict(name=name, timeout_min=slurm.timeout_min, nodes=slurm.nodes, tasks_per_node=slurm.ranks_per_node,
                   cpus_per_task=slurm.cpus_per_task)
     if slurm.gpus_per_node:
         params["gpus_per_node"] = slurm.gpus_per_node
@@ -296,11 +308,15 @@ def submit_sweep(out: str | Path, shards: str | Path, *, grid: str = "paper15", 
     code_dir = snapshot_code(out)
     executor = _make_executor(cluster, out / "logs", slurm, code_dir, name=f"facevae-{out.name}")
     tasks = [HypothesisTask(configs[n], eval_split, eval_limit) for n in todo]
-    # local/debug jobs inherit this process's environment: put the snapshot first there too
+    # local jobs inherit this process's environment: put the snapshot first there too (debug runs in this process
+    # and imports the live package). Jobs start in the submitting directory, and `python -m submitit...` puts that
+    # directory first on sys.path, so a submission from the checkout would import the live package: submit from
+    # the snapshot directory instead (every path in the element configs is absolute).
     old_path = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = str(code_dir) + (os.pathsep + old_path if old_path else "")
     try:
-        with submitit.helpers.clean_env():  # submitting from inside an allocation: drop the inherited SLURM_* vars
+        # clean_env: submitting from inside an allocation must not hand its SLURM_* variables to the new jobs
+        with contextlib.chdir(code_dir), submitit.helpers.clean_env():
             # batch() = one job array; each element's function is the task itself, so submitit finds its
             # checkpoint() (map_array(fn, args) would hide it behind fn)
             with executor.batch():
@@ -428,11 +444,11 @@ def collect_sweep(sweep_dir: str | Path, out: str | Path | None = None) -> dict:
     sweep_dir = Path(sweep_dir)
     rows = sweep_status(sweep_dir)
     manifest = _read_json(sweep_dir / MANIFEST)
-    finished = [Path(manifest["hypotheses"][r["hypothesis"]]["run_dir"]) for r in rows
-                if is_finished(Path(manifest["hypotheses"][r["hypothesis"]]["run_dir"]))]
+    run_dirs = {r["hypothesis"]: Path(manifest["hypotheses"][r["hypothesis"]]["run_dir"]) for r in rows}
+    finished = [d for d in run_dirs.values() if is_finished(d)]
     if not finished:
         raise FaceVAEError(f"{sweep_dir}: no finished hypothesis yet (see `facevae sweep status {sweep_dir}`)")
-    missing = [r["hypothesis"] for r in rows if Path(manifest["hypotheses"][r["hypothesis"]]["run_dir"]) not in finished]
+    missing = [name for name, d in run_dirs.items() if d not in finished]
     if missing:
         info(f"not in the report (unfinished): {', '.join(missing)}")
     return make_report(finished, Path(out) if out else sweep_dir / "report")

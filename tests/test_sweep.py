@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +28,8 @@ def shards(tmp_path_factory):
     from facevae_dist.data.sources import make_source
 
     out = tmp_path_factory.mktemp("sweep_shards") / "synthetic"
-    build_shards(make_source("synthetic", n=120, seed=0), out, ShardOptions(image_size=36, shard_size=20), workers=1)
+    # 6 per shard: val and test get 2 shards each, so each rank of the 2-rank element has its own
+    build_shards(make_source("synthetic", n=120, seed=0), out, ShardOptions(image_size=36, shard_size=6), workers=1)
     return out
 
 
@@ -73,7 +75,9 @@ def test_grid_on_slurm_completes_and_reports_and_resubmit_skips(slurm_cluster, s
     ids = {n: manifest["hypotheses"][n]["job_ids"] for n in names}
     assert len({i[0].split("_")[0] for i in ids.values()}) == 1, "one job array for the whole grid"
     assert sorted(manifest["hypotheses"][n]["array_index"] for n in names) == [0, 1, 2]
-    assert (out / "code").is_dir() and any((out / "code").glob("*/facevae_dist/train.py"))
+    # the elements imported the snapshot taken at submit time, not the live checkout
+    code = {Path(_element(out, manifest["hypotheses"][n]["slug"])["code"]) for n in names}
+    assert len(code) == 1 and code.pop().parent.parent == out / "code"
 
     assert main(["sweep", "collect", str(out)]) == 0
     table = (out / "report" / "table.md").read_text()
@@ -84,6 +88,29 @@ def test_grid_on_slurm_completes_and_reports_and_resubmit_skips(slurm_cluster, s
                  overrides=[*TINY, "max_steps=4", "val_every=2", "ckpt_every=2"])
     manifest2 = json.loads((out / MANIFEST).read_text())
     assert {n: manifest2["hypotheses"][n]["job_ids"] for n in names} == ids
+
+
+@pytest.mark.slurm
+@pytest.mark.distributed
+def test_two_rank_element_submitted_from_inside_an_allocation(slurm_cluster, shards, tmp_path):
+    """The sweep is submitted from a job step (SLURM_* of that allocation in the environment, stripped by
+    clean_env); its element runs 2 ranks (tasks_per_node=2) wired by submitit into one DDP run over gloo."""
+    out = tmp_path / "sweep"
+    script = (
+        "import sys; from facevae_dist.sweep import SlurmOptions, submit_sweep; "
+        "submit_sweep(sys.argv[1], sys.argv[2], hypotheses=['l2/mask'], cluster='slurm', eval_limit=8, "
+        "slurm=SlurmOptions(tasks_per_node=2, cpus_per_task=1, timeout_min=20, signal_delay_s=5), "
+        "overrides=sys.argv[3:])")
+    submit = subprocess.run(["srun", "-n1", "-c1", sys.executable, "-c", script, str(out), str(shards), *TINY,
+                             "max_steps=3", "val_every=3", "ckpt_every=3"], capture_output=True, text=True,
+                            timeout=120)
+    assert submit.returncode == 0, submit.stderr[-2000:]
+    _wait(lambda: _element(out, "l2--mask").get("state") in ("finished", "failed"), 240, "the element to end", 1)
+    element = _element(out, "l2--mask")
+    assert element["state"] == "finished", element.get("traceback")
+    assert element["world_size"] == 2
+    assert json.loads((out / "l2--mask" / "env.json").read_text())["world_size"] == 2
+    assert json.loads((out / "l2--mask" / "eval" / "metrics.json").read_text())["n_images"] == 8
 
 
 @pytest.mark.slurm

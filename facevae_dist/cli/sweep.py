@@ -25,6 +25,7 @@ def _submit(args) -> int:
     from facevae_dist.sweep import SlurmOptions, submit_sweep
 
     slurm = SlurmOptions(partition=args.partition, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                         tasks_per_node=args.tasks_per_node,
                          cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, timeout_min=args.timeout_min,
                          array_parallelism=args.array_parallelism, signal_delay_s=args.signal_delay_s,
                          max_num_timeout=args.max_num_timeout, account=args.account, qos=args.qos,
@@ -41,7 +42,9 @@ def _fmt_eta(seconds) -> str:
     if seconds is None:
         return ""
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _status(args) -> int:
@@ -61,7 +64,9 @@ def _status(args) -> int:
         table.add_column(col, overflow="fold")
     colours = {"finished": "green", "failed": "red", "cancelled": "yellow", "training": "cyan"}
     for r in rows:
-        state = r["state"] + (f" ({r['slurm_state']})" if r["slurm_state"] and r["slurm_state"].lower() not in r["state"] else "")
+        state = r["state"]
+        if r["slurm_state"] and r["slurm_state"].lower() not in state:
+            state += f" ({r['slurm_state']})"
         if r["error"]:
             state += f"\n{r['error']}"
         step = f"{r['step']}/{r['max_steps']}" if r["step"] is not None else ""
@@ -100,7 +105,10 @@ def register(sub) -> None:
                    help="slurm (default), local (subprocesses on this machine) or debug (in this process)")
     p.add_argument("--partition", help="Slurm partition")
     p.add_argument("--nodes", type=int, default=1, help="nodes per hypothesis (default 1)")
-    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node = ranks per node (default 0: CPU, 1 rank)")
+    p.add_argument("--gpus-per-node", type=int, default=0,
+                   help="GPUs per node = ranks per node (default 0: CPU, 1 rank)")
+    p.add_argument("--tasks-per-node", type=int, help="ranks per node (default: one per GPU, 1 on CPU); set it "
+                   "only for multi-rank CPU training over gloo")
     p.add_argument("--cpus-per-task", type=int, default=2, help="CPUs per rank (data workers + 1; default 2)")
     p.add_argument("--mem-gb", type=float, help="memory per node in GB")
     p.add_argument("--timeout-min", type=int, default=24 * 60, help="time limit per run of an element (default 1440)")
@@ -108,9 +116,9 @@ def register(sub) -> None:
     p.add_argument("--signal-delay-s", type=int, default=120,
                    help="preemption signal this long before the time limit (default 120)")
     p.add_argument("--max-num-timeout", type=int, default=30, help="requeues after time limits (default 30)")
-    p.add_argument("--account")
-    p.add_argument("--qos")
-    p.add_argument("--constraint")
+    p.add_argument("--account", help="Slurm account to charge")
+    p.add_argument("--qos", help="Slurm quality of service")
+    p.add_argument("--constraint", help="Slurm node feature constraint, e.g. a100")
     p.add_argument("--eval-split", default="test", help="split evaluated after training (default test)")
     p.add_argument("--eval-limit", type=int, help="evaluate only the first N images")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
