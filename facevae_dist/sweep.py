@@ -131,6 +131,10 @@ class HypothesisTask:
                 return {"hypothesis": self.config.get("hypothesis"), "state": "preempted", **summary}
             if is_main:
                 self._write_element({**element, "state": "evaluating", "step": summary["step"]})
+            if env.num_tasks > 1:
+                # train() closed its process group; evaluate() opens a new one. On the same MASTER_PORT a fast rank
+                # can reach rank 0's old, closing rendezvous store and hang: give the new group its own port.
+                os.environ["MASTER_PORT"] = str(_eval_port(env.job_id, int(os.environ["MASTER_PORT"])))
             result = evaluate(self.run_dir, self.config["data"]["shards"], split=self.eval_split,
                               limit=self.eval_limit)
             if is_main:
@@ -158,6 +162,14 @@ class HypothesisTask:
         atomic_write_json(self.run_dir / ELEMENT_FILE, {**record, "updated": time.time()})
 
 
+def _eval_port(job_id: str, train_port: int) -> int:
+    """A rendezvous port for the evaluation's process group: the same on every rank, never the training one."""
+    import random
+
+    port = random.Random(f"{job_id}-eval").randint(20000, 60000)
+    return port if port != train_port else port + 1
+
+
 def _latest_checkpoint_step(run_dir: Path) -> int:
     from facevae_dist.checkpoint import latest_checkpoint, step_of
 
@@ -165,24 +177,28 @@ def _latest_checkpoint_step(run_dir: Path) -> int:
     return step_of(latest) if latest is not None else 0
 
 
-PREEMPT_GRACE_S = 10.0
+PREEMPT_GRACE_S = 3.0
 
 
 def _should_requeue(signal_name: str | None, preempt_signal: int) -> bool:
     """After the trainer stopped on `signal_name` and saved: requeue this element?
 
-    The preemption signal (USR2) says "requeue". SIGTERM alone is ambiguous: Slurm preemption and submitit's
-    _interrupt send SIGTERM and then USR2, while `scancel` sends SIGTERM and then SIGKILL. So wait a little for the
-    preemption signal (submitit's handler is installed again and requeues by itself when it comes); if none comes,
-    requeue only if Slurm still says RUNNING (a cancelled or Slurm-requeued job is left alone)."""
+    The preemption signal (USR1/USR2) says "requeue". SIGTERM alone is ambiguous: submitit's _interrupt (and
+    clusters that preempt that way) send SIGTERM and then USR2, while `scancel` sends SIGTERM and then SIGKILL, and
+    Slurm's own preemption requeues the job itself. So give a USR2 a moment to land (submitit's handler is
+    installed again: it requeues and exits by itself), then requeue only if slurmctld still says RUNNING: a
+    cancelled job is COMPLETING/CANCELLED there at once, one Slurm requeues is no longer RUNNING."""
     if signal_name is None or signal_name != "SIGTERM":
         return True  # USR1/USR2 (or a peer rank's signal): a preemption
     deadline = time.time() + PREEMPT_GRACE_S
     while time.time() < deadline:
         time.sleep(0.2)  # the preemption signal lands here -> submitit requeues and exits; scancel -> SIGKILL
     job_id = os.environ.get("SLURM_JOB_ID")
-    return bool(job_id) and slurm_state(os.environ.get("SLURM_ARRAY_JOB_ID", job_id) + (
-        f"_{os.environ['SLURM_ARRAY_TASK_ID']}" if "SLURM_ARRAY_TASK_ID" in os.environ else "")) == "RUNNING"
+    if not job_id:
+        return False
+    if "SLURM_ARRAY_TASK_ID" in os.environ:
+        job_id = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return slurm_state(job_id, live=True) == "RUNNING"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -296,8 +312,9 @@ def submit_sweep(out: str | Path, shards: str | Path, *, grid: str = "paper15", 
             info(f"skip {name}: finished ({run_dir / 'eval' / 'metrics.json'})")
             continue
         last = entry["job_ids"][-1] if entry["job_ids"] else None
-        if last and entry.get("cluster") == "slurm" == cluster and slurm_state(last) in ACTIVE_STATES:
-            info(f"skip {name}: job {last} is still {slurm_state(last)}")
+        state = slurm_state(last) if last and entry.get("cluster") == "slurm" == cluster else ""
+        if state in ACTIVE_STATES:
+            info(f"skip {name}: job {last} is still {state}")
             continue
         todo.append(name)
     if not todo:
@@ -367,17 +384,26 @@ def wait_for_jobs(jobs) -> None:
 # Status and collection
 
 
-def slurm_state(job_id: str) -> str:
-    """Slurm's state of one job / array element via sacct (accounting), falling back to squeue; '' if unknown."""
-    try:
+def slurm_state(job_id: str, *, live: bool = False) -> str:
+    """Slurm's state of one job / array element ("RUNNING", "CANCELLED", ...; '' if unknown). From sacct (it also
+    knows finished jobs; needs accounting), falling back to squeue; live=True asks squeue (slurmctld) first, since
+    sacct can lag a second or two behind."""
+    def from_sacct() -> str:
         out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "JobID,State"], capture_output=True,
                              text=True, timeout=20)
         for line in out.stdout.splitlines():
             jid, _, state = line.partition("|")
             if jid == job_id and state:
                 return state.split()[0]  # "CANCELLED by 0" -> "CANCELLED"
+        return ""
+
+    def from_squeue() -> str:
         out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=20)
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+
+    try:
+        first, second = (from_squeue, from_sacct) if live else (from_sacct, from_squeue)
+        return first() or second()
     except (OSError, subprocess.SubprocessError):
         return ""
 
