@@ -108,6 +108,11 @@ class HypothesisTask:
             # overwrite: stale RANK/MASTER_* inherited from the submitting shell must not win over this job's ranks
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         is_main = env.global_rank == 0
+        if is_finished(self.run_dir):
+            # a duplicate or late run of a finished element (array task started twice, manual resubmission):
+            # leave the results as they are
+            return {"hypothesis": self.config.get("hypothesis"), "state": "finished", "skipped": True,
+                    "metrics_json": str(self.run_dir / "eval" / "metrics.json")}
         preempt_signal = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
         submitit_handler = signal.getsignal(preempt_signal)  # submitit's checkpoint-and-requeue handler
         element = {"hypothesis": self.config.get("hypothesis"), "job_id": env.job_id, "hostname": env.hostname,

@@ -178,7 +178,20 @@ def test_local_cluster_runs_the_same_grid_without_slurm(shards, tmp_path):
                  *[a for kv in [*TINY, "max_steps=3", "val_every=3", "ckpt_every=3"] for a in ("--set", kv)]]) == 0
     rows = _rows(out)
     assert rows["l2/none"]["state"] == rows["l2/mask+decoder"]["state"] == "finished"
-    assert (out / "l2--mask+decoder" / "eval" / "metrics.json").is_file()
+    metrics = out / "l2--mask+decoder" / "eval" / "metrics.json"
+    assert metrics.is_file()
+
+    # a duplicate run of a finished element (an array task started twice) leaves its results alone
+    import submitit
+
+    from facevae_dist.config import load_toml
+    from facevae_dist.sweep import HypothesisTask
+
+    before = metrics.stat().st_mtime_ns
+    task = HypothesisTask(load_toml(out / "l2--mask+decoder" / "config.toml").to_dict())
+    result = submitit.AutoExecutor(folder=tmp_path / "debug", cluster="debug").submit(task).result()
+    assert result["state"] == "finished" and result["skipped"]
+    assert metrics.stat().st_mtime_ns == before
 
 
 def test_sweep_bad_input_is_one_line(shards, tmp_path, capsys):
