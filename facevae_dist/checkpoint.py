@@ -333,7 +333,7 @@ def resolve_which(run_dir: str | Path, which: str = "best") -> Path:
     for runs that never validated (val_every=0)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FaceVAEError(f"{run_dir}: no such run directory (expected the --run-dir of `facevae train`)")
+        raise UsageError(f"{run_dir}: no such run directory (expected the --run-dir of `facevae train`)")
     if which == "best":
         best = run_dir / BEST
         if is_complete(best):

@@ -304,7 +304,7 @@ def load_eval(run_dir: str | Path) -> dict:
     if path.is_dir():
         path = path / EVAL_DIR / METRICS_FILE
     if not path.is_file():
-        raise FaceVAEError(f"{path}: no evaluation found; run `facevae eval {run_dir} --shards DIR` first")
+        raise UsageError(f"{path}: no evaluation found; run `facevae eval {run_dir} --shards DIR` first")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

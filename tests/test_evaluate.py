@@ -210,7 +210,7 @@ def test_two_process_eval_matches_one_process(runs, shards, tmp_path):
 
 def test_report_on_unevaluated_run_is_one_clear_line(tmp_path, capsys):
     (tmp_path / "run").mkdir()
-    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "rep")]) == 1
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "rep")]) == 2  # an input the user must fix first: usage-class exit code
     line = _err_line(capsys)
     assert "no evaluation found" in line and "facevae eval" in line
     assert not (tmp_path / "rep" / "table.md").exists()
