@@ -5,6 +5,7 @@ element that does not stop the others, a cancelled element, resubmission that sk
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -137,6 +138,30 @@ def test_preempted_element_is_requeued_and_resumes_from_its_checkpoint(slurm_clu
     assert steps == list(range(1, 251)), "the step counter continues across the requeue, without gaps or repeats"
     assert "REQUEUE" in subprocess.run(["sacct", "-j", job_id, "-D", "-X", "-n", "-o", "State"],
                                        capture_output=True, text=True).stdout
+
+
+@pytest.mark.slurm
+def test_sbatch_example_requeues_on_usr2_and_resumes(slurm_cluster, shards, tmp_path):
+    """slurm/sbatch_example.sh (no submitit): USR2 to the batch script -> the trainer checkpoints -> the element
+    requeues itself -> the requeued run resumes from that step, then evaluates."""
+    env = {**os.environ, "SHARDS": str(shards), "SWEEP_DIR": str(tmp_path / "sweep"), "HYPOTHESES": "l2/none",
+           "PYTHON": sys.executable}
+    args = ["--max-steps", "300", "--ckpt-every", "10", "--log-every", "1", "--val-every", "0", "--workers", "0",
+            "--sample-every", "0", "--batch-size", "4", "--mixed-precision", "no", "--set", "model.width=0.125",
+            "--set", "model.image_size=36"]
+    job = subprocess.run(["sbatch", "--parsable", "--array=0", "--cpus-per-task=1", "--time=20",
+                          f"--chdir={tmp_path}", str(Path(__file__).parent.parent / "slurm" / "sbatch_example.sh"),
+                          *args], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    run = tmp_path / "sweep" / "l2--none"
+    _wait(lambda: list((run / "checkpoints").glob("step_*/meta.json")) if (run / "checkpoints").is_dir() else None,
+          120, "a first checkpoint")
+    subprocess.run(["scancel", "--batch", "--signal=USR2", f"{job}_0"], check=True)
+    _wait(lambda: (run / "eval" / "metrics.json").is_file(), 180, "the requeued element to finish", every=1)
+    log = (tmp_path / f"facevae-grid-{job}_0.out").read_text()
+    assert "requeued" in log and "resumed from" in log and "run 2" in log
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "loss" in line and '"split"' not in line]
+    assert steps == list(range(1, 301)), "the step counter continues across the requeue"
 
 
 @pytest.mark.slurm
