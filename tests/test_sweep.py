@@ -20,6 +20,9 @@ pytestmark = [pytest.mark.slow]
 
 TINY = ["model.width=0.125", "model.image_size=36", "data.batch_size=4", "data.workers=0", "log_every=1",
         "sample_every=0", "mixed_precision=no", "val_batches=2"]
+# Preemption tests signal once the first checkpoint (step 10) exists: the remaining ~240 steps must outlast the
+# polling and the signal's delivery even on an idle machine (~80 ms/step here instead of ~10 ms with TINY alone).
+SLOWER_STEPS = ["data.batch_size=32", "model.width=0.25"]
 ONE_CPU = SlurmOptions(cpus_per_task=1, timeout_min=20, array_parallelism=2, signal_delay_s=5)
 
 
@@ -120,7 +123,7 @@ def test_preempted_element_is_requeued_and_resumes_from_its_checkpoint(slurm_clu
 
     out = tmp_path / "sweep"
     submit_sweep(out, shards, hypotheses=["l2/none"], cluster="slurm", slurm=ONE_CPU, eval_limit=8,
-                 overrides=[*TINY, "max_steps=250", "val_every=0", "ckpt_every=10"])
+                 overrides=[*TINY, "max_steps=250", "val_every=0", "ckpt_every=10", *SLOWER_STEPS])
     job_id = _job_id(out, "l2/none")
     run = out / "l2--none"
     # interrupt once a checkpoint exists and training goes on
@@ -147,7 +150,7 @@ def test_sbatch_example_requeues_on_usr2_and_resumes(slurm_cluster, shards, tmp_
     env = {**os.environ, "SHARDS": str(shards), "SWEEP_DIR": str(tmp_path / "sweep"), "HYPOTHESES": "l2/none",
            "PYTHON": sys.executable}
     args = ["--max-steps", "300", "--ckpt-every", "10", "--log-every", "1", "--val-every", "0", "--workers", "0",
-            "--sample-every", "0", "--batch-size", "4", "--mixed-precision", "no", "--set", "model.width=0.125",
+            "--sample-every", "0", "--batch-size", "32", "--mixed-precision", "no", "--set", "model.width=0.25",
             "--set", "model.image_size=36"]
     job = subprocess.run(["sbatch", "--parsable", "--array=0", "--cpus-per-task=1", "--time=20",
                           f"--chdir={tmp_path}", str(Path(__file__).parent.parent / "slurm" / "sbatch_example.sh"),
