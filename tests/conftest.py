@@ -43,3 +43,18 @@ def slurm_cluster():
             pytest.fail(f"the Slurm tests must run in CI, but {reason}")
         pytest.skip(reason)
     return True
+
+
+@pytest.fixture(autouse=True)
+def _restore_quiet():
+    """`facevae -q ...` run in-process exports FACEVAE_QUIET for its child processes; keep that from leaking into
+    later tests (their subprocesses' logs are asserted on)."""
+    from facevae_dist import progress
+
+    saved_env, saved_flag = os.environ.get("FACEVAE_QUIET"), progress.is_quiet()
+    yield
+    if saved_env is None:
+        os.environ.pop("FACEVAE_QUIET", None)
+    else:
+        os.environ["FACEVAE_QUIET"] = saved_env
+    progress.set_quiet(saved_flag)

@@ -149,6 +149,7 @@ def test_sbatch_example_requeues_on_usr2_and_resumes(slurm_cluster, shards, tmp_
     requeues itself -> the requeued run resumes from that step, then evaluates."""
     env = {**os.environ, "SHARDS": str(shards), "SWEEP_DIR": str(tmp_path / "sweep"), "HYPOTHESES": "l2/none",
            "PYTHON": sys.executable}
+    env.pop("FACEVAE_QUIET", None)  # an earlier `facevae -q` test in this process exports it; the log is asserted on
     args = ["--max-steps", "300", "--ckpt-every", "10", "--log-every", "1", "--val-every", "0", "--workers", "0",
             "--sample-every", "0", "--batch-size", "32", "--mixed-precision", "no", "--set", "model.width=0.25",
             "--set", "model.image_size=36"]
