@@ -7,11 +7,11 @@ interrupted one), and evaluation is redone only for runs whose checkpoint change
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from facevae_dist.fileio import atomic_write_json
 from facevae_dist.progress import info
 
 # The paper's question in its simplest form: the same loss with and without the face mask.
@@ -76,5 +76,5 @@ def run_demo(opts: DemoOptions) -> dict:
     result = make_report(run_dirs, reports)
     summary = {"shards": str(shards), "runs": [str(r) for r in run_dirs], "report": result,
                "seconds": round(time.time() - t0, 1)}
-    (reports / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(reports / "demo.json", summary)
     return summary

@@ -193,7 +193,7 @@ def _should_requeue(signal_name: str | None, preempt_signal: int) -> bool:
     Slurm's own preemption requeues the job itself. So give a USR2 a moment to land (submitit's handler is
     installed again: it requeues and exits by itself), then requeue only if slurmctld still says RUNNING: a
     cancelled job is COMPLETING/CANCELLED there at once, one Slurm requeues is no longer RUNNING."""
-    if signal_name is None or signal_name != "SIGTERM":
+    if signal_name != "SIGTERM":
         return True  # USR1/USR2 (or a peer rank's signal): a preemption
     deadline = time.time() + PREEMPT_GRACE_S
     while time.time() < deadline:
@@ -436,12 +436,16 @@ def _last_train_record(run_dir: Path) -> dict:
     return last
 
 
-def sweep_status(sweep_dir: str | Path) -> list[dict]:
-    """One row per hypothesis: state (Slurm's where known, else the element's own), step, loss, images/s, ETA."""
-    sweep_dir = Path(sweep_dir)
-    manifest = _read_json(sweep_dir / MANIFEST)
+def _read_manifest(sweep_dir: str | Path) -> dict:
+    manifest = _read_json(Path(sweep_dir) / MANIFEST)
     if not manifest:
         raise UsageError(f"{sweep_dir}: no {MANIFEST}; is this a directory written by `facevae sweep submit`?")
+    return manifest
+
+
+def sweep_status(sweep_dir: str | Path) -> list[dict]:
+    """One row per hypothesis: state (Slurm's where known, else the element's own), step, loss, images/s, ETA."""
+    manifest = _read_manifest(sweep_dir)
     rows = []
     for name, entry in manifest["hypotheses"].items():
         run_dir = Path(entry["run_dir"])
@@ -473,9 +477,8 @@ def collect_sweep(sweep_dir: str | Path, out: str | Path | None = None) -> dict:
     from facevae_dist.report import make_report
 
     sweep_dir = Path(sweep_dir)
-    rows = sweep_status(sweep_dir)
-    manifest = _read_json(sweep_dir / MANIFEST)
-    run_dirs = {r["hypothesis"]: Path(manifest["hypotheses"][r["hypothesis"]]["run_dir"]) for r in rows}
+    # only the run directories are needed here: no Slurm queries, unlike sweep_status
+    run_dirs = {name: Path(entry["run_dir"]) for name, entry in _read_manifest(sweep_dir)["hypotheses"].items()}
     finished = [d for d in run_dirs.values() if is_finished(d)]
     if not finished:
         raise FaceVAEError(f"{sweep_dir}: no finished hypothesis yet (see `facevae sweep status {sweep_dir}`)")
