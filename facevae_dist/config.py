@@ -36,6 +36,11 @@ class DataConfig:
     workers: int = 2  # DataLoader worker processes per rank (0 = read in the training process)
     seed: int = 0  # shard/sample shuffle seed (epoch e shuffles with seed + e, identically on every rank)
     resampled: bool = False  # sample shards with replacement (for shard counts not divisible by world x workers)
+    # where the decoded split lives (facevae_dist.data.batches): "stream" (read + decode shards every epoch),
+    # "host" (decoded once into a uint8 cache file beside the shards, gathered in RAM), "device" (that cache on the
+    # GPU), "auto" (device on CUDA when it fits in device_memory_fraction of free memory, else host/stream)
+    placement: str = "auto"
+    device_memory_fraction: float = 0.5  # share of free GPU (or available host) memory a resident split may take
 
     def validate(self) -> "DataConfig":
         if not isinstance(self.shards, str) or not self.shards:
@@ -43,6 +48,13 @@ class DataConfig:
         _check_int("data.batch_size", self.batch_size, 1, "e.g. --batch-size 32")
         _check_int("data.workers", self.workers, 0, "e.g. --set data.workers=2")
         _check_int("data.seed", self.seed, 0, "e.g. --seed 0")
+        if self.placement not in ("auto", "stream", "host", "device"):
+            raise UsageError(f"data.placement={self.placement!r}: use auto, stream, host or device "
+                             "(e.g. --set data.placement=host)")
+        if (isinstance(self.device_memory_fraction, bool) or not isinstance(self.device_memory_fraction, (int, float))
+                or not 0 < self.device_memory_fraction <= 1):
+            raise UsageError(f"data.device_memory_fraction={self.device_memory_fraction!r}: must be in (0, 1], "
+                             "e.g. --set data.device_memory_fraction=0.5")
         return self
 
 

@@ -271,6 +271,12 @@ class ShardLoader:
         """Samples of the split left out of this epoch on ALL ranks together (see module docstring)."""
         return self._plan.dropped_samples
 
+    def close(self) -> None:
+        """Stop the DataLoader workers now rather than at garbage collection."""
+        dataloader, self._dataloader = self._dataloader, None
+        if dataloader is not None and getattr(dataloader, "_iterator", None) is not None:
+            dataloader._iterator._shutdown_workers()
+
     def __iter__(self):
         self._dataset.set_position(self.epoch, self.start_batch)
         if self.workers == 0:

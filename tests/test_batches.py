@@ -1,0 +1,81 @@
+"""open_train_batches / iter_val_batches over real shards: float batches on the device, one DataLoader per run that
+rolls over epochs, the position a checkpoint stores, exact resume from it, deterministic validation."""
+
+import pytest
+import torch
+
+from facevae_dist.config import DataConfig
+from facevae_dist.data.batches import iter_val_batches, open_train_batches
+from facevae_dist.data.loader import make_loader
+from facevae_dist.data.shards import ShardOptions, build_shards
+from facevae_dist.data.sources import SyntheticSource
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")  # 100 images -> train 80 in 12 shards, val 10
+    build_shards(SyntheticSource(n=100, seed=2), out, ShardOptions(image_size=24, shard_size=7))
+    return out
+
+
+def cfg(shards, **kw):
+    return DataConfig(shards=str(shards), batch_size=8, workers=kw.pop("workers", 2), seed=3,
+                      placement=kw.pop("placement", "stream"), **kw).validate()
+
+
+def take(batches, n):
+    return [next(batches) for _ in range(n)]
+
+
+@pytest.mark.parametrize("placement", ["stream"])
+def test_epochs_roll_over_on_one_loader_with_the_streaming_order(shards, placement):
+    batches = open_train_batches(cfg(shards, placement=placement), rank=1, world=2, device=torch.device("cpu"),
+                                 epoch=0, batch_in_epoch=0, channels_last=True)
+    try:
+        assert batches.placement == placement and (batches.epoch, batches.batch_in_epoch) == (0, 0)
+        got = take(batches, 5)  # 40 samples per rank = 5 batches of 8
+        assert (batches.epoch, batches.batch_in_epoch) == (0, 5)
+        image, mask = got[0]
+        assert image.shape == (8, 3, 24, 24) and mask.shape == (8, 1, 24, 24)
+        assert image.dtype == mask.dtype == torch.float32 and image.is_contiguous(memory_format=torch.channels_last)
+        assert 0 <= float(image.min()) and float(image.max()) <= 1
+        if placement == "stream":
+            dataloader = batches._loader._dataloader
+        got += take(batches, 6)  # all of epoch 1 and the first batch of epoch 2
+        assert (batches.epoch, batches.batch_in_epoch) == (2, 1)
+        if placement == "stream":
+            assert batches._loader._dataloader is dataloader  # workers persisted across epochs
+        for epoch in (0, 1):  # the same batches as a fresh loader of that epoch
+            ref = make_loader(shards, "train", 8, rank=1, world_size=2, seed=3, epoch=epoch)
+            for (image, mask), b in zip(got[5 * epoch:5 * epoch + 5], ref):
+                assert torch.equal(image * 255, b["image"].float()) and torch.equal(mask * 255, b["mask"].float())
+        assert batches.corrupt_count == 0
+    finally:
+        batches.close()
+
+
+def test_resume_from_a_stored_position_gives_the_same_batches(shards):
+    data = cfg(shards)
+    full = open_train_batches(data, rank=0, world=2, device=torch.device("cpu"), epoch=1, batch_in_epoch=0,
+                              channels_last=False)
+    ref = take(full, 8)
+    full.close()
+    resumed = open_train_batches(data, rank=0, world=2, device=torch.device("cpu"), epoch=1, batch_in_epoch=3,
+                                 channels_last=False)
+    got = take(resumed, 5)
+    assert (resumed.epoch, resumed.batch_in_epoch) == (2, 3)
+    resumed.close()
+    for (a, am), (b, bm) in zip(got, ref[3:]):
+        assert torch.equal(a, b) and torch.equal(am, bm)
+
+
+def test_validation_batches_are_the_same_every_call(shards):
+    data = cfg(shards)
+    state = torch.random.get_rng_state()
+    a = list(iter_val_batches(data, rank=0, world=1, device=torch.device("cpu"), max_batches=5, channels_last=False))
+    b = list(iter_val_batches(data, rank=0, world=1, device=torch.device("cpu"), max_batches=1, channels_last=False))
+    assert torch.equal(torch.random.get_rng_state(), state)  # no RNG drawn
+    assert [x.shape[0] for x, _ in a] == [8, 2]  # 10 val samples: the last batch is short, nothing dropped
+    assert len(b) == 1 and torch.equal(a[0][0], b[0][0]) and torch.equal(a[0][1], b[0][1])
