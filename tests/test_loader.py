@@ -3,6 +3,7 @@ determinism by seed, exact mid-epoch resume, resampled mode, corrupt samples rep
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,3 +143,65 @@ def test_persistent_workers_follow_set_epoch_and_resume(shards):
     expected = [b["key"] for b in reference]
     assert [b["key"] for b in loader] == expected[2:]
     assert [b["key"] for b in loader] == expected  # same workers, next pass = whole epoch 3
+
+
+def _live_processes_in_group(pgid: int) -> list[int]:
+    """Pids of non-zombie processes in process group `pgid` (orphans are reparented but keep their group)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in "ZX":  # fields after "(comm)": state, ppid, pgrp
+            live.append(int(stat.parent.name))
+    return live
+
+
+@pytest.fixture(scope="module")
+def train_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train-shards")  # 36 px, the smallest size the model takes
+    build_shards(SyntheticSource(n=120, seed=1), out, ShardOptions(image_size=36, shard_size=6))
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted", "empty"])
+def test_damaged_shard_with_workers_exits_with_one_line_and_no_orphans(tmp_path, train_shards, damage):
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    shards = tmp_path / "s"
+    shutil.copytree(train_shards, shards)
+    tar = shards / "train" / "shard-000005.tar"
+    if damage == "truncated":
+        os.truncate(tar, tar.stat().st_size // 2)
+    elif damage == "deleted":
+        tar.unlink()
+    else:
+        tar.write_bytes(b"")
+    cmd = [sys.executable, "-m", "facevae_dist", "train", "--shards", str(shards), "--run-dir", str(tmp_path / "run"),
+           "--max-steps", "1000", "--batch-size", "4", "--val-every", "0", "--sample-every", "0", "--workers", "2",
+           "--set", "model.width=0.125", "--set", "model.image_size=36", "--set", "data.placement=stream"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=300)  # a clean failure takes seconds; the bug hung forever
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"`facevae train` hung on a {damage} shard with 2 workers")
+    finally:
+        deadline = time.monotonic() + 60  # the kernel kills orphaned workers (PDEATHSIG); give it time when loaded
+        while _live_processes_in_group(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = _live_processes_in_group(proc.pid)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+    assert left == [], f"worker processes outlived `facevae train`: {left}"
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err
+    error_lines = [line for line in err.splitlines() if line.startswith("facevae: error:")]
+    assert len(error_lines) == 1 and "shard-000005.tar" in error_lines[0], err

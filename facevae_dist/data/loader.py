@@ -22,17 +22,25 @@ Resampled mode (endless streams): each rank draws shards with replacement from i
 Resume: start_batch=k skips the first k batches of the current epoch without reading them.
 Corrupt samples at read time are replaced by a copy of another sample of the same batch (so batch shapes and counts
 stay equal across ranks) and reported: their keys are in batch["corrupt"], counted in loader.corrupt_count and
-warned about once each. A batch with no readable sample, or an unreadable shard, raises DataError.
+warned about once each. A batch with no readable sample, or an unreadable (truncated, deleted, empty) shard, raises
+DataError naming the shard, in one line, also from a worker; the workers are stopped first.
+Workers never outlive the loader: they ignore preemption signals (those are for the trainer, which checkpoints
+first), so the loader kills them itself when it is closed, fails or the interpreter exits, and the kernel kills them
+(PR_SET_PDEATHSIG) if the training process dies without that chance.
 Do NOT pass this loader to accelerator.prepare: it already shards by rank (prepare would re-shard or dispatch).
 """
 
 from __future__ import annotations
 
+import atexit
+import ctypes
+import functools
 import io
 import json
 import os
 import signal
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +50,30 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from facevae_dist.data.shards import read_manifest
 from facevae_dist.data.tario import index_tar, read_fields
-from facevae_dist.errors import DataError, UsageError
+from facevae_dist.errors import DataError, FaceVAEError, RunError, UsageError
+
+WORKER_JOIN_S = 5.0  # how long a closing loader waits for its workers before it kills them
+_LIVE_LOADERS: "weakref.WeakSet[ShardLoader]" = weakref.WeakSet()
+
+
+@atexit.register  # registered after multiprocessing's own exit hook, so it runs first: that hook would join forever
+def _close_live_loaders() -> None:
+    for loader in list(_LIVE_LOADERS):
+        loader.close()
+
+
+def _init_worker(_worker_id: int, parent_pid: int | None = None) -> None:
+    """DataLoader worker set-up: ignore preemption signals, die with the training process."""
+    # Slurm signals every process of the job; a worker dying of SIGTERM would crash training before its checkpoint.
+    # So preemption signals are ignored here and the loader stops its workers itself (close(): SIGKILL if needed).
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    try:  # Linux: the kernel sends SIGKILL when the parent dies (a SIGKILLed trainer cannot stop us itself)
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+    if parent_pid is not None and os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def read_sizes(shards_dir: str | os.PathLike) -> dict[str, int]:
@@ -123,10 +154,14 @@ class _ShardReader:
             self.open[s] = (open(path, "rb"), index)
         f, index = self.open[s]
         if i >= len(index):
-            raise DataError(f"{self.paths[s]}: has {len(index)} samples, manifest.json expects more; "
-                            "run `facevae shards verify`")
+            raise DataError(f"{self.paths[s]}: has {len(index)} samples, manifest.json expects more (truncated or "
+                            "replaced shard); run `facevae shards verify` and rebuild it")
         key, fields = index[i]
-        return key, read_fields(f, fields)
+        try:
+            return key, read_fields(f, fields)
+        except (OSError, EOFError) as exc:
+            raise DataError(f"{self.paths[s]}: unreadable shard ({type(exc).__name__}: {exc}); "
+                            "run `facevae shards verify` and rebuild it")
 
     def close(self) -> None:
         for f, _ in self.open.values():
@@ -160,16 +195,19 @@ class _ShardDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        if info is not None:
-            # Preemption signals are for the training process, which checkpoints and then stops its workers.
-            # Slurm signals the whole process group; a worker dying of SIGTERM would crash training before the save.
-            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-                signal.signal(sig, signal.SIG_IGN)
         plan, start_batch = self.plan_for(self._epoch.value), self._start.value
         reader = _ShardReader(self.paths)
         try:
             for j in range(start_batch + worker, plan.num_batches, workers):
-                yield self._load_batch(reader, *plan.batch(j))
+                try:
+                    batch = self._load_batch(reader, *plan.batch(j))
+                except FaceVAEError as exc:
+                    if info is None:
+                        raise
+                    # hand the one-line message to the main process instead of torch's wrapped worker traceback
+                    yield {"error": str(exc)}
+                    return
+                yield batch
         finally:
             reader.close()
 
@@ -272,10 +310,20 @@ class ShardLoader:
         return self._plan.dropped_samples
 
     def close(self) -> None:
-        """Stop the DataLoader workers now rather than at garbage collection."""
+        """Stop the DataLoader workers now (not at garbage collection); kill those that do not stop in time."""
         dataloader, self._dataloader = self._dataloader, None
-        if dataloader is not None and getattr(dataloader, "_iterator", None) is not None:
-            dataloader._iterator._shutdown_workers()
+        iterator = getattr(dataloader, "_iterator", None)
+        if iterator is None:
+            return
+        workers = list(getattr(iterator, "_workers", []))
+        try:
+            iterator._shutdown_workers()  # asks, joins with a timeout, then SIGTERM (which workers ignore)
+        finally:
+            for w in workers:
+                w.join(timeout=WORKER_JOIN_S if w.is_alive() else 0)
+                if w.is_alive():
+                    w.kill()
+                    w.join(timeout=WORKER_JOIN_S)
 
     def __iter__(self):
         self._dataset.set_position(self.epoch, self.start_batch)
@@ -289,8 +337,10 @@ class ShardLoader:
                 seed_gen = torch.Generator().manual_seed(self.seed * 1_000_003)
                 self._dataloader = DataLoader(self._dataset, batch_size=None, num_workers=self.workers,
                                               pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
-                                              persistent_workers=True, generator=seed_gen)
-            batches = iter(self._dataloader)
+                                              persistent_workers=True, generator=seed_gen,
+                                              worker_init_fn=functools.partial(_init_worker, parent_pid=os.getpid()))
+                _LIVE_LOADERS.add(self)
+            batches = self._checked(iter(self._dataloader))
         for batch in batches:
             if batch["corrupt"]:
                 self.corrupt_count += len(batch["corrupt"])
@@ -300,6 +350,22 @@ class ShardLoader:
                         warnings.warn(f"corrupt sample replaced by a copy of another in its batch: {item}")
             yield batch
         self.start_batch = 0  # a finished epoch; the next iteration starts at its beginning
+
+    def _checked(self, batches):
+        """Worker batches; a worker's failure stops all workers first, then raises one line."""
+        try:
+            for batch in batches:
+                if "error" in batch:
+                    raise DataError(batch["error"])
+                yield batch
+        except FaceVAEError:
+            self.close()
+            raise
+        except Exception as exc:  # a worker killed (e.g. out of memory) or a bug: keep the cause for --debug
+            self.close()
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RunError(f"{self.shards_dir}/{self.split}: data loader worker failed ({first}); "
+                           "rerun with --workers 0 to see the error in the main process") from exc
 
 
 def make_loader(shards_dir, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1, workers: int = 0,
