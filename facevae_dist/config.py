@@ -25,6 +25,7 @@ from facevae_dist.model import ModelConfig
 
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 CLIP_MODES = ("per-tensor", "global", "none")
+EPS_FORMS = ("keras", "torch")  # facevae_dist.optim: where Adam adds eps (Keras' "epsilon hat" vs torch.optim.Adam)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     clip: str = "per-tensor"  # "per-tensor" | "global" | "none"
     clip_value: float = 1e-3
+    eps_form: str = "keras"  # "keras": eps on the raw sqrt(v), as the paper's Keras Adam; "torch": torch.optim.Adam's
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -83,6 +85,7 @@ class OptimConfig:
                 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)):
             raise UsageError(f"optim.betas={self.betas!r} must be two numbers in [0, 1), e.g. --set optim.betas=[0.9,0.999]")
         _check_choice("optim.clip", self.clip, CLIP_MODES)
+        _check_choice("optim.eps_form", self.eps_form, EPS_FORMS)
         return self
 
 
@@ -138,9 +141,14 @@ class TrainConfig:
         if self.deepspeed:
             if not Path(self.deepspeed).is_file():
                 raise UsageError(f"deepspeed={self.deepspeed!r}: no such file; use e.g. --deepspeed launch/ds_zero2.json")
-            if self.optim.clip == "per-tensor":
-                raise UsageError("optim.clip='per-tensor' cannot run under DeepSpeed (its engine clips the global norm "
-                                 "itself); add --set optim.clip=global")
+            # DeepSpeed's engine clips the global norm and runs its own torch-form Adam: name every fix at once
+            bad = [(f"optim.clip={self.optim.clip!r}", "--set optim.clip=global")] if self.optim.clip == "per-tensor" \
+                else []
+            if self.optim.eps_form == "keras":
+                bad.append((f"optim.eps_form={self.optim.eps_form!r}", "--set optim.eps_form=torch"))
+            if bad:
+                raise UsageError(f"{' and '.join(k for k, _ in bad)} cannot run under DeepSpeed (its engine clips the "
+                                 f"global norm and runs torch-form Adam itself); add {' '.join(f for _, f in bad)}")
             if self.compile:
                 raise UsageError("compile=true with DeepSpeed is not supported here; drop --compile")
             if self.mixed_precision == "fp16":

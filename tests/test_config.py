@@ -54,6 +54,7 @@ def test_bad_overrides_name_the_field(item, match):
 @pytest.mark.parametrize("item, match", [
     ("mixed_precision=fp8", "mixed_precision=.fp8. is not one of auto, no, bf16, fp16"),
     ("optim.clip=both", "optim.clip='both' is not one of per-tensor, global, none"),
+    ("optim.eps_form=tf", "optim.eps_form='tf' is not one of keras, torch"),
     ("max_steps=0", "max_steps=0 must be an integer >= 1"),
     ("data.batch_size=0", "data.batch_size=0 must be an integer >= 1"),
     ("optim.lr=0", "optim.lr=0.0 must be a finite number > 0"),
@@ -68,13 +69,19 @@ def test_validation_errors(item, match):
         cfg.validate()
 
 
-def test_deepspeed_needs_global_clip(tmp_path):
+def test_deepspeed_needs_global_clip_and_torch_eps_form(tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text("{}")
     cfg = apply_overrides(TrainConfig(), [f"deepspeed={ds}"])
-    with pytest.raises(UsageError, match="optim.clip=global"):
+    with pytest.raises(UsageError) as exc:  # both fixes named in one line
         cfg.validate()
-    apply_overrides(cfg, ["optim.clip=global"]).validate()
+    msg = str(exc.value)
+    assert "\n" not in msg and "--set optim.clip=global --set optim.eps_form=torch" in msg
+    with pytest.raises(UsageError, match="add --set optim.eps_form=torch$"):
+        apply_overrides(cfg, ["optim.clip=global"]).validate()
+    with pytest.raises(UsageError, match="add --set optim.clip=global$"):
+        apply_overrides(cfg, ["optim.eps_form=torch"]).validate()
+    apply_overrides(cfg, ["optim.clip=global", "optim.eps_form=torch"]).validate()
 
 
 def test_bad_toml_is_one_line_error(tmp_path):

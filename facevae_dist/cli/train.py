@@ -66,8 +66,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                        help="torch.compile the model (default off; ~40-60 s first-step compile on CPU)")
     speed.add_argument("--deepspeed", metavar="JSON",
                        help="run under DeepSpeed ZeRO with this config, e.g. launch/ds_zero2.json (needs "
-                            "--set optim.clip=global); the JSON sets the ZeRO stage and buckets, while batch size, "
-                            "accumulation, clip value, lr and precision always come from the training config")
+                            "--set optim.clip=global --set optim.eps_form=torch); the JSON sets the ZeRO stage and "
+                            "buckets, while batch size, accumulation, clip value, lr and precision always come from "
+                            "the training config")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show full tracebacks for errors")
 
