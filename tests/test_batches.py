@@ -6,7 +6,7 @@ import torch
 
 from facevae_dist.config import DataConfig
 from facevae_dist.data.batches import iter_val_batches, open_train_batches
-from facevae_dist.data.loader import make_loader
+from facevae_dist.data.loader import make_loader, u8_to_float
 from facevae_dist.data.shards import ShardOptions, build_shards
 from facevae_dist.data.sources import SyntheticSource
 
@@ -29,7 +29,7 @@ def take(batches, n):
     return [next(batches) for _ in range(n)]
 
 
-@pytest.mark.parametrize("placement", ["stream"])
+@pytest.mark.parametrize("placement", ["stream", "host"])
 def test_epochs_roll_over_on_one_loader_with_the_streaming_order(shards, placement):
     batches = open_train_batches(cfg(shards, placement=placement), rank=1, world=2, device=torch.device("cpu"),
                                  epoch=0, batch_in_epoch=0, channels_last=True)
@@ -50,14 +50,15 @@ def test_epochs_roll_over_on_one_loader_with_the_streaming_order(shards, placeme
         for epoch in (0, 1):  # the same batches as a fresh loader of that epoch
             ref = make_loader(shards, "train", 8, rank=1, world_size=2, seed=3, epoch=epoch)
             for (image, mask), b in zip(got[5 * epoch:5 * epoch + 5], ref):
-                assert torch.equal(image * 255, b["image"].float()) and torch.equal(mask * 255, b["mask"].float())
+                assert torch.equal(image, u8_to_float(b["image"], "cpu")) and torch.equal(mask, u8_to_float(b["mask"], "cpu"))
         assert batches.corrupt_count == 0
     finally:
         batches.close()
 
 
-def test_resume_from_a_stored_position_gives_the_same_batches(shards):
-    data = cfg(shards)
+@pytest.mark.parametrize("placement", ["stream", "host"])
+def test_resume_from_a_stored_position_gives_the_same_batches(shards, placement):
+    data = cfg(shards, placement=placement)
     full = open_train_batches(data, rank=0, world=2, device=torch.device("cpu"), epoch=1, batch_in_epoch=0,
                               channels_last=False)
     ref = take(full, 8)
@@ -71,8 +72,9 @@ def test_resume_from_a_stored_position_gives_the_same_batches(shards):
         assert torch.equal(a, b) and torch.equal(am, bm)
 
 
-def test_validation_batches_are_the_same_every_call(shards):
-    data = cfg(shards)
+@pytest.mark.parametrize("placement", ["stream", "host"])
+def test_validation_batches_are_the_same_every_call(shards, placement):
+    data = cfg(shards, placement=placement)
     state = torch.random.get_rng_state()
     a = list(iter_val_batches(data, rank=0, world=1, device=torch.device("cpu"), max_batches=5, channels_last=False))
     b = list(iter_val_batches(data, rank=0, world=1, device=torch.device("cpu"), max_batches=1, channels_last=False))

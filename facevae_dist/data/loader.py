@@ -86,13 +86,28 @@ def read_sizes(shards_dir: str | os.PathLike) -> dict[str, int]:
         raise DataError(f"{path}: not valid JSON ({exc})")
 
 
+def u8_to_float(x: torch.Tensor, device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """uint8 [B,C,H,W] -> float32 in [0,1] on `device`, laid out as asked. One cast-copy and one in-place multiply
+    (x * (1/255) is within an ulp of x / 255 and about 1.6x faster on CPU); every placement converts this way, so
+    they give bit-identical batches."""
+    x = x.to(device, non_blocking=True)
+    return torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=memory_format).copy_(x).mul_(1 / 255)
+
+
 def to_float(batch: dict, device, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 batch -> (image float32 [B,3,H,W] in [0,1], mask float32 [B,1,H,W] in [0,1]), converted on `device`
     (the uint8 tensors cross the bus: 4x less than float)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    image = batch["image"].to(device, non_blocking=True).float().div_(255).contiguous(memory_format=fmt)
-    mask = batch["mask"].to(device, non_blocking=True).float().div_(255).contiguous(memory_format=fmt)
-    return image, mask
+    return u8_to_float(batch["image"], device, fmt), u8_to_float(batch["mask"], device, fmt)
+
+
+def decode_into(fields: dict[str, bytes], image_ext: str, image_out: np.ndarray, mask_out: np.ndarray) -> None:
+    """Decode one sample's image and mask.png into uint8 arrays [H,W,3] and [H,W]; raises if either is unreadable
+    or has the wrong size (the caller counts it as corrupt). Shared by the loader and the decoded-split cache."""
+    with Image.open(io.BytesIO(fields[image_ext]), formats=("JPEG",) if image_ext == "jpg" else ("PNG",)) as im:
+        image_out[...] = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    with Image.open(io.BytesIO(fields["mask.png"]), formats=("PNG",)) as im:
+        mask_out[...] = np.asarray(im if im.mode == "L" else im.convert("L"))
 
 
 class _EpochPlan:
@@ -178,7 +193,6 @@ class _ShardDataset(IterableDataset):
         import multiprocessing
 
         self.paths, self.image_ext, self.image_size = paths, image_ext, image_size
-        self._formats = ("JPEG",) if image_ext == "jpg" else ("PNG",)
         self.plan_args = plan_args
         self._epoch = multiprocessing.RawValue("q", 0)
         self._start = multiprocessing.RawValue("q", 0)
@@ -220,10 +234,7 @@ class _ShardDataset(IterableDataset):
             key, fields = reader.get(s, i)
             keys.append(key)
             try:
-                with Image.open(io.BytesIO(fields[self.image_ext]), formats=self._formats) as im:
-                    images[n] = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
-                with Image.open(io.BytesIO(fields["mask.png"]), formats=("PNG",)) as im:
-                    masks[n] = np.asarray(im if im.mode == "L" else im.convert("L"))
+                decode_into(fields, self.image_ext, images[n], masks[n])
                 good.append(n)
             except Exception as exc:
                 corrupt.append(f"{key} ({self.paths[s].name}: {type(exc).__name__}: {exc})")

@@ -1,0 +1,171 @@
+"""The decoded-split cache and the host placement over it, on real shards: built in parallel identically to one
+process, exactly once per epoch across 2 ranks, exact resume, the same batches as the streaming loader (corrupt
+samples replaced and counted the same way), rebuilt when a shard or the cache file changes, a damaged shard named."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from facevae_dist.config import DataConfig
+from facevae_dist.data import cache as cache_mod
+from facevae_dist.data.batches import iter_val_batches, open_train_batches
+from facevae_dist.data.cache import cache_paths, open_cache
+from facevae_dist.data.loader import make_loader
+from facevae_dist.data.shards import ShardOptions, build_shards
+from facevae_dist.data.sources import SyntheticSource
+from facevae_dist.data.tario import iter_tar, write_tar
+from facevae_dist.errors import DataError
+
+torch.set_num_threads(1)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")  # 100 images -> train 80 in 12 shards of <= 7, val 10, test 10
+    build_shards(SyntheticSource(n=100, seed=2), out, ShardOptions(image_size=24, shard_size=7))
+    return out
+
+
+@pytest.fixture
+def own_shards(tmp_path, shards):
+    out = tmp_path / "s"
+    shutil.copytree(shards, out, ignore=shutil.ignore_patterns("cache"))
+    cache_mod._OPENED.clear()
+    return out
+
+
+def data_cfg(shards, **kw):
+    return DataConfig(shards=str(shards), batch_size=kw.pop("batch_size", 8), workers=0, seed=kw.pop("seed", 3),
+                      placement="host", **kw).validate()
+
+
+def row_of(cache):
+    """image bytes -> cache row (synthetic faces are all different)."""
+    table = {cache.images[r].tobytes(): r for r in range(len(cache))}
+    assert len(table) == len(cache)
+    return lambda image: table[(image * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy().tobytes()]
+
+
+def test_parallel_build_equals_one_process_and_is_a_plain_file(own_shards):
+    data_path, meta_path = cache_paths(own_shards, "train")
+    one = open_cache(own_shards, "train", processes=1)
+    sha_one = json.loads(meta_path.read_text())["sha256"]
+    data_path.unlink()
+    cache_mod._OPENED.clear()
+    two = open_cache(own_shards, "train", processes=2)
+    meta = json.loads(meta_path.read_text())
+    assert meta["sha256"] == sha_one and meta["count"] == 80 and meta["corrupt"] == []
+    assert data_path.stat().st_size == meta["bytes"] == 80 * 24 * 24 * 4  # raw uint8, nothing else in it
+    assert np.array_equal(one.images, two.images) and np.array_equal(one.masks, two.masks)
+    assert [p.name for p in data_path.parent.iterdir() if p.name.endswith(".tmp")] == []
+    first = next(iter_tar(own_shards / "train" / "shard-000000.tar"))  # row 0 = first sample of the first shard
+    from facevae_dist.data.loader import decode_into
+
+    image, mask = np.empty((24, 24, 3), np.uint8), np.empty((24, 24), np.uint8)
+    decode_into(first[1], "jpg", image, mask)
+    assert np.array_equal(two.images[0], image) and np.array_equal(two.masks[0], mask)
+
+
+@pytest.mark.parametrize("batch_size, dropped", [(8, 0), (6, 8)])
+def test_exactly_once_per_epoch_across_two_ranks(shards, batch_size, dropped):
+    cache = open_cache(shards, "train")
+    row = row_of(cache)
+    for epoch in (0, 1):
+        seen = []
+        for rank in (0, 1):
+            batches = open_train_batches(data_cfg(shards, batch_size=batch_size), rank=rank, world=2, device=CPU,
+                                         epoch=epoch, batch_in_epoch=0, channels_last=False)
+            assert batches.placement == "host" and batches.dropped_samples == dropped
+            for _ in range(batches.batches_per_epoch):
+                image, _ = next(batches)
+                assert image.shape[0] == batch_size
+                seen += [row(x) for x in image]
+            assert (batches.epoch, batches.batch_in_epoch) == (epoch, batches.batches_per_epoch)
+        assert len(seen) == len(set(seen)) == 80 - dropped  # nothing twice; all but the counted remainder
+        if epoch == 0:
+            order0 = seen
+    assert order0 != seen  # reshuffled by (seed, epoch)
+
+
+def test_resume_position_gives_the_same_batches_across_the_epoch_boundary(shards):
+    cfg = data_cfg(shards, batch_size=8)
+    full = open_train_batches(cfg, rank=1, world=2, device=CPU, epoch=2, batch_in_epoch=0, channels_last=True)
+    ref = [next(full) for _ in range(8)]  # 5 batches per epoch: runs into epoch 3
+    assert (full.epoch, full.batch_in_epoch) == (3, 3)
+    resumed = open_train_batches(cfg, rank=1, world=2, device=CPU, epoch=2, batch_in_epoch=4, channels_last=True)
+    got = [next(resumed) for _ in range(4)]
+    assert (resumed.epoch, resumed.batch_in_epoch) == (3, 3)
+    for (a, am), (b, bm) in zip(got, ref[4:]):
+        assert torch.equal(a, b) and torch.equal(am, bm)
+        assert a.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_cache_is_rebuilt_when_a_shard_or_the_cache_changes(own_shards):
+    data_path, meta_path = cache_paths(own_shards, "train")
+    before = open_cache(own_shards, "train", processes=1).images[0].copy()
+    built = meta_path.stat().st_mtime_ns
+    assert open_cache(own_shards, "train").images is not None and meta_path.stat().st_mtime_ns == built  # reused
+    # a shard rewritten (first sample replaced by another image): the cache notices and re-decodes
+    tar = own_shards / "train" / "shard-000000.tar"
+    samples = list(iter_tar(tar))
+    samples[0][1]["jpg"] = samples[1][1]["jpg"]
+    write_tar(tar, samples)
+    after = open_cache(own_shards, "train", processes=1)
+    assert meta_path.stat().st_mtime_ns != built
+    assert not np.array_equal(after.images[0], before) and np.array_equal(after.images[0], after.images[1])
+    # the cache file damaged in place (same size): its sha256 no longer matches -> rebuilt
+    expected = after.images[0].copy()
+    with open(data_path, "r+b") as f:
+        f.write(b"\x01" * 64)
+    cache_mod._OPENED.clear()
+    again = open_cache(own_shards, "train", processes=1)
+    assert np.array_equal(again.images[0], expected)
+
+
+def test_corrupt_sample_is_counted_and_replaced_like_the_loader(own_shards):
+    tar = own_shards / "train" / "shard-000002.tar"
+    samples = list(iter_tar(tar))
+    samples[3][1]["jpg"] = b"\xff\xd8 not a jpeg"
+    write_tar(tar, samples)
+    bad_key = samples[3][0]
+    cache = open_cache(own_shards, "train", processes=2)
+    assert len(cache.corrupt) == 1 and bad_key in cache.corrupt[0] and "shard-000002.tar" in cache.corrupt[0]
+    assert json.loads(cache_paths(own_shards, "train")[1].read_text())["corrupt_rows"] == cache.corrupt_rows.tolist()
+    host = open_train_batches(data_cfg(own_shards), rank=0, world=1, device=CPU, epoch=0, batch_in_epoch=0,
+                              channels_last=False)
+    stream = make_loader(own_shards, "train", 8, seed=3)
+    with pytest.warns(UserWarning, match=bad_key):
+        ref = list(stream)
+    with pytest.warns(UserWarning, match=bad_key):
+        got = [next(host) for _ in range(len(ref))]
+    assert host.corrupt_count == stream.corrupt_count == 1
+    for (image, mask), b in zip(got, ref):
+        assert torch.equal((image * 255).round().to(torch.uint8), b["image"])
+        assert torch.equal((mask * 255).round().to(torch.uint8), b["mask"])
+
+
+def test_validation_from_the_cache_equals_the_streaming_one(shards):
+    host = list(iter_val_batches(data_cfg(shards), rank=0, world=2, device=CPU, max_batches=9, channels_last=False))
+    stream = list(iter_val_batches(DataConfig(shards=str(shards), batch_size=8, seed=3, placement="stream"),
+                                   rank=0, world=2, device=CPU, max_batches=9, channels_last=False))
+    assert len(host) == len(stream) == 1  # 10 val samples over 2 ranks: 5 each, one short batch
+    assert torch.equal(host[0][0], stream[0][0]) and torch.equal(host[0][1], stream[0][1])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_damaged_shard_stops_the_build_naming_it(own_shards, damage):
+    tar = own_shards / "train" / "shard-000004.tar"
+    if damage == "truncated":
+        os.truncate(tar, tar.stat().st_size // 2)
+    else:
+        tar.unlink()
+    with pytest.raises(DataError, match="shard-000004.tar"):
+        open_cache(own_shards, "train", processes=2)
+    data_path, meta_path = cache_paths(own_shards, "train")
+    assert not data_path.exists() and not meta_path.exists()
+    assert [p.name for p in data_path.parent.iterdir() if p.name.endswith(".tmp")] == []
