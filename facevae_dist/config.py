@@ -5,7 +5,8 @@ model), the loss (LossConfig, beside the losses), the optimizer (OptimConfig) an
 intervals, precision, checkpointing). The resolved config is written to `<run_dir>/config.toml` and into every
 checkpoint, so a run can always be rebuilt from its directory.
 
-Precedence (later wins): dataclass defaults < hypothesis preset < --config FILE.toml < CLI flags < --set a.b=value.
+Precedence (later wins): dataclass defaults < hypothesis < --preset (facevae_dist.presets) < --config FILE.toml <
+CLI flags < --set a.b=value.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run_dir: str = "runs/default"
     hypothesis: str = ""  # the grid name this config was built from ("" = hand-made)
+    preset: str = ""  # the --preset this config was built from ("" = none); a label: setting it alone changes nothing
     seed: int = 0  # model init (same on every rank) and sampling noise (seed + rank)
     max_steps: int = 1000
     val_every: int = 500  # 0 = never validate (then best/ is never written)
@@ -135,6 +137,7 @@ class TrainConfig:
         _check_int("grad_accum", self.grad_accum, 1, "e.g. --grad-accum 1")
         _check_int("max_bad_steps", self.max_bad_steps, 1, "e.g. --set max_bad_steps=5")
         _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        _check_choice("preset", self.preset, ("", "default", "paper"))
         if "ssim" in self.loss.terms and self.loss.ssim_window > self.model.image_size:
             raise UsageError(f"loss.ssim_window={self.loss.ssim_window} is larger than model.image_size="
                              f"{self.model.image_size}; lower it, e.g. --set loss.ssim_window=3")

@@ -1,9 +1,10 @@
-"""The hypothesis grid: 15 unique names, aliases, grids, config pieces, the paper's table."""
+"""The hypothesis grid: 15 unique names (the paper's 10 + our 5 ablations), aliases, grids, config pieces, the
+paper's table."""
 
 import pytest
 
 from facevae_dist.errors import UsageError
-from facevae_dist.hypotheses import GRIDS, HYPOTHESES, resolve_grid, resolve_hypothesis
+from facevae_dist.hypotheses import DEFAULT_GRID, GRIDS, HYPOTHESES, resolve_grid, resolve_hypothesis
 from facevae_dist.paper_results import METRICS, PAPER_RESULTS, paper_result
 
 
@@ -38,8 +39,16 @@ def test_bad_name_lists_valid_ones():
 
 
 def test_grids():
-    assert GRIDS["paper15"] == list(HYPOTHESES)
-    assert len(GRIDS["paper10"]) == 10 and all(HYPOTHESES[n].mask_mode != "mask" for n in GRIDS["paper10"])
+    # the paper ran 10: each loss without the mask and with mask + decoder (paper.md §4.1), the default sweep
+    paper10 = GRIDS["paper10"]
+    assert DEFAULT_GRID == "paper10"
+    assert sorted((HYPOTHESES[n].loss, HYPOTHESES[n].mask_mode) for n in paper10) == sorted(
+        (loss, mode) for loss in ("l1", "l2", "ssim", "ssim+l1", "ssim+l2") for mode in ("none", "mask+decoder"))
+    assert all(HYPOTHESES[n].paper_result() is not None and HYPOTHESES[n].paper_label for n in paper10)
+    # paper15 = paper10 first, then our 5 GT-mask-without-decoder ablations, which the paper has no result for
+    assert GRIDS["paper15"][:10] == paper10 and sorted(GRIDS["paper15"]) == sorted(HYPOTHESES)
+    assert all(HYPOTHESES[n].mask_mode == "mask" and HYPOTHESES[n].paper_result() is None
+               and HYPOTHESES[n].paper_label is None for n in GRIDS["paper15"][10:])
     assert [h.aliases[0] for h in resolve_grid("named4")] == ["H5", "H6", "H1", "H9"]
 
 

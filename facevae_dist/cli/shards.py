@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from facevae_dist.presets import add_preset_argument, apply_shards_preset, track_explicit
+
 BUILD_EPILOG = """\
 sources and the layout each expects under --root:
   synthetic       nothing: procedural CelebA-like portraits with 19-class label maps (--n images, --seed);
@@ -50,6 +52,7 @@ def _build(args) -> int:
     from facevae_dist.data.shards import ShardOptions, build_shards
     from facevae_dist.data.sources import make_source
 
+    apply_shards_preset(args, args.preset)  # fills only options not given on the command line
     source = make_source(args.source, root=args.root, masks=args.masks, n=args.n, seed=args.seed,
                          on_missing_mask=args.on_missing_mask, split_ratios=args.split_ratios)
     opts = ShardOptions(image_size=args.image_size, resize=args.resize, image_format=args.format,
@@ -139,6 +142,8 @@ def register(sub) -> None:
                      "needs at least ranks x loader workers shards per split it reads")
     out.add_argument("--workers", type=int, default=1, help="parallel processes (default 1; output identical)")
     out.add_argument("--overwrite", action="store_true", help="delete an existing dataset in --out and start over")
+    add_preset_argument(build, what="resize cv2 (INTER_LINEAR, no antialiasing) and image format png")
+    track_explicit(build)  # after every option: --preset must know which ones the user gave
     build.set_defaults(func=_build, _parser=build)
 
     verify = shards_sub.add_parser("verify", help="re-read every shard: sha256, counts, decode every sample",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from facevae_dist.presets import add_preset_argument
+
 SUBMIT_EPILOG = """\
 Each array element trains one hypothesis (nodes x gpus-per-node ranks inside the element), then evaluates it, in
 SWEEP_DIR/<hypothesis>/. On preemption or time limit the element saves a checkpoint and is requeued; the requeued
@@ -11,10 +13,13 @@ element resumes from that checkpoint. Rerunning the same command skips finished 
 others (queued/running ones are left alone). The code is snapshotted into SWEEP_DIR/code/ at submit time.
 
 examples:
-  # the paper's 15-hypothesis grid, one 8-GPU node per hypothesis, bf16, 4 elements at a time
+  # the paper's 10 hypotheses + our 5 GT-mask ablations, one 8-GPU node per hypothesis, bf16, 4 at a time
   facevae sweep submit --grid paper15 --shards /shared/shards/celeba --out /shared/sweeps/paper15 \\
       --partition gpu --gpus-per-node 8 --cpus-per-task 8 --mem-gb 200 --timeout-min 1440 \\
       --array-parallelism 4 --set max_steps=100000 --set mixed_precision=bf16
+  # the released code's setup (grid paper10, every element with `facevae train --preset paper`), one GPU each
+  facevae sweep submit --preset paper --shards /shared/shards/celeba-paper --out /shared/sweeps/paper \\
+      --partition gpu --gpus-per-node 1 --cpus-per-task 8 --mem-gb 64 --timeout-min 1440
   # a tiny grid on this machine, no Slurm
   facevae sweep submit --hypotheses l2/none,l2/mask+decoder --shards shards/synthetic --out sweeps/try \\
       --cluster local --set max_steps=50 --set model.width=0.25 --wait
@@ -22,6 +27,8 @@ examples:
 
 
 def _submit(args) -> int:
+    from facevae_dist.presets import sweep_overrides
+    from facevae_dist.progress import info
     from facevae_dist.sweep import SlurmOptions, submit_sweep
 
     slurm = SlurmOptions(partition=args.partition, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
@@ -31,8 +38,12 @@ def _submit(args) -> int:
                          max_num_timeout=args.max_num_timeout, account=args.account, qos=args.qos,
                          constraint=args.constraint)
     hyps = [h for h in (args.hypotheses or "").split(",") if h.strip()]
+    world = 1 if getattr(slurm, "elements_per_gpu", 1) > 1 else slurm.nodes * slurm.ranks_per_node  # ranks per run
+    overrides, warnings = sweep_overrides(args.preset, args.set or [], world)
+    for line in warnings:
+        info(line)
     submit_sweep(args.out, args.shards, grid=args.grid, hypotheses=hyps or None, cluster=args.cluster, slurm=slurm,
-                 overrides=args.set or [], eval_split=args.eval_split, eval_limit=args.eval_limit, wait=args.wait)
+                 overrides=overrides, eval_split=args.eval_split, eval_limit=args.eval_limit, wait=args.wait)
     if args.wait:
         return _status(argparse.Namespace(sweep_dir=args.out, json=False))
     return 0
@@ -96,8 +107,10 @@ def register(sub) -> None:
     p = sweep_sub.add_parser("submit", help="submit (or resume) a sweep", epilog=SUBMIT_EPILOG,
                              formatter_class=argparse.RawDescriptionHelpFormatter,
                              description="Submit every unfinished hypothesis of a grid as one job array.")
-    p.add_argument("--grid", default="paper15", help="paper15 (5 losses x 3 mask modes, default), paper10 (the "
-                   "paper's ten runs) or named4 (H1, H5, H6, H9)")
+    p.add_argument("--grid", default="paper10", help="paper10 (the paper's 10 runs: 5 losses x {none, "
+                   "mask+decoder}; default), paper15 (paper10 + our 5 GT-mask-without-decoder ablations) or named4 "
+                   "(H1, H5, H6, H9)")
+    add_preset_argument(p, what="every element trained as `facevae train --preset paper`, grid paper10")
     p.add_argument("--hypotheses", help="comma-separated names/aliases instead of a grid, e.g. l2/none,H9")
     p.add_argument("--shards", required=True, help="shards directory (shared by all nodes)")
     p.add_argument("--out", required=True, help="sweep directory (shared by all nodes); rerun to resume")

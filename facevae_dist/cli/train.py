@@ -6,15 +6,18 @@ import argparse
 import json
 import os
 
+from facevae_dist.presets import add_preset_argument
+
 EXAMPLES = """\
 examples:
   facevae train --hypothesis H9 --shards shards/synthetic --run-dir runs/h9 --max-steps 300
   facevae train --hypothesis ssim/none --shards shards/celeba --mixed-precision no --set optim.clip=global
   facevae train --config runs/h9/config.toml --max-steps 2000           # continue a run for longer
+  facevae train --hypothesis H9 --preset paper --shards shards/celeba-paper   # the released code's setup
   torchrun --standalone --nproc_per_node 2 -m facevae_dist.train --hypothesis H9 --shards shards/synthetic
   accelerate launch --config_file launch/8gpu-bf16.yaml -m facevae_dist.train --hypothesis H9 --shards ...
 
-precedence: defaults < --hypothesis preset < --config FILE < flags < --set KEY=VALUE (later wins).
+precedence: defaults < --hypothesis < --preset < --config FILE < flags < --set KEY=VALUE (later wins).
 The resolved config is written to RUN_DIR/config.toml. A run directory with checkpoints is resumed
 automatically (--resume auto), so rerunning the same command after a crash or preemption continues
 exactly where the last checkpoint left off. SIGTERM / SIGUSR1 / SIGUSR2 save a checkpoint and exit 0.
@@ -27,6 +30,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     what.add_argument("--hypothesis", metavar="NAME",
                       help="grid hypothesis <loss>/<mask mode>, e.g. ssim+l2/mask+decoder, l1/none, or an alias "
                            "H1 H5 H6 H9 (see `facevae sweep --help` for the grid); sets loss terms and mask mode")
+    add_preset_argument(what, what="sampling bug, Keras Adam, sampled-z validation, 100 epochs of 4000 steps x "
+                                   "batch 32, best-by-validation checkpoint, fp32, one process")
     what.add_argument("--config", metavar="FILE.toml", help="a TOML config (full, or only the fields to change)")
     what.add_argument("--shards", metavar="DIR", help="shards directory from `facevae shards build` "
                                                       "(default shards/synthetic)")
@@ -83,10 +88,12 @@ _FLAG_FIELDS = {  # argparse dest -> TrainConfig path
 
 
 def config_from_args(args: argparse.Namespace):
-    """defaults < hypothesis < --config < flags < --set; validated."""
+    """defaults < hypothesis < --preset < --config < flags < --set; validated."""
     from facevae_dist.config import TrainConfig, apply_dict, apply_overrides, load_toml
+    from facevae_dist.presets import apply_preset
 
     cfg = TrainConfig.from_hypothesis(args.hypothesis) if args.hypothesis else TrainConfig()
+    cfg = apply_preset(cfg, getattr(args, "preset", None))
     if args.config:
         cfg = load_toml(args.config, base=cfg)
     flags: dict = {}
