@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from facevae_dist.data import imageio
 from facevae_dist.errors import FaceVAEError, UsageError
 from facevae_dist.fileio import atomic_write_bytes, atomic_write_json
 
@@ -66,7 +66,8 @@ def export_model(run_dir: str | Path, out_dir: str | Path, which: str = "best") 
     out = model.save_pretrained(out_dir)
     atomic_write_json(Path(out) / "export.json", {
         "run_dir": str(run_dir), "checkpoint": which, "step": step, "hypothesis": cfg.hypothesis or None,
-        "loss": loss_name(cfg.loss.terms), "mask_mode": model.cfg.mask_mode, "image_size": model.cfg.image_size,
+        "seed": cfg.seed, "loss": loss_name(cfg.loss.terms), "mask_mode": model.cfg.mask_mode,
+        "image_size": model.cfg.image_size,
     })
     return Path(out)
 
@@ -75,23 +76,9 @@ def export_model(run_dir: str | Path, out_dir: str | Path, which: str = "best") 
 # Image files
 
 def read_rgb(path: str | Path) -> Image.Image:
-    """Open and fully decode an image as RGB; raises FaceVAEError with the reason for non-images/corrupt files."""
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.width < 1 or im.height < 1:
-                raise FaceVAEError(f"{path}: empty image")
-            return im.convert("RGB")
-    except FaceVAEError:
-        raise
-    except FileNotFoundError:
-        raise FaceVAEError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise FaceVAEError(f"{path}: is a directory, not an image") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        # PIL raises UnidentifiedImageError (an OSError) for non-images and OSError/SyntaxError for truncated ones.
-        raise FaceVAEError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
+    """Decode an image file as RGB, upright (EXIF), 16-bit scaled by value, within the pixel limit; raises a
+    FaceVAEError (ImageReadError) naming the file for non-images, corrupt and oversized files."""
+    return imageio.read_rgb_image(path)
 
 
 def to_tensor(im: Image.Image, size: int | None = None) -> torch.Tensor:
@@ -104,16 +91,45 @@ def to_tensor(im: Image.Image, size: int | None = None) -> torch.Tensor:
 def to_png(t: torch.Tensor) -> bytes:
     """[C,H,W] (C = 1 or 3) float in [0,1] -> PNG bytes."""
     a = (t.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    im = Image.fromarray(a[0], "L") if a.shape[0] == 1 else Image.fromarray(a.transpose(1, 2, 0), "RGB")
+    return _png(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0))
+
+
+def _png(a: np.ndarray) -> bytes:
+    """uint8 HxW or HxWx3 -> PNG bytes."""
     buf = io.BytesIO()
-    im.save(buf, format="PNG")
+    Image.fromarray(a, "L" if a.ndim == 2 else "RGB").save(buf, format="PNG")
     return buf.getvalue()
 
 
-def _resize(t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    if tuple(t.shape[-2:]) == tuple(hw):
-        return t
-    return F.interpolate(t[None], size=hw, mode="bilinear", align_corners=False, antialias=True)[0].clamp(0, 1)
+def _upsample(t: torch.Tensor, wh: tuple[int, int]) -> np.ndarray:
+    """A model-size output [C,h,w] in [0,1] -> uint8 at the photo's size (HxW or HxWx3). Done on uint8 in PIL:
+    a photo-size float tensor costs 4x the memory, and quantizing before upsampling moves values < 1/255."""
+    small = (t.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    im = Image.fromarray(small[0], "L") if small.shape[0] == 1 else Image.fromarray(small.transpose(1, 2, 0), "RGB")
+    return np.asarray(im.resize(wh, Image.BILINEAR) if im.size != wh else im)
+
+
+def _composite_u8(recon: np.ndarray, photo: np.ndarray, alpha: np.ndarray, rows: int = 512) -> np.ndarray:
+    """recon * a + photo * (1 - a) on uint8 (a = alpha / 255), rounded, in bands of rows so the temporaries stay
+    small for huge photos. alpha 0 gives the photo pixel for pixel."""
+    out = np.empty_like(photo)
+    for r in range(0, photo.shape[0], rows):
+        a = alpha[r:r + rows, :, None].astype(np.uint16)
+        mix = recon[r:r + rows].astype(np.uint16) * a + photo[r:r + rows].astype(np.uint16) * (255 - a)
+        out[r:r + rows] = (mix + 127) // 255  # <= 65025 + 127: fits uint16
+    return out
+
+
+def _read_given_mask(path: Path, wh: tuple[int, int]) -> np.ndarray:
+    """A --masks file (0/255 or any-depth binary mask, or a label map) -> uint8 0/255 at the photo's size."""
+    from facevae_dist.data.masks import labelmap_to_mask
+
+    kind, values = imageio.read_mask_or_labels(path)
+    mask = labelmap_to_mask(values) if kind == "labels" else values
+    im = Image.fromarray(mask.astype(np.uint8) * 255, "L")
+    if im.size != wh:
+        im = im.resize(wh, Image.BILINEAR)
+    return np.where(np.asarray(im) >= 128, 255, 0).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,8 +158,9 @@ def _unique_stems(paths: list[Path]) -> list[str]:
 def reconstruct_files(model_dir: str | Path, paths, out_dir: str | Path, *, batch_size: int = 16,
                       masks_dir: str | Path | None = None, device: str | None = None) -> ReconstructResult:
     """Reconstruct every image in `paths` into `out_dir` (see the module docstring for what each mode writes).
-    Corrupt and non-image files are reported in `skipped` and the rest are processed."""
-    from facevae_dist.model import composite
+    Corrupt, non-image and oversized files are reported in `skipped` and the rest are processed.
+    Memory stays bounded whatever the photos' size: a batch holds the model-size inputs plus at most
+    imageio.MAX_PIXELS of full-size uint8 photos, and each photo's outputs are made and written one at a time."""
     from facevae_dist.progress import make_progress
 
     if batch_size < 1:
@@ -151,53 +168,67 @@ def reconstruct_files(model_dir: str | Path, paths, out_dir: str | Path, *, batc
     paths = [Path(p) for p in paths]
     if not paths:
         raise UsageError("no input images given")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_any_model(model_dir, device=dev)
-    size, mode = model.cfg.image_size, model.cfg.mask_mode
     masks_dir = Path(masks_dir) if masks_dir else None
     if masks_dir is not None and not masks_dir.is_dir():
         raise UsageError(f"--masks {masks_dir}: no such directory")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir}: exists and is not a directory; give a directory for the outputs")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_any_model(model_dir, device=dev)
+    size, mode = model.cfg.image_size, model.cfg.mask_mode
     out_dir.mkdir(parents=True, exist_ok=True)
     result = ReconstructResult(mask_mode=mode, note=MODE_NOTES[mode])
-    stems = _unique_stems(paths)
+    pixel_budget = imageio.max_pixels_default()
     with make_progress() as progress:
         task = progress.add_task("reconstruct", total=len(paths))
-        for start in range(0, len(paths), batch_size):
-            batch = []  # (path, stem, full-res tensor, mask or None)
-            for path, stem in zip(paths[start:start + batch_size], stems[start:start + batch_size]):
-                try:
-                    full = to_tensor(read_rgb(path))
-                    gt = None
-                    if masks_dir is not None and mode != "mask+decoder":
-                        mp = masks_dir / f"{path.stem}.png"
-                        if mp.is_file():
-                            gt = (_resize(to_tensor(read_rgb(mp))[:1], full.shape[-2:]) >= 0.5).float()
-                    batch.append((path, stem, full, gt))
-                except FaceVAEError as exc:
-                    result.skipped.append((str(path), str(exc)))
-                    progress.advance(task)
+        batch: list[tuple[Path, str, np.ndarray, torch.Tensor]] = []  # (path, stem, photo uint8 HxWx3, input)
+
+        def flush() -> None:
             if not batch:
-                continue
-            x = torch.stack([_resize(full, (size, size)) for _, _, full, _ in batch]).to(dev)
-            out = model.reconstruct(x)
-            for i, (path, stem, full, gt) in enumerate(batch):
-                hw = full.shape[-2:]
-                recon = _resize(out.recon_raw[i].float().cpu(), hw)
-                files = {f"{stem}_recon.png": recon}
-                alpha = None
-                if out.mask_pred is not None:
-                    alpha = _resize(out.mask_pred[i].float().cpu(), hw)
-                    files[f"{stem}_mask.png"] = alpha
-                elif gt is not None:
-                    alpha = gt
-                if alpha is not None:
-                    files[f"{stem}_composite.png"] = composite(recon[None], full[None], alpha[None])[0]
-                for name, t in files.items():
-                    atomic_write_bytes(out_dir / name, to_png(t))
-                result.written[str(path)] = [str(out_dir / n) for n in files]
+                return
+            out = model.reconstruct(torch.stack([x for *_, x in batch]).to(dev))
+            for i, (path, stem, photo, _) in enumerate(batch):
+                try:
+                    result.written[str(path)] = _write_outputs(out, i, path, stem, photo, mode, masks_dir, out_dir)
+                except imageio.ImageReadError as exc:  # its --masks file; nothing of this photo was written yet
+                    result.skipped.append((str(path), f"mask {exc}"))
                 progress.advance(task)
+            batch.clear()
+
+        for path, stem in zip(paths, _unique_stems(paths)):
+            try:
+                im = read_rgb(path)
+            except FaceVAEError as exc:
+                result.skipped.append((str(path), str(exc)))
+                progress.advance(task)
+                continue
+            if batch and sum(p.shape[0] * p.shape[1] for _, _, p, _ in batch) + im.width * im.height > pixel_budget:
+                flush()
+            batch.append((path, stem, np.asarray(im), to_tensor(im, size)))
+            del im
+            if len(batch) == batch_size:
+                flush()
+        flush()
     return result
+
+
+def _write_outputs(out, i: int, path: Path, stem: str, photo: np.ndarray, mode: str, masks_dir: Path | None,
+                   out_dir: Path) -> list[str]:
+    """Write one photo's reconstruction (+ mask, composite) at the photo's own size; returns the files written."""
+    wh = (photo.shape[1], photo.shape[0])
+    recon = _upsample(out.recon_raw[i], wh)
+    files = {f"{stem}_recon.png": recon}
+    alpha = None
+    if out.mask_pred is not None:
+        alpha = files[f"{stem}_mask.png"] = _upsample(out.mask_pred[i], wh)
+    elif masks_dir is not None and (masks_dir / f"{path.stem}.png").is_file():
+        alpha = _read_given_mask(masks_dir / f"{path.stem}.png", wh)
+    if alpha is not None:
+        files[f"{stem}_composite.png"] = _composite_u8(recon, photo, alpha)
+    for name, a in files.items():
+        atomic_write_bytes(out_dir / name, _png(a))
+    return [str(out_dir / n) for n in files]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,6 +252,8 @@ def sample_grid(model_dir: str | Path, out: str | Path, *, n: int = 16, seed: in
     mid grey through their predicted mask (their background was never trained: it carries no signal)."""
     if n < 1:
         raise UsageError(f"--n {n}: must be >= 1")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UsageError(f"--temperature {temperature}: must be a finite number >= 0 (1 = the prior itself)")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_any_model(model_dir, device=dev)
     g = torch.Generator().manual_seed(seed)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 LABEL_NAMES = ("background", "skin", "l_brow", "r_brow", "l_eye", "r_eye", "eye_g", "l_ear", "r_ear", "ear_r",
                "nose", "mouth", "u_lip", "l_lip", "neck", "neck_l", "cloth", "hair", "hat")
@@ -50,6 +49,7 @@ def part_masks_to_labelmap(parts: dict[str, np.ndarray | None], shape: tuple[int
 
 
 def read_part_mask(path: Path) -> np.ndarray:
-    """One CelebAMask-HQ part PNG (white on black, sometimes RGB) -> bool HxW."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("L")) > 127
+    """One CelebAMask-HQ part PNG (white on black, sometimes RGB, any bit depth) -> bool HxW."""
+    from facevae_dist.data.imageio import binary_mask, read_values
+
+    return binary_mask(read_values(path))

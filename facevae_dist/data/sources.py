@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from facevae_dist.data import synthetic
+from facevae_dist.data import imageio, synthetic
 from facevae_dist.data.masks import CELEBAMASK_HQ_PARTS, part_masks_to_labelmap, read_part_mask
 from facevae_dist.errors import DataError, UsageError
 
@@ -82,24 +82,16 @@ class Source:
 
 def _read_rgb(path: Path, source_id: str) -> np.ndarray:
     try:
-        with Image.open(path) as im:
-            im.load()
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise CorruptSample(f"file not found: {path}")
-    except Exception as exc:  # PIL raises a zoo of types for broken files
-        raise CorruptSample(f"cannot decode {path.name}: {type(exc).__name__}: {exc}")
+        return imageio.read_rgb(path)
+    except imageio.ImageReadError as exc:
+        raise CorruptSample(f"cannot decode {path.name}: {exc.reason}")
 
 
 def _read_label(path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode not in ("L", "P", "I", "I;16"):
-                im = im.convert("L")
-            return np.asarray(im).astype(np.uint8)
-    except Exception as exc:
-        raise CorruptSample(f"cannot decode mask {path}: {type(exc).__name__}: {exc}")
+        return imageio.values_to_labels(imageio.read_values(path))
+    except imageio.ImageReadError as exc:
+        raise CorruptSample(f"cannot decode mask {path}: {exc.reason}")
 
 
 def _require_dir(path: Path, what: str, hint: str) -> None:
@@ -327,8 +319,9 @@ class FolderSource(Source):
 
     def _images(self) -> list[str]:
         root = Path(self.root)
+        # Not only files: a directory (or other non-file) named like an image is listed as skipped, not dropped.
         names = [str(p.relative_to(root)) for p in root.rglob("*")
-                 if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")]
+                 if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
         if self.masks != "auto":
             mask_dir = Path(self.masks).resolve()
             names = [n for n in names if mask_dir not in (root / n).resolve().parents]
@@ -352,6 +345,10 @@ class FolderSource(Source):
         plan = SourcePlan({s: [] for s in SPLITS})
         for i, name in enumerate(names):
             split = synthetic.split_for_index(i, len(names), self.split_ratios)
+            if not (root / name).is_file():
+                kind = "a directory" if (root / name).is_dir() else "not a regular file"
+                plan.skipped.append((split, name, f"{root / name}: {kind}, not an image"))
+                continue
             if self.masks != "auto" and not self._mask_path(name).is_file():
                 if self.on_missing_mask == "skip":
                     plan.skipped.append((split, name, f"no mask {self._mask_path(name)}"))
@@ -370,14 +367,14 @@ class FolderSource(Source):
             if mask is None:
                 raise CorruptSample("no face found by the MediaPipe extractor")
             return Record(item.source_id, item.split, image, mask=mask, meta={"mask": "mediapipe"})
-        values = _read_label(self._mask_path(item.ref))
-        if values.max() > 18:  # a 0/255 binary mask (no label map has values above 18)
-            mask = values > 127
-        else:  # a label map (a 0/1 mask reads the same: 1 = skin = face)
-            from facevae_dist.data.masks import labelmap_to_mask
-
-            mask = labelmap_to_mask(values)
-        return Record(item.source_id, item.split, image, mask=mask)
+        path = self._mask_path(item.ref)
+        try:
+            kind, values = imageio.read_mask_or_labels(path)
+        except imageio.ImageReadError as exc:
+            raise CorruptSample(f"cannot decode mask {path}: {exc.reason}")
+        if kind == "labels":  # a label map (a 0/1 mask reads the same: 1 = skin = face)
+            return Record(item.source_id, item.split, image, label=values)
+        return Record(item.source_id, item.split, image, mask=values)
 
     def describe(self) -> dict:
         return {"name": self.name, "root": str(Path(self.root).resolve()),
