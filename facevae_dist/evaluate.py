@@ -1,6 +1,8 @@
-"""`facevae eval`: score a run's checkpoint on a shard split, per image, in every region; write eval/metrics.json.
+"""`facevae eval`: score a model on a shard split, per image, in every region; write eval/metrics.json.
 
-Per image and per region (metrics.REGIONS: whole, face, paper) every metric of metrics.METRICS is computed; the
+The model is a run directory's checkpoint (`facevae train`) or an exported model directory (`facevae export`:
+model.safetensors + config.json [+ export.json]), so models handed over without their run can be scored too.
+Per image and per region (metrics.REGIONS: face, composite-face, composite, whole) every metric of metrics.METRICS is computed; the
 output holds the mean and a 95% percentile-bootstrap interval of each, the number of images, the checkpoint step
 and every metric setting. Per-image values go to eval/per_image.csv (paired comparisons between runs are possible)
 and a few fixed test images with their reconstructions to eval/examples.safetensors (the report's visual
@@ -25,13 +27,14 @@ import torch
 
 from facevae_dist.errors import DataError, FaceVAEError, UsageError
 from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
-from facevae_dist.metrics import METRICS, REGIONS, MetricSettings, MetricSuite, load_lpips
+from facevae_dist.metrics import LEGACY_REGIONS, METRICS, REGIONS, MetricSettings, MetricSuite, composite, load_lpips
 
 EVAL_DIR = "eval"
 METRICS_FILE = "metrics.json"
 PER_IMAGE_FILE = "per_image.csv"
 EXAMPLES_FILE = "examples.safetensors"
-FORMAT = "facevae-dist/eval-v1"
+FORMAT = "facevae-dist/eval-v2"
+LEGACY_FORMATS = ("facevae-dist/eval-v1",)  # region `paper` (now `composite`), no `composite-face`, no seed
 N_EXAMPLES = 8
 BOOTSTRAP_RESAMPLES = 1000
 
@@ -133,13 +136,43 @@ def loss_name(terms) -> str:
     return "+".join(ordered)
 
 
+def load_scored_model(model_dir: str | Path, which: str, device: torch.device):
+    """(model, facts) from a run directory or an exported model directory. facts: hypothesis, loss, seed, step,
+    default shards, kind ("run" | "export") and the checkpoint label."""
+    from facevae_dist.checkpoint import open_model
+    from facevae_dist.model import CONFIG_FILE, WEIGHTS_FILE, FaceVAE
+
+    path = Path(model_dir)
+    if (path / WEIGHTS_FILE).is_file() and (path / CONFIG_FILE).is_file() and not (path / "checkpoints").is_dir():
+        model = FaceVAE.from_pretrained(path, map_location=device).eval()
+        meta = {}
+        if (path / "export.json").is_file():  # written by `facevae export`: where the weights came from
+            try:
+                meta = json.loads((path / "export.json").read_text())
+            except json.JSONDecodeError as exc:
+                raise FaceVAEError(f"{path / 'export.json'}: not valid JSON ({exc}); re-export the model") from None
+        return model, {"kind": "export", "hypothesis": meta.get("hypothesis"), "loss": meta.get("loss") or "unknown",
+                       "seed": meta.get("seed"), "step": meta.get("step"), "shards": None,
+                       "which": meta.get("checkpoint") or "export"}
+    if not path.is_dir():
+        raise UsageError(f"{path}: no such directory; pass a run directory (`facevae train`) or an exported model "
+                         "directory (`facevae export`: model.safetensors + config.json)")
+    if not ((path / "checkpoints").is_dir() or (path / "best").is_dir()):
+        raise UsageError(f"{path}: neither a run directory (checkpoints/ or best/, from `facevae train`) nor an "
+                         "exported model (model.safetensors + config.json, from `facevae export`)")
+    loaded = open_model(path, which, map_location=device)  # label: what was picked (best/ may be absent)
+    model, cfg, step = loaded.model, loaded.cfg, loaded.step
+    return model, {"kind": "run", "hypothesis": cfg.hypothesis or None, "loss": loss_name(cfg.loss.terms),
+                   "seed": cfg.seed, "step": step, "shards": cfg.data.shards, "which": loaded.label}
+
+
 def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: str = "test",
              limit: int | None = None, which: str = "best", *, batch_size: int = 64, workers: int = 0,
              device: str | None = None, lpips_weights: str | Path | None = None, out: str | Path | None = None,
              bootstrap: int = BOOTSTRAP_RESAMPLES, seed: int = 0, n_examples: int = N_EXAMPLES) -> dict:
-    """Evaluate one checkpoint of `run_dir` on `split`; writes <run_dir>/eval/metrics.json (or `out`) on rank 0
-    and returns the result dict (on every rank). `shards_dir` defaults to the run's training shards."""
-    from facevae_dist.checkpoint import load_model
+    """Evaluate one checkpoint of `run_dir` (or an exported model directory) on `split`; writes
+    <run_dir>/eval/metrics.json (or `out`) on rank 0 and returns the result dict (on every rank). `shards_dir`
+    defaults to the run's training shards (an exported model has none: --shards is required)."""
     from facevae_dist.data.loader import make_loader, read_manifest, to_float
     from facevae_dist.progress import make_progress
 
@@ -149,13 +182,16 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
         raise UsageError(f"--batch-size {batch_size}: must be >= 1")
     run_dir = Path(run_dir)
     dev = _pick_device(device)
-    model, cfg, step = load_model(run_dir, which, map_location=dev)
-    shards_dir = Path(shards_dir if shards_dir is not None else cfg.data.shards)
+    model, facts = load_scored_model(run_dir, which, dev)
+    if shards_dir is None and facts["shards"] is None:
+        raise UsageError(f"{run_dir} is an exported model (no training run to take shards from): pass --shards DIR")
+    shards_dir = Path(shards_dir if shards_dir is not None else facts["shards"])
     n_split = check_split(shards_dir, split)
     image_size = int(read_manifest(shards_dir)["image_size"])
     if image_size != model.cfg.image_size:
         raise UsageError(f"{shards_dir} holds {image_size}px images but the checkpoint of {run_dir} was trained at "
-                         f"{model.cfg.image_size}px (model.image_size); evaluate on shards built at that size")
+                         f"{model.cfg.image_size}px (model.image_size); evaluate on shards built at that size "
+                         f"(`facevae shards build --image-size {model.cfg.image_size}`)")
     mode = model.cfg.mask_mode
     lpips = load_lpips(lpips_weights, device=dev)
     settings = MetricSettings()
@@ -229,11 +265,13 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
         "format": FORMAT,
         "run_dir": str(run_dir),
         "run_name": run_dir.name,
-        "hypothesis": cfg.hypothesis or None,
-        "loss": loss_name(cfg.loss.terms),
+        "model_kind": facts["kind"],  # "run" (a run directory) | "export" (an exported model directory)
+        "hypothesis": facts["hypothesis"],
+        "seed": facts["seed"],  # the training seed: `facevae report` groups runs by (hypothesis, seed)
+        "loss": facts["loss"],
         "mask_mode": mode,
         "model": model.cfg.to_dict(),
-        "checkpoint": {"which": which, "step": step},
+        "checkpoint": {"which": facts["which"], "step": facts["step"]},
         "split": split,
         "shards_dir": str(shards_dir),
         "n_images": len(ordered),
@@ -265,13 +303,11 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
 
 def _keep_examples(store: dict, keys: list[str], image, mask, out, mode: str, n: int) -> None:
     """Keep the reconstructions of the n smallest keys seen (the same keys in every run of the same shards)."""
-    face = (mask >= 0.5).float()
-    alpha = out.mask_pred if (mode == "mask+decoder" and out.mask_pred is not None) else face
-    composite = out.recon_raw * alpha + image * (1 - alpha)
+    comp = composite(image, mask, out.recon_raw, out.mask_pred, mode)
     for i, key in enumerate(keys):
         if len(store) >= n and key >= max(store):
             continue
-        item = {"input": image[i], "gt_mask": mask[i], "recon_raw": out.recon_raw[i], "composite": composite[i]}
+        item = {"input": image[i], "gt_mask": mask[i], "recon_raw": out.recon_raw[i], "composite": comp[i]}
         if out.mask_pred is not None:
             item["mask_pred"] = out.mask_pred[i]
         store[key] = {k: (v.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy() for k, v in item.items()}
@@ -309,10 +345,48 @@ def load_eval(run_dir: str | Path) -> dict:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise FaceVAEError(f"{path}: not valid JSON ({exc}); re-run `facevae eval`") from None
-    if data.get("format") != FORMAT:
+    if data.get("format") in LEGACY_FORMATS:
+        data = _upgrade_legacy(data)
+    elif data.get("format") != FORMAT:
         raise FaceVAEError(f"{path}: not a facevae eval file (format={data.get('format')!r}); re-run `facevae eval`")
     data["path"] = str(path)
     return data
+
+
+def _upgrade_legacy(data: dict) -> dict:
+    """An eval-v1 file: rename its regions (LEGACY_REGIONS: `paper` held exactly what `composite` holds now) and
+    say what it lacks (`composite-face`, the training seed) instead of inventing it."""
+    data = dict(data)
+    data["metrics"] = {LEGACY_REGIONS.get(r, r): v for r, v in data["metrics"].items()}
+    data["regions"] = {r: REGIONS[r] for r in data["metrics"] if r in REGIONS}
+    data.setdefault("seed", None)
+    data["legacy"] = (f"{data.get('format')}: region 'paper' read as 'composite'; no 'composite-face' scores "
+                      "(re-run `facevae eval` for them)")
+    return data
+
+
+def load_per_image(eval_json: dict) -> tuple[list[str], dict[str, np.ndarray]]:
+    """(sample keys, {"region.metric": float64 [n]}) from the per_image.csv next to an eval's metrics.json; legacy
+    region names are mapped like load_eval does. Raises a clear error when the file is missing."""
+    path = Path(eval_json["path"]).parent / PER_IMAGE_FILE
+    if not path.is_file():
+        raise UsageError(f"{path}: missing (per-image scores are needed for paired comparisons); re-run "
+                         f"`facevae eval {eval_json.get('run_dir', 'RUN_DIR')}`")
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or rows[0][:1] != ["key"]:
+        raise FaceVAEError(f"{path}: not a per-image score file (no 'key' header); re-run `facevae eval`")
+    columns = []
+    for col in rows[0][1:]:
+        region, _, metric = col.partition(".")
+        columns.append(f"{LEGACY_REGIONS.get(region, region)}.{metric}")
+    keys = [r[0] for r in rows[1:]]
+    try:
+        values = np.array([[float(x) for x in r[1:]] for r in rows[1:]], dtype=np.float64).reshape(len(keys),
+                                                                                                     len(columns))
+    except ValueError as exc:
+        raise FaceVAEError(f"{path}: unreadable per-image scores ({exc}); re-run `facevae eval`") from None
+    return keys, {c: values[:, j] for j, c in enumerate(columns)}
 
 
 def load_examples(eval_json: dict) -> tuple[list[str], dict[str, np.ndarray]]:

@@ -85,31 +85,40 @@ def test_eval_and_report_end_to_end(runs, shards, tmp_path, capsys):
             for metric, s in per_metric.items():
                 assert s["n"] == 8, (region, metric)
                 assert s["ci95"][0] <= s["mean"] <= s["ci95"][1], (region, metric)
-        p = ev["metrics"]["paper"]
+        assert ev["seed"] == 0 and ev["model_kind"] == "run"
+        p = ev["metrics"]["composite"]
         assert 0 < p["ssim"]["mean"] < 1 and 0 < p["lpips"]["mean"] < 1 and 0 < p["vif"]["mean"] <= 1
         assert p["rmse"]["mean"] == pytest.approx(np.sqrt(p["l2"]["mean"]), rel=0.5)  # mean of sqrt vs sqrt of mean
         rows = list(csv.DictReader((runs[name] / "eval" / "per_image.csv").open()))
         keys = [r["key"] for r in rows]
         assert len(keys) == 8 and keys == sorted(keys) and all(k.startswith("test-") for k in keys)
-    # no-mask composites are scored with the GT mask: background error is exactly zero, so 'paper' l1 < 'whole' l1
+    # no-mask composites are scored with the GT mask: background error is exactly zero, so composite l1 < whole l1
     none = evals["l2/none"]["metrics"]
-    assert none["paper"]["l1"]["mean"] < none["whole"]["l1"]["mean"]
+    assert none["composite"]["l1"]["mean"] < none["whole"]["l1"]["mean"]
     # the same test images through both runs
     assert evals["l2/none"]["examples"]["keys"] == evals["l2/mask+decoder"]["examples"]["keys"]
 
     out = tmp_path / "report"
     assert main(["report", *map(str, runs.values()), "--out", str(out)]) == 0
     md = (out / "table.md").read_text()
-    assert "as the paper scored" in md and "10·RMSE" in md and "(0.797)" in md and "(0.694)" in md  # paper's 10*l2
-    assert md.count("**") >= 12  # a best value per column (6 columns x 3 regions, ties allowed)
-    assert "Mask minus no mask" in md
+    assert "as the paper scored" not in md and "10·RMSE" in md and "(0.797)" in md and "(0.694)" in md
+    assert md.index("## Face pixels, raw decoder output") < md.index("## Composite")  # face pixels first
+    assert md.count("(0.797)") == len(M.REGIONS)  # the paper's numbers beside every region's table
+    assert "never published which pixels it scored" in md and "0.12" in md
+    assert "Mask effect" in md and "## The paper's claims" in md
     table = list(csv.DictReader((out / "table.csv").open()))
     assert len(table) == 2 * len(M.REGIONS)
-    row = next(r for r in table if r["mask_mode"] == "none" and r["region"] == "paper")
-    assert float(row["10*rmse"]) == pytest.approx(10 * none["paper"]["rmse"]["mean"], abs=1e-6)
-    assert row["paper_10*l2"] == "0.797" and row["paper_1-ssim"] == "0.377"
-    for fig in ("metrics_paper.png", "metrics_face.png", "metrics_whole.png", "comparison_paper.png",
-                "comparison_raw.png"):
+    row = next(r for r in table if r["mask_mode"] == "none" and r["region"] == "composite")
+    # one seed: the group mean is that run's mean over the images
+    assert float(row["10*rmse"]) == pytest.approx(10 * none["composite"]["rmse"]["mean"], abs=1e-5)
+    assert row["paper_10*l2"] == "0.797" and row["paper_1-ssim"] == "0.377" and row["seeds"] == "0"
+    claims = json.loads((out / "claims.json").read_text())
+    c1 = next(c for c in claims["claims"] if c["id"] == "C1")
+    assert c1["verdict"] in ("supported", "contradicted", "inconclusive") and c1["region"] == "face"
+    assert "l1" in c1["scope"] and len(c1["comparisons"]) == 6
+    assert next(c for c in claims["claims"] if c["id"] == "C3")["verdict"] == "not tested"
+    for fig in ("mask_effect.png", "metrics_composite.png", "metrics_face.png", "metrics_whole.png",
+                "metrics_composite-face.png", "comparison_composite.png", "comparison_raw.png"):
         im = Image.open(out / "figures" / fig)
         assert im.size[0] > 400 and im.size[1] > 200
         assert np.asarray(im.convert("L")).std() > 5  # not blank
@@ -125,6 +134,21 @@ def test_eval_and_report_end_to_end(runs, shards, tmp_path, capsys):
     photo = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
     assert main(["reconstruct", "--model", str(export), str(photo), "--out", str(tmp_path / "rec")]) == 0
     assert Image.open(tmp_path / "rec" / "grace_hopper_composite.png").size == Image.open(photo).size
+
+    # `facevae eval MODEL_DIR`: the exported model scores exactly like its run (same checkpoint, same images)
+    assert main(["eval", str(export), "--shards", str(shards), "--bootstrap", "200"]) == 0
+    ex = json.loads((export / "eval" / "metrics.json").read_text())
+    run_ev = evals["l2/mask+decoder"]
+    assert ex["model_kind"] == "export" and ex["hypothesis"] == "l2/mask+decoder" and ex["loss"] == "l2"
+    assert ex["checkpoint"]["step"] == run_ev["checkpoint"]["step"] and ex["n_images"] == 8
+    for region in M.REGIONS:
+        assert ex["metrics"][region]["ssim"]["mean"] == pytest.approx(run_ev["metrics"][region]["ssim"]["mean"],
+                                                                      abs=1e-6)
+    assert ex["seed"] == 0  # export.json carries the training seed: report groups exports like runs
+    # an exported model has no training shards to default to
+    capsys.readouterr()
+    assert main(["eval", str(export)]) == 2
+    assert "exported model" in _err_line(capsys)
 
 
 @pytest.mark.slow
@@ -206,6 +230,13 @@ def test_two_process_eval_matches_one_process(runs, shards, tmp_path):
     vb = np.array([[float(x) for x in r.split(",")[1:]] for r in per_b[1:]])
     np.testing.assert_allclose(vb, va, rtol=1e-4, atol=1e-6)
     assert b["examples"]["keys"] == a["examples"]["keys"]
+
+
+def test_eval_of_a_directory_that_is_no_model_is_one_clear_line(tmp_path, capsys):
+    (tmp_path / "junk").mkdir()
+    assert main(["eval", str(tmp_path / "junk"), "--shards", str(tmp_path)]) == 2
+    line = _err_line(capsys)
+    assert "neither a run directory" in line and "facevae export" in line
 
 
 def test_report_on_unevaluated_run_is_one_clear_line(tmp_path, capsys):

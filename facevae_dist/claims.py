@@ -1,0 +1,252 @@
+"""The paper's testable claims (reference/paper.md §5, C1-C8) checked against evaluated runs.
+
+Each claim is a set of directional comparisons "run A is better (lower) than run B on metric m", split into parts
+that need different runs (C1: one part per loss). A comparison is judged on the paired per-image difference A - B
+with a hierarchical bootstrap interval over seeds and images (stats.py):
+- better:    supported when the 95% interval lies below 0 and every seed's difference is negative; contradicted when
+             it lies above 0 and every seed agrees; otherwise inconclusive.
+- no_worse:  ("equal or better", C5) contradicted when A is clearly worse as above; otherwise it does not count
+             against the claim, but cannot support it on its own.
+A claim is contradicted when any tested comparison is, supported when every tested comparison is supported (or
+not contradicted, for no_worse), inconclusive otherwise. No correction for multiple comparisons is applied: C3
+alone makes 54, so a "supported" C3 is stronger evidence than a "contradicted" one is. Verdicts are given on the
+`face` region (raw output, face pixels: what the model itself reconstructs) and, beside it, on `composite`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from facevae_dist.groups import COLUMN_KEYS, Group
+from facevae_dist.paper_results import paper_result
+from facevae_dist.stats import Interval, paired_differences
+
+N, M = "none", "mask+decoder"
+LOSSES = ("l1", "l2", "ssim", "ssim+l1", "ssim+l2")
+PERCEPTUAL = ("1-ssim", "1-ms-ssim", "lpips", "1-vif")
+PRIMARY_REGION = "face"
+OTHER_REGIONS = ("composite",)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    better: tuple[str, str]  # (loss, mask_mode) claimed lower
+    worse: tuple[str, str]
+    metric: str  # a COLUMN_KEYS entry
+    kind: str = "better"  # "better" | "no_worse"
+
+
+@dataclass(frozen=True)
+class Part:
+    label: str
+    comparisons: tuple[Comparison, ...]
+
+    def needs(self) -> set[tuple[str, str]]:
+        return {h for c in self.comparisons for h in (c.better, c.worse)}
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: str
+    text: str
+    parts: tuple[Part, ...]
+
+
+def _all(better, worse, metrics=COLUMN_KEYS, kind="better"):
+    return tuple(Comparison(better, worse, m, kind) for m in metrics)
+
+
+def _claims() -> tuple[Claim, ...]:
+    c1 = tuple(Part(f"loss {loss}", _all((loss, M), (loss, N))) for loss in ("l1", "l2", "ssim+l1", "ssim+l2"))
+    c2 = (Part("SSIM", _all(("ssim", N), ("ssim", M), ("1-ssim", "1-ms-ssim"))
+               + _all(("ssim", M), ("ssim", N), ("lpips", "1-vif", "10*l1", "10*l2"))),)
+    h9 = ("ssim+l2", M)
+    c3 = (Part("all ten runs", tuple(c for loss in LOSSES for mode in (N, M) if (loss, mode) != h9
+                                     for c in _all(h9, (loss, mode)))),)
+    c4 = (Part("the five no-mask runs",
+               tuple(c for loss in LOSSES if loss != "ssim" for c in _all(("ssim", N), (loss, N), PERCEPTUAL))
+               + tuple(c for loss in LOSSES if loss != "ssim+l1"
+                       for c in _all(("ssim+l1", N), (loss, N), ("10*l1", "10*l2")))),)
+    c5 = (Part("with mask", _all(("l2", M), ("ssim", M), ("1-ssim", "1-ms-ssim", "lpips"), kind="no_worse")
+               + _all(("l2", M), ("ssim", M), ("1-vif", "10*l1", "10*l2"))),)
+    c6 = (Part("without mask", _all(("ssim", N), ("l2", N), ("1-ssim", "1-ms-ssim", "lpips"))),)
+    c7 = (Part("with mask", _all(("l2", M), ("l1", M))),
+          Part("without mask", _all(("l2", N), ("l1", N), COLUMN_KEYS[1:]) + _all(("l1", N), ("l2", N), ("1-ssim",))))
+    c8 = (Part("with mask", _all(("ssim+l2", M), ("ssim+l1", M))),
+          Part("without mask", _all(("ssim+l1", N), ("ssim+l2", N))))
+    return (
+        Claim("C1", "For l1, l2, SSIM+l1 and SSIM+l2, the mask variant beats the no-mask variant on all six "
+              "metrics.", c1),
+        Claim("C2", "For SSIM alone, no-mask is better on 1−SSIM and 1−MS-SSIM; the mask variant is better on "
+              "LPIPS, 1−VIF, l1 and l2.", c2),
+        Claim("C3", "SSIM+l2 with mask (H9) is best of all ten runs on every metric.", c3),
+        Claim("C4", "Without masks no run dominates: SSIM alone is best on 1−SSIM, 1−MS-SSIM, LPIPS and 1−VIF; "
+              "SSIM+l1 is best on l1 and l2.", c4),
+        Claim("C5", "With masks, l2 alone is equal to or better than SSIM alone on 1−SSIM, 1−MS-SSIM and LPIPS, "
+              "and better on 1−VIF, l1 and l2.", c5),
+        Claim("C6", "Without masks, l2 alone is worse than SSIM alone on 1−SSIM, 1−MS-SSIM and LPIPS.", c6),
+        Claim("C7", "l2 beats l1 as a standalone loss, even on the l1 metric; without a mask l1 is better on "
+              "1−SSIM only.", c7),
+        Claim("C8", "With masks SSIM+l2 beats SSIM+l1 on all six metrics; without masks SSIM+l1 beats SSIM+l2 on "
+              "all six.", c8),
+    )
+
+
+CLAIMS = _claims()
+
+# The paper's qualitative claims: what testing them would take.
+NOT_METRIC_CLAIMS = {
+    "C9": "SSIM-only training shifts skin colour (magenta/red); adding l1/l2 fixes it. Needs SSIM, SSIM+l1 and "
+          "SSIM+l2 runs on real faces and a colour-cast measure (e.g. mean a*/b* shift of face pixels in CIELAB).",
+    "C10": "Mask models give sharper hair. Needs real faces with a hair label and a sharpness measure on hair "
+           "pixels (e.g. high-frequency energy), mask vs no-mask per loss.",
+    "C11": "The mask decoder lets the model composite at test time without a mask input. A design property: "
+           "`facevae eval` and `facevae reconstruct` composite mask+decoder outputs with the predicted mask.",
+    "C12": "The mask matters more for l1/l2 than for SSIM. Needs all five losses with and without mask: the mask "
+           "effect of l1/l2 compared with that of SSIM (a difference of paired differences).",
+}
+
+
+def _name(h: tuple[str, str]) -> str:
+    return f"{h[0]}/{h[1]}"
+
+
+def _judge(comp: Comparison, d: Interval) -> str:
+    if d.mean is None or d.lo is None:
+        return "inconclusive"  # undefined on these images (e.g. LPIPS below 31 px)
+    below = d.hi < 0 and all(v < 0 for v in d.per_seed)
+    above = d.lo > 0 and all(v > 0 for v in d.per_seed)
+    if above:
+        return "contradicted"
+    if comp.kind == "no_worse":
+        return "not contradicted"
+    return "supported" if below else "inconclusive"
+
+
+def _verdict(results: list[str]) -> str:
+    if "contradicted" in results:
+        return "contradicted"
+    if all(r in ("supported", "not contradicted") for r in results) and "supported" in results:
+        return "supported"
+    return "inconclusive"
+
+
+class _Differences:
+    """Paired differences better - worse for all six columns at once, cached per (better, worse, region)."""
+
+    def __init__(self, groups: list[Group], keys: list[str], resamples: int, seed: int):
+        self.by = {(g.loss, g.mask_mode): g for g in groups}
+        self.keys, self.resamples, self.seed = keys, resamples, seed
+        self.cache: dict = {}
+
+    def get(self, better, worse, region) -> dict[str, Interval]:
+        k = (better, worse, region)
+        if k not in self.cache:
+            a = self.by[worse].matrix(self.keys, region)
+            b = self.by[better].matrix(self.keys, region)
+            self.cache[k] = dict(zip(COLUMN_KEYS, paired_differences(a, b, resamples=self.resamples,
+                                                                     seed=self.seed)))
+        return self.cache[k]
+
+
+def _paper_diff(c: Comparison) -> float | None:
+    pb, pw = paper_result(*c.better), paper_result(*c.worse)
+    return None if pb is None or pw is None else round(pb[c.metric] - pw[c.metric], 3)
+
+
+def check_claims(groups: list[Group], keys: list[str], *, resamples: int = 2000, seed: int = 0) -> list[dict]:
+    """One dict per claim C1-C12 (C9-C12 always `not tested`): verdict, region, scope, the numbers."""
+    diffs = _Differences(groups, keys, resamples, seed)
+    have = set(diffs.by)
+    regions_all = set.intersection(*(set(g.regions()) for g in groups)) if groups else set()
+    out = []
+    for claim in CLAIMS:
+        testable = [p for p in claim.parts if p.needs() <= have]
+        skipped = [p for p in claim.parts if not p.needs() <= have]
+        missing = sorted({_name(h) for p in skipped for h in p.needs() - have})
+        entry = {"id": claim.id, "claim": claim.text}
+        if not testable:
+            entry.update(verdict="not tested", region=None,
+                         needs=f"runs of {', '.join(missing)} (evaluated on the same test images)")
+            out.append(entry)
+            continue
+        per_region = {}
+        for region in (PRIMARY_REGION, *OTHER_REGIONS):
+            if region not in regions_all:
+                continue
+            comps = []
+            for part in testable:
+                for c in part.comparisons:
+                    d = diffs.get(c.better, c.worse, region)[c.metric]
+                    comps.append({"part": part.label, "better": _name(c.better), "worse": _name(c.worse),
+                                  "metric": c.metric, "kind": c.kind, "difference": d.mean,
+                                  "ci95": None if d.lo is None else [d.lo, d.hi], "per_seed": list(d.per_seed),
+                                  "n_seeds": d.n_seeds, "n_images": d.n_images, "paper_difference": _paper_diff(c),
+                                  "result": _judge(c, d)})
+            per_region[region] = {"verdict": _verdict([c["result"] for c in comps]), "comparisons": comps}
+        primary = PRIMARY_REGION if PRIMARY_REGION in per_region else next(iter(per_region))
+        entry.update(verdict=per_region[primary]["verdict"], region=primary,
+                     scope="all parts" if not skipped else
+                     f"tested: {', '.join(p.label for p in testable)}; not tested: "
+                     f"{', '.join(p.label for p in skipped)} (needs runs of {', '.join(missing)})",
+                     comparisons=per_region[primary]["comparisons"],
+                     other_regions={r: v for r, v in per_region.items() if r != primary})
+        out.append(entry)
+    for cid, what in NOT_METRIC_CLAIMS.items():
+        out.append({"id": cid, "claim": what.split(". ")[0] + ".", "verdict": "not tested", "region": None,
+                    "needs": what.split(". ", 1)[1]})
+    return out
+
+
+def _fmt_ci(c: dict) -> str:
+    if c["difference"] is None:
+        return "n/a"
+    ci = "" if c["ci95"] is None else f" [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
+    return f"{c['difference']:+.4f}{ci}"
+
+
+def claims_markdown(claims: list[dict], n_images: int, seeds_note: str) -> str:
+    lines = ["# The paper's claims, checked", "",
+             f"Differences are `better − worse` as claimed (lower is better, so a supported comparison is "
+             f"negative), paired on the same {n_images} test images, mean over seeds with a 95% hierarchical "
+             f"bootstrap interval over seeds and images; {seeds_note}. A comparison counts as supported only when "
+             "its interval excludes 0 and every seed agrees. Verdicts are judged on the `face` region (raw output, "
+             "face pixels); the `composite` verdict is given beside it. No multiple-comparison correction.", "",
+             "| Claim | Verdict (face) | Verdict (composite) | Scope / what is needed |", "|---|---|---|---|"]
+    for c in claims:
+        comp = c.get("other_regions", {}).get("composite", {}).get("verdict", "—")
+        lines.append(f"| {c['id']} | **{c['verdict']}** | {comp if c['verdict'] != 'not tested' else '—'} | "
+                     f"{c.get('scope') or c.get('needs')} |")
+    lines.append("")
+    for c in claims:
+        lines += [f"## {c['id']}: {c['verdict']}", "", c["claim"], ""]
+        if c["verdict"] == "not tested":
+            lines += [f"Not tested: needs {c['needs']}", ""]
+            continue
+        lines += [f"Scope: {c['scope']}.", "",
+                  "| Part | Better | Worse | Metric | face: diff [95% CI] | per seed | composite: diff [95% CI] | "
+                  "paper diff | result (face / composite) |", "|---|---|---|---|---:|---:|---:|---:|---|"]
+        other = c.get("other_regions", {}).get("composite", {}).get("comparisons", [])
+        for i, x in enumerate(c["comparisons"]):
+            o = other[i] if i < len(other) else None
+            kind = " (≤)" if x["kind"] == "no_worse" else ""
+            paper = "n/a" if x["paper_difference"] is None else f"{x['paper_difference']:+.3f}"
+            seeds = ", ".join(f"{v:+.4f}" for v in x["per_seed"]) or "—"
+            lines.append(f"| {x['part']} | {x['better']} | {x['worse']} | {x['metric']}{kind} | {_fmt_ci(x)} | "
+                         f"{seeds} | {_fmt_ci(o) if o else '—'} | {paper} | {x['result']} / "
+                         f"{o['result'] if o else '—'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def summary_lines(claims: list[dict]) -> list[str]:
+    """One line per tested claim (for the demo's closing print), intervals of its first comparisons."""
+    out = []
+    for c in claims:
+        if c["verdict"] == "not tested":
+            continue
+        nums = "; ".join(f"{x['metric']} {_fmt_ci(x)}" for x in c["comparisons"][:6])
+        comp = c.get("other_regions", {}).get("composite", {}).get("verdict")
+        out.append(f"{c['id']} {c['verdict'].upper()} on face pixels"
+                   + (f" ({comp} on the composite)" if comp else "") + f" [{c['scope']}]: {nums}")
+    return out

@@ -1,0 +1,146 @@
+"""`facevae report` across seeds: grouping by (hypothesis, seed), intervals, paired mask effect, claims, legacy
+region names. Evaluations are written directly (metrics.json + per_image.csv in eval's format) with known effects,
+so the statistics can be checked against the truth in a second."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from facevae_dist import metrics as M
+from facevae_dist.cli import main
+from facevae_dist.evaluate import FORMAT, PER_IMAGE_FILE, load_eval
+
+N_IMAGES = 60
+KEYS = [f"test-{i:06d}" for i in range(N_IMAGES)]
+
+
+def write_eval(run_dir: Path, hypothesis: str, seed, scores: dict[str, np.ndarray], fmt: str = FORMAT,
+               regions=tuple(M.REGIONS)) -> Path:
+    """A run's eval/ as `facevae eval` writes it: per-image scores (region.metric columns) + metrics.json."""
+    loss, mode = hypothesis.split("/")
+    ev_dir = run_dir / "eval"
+    ev_dir.mkdir(parents=True)
+    columns = [f"{r}.{m}" for r in regions for m in M.METRICS]
+    with (ev_dir / PER_IMAGE_FILE).open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["key", *columns])
+        for i, key in enumerate(KEYS):
+            w.writerow([key, *(f"{scores[c][i]:.6g}" for c in columns)])
+    summary = {r: {m: {"mean": float(np.mean(scores[f"{r}.{m}"])), "ci95": None, "n": N_IMAGES, "n_undefined": 0}
+                   for m in M.METRICS} for r in regions}
+    settings = {**M.MetricSettings().to_dict(image_size=36), "lpips_weights": "test", "face_region": "GT >= 0.5",
+                "latent": "z = mu"}
+    meta = {"format": fmt, "run_dir": str(run_dir), "run_name": run_dir.name, "hypothesis": hypothesis,
+            "loss": loss, "mask_mode": mode, "split": "test", "shards_dir": "shards/x", "n_images": N_IMAGES,
+            "checkpoint": {"which": "best", "step": 100}, "settings": settings, "metrics": summary,
+            "examples": {"file": "examples.safetensors", "keys": []}}
+    if seed is not None:
+        meta["seed"] = seed
+    (ev_dir / "metrics.json").write_text(json.dumps(meta))
+    return run_dir
+
+
+def scores_for(rng, base: np.ndarray, shift: float, noise: float = 0.01, regions=tuple(M.REGIONS)) -> dict:
+    """Per-image scores: every similarity metric = base - shift (+ noise), every error metric = 1 - that; a positive
+    shift makes the run worse on all six columns."""
+    out = {}
+    for r in regions:
+        sim = np.clip(base - shift + rng.normal(0, noise, base.shape), 0.01, 0.99)
+        for m in M.METRICS:
+            out[f"{r}.{m}"] = sim if m in ("ssim", "ms_ssim", "vif", "psnr") else 1 - sim
+    return out
+
+
+@pytest.fixture
+def two_seed_runs(tmp_path) -> list[Path]:
+    """l2 none vs mask+decoder, two seeds each: the mask is better by 0.05 on every metric (image noise 0.01)."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.4, 0.8, N_IMAGES)  # image difficulty, shared by every run (what pairing removes)
+    runs = []
+    for seed in (0, 1):
+        runs.append(write_eval(tmp_path / f"none-{seed}", "l2/none", seed, scores_for(rng, base, 0.05)))
+        runs.append(write_eval(tmp_path / f"mask-{seed}", "l2/mask+decoder", seed, scores_for(rng, base, 0.0)))
+    return runs
+
+
+def test_report_groups_seeds_and_supports_a_real_mask_effect(two_seed_runs, tmp_path):
+    from facevae_dist.report import make_report
+
+    out = tmp_path / "report"
+    make_report(two_seed_runs, out, figures="effect")  # the CLI and every figure: test_evaluate's end-to-end test
+    table = list(csv.DictReader((out / "table.csv").open()))
+    assert len(table) == 2 * len(M.REGIONS)  # one row per (hypothesis, region), seeds pooled
+    row = next(r for r in table if r["hypothesis"] == "l2/mask+decoder" and r["region"] == "face")
+    assert row["seeds"] == "0,1" and row["n_images"] == str(N_IMAGES)
+    lo, mean, hi = float(row["1-ssim_ci_lo"]), float(row["1-ssim"]), float(row["1-ssim_ci_hi"])
+    assert lo < mean < hi
+    claims = json.loads((out / "claims.json").read_text())
+    assert claims["seeds"] == {"l2/none": [0, 1], "l2/mask+decoder": [0, 1]}
+    c1 = next(c for c in claims["claims"] if c["id"] == "C1")
+    assert c1["verdict"] == "supported" and c1["region"] == "face"
+    assert c1["other_regions"]["composite"]["verdict"] == "supported"
+    for comp in c1["comparisons"]:
+        # paired per image: the image difficulty cancels, the interval is tight around the true -0.05 (x10 for l1/l2)
+        scale = 10 if comp["metric"].startswith("10*") else 1
+        assert comp["difference"] == pytest.approx(-0.05 * scale, abs=0.01 * scale)
+        assert comp["ci95"][1] < 0 and len(comp["per_seed"]) == 2 and comp["n_seeds"] == 2
+        assert comp["paper_difference"] is not None
+    untested = {c["id"]: c for c in claims["claims"] if c["verdict"] == "not tested"}
+    assert {"C2", "C3", "C4", "C5", "C6", "C7", "C8"} <= set(untested)
+    assert "ssim+l2/mask+decoder" in untested["C3"]["needs"]
+    md = (out / "claims.md").read_text()
+    assert "| C1 | **supported** | supported |" in md and "not tested" in md
+    im = Image.open(out / "figures" / "mask_effect.png")
+    assert im.size[0] > 800 and np.asarray(im.convert("L")).std() > 5
+    # deterministic: the same report twice
+    again = tmp_path / "again"
+    make_report(two_seed_runs, again, figures="effect")
+    assert (again / "claims.json").read_text() == (out / "claims.json").read_text()
+    assert (again / "table.md").read_text() == (out / "table.md").read_text()
+
+
+def test_no_effect_is_inconclusive_and_the_wrong_direction_contradicts(tmp_path):
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0.4, 0.8, N_IMAGES)
+    runs = [write_eval(tmp_path / f"{h}-{s}", f"l2/{h}", s, scores_for(rng, base, 0.0, noise=0.05))
+            for h in ("none", "mask+decoder") for s in (0, 1)]
+    from facevae_dist.report import make_report
+
+    c1 = next(c for c in make_report(runs, tmp_path / "r1", resamples=500, figures="none")["claims"] if c["id"] == "C1")
+    assert c1["verdict"] == "inconclusive"
+    # the mask makes it worse by 0.1 with every seed: the claim is contradicted
+    worse = [write_eval(tmp_path / f"w-{s}", "l2/mask+decoder", s, scores_for(rng, base, 0.1)) for s in (0, 1)]
+    c1 = next(c for c in make_report(runs[:2] + worse, tmp_path / "r2", resamples=500,
+                                                figures="none")["claims"] if c["id"] == "C1")
+    assert c1["verdict"] == "contradicted"
+
+
+def test_duplicate_hypothesis_seed_is_one_clear_line(two_seed_runs, tmp_path, capsys):
+    dup = write_eval(tmp_path / "dup", "l2/none", 0, scores_for(np.random.default_rng(2), np.full(N_IMAGES, .5), 0))
+    assert main(["report", *map(str, two_seed_runs), str(dup), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "both hypothesis l2/none seed 0" in err[0]
+
+
+def test_legacy_eval_region_names_are_mapped(tmp_path):
+    """An eval-v1 file (region `paper`, no `composite-face`, no seed) is read with `paper` as `composite`."""
+    rng = np.random.default_rng(3)
+    legacy_regions = ("whole", "face", "paper")
+    run = write_eval(tmp_path / "old", "l2/none", None, scores_for(rng, np.full(N_IMAGES, 0.6), 0.0,
+                                                                   regions=legacy_regions),
+                     fmt="facevae-dist/eval-v1", regions=legacy_regions)
+    ev = load_eval(run)
+    assert set(ev["metrics"]) == {"whole", "face", "composite"} and ev["seed"] is None
+    assert "'paper' read as 'composite'" in ev["legacy"]
+    from facevae_dist.report import make_report
+
+    res = make_report([run], tmp_path / "rep", resamples=200, figures="none")
+    md = Path(res["table_md"]).read_text()
+    assert "(`composite`)" in md and "composite-face" in md  # the missing region is named in a note
+    assert "`paper`" not in md
