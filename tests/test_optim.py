@@ -55,15 +55,23 @@ def _run_torch(opt_factory, w0, noise, dtype, clip=1e-3, device="cpu"):
     return [p.detach().cpu().double().numpy() for p in params]
 
 
+# capturable=True: step count, bias corrections and skip in device tensors (the default off the CPU); False: on
+# the host (the CPU default). Both run on the CPU here.
+CAPTURABLE = pytest.mark.parametrize("capturable", [False, True], ids=["host", "device-side"])
+
+
+@CAPTURABLE
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
-def test_keras_form_matches_float64_reference(device):
+def test_keras_form_matches_float64_reference(device, capturable):
     rng = np.random.default_rng(1)
     w0 = [rng.standard_normal(s) * 0.1 for s in SHAPES]
     noise = _noise(8)
     ref = _keras_reference(w0, noise, lr=1e-4, b1=0.9, b2=0.999, eps=1e-7, clip=1e-3)
 
     def paper_adam(params):
-        return build_optimizer(params, OptimConfig())  # defaults = the paper's: lr 1e-4, eps 1e-7, keras form
+        opt = build_optimizer(params, OptimConfig())  # defaults = the paper's: lr 1e-4, eps 1e-7, keras form
+        opt.param_groups[0]["capturable"] = capturable
+        return opt
 
     ours64 = _run_torch(paper_adam, w0, noise, torch.float64, device=device)
     for r, o, w in zip(ref, ours64, w0):  # the update itself (w - w0) to 1e-6 relative (elements whose steps
@@ -81,13 +89,15 @@ def test_keras_form_matches_float64_reference(device):
     assert ratio > 1.5, ratio
 
 
+@CAPTURABLE
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
-def test_torch_form_equals_torch_adam(weight_decay):
+def test_torch_form_equals_torch_adam(weight_decay, capturable):
     rng = np.random.default_rng(2)
     w0 = [rng.standard_normal(s) for s in SHAPES]
     noise = _noise(6, seed=3)
     kw = dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=weight_decay)
-    ours = _run_torch(lambda p: Adam(p, eps_form="torch", **kw), w0, noise, torch.float32, clip=1.0)
+    ours = _run_torch(lambda p: Adam(p, eps_form="torch", capturable=capturable, **kw), w0, noise, torch.float32,
+                      clip=1.0)
     ref = _run_torch(lambda p: torch.optim.Adam(p, foreach=True, **kw), w0, noise, torch.float32, clip=1.0)
     for o, r in zip(ours, ref):
         np.testing.assert_allclose(o, r, rtol=1e-6, atol=1e-7)
@@ -137,10 +147,11 @@ def _assert_same(a, b):
         assert sa[k].keys() == sb[k].keys() and all(torch.equal(sa[k][n], sb[k][n]) for n in sa[k])
 
 
+@CAPTURABLE
 @pytest.mark.parametrize("eps_form", ["keras", "torch"])
-def test_found_inf_skip_changes_nothing(eps_form):
+def test_found_inf_skip_changes_nothing(eps_form, capturable):
     model = _model()
-    opt = Adam(model.parameters(), lr=1e-3, eps_form=eps_form)
+    opt = Adam(model.parameters(), lr=1e-3, eps_form=eps_form, capturable=capturable)
     _train(model, opt, _batches(2))
     before = _snapshot(model, opt)
     model.eval()  # keep BN's running statistics still: only the optimizer may change something here
@@ -154,7 +165,7 @@ def test_found_inf_skip_changes_nothing(eps_form):
         assert int(opt.state[next(model.parameters())]["step"]) == 2
     # found_inf == 0 is an ordinary step
     ref_model = copy.deepcopy(model)
-    ref_opt = Adam(ref_model.parameters(), lr=1e-3, eps_form=eps_form)
+    ref_opt = Adam(ref_model.parameters(), lr=1e-3, eps_form=eps_form, capturable=capturable)
     ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # (load_state_dict would share the tensors)
     x = _batches(1, seed=11)[0]
     for m, o, kw in ((model, opt, {"found_inf": torch.tensor(0.0)}), (ref_model, ref_opt, {})):
@@ -163,9 +174,10 @@ def test_found_inf_skip_changes_nothing(eps_form):
     _assert_same(_snapshot(model, opt), _snapshot(ref_model, ref_opt))
 
 
-def test_skip_on_the_very_first_step_keeps_state_finite():
+@CAPTURABLE
+def test_skip_on_the_very_first_step_keeps_state_finite(capturable):
     model = _model()
-    opt = Adam(model.parameters())
+    opt = Adam(model.parameters(), capturable=capturable)
     model(_batches(1)[0]).sum().backward()
     w0 = copy.deepcopy(model.state_dict())
     opt.step(found_inf=torch.tensor(2.0))
@@ -174,9 +186,10 @@ def test_skip_on_the_very_first_step_keeps_state_finite():
         assert float(st["step"]) == 0 and not st["exp_avg"].any() and not st["exp_avg_sq"].any()
 
 
-def test_state_dict_round_trip_continues_bit_identically():
+@CAPTURABLE
+def test_state_dict_round_trip_continues_bit_identically(capturable):
     model = _model()
-    opt = build_optimizer(model.parameters(), OptimConfig(lr=1e-3))
+    opt = Adam(model.parameters(), lr=1e-3, capturable=capturable)
     batches = _batches(6)
     _train(model, opt, batches[:3])
     buf = io.BytesIO()  # through a real save/load, as a checkpoint does (weights_only: plain tensors and numbers)
@@ -187,7 +200,7 @@ def test_state_dict_round_trip_continues_bit_identically():
     saved = torch.load(buf, weights_only=True)
     resumed = _model(seed=123)  # different init: everything must come from the checkpoint
     resumed.load_state_dict(saved["model"])
-    ropt = build_optimizer(resumed.parameters(), OptimConfig(lr=1e-3))
+    ropt = Adam(resumed.parameters(), lr=1e-3, capturable=capturable)
     ropt.load_state_dict(saved["optim"])
     assert ropt.state[next(resumed.parameters())]["step"].dtype == torch.float32
     _train(resumed, ropt, batches[3:])
@@ -210,15 +223,16 @@ def test_loads_a_torch_adam_state_dict():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@CAPTURABLE
 @pytest.mark.parametrize("unscale_first", [True, False])
-def test_grad_scaler_matches_unscaled_training_and_skips_overflow(monkeypatch, unscale_first):
+def test_grad_scaler_matches_unscaled_training_and_skips_overflow(monkeypatch, unscale_first, capturable):
     batches = _batches(4)
     plain = _model()
-    plain_opt = Adam(plain.parameters(), lr=1e-3)
+    plain_opt = Adam(plain.parameters(), lr=1e-3, capturable=capturable)
     _train(plain, plain_opt, batches, unscale_first=unscale_first)
 
     scaled = _model()
-    opt = Adam(scaled.parameters(), lr=1e-3)
+    opt = Adam(scaled.parameters(), lr=1e-3, capturable=capturable)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
     # the optimizer takes found_inf itself: GradScaler must not take its .item() path (a host sync)
     monkeypatch.setattr(scaler, "_maybe_opt_step", lambda *a, **k: pytest.fail("GradScaler synced on found_inf"))
