@@ -169,3 +169,44 @@ def test_damaged_shard_stops_the_build_naming_it(own_shards, damage):
     data_path, meta_path = cache_paths(own_shards, "train")
     assert not data_path.exists() and not meta_path.exists()
     assert [p.name for p in data_path.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device placement needs a CUDA GPU (none here)")
+def test_device_placement_gives_the_host_batches(shards):
+    gpu = torch.device("cuda")
+    cfg = data_cfg(shards)
+    host = open_train_batches(cfg, rank=1, world=2, device=CPU, epoch=1, batch_in_epoch=2, channels_last=True)
+    dev = open_train_batches(DataConfig(**{**cfg.__dict__, "placement": "device"}), rank=1, world=2, device=gpu,
+                             epoch=1, batch_in_epoch=2, channels_last=True)
+    assert dev.placement == "device" and dev._split.images.is_cuda
+    for _ in range(7):  # across the epoch boundary
+        (a, am), (b, bm) = next(host), next(dev)
+        assert b.is_cuda and b.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(a, b.cpu()) and torch.equal(am, bm.cpu())
+    assert (dev.epoch, dev.batch_in_epoch) == (host.epoch, host.batch_in_epoch) == (2, 4)
+    auto = open_train_batches(DataConfig(**{**cfg.__dict__, "placement": "auto"}), rank=0, world=1, device=gpu,
+                              epoch=0, batch_in_epoch=0, channels_last=False)
+    assert auto.placement == "device"  # a few KB fit in any GPU
+    dev.close()
+    auto.close()
+
+
+def test_the_device_copy_path_runs_on_cpu_too(shards, monkeypatch):
+    """The on-device branch (chunked copy of the split, index tensor on the device) exercised where CUDA is absent."""
+    from facevae_dist.data import batches as batches_mod
+
+    monkeypatch.setattr(batches_mod, "COPY_CHUNK", 5000)  # several chunks for this small split
+    cfg = data_cfg(shards)
+    split = batches_mod._ResidentSplit(cfg, "train", rank=0, world=2, device=CPU, on_device=True, batch_size=8,
+                                       drop_last=True, shuffle=True, resampled=False)
+    assert split.images.data_ptr() != torch.from_numpy(split.cache.images).data_ptr()
+    assert torch.equal(split.images, torch.from_numpy(split.cache.images))
+    copied = batches_mod._ResidentBatches(split, "device", CPU, True, 0, 0)
+    host = open_train_batches(cfg, rank=0, world=2, device=CPU, epoch=0, batch_in_epoch=0, channels_last=True)
+    for _ in range(6):
+        (a, am), (b, bm) = next(host), next(copied)
+        assert torch.equal(a, b) and torch.equal(am, bm)
+    with pytest.raises(Exception, match="needs a CUDA device"):
+        open_train_batches(DataConfig(**{**cfg.__dict__, "placement": "device"}), rank=0, world=1, device=CPU,
+                           epoch=0, batch_in_epoch=0, channels_last=False)

@@ -205,3 +205,32 @@ def test_damaged_shard_with_workers_exits_with_one_line_and_no_orphans(tmp_path,
     assert "Traceback" not in err
     error_lines = [line for line in err.splitlines() if line.startswith("facevae: error:")]
     assert len(error_lines) == 1 and "shard-000005.tar" in error_lines[0], err
+
+
+def test_jpeg_decoding_matches_pil_and_falls_back_for_what_simplejpeg_refuses(shards):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from facevae_dist.data import loader
+
+    assert loader.simplejpeg is not None  # a dependency: the fast path is the one that runs
+    samples = list(iter_tar(shards / "train" / "shard-000000.tar"))[:3]
+    for _, fields in samples:
+        got, mask = np.empty((24, 24, 3), np.uint8), np.empty((24, 24), np.uint8)
+        loader.decode_into(fields, "jpg", got, mask)
+        with Image.open(io.BytesIO(fields["jpg"])) as im:
+            assert np.array_equal(got, np.asarray(im.convert("RGB")))
+    rgb = Image.new("RGB", (24, 24), (200, 30, 90))
+    for mode in ("L", "CMYK"):  # grayscale and CMYK JPEGs decode as PIL converts them
+        buf = io.BytesIO()
+        rgb.convert(mode).save(buf, format="JPEG", quality=95)
+        fields = {"jpg": buf.getvalue(), "mask.png": samples[0][1]["mask.png"]}
+        got = np.empty((24, 24, 3), np.uint8)
+        loader.decode_into(fields, "jpg", got, np.empty((24, 24), np.uint8))
+        with Image.open(io.BytesIO(fields["jpg"])) as im:
+            assert np.array_equal(got, np.asarray(im.convert("RGB"))), mode
+    with pytest.raises(Exception):  # a corrupt JPEG still raises (the loader counts it)
+        loader.decode_into({"jpg": b"\xff\xd8 junk", "mask.png": samples[0][1]["mask.png"]}, "jpg",
+                           np.empty((24, 24, 3), np.uint8), np.empty((24, 24), np.uint8))
