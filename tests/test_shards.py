@@ -87,7 +87,7 @@ def test_verify_passes_then_detects_corruption(tmp_path, capsys):
 
 def test_info_writes_contact_sheet(tmp_path, capsys):
     out = tmp_path / "s"
-    assert build(out, "--n", "20", "--resize", "center-crop") == 0
+    assert build(out, "--n", "20", "--fit", "center-crop") == 0
     assert main(["shards", "info", str(out), "--grid", str(tmp_path / "sheet.png"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["counts"] == {"train": 16, "val": 2, "test": 2}

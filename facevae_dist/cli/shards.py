@@ -22,12 +22,14 @@ sources and the layout each expects under --root:
                   no face is found are skipped and listed; split by --split-ratios over the sorted file list
 
 face mask = label map minus background, ears, earring, neck, necklace and cloth (the paper's definition: hair, hat
-and glasses count as face). Stored as a 1-channel PNG: the 0/255 mask resized bilinearly, so edges are soft.
+and glasses count as face). Stored as a 1-channel PNG: the 0/1 mask resized like the image (x255), so edges are soft.
+--resize cv2 --image-format png reproduces the paper's preprocessing (cv2.resize INTER_LINEAR, no compression).
 
 output (OUT, default shards/<source>): {train,val,test}/shard-NNNNNN.tar (+ .stats.json written last),
 manifest.json, sizes.json, errors.tsv (every skipped item with its reason), build.json.
-Re-running the same command resumes (complete shards are kept, partial ones rebuilt); the bytes written do not
-depend on --workers. A different dataset already in OUT is refused unless --overwrite.
+Re-running the same command resumes (complete shards whose sha256 matches their stats file are kept, others
+rebuilt); the bytes written do not depend on --workers. A different dataset already in OUT is refused unless
+--overwrite, which removes only files a shard build writes (anything else in OUT makes it refuse).
 
 examples:
   facevae shards build --source synthetic --n 5000 --workers 2
@@ -35,6 +37,9 @@ examples:
   facevae shards verify shards/synthetic
   facevae shards info shards/synthetic --grid sheet.png
 """
+
+
+FIT_VALUES = ("squash", "center-crop")
 
 
 def _ratios(text: str) -> tuple[float, float, float]:
@@ -52,10 +57,16 @@ def _build(args) -> int:
     from facevae_dist.data.shards import ShardOptions, build_shards
     from facevae_dist.data.sources import make_source
 
+    if args.resize in FIT_VALUES:  # the old spelling `--resize center-crop` (before --resize chose the resampler)
+        from facevae_dist.progress import info
+
+        info(f"--resize {args.resize} is now spelled --fit {args.resize} (--resize chooses pil or cv2)")
+        args.fit, args.resize = args.resize, "pil"
+        getattr(args, "_explicit_options", set()).discard("resize")
     apply_shards_preset(args, args.preset)  # fills only options not given on the command line
     source = make_source(args.source, root=args.root, masks=args.masks, n=args.n, seed=args.seed,
                          on_missing_mask=args.on_missing_mask, split_ratios=args.split_ratios)
-    opts = ShardOptions(image_size=args.image_size, resize=args.resize, image_format=args.format,
+    opts = ShardOptions(image_size=args.image_size, fit=args.fit, resize=args.resize, image_format=args.image_format,
                         jpeg_quality=args.jpeg_quality, shard_size=args.shard_size)
     build_shards(source, args.out or Path("shards") / args.source, opts, workers=args.workers,
                  overwrite=args.overwrite)
@@ -132,10 +143,14 @@ def register(sub) -> None:
     out = build.add_argument_group("output")
     out.add_argument("--out", help="output directory (default shards/<source>)")
     out.add_argument("--image-size", type=int, default=144, help="square training size in pixels (default 144)")
-    out.add_argument("--resize", choices=["squash", "center-crop"], default="squash",
+    out.add_argument("--fit", choices=FIT_VALUES, default="squash",
                      help="squash: whole image to a square, as the paper does (default); center-crop: largest "
                      "centered square, aspect ratio kept")
-    out.add_argument("--format", choices=["jpg", "png"], default="jpg", help="image encoding in shards (default jpg)")
+    out.add_argument("--resize", choices=["pil", "cv2", *FIT_VALUES], default="pil", metavar="{pil,cv2}",
+                     help="resampler for image and mask: pil (bilinear, antialiased; default) or cv2 (cv2.resize "
+                     "INTER_LINEAR: no antialiasing, exactly the paper's preprocessing; OpenCV not needed)")
+    out.add_argument("--image-format", "--format", dest="image_format", choices=["jpg", "png"], default="jpg",
+                     help="image encoding in shards: jpg (--jpeg-quality, default) or png (lossless)")
     out.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1-100 (default 95)")
     out.add_argument("--shard-size", type=int, default=None,
                      help="samples per shard (default auto: ~64 train shards, at most 1000 samples each); the loader "

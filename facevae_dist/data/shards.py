@@ -36,26 +36,34 @@ from facevae_dist.fileio import atomic_write_json, atomic_write_text, sha256_fil
 
 FORMAT = "facevae-shards"
 FORMAT_VERSION = 1
-RESIZE_MODES = ("squash", "center-crop")
+FIT_MODES = ("squash", "center-crop")
+RESIZE_METHODS = ("pil", "cv2")
 IMAGE_FORMATS = ("jpg", "png")
+RESIZE_DESCRIPTIONS = {
+    "pil": "PIL BILINEAR (antialiased: its filter widens when shrinking)",
+    "cv2": "cv2.resize INTER_LINEAR (half-pixel centers, no antialiasing; the paper's code), in numpy",
+}
 OUR_FILES = ("build.json", "manifest.json", "sizes.json", "errors.tsv")
 
 
 @dataclass(frozen=True)
 class ShardOptions:
     image_size: int = 144
-    resize: str = "squash"  # the paper squashes 178x218 -> 144x144; center-crop keeps the aspect ratio
-    image_format: str = "jpg"
+    fit: str = "squash"  # the paper squashes 178x218 -> 144x144; center-crop keeps the aspect ratio
+    resize: str = "pil"  # the resampler: "pil" (antialiased bilinear) or "cv2" (the paper's INTER_LINEAR)
+    image_format: str = "jpg"  # "png" is lossless
     jpeg_quality: int = 95
     shard_size: int | None = None  # None: auto, see resolve_shard_size
 
     def validate(self) -> None:
         if not 8 <= self.image_size <= 2048:
             raise UsageError(f"--image-size must be in [8, 2048], got {self.image_size}")
-        if self.resize not in RESIZE_MODES:
-            raise UsageError(f"--resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        if self.fit not in FIT_MODES:
+            raise UsageError(f"--fit must be one of {FIT_MODES}, got {self.fit!r}")
+        if self.resize not in RESIZE_METHODS:
+            raise UsageError(f"--resize must be one of {RESIZE_METHODS}, got {self.resize!r}")
         if self.image_format not in IMAGE_FORMATS:
-            raise UsageError(f"--format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
+            raise UsageError(f"--image-format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise UsageError(f"--jpeg-quality must be in [1, 100], got {self.jpeg_quality}")
         if self.shard_size is not None and self.shard_size < 1:
@@ -81,32 +89,51 @@ def package_version() -> str:
 
 
 # ----------------------------------------------------------------------------------------------- encode
-def _crop_box(size: tuple[int, int], resize: str) -> tuple[float, float, float, float]:
+def _crop_box(size: tuple[int, int], fit: str) -> tuple[float, float, float, float]:
     w, h = size
-    if resize == "squash":
+    if fit == "squash":
         return (0.0, 0.0, float(w), float(h))
     side = min(w, h)
     return ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
 
 
-def encode_record(record: Record, opts: ShardOptions) -> dict[str, bytes]:
-    """Record -> shard fields. The mask is the 0/255 face mask resized bilinearly from its own frame (label maps
-    may have another size than the image, e.g. 512x512 face-parsing output), so edges are soft like the paper's.
-    Center-crop takes the same relative box from image and mask, which share one frame."""
+def _crop(a: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    return a[y0:y1, x0:x1]
+
+
+def _resized(record: Record, opts: ShardOptions) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 HxWx3 image, uint8 HxW mask 0..255) at the training size. The mask is the 0/1 face mask resized
+    from its own frame (label maps may have another size than the image, e.g. 512x512 face-parsing output) by the
+    same method, so its edges are soft like the paper's. Center-crop takes the same relative box from both."""
     size = (opts.image_size, opts.image_size)
-    image = Image.fromarray(record.image)
-    box = _crop_box(image.size, opts.resize)
-    image = image.resize(size, Image.BILINEAR, box=box)
-    mask = Image.fromarray(record.face_mask().astype(np.uint8) * 255)
-    sx, sy = mask.size[0] / record.image.shape[1], mask.size[1] / record.image.shape[0]
-    mask = mask.resize(size, Image.BILINEAR, box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy))
+    face = record.face_mask()
+    box = _crop_box((record.image.shape[1], record.image.shape[0]), opts.fit)
+    sx, sy = face.shape[1] / record.image.shape[1], face.shape[0] / record.image.shape[0]
+    mask_box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    if opts.resize == "cv2":
+        from facevae_dist.data.resize import resize_linear
+
+        image = resize_linear(_crop(record.image, box), size)
+        # the paper resizes the 0/1 mask as float (cv2 float path) and keeps it soft; stored as 0..255
+        soft = resize_linear(_crop(face, mask_box).astype(np.float32), size)
+        return image, np.rint(soft * 255).astype(np.uint8)
+    image = Image.fromarray(record.image).resize(size, Image.BILINEAR, box=box)
+    mask = Image.fromarray(face.astype(np.uint8) * 255).resize(size, Image.BILINEAR, box=mask_box)
+    return np.asarray(image), np.asarray(mask)
+
+
+def encode_record(record: Record, opts: ShardOptions) -> dict[str, bytes]:
+    """Record -> shard fields: the image (JPEG at --jpeg-quality, or lossless PNG), the soft mask as a 1-channel
+    PNG, and the metadata JSON."""
+    image, mask = _resized(record, opts)
     buf = io.BytesIO()
     if opts.image_format == "jpg":
-        image.save(buf, format="JPEG", quality=opts.jpeg_quality)
+        Image.fromarray(image).save(buf, format="JPEG", quality=opts.jpeg_quality)
     else:
-        image.save(buf, format="PNG")
+        Image.fromarray(image).save(buf, format="PNG")
     mbuf = io.BytesIO()
-    mask.save(mbuf, format="PNG")
+    Image.fromarray(mask, "L").save(mbuf, format="PNG")
     meta = {"source_id": record.source_id, "split": record.split, "orig_size": list(record.image.shape[1::-1])}
     meta.update(record.meta)
     return {opts.image_format: buf.getvalue(), "mask.png": mbuf.getvalue(),
@@ -275,8 +302,11 @@ def _write_manifest(out: Path, source: Source, opts: ShardOptions, plan, done: d
         "format": FORMAT, "format_version": FORMAT_VERSION, "package_version": package_version(),
         "source": source.describe(), "options": asdict(opts),
         "image_size": opts.image_size, "image_ext": opts.image_format,
+        "image_format": {"jpg": f"JPEG quality {opts.jpeg_quality}", "png": "PNG (lossless)"}[opts.image_format],
+        "resize": {"method": opts.resize, "fit": opts.fit, "description": RESIZE_DESCRIPTIONS[opts.resize]},
         "mask": {"field": "mask.png", "excluded_labels": list(FACE_EXCLUDED_LABELS),
-                 "encoding": "uint8 1-channel: 0/255 face mask resized bilinearly (soft edges), like the paper"},
+                 "encoding": "uint8 1-channel: the 0/1 face mask resized like the image (soft edges, never "
+                             "re-binarised), x255, like the paper"},
         "splits": splits,
         "total": sum(v["count"] for v in splits.values()),
         "skipped": len(errors),
