@@ -11,12 +11,16 @@ Layout (inside the run directory):
 
 A checkpoint is written into `checkpoints/.tmp-step_<n>/` and renamed into place only when every rank has written
 its files, so a directory named step_<n> is always complete: a run killed at any moment leaves at most a stale
-temp dir, which the next save removes. `.pt` files hold only tensors and plain Python values and are read back
+temp dir (or a directory moved aside by a re-save), which remove_stale_temps cleans up or restores. A checkpoint
+damaged later (a truncated file) is moved aside as step_<n>.damaged-<time> by `--resume auto`, which then resumes
+from the newest one that loads. `.pt` files hold only tensors and plain Python values and are read back
 with torch.load(weights_only=True): nothing here ever unpickles arbitrary objects.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import math
 import os
@@ -33,7 +37,8 @@ import torch
 
 from facevae_dist.config import TrainConfig, load_toml, save_toml
 from facevae_dist.errors import FaceVAEError, RunError, UsageError
-from facevae_dist.fileio import atomic_write_json, atomic_write_text
+from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from facevae_dist.progress import info, warn
 
 CHECKPOINTS = "checkpoints"
 BEST = "best"
@@ -42,6 +47,7 @@ STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "train_config.toml"
 META_FILE = "meta.json"
 _STEP_RE = re.compile(r"^step_(\d+)$")
+_ASIDE_RE = re.compile(r"^\.old-(best|step_\d+)-\d+$")  # moved aside by _replace_dir (re-saving a directory)
 
 
 @dataclass
@@ -120,6 +126,27 @@ def load_pt(path: Path) -> Any:
         raise RunError(f"{path}: unreadable checkpoint file ({type(exc).__name__}: {exc})") from None
 
 
+def save_pt(obj: Any, path: Path) -> None:
+    """torch.save through Python's file I/O (fsync'd), so a full disk surfaces as OSError(ENOSPC), not as an
+    errno-less RuntimeError from torch's own writer."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getbuffer())
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    """meta.json of a checkpoint (written last: its presence marks the directory complete)."""
+    path = Path(ckpt) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+        int(meta["step"])
+        return meta
+    except FileNotFoundError:
+        raise RunError(f"{path}: missing; the checkpoint is incomplete") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise RunError(f"{path}: damaged checkpoint file ({type(exc).__name__}: {exc})") from None
+
+
 def step_of(path: Path) -> int:
     m = _STEP_RE.match(Path(path).name)
     return int(m.group(1)) if m else -1
@@ -168,13 +195,15 @@ class CheckpointManager:
              write_rank_files: Callable[[Path], None] | None = None) -> Path:
         """Write checkpoints/step_<state.step>/ atomically, point `latest` at it, prune to keep_last.
         `write_rank_files(tmp_dir)` runs on every rank before the directory is declared complete."""
-        final = self.root / f"step_{state.step}"
-        tmp = self._write(self.root / f".tmp-step_{state.step}", model=model, optimizer_state=optimizer_state,
-                          scaler_state=scaler_state, state=state, cfg=cfg, extra=extra, val_loss=val_loss,
-                          write_rank_files=write_rank_files)
+        final, tmp = self.root / f"step_{state.step}", self.root / f".tmp-step_{state.step}"
+        with _disk_full_is_one_line(tmp, self.run_dir):
+            self._write(tmp, model=model, optimizer_state=optimizer_state, scaler_state=scaler_state, state=state,
+                        cfg=cfg, extra=extra, val_loss=val_loss, write_rank_files=write_rank_files)
+            if self.rank == 0:
+                _replace_dir(tmp, final)
         if self.rank == 0:
-            _replace_dir(tmp, final)
-            atomic_write_text(self.root / LATEST, final.name + "\n")
+            with _disk_full_is_one_line(self.root / LATEST, self.run_dir):
+                atomic_write_text(self.root / LATEST, final.name + "\n")
             for old in list_checkpoints(self.run_dir)[:-self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         self.barrier()
@@ -182,11 +211,12 @@ class CheckpointManager:
 
     def save_best(self, *, model: torch.nn.Module, state: TrainState, cfg: TrainConfig, val_loss: float) -> Path:
         """Write best/ (weights, config, meta; no optimizer: it is for evaluation, not for resuming)."""
-        final = self.run_dir / BEST
-        tmp = self._write(self.run_dir / ".tmp-best", model=model, optimizer_state=None, scaler_state=None,
-                          state=state, cfg=cfg, extra=None, val_loss=val_loss, with_rng=False)
-        if self.rank == 0:
-            _replace_dir(tmp, final)
+        final, tmp = self.run_dir / BEST, self.run_dir / ".tmp-best"
+        with _disk_full_is_one_line(tmp, self.run_dir):
+            self._write(tmp, model=model, optimizer_state=None, scaler_state=None, state=state, cfg=cfg, extra=None,
+                        val_loss=val_loss, with_rng=False)
+            if self.rank == 0:
+                _replace_dir(tmp, final)
         self.barrier()
         return final
 
@@ -198,15 +228,15 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         self.barrier()
         if with_rng:
-            torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
+            save_pt(rng_state(), tmp / f"rng_rank{self.rank}.pt")
         if write_rank_files is not None:
             write_rank_files(tmp)
         if self.rank == 0:
             model.save_pretrained(tmp)
             save_toml(cfg, tmp / CONFIG_FILE)
             if optimizer_state is not None:
-                torch.save({"optimizer": optimizer_state, "scaler": scaler_state, "state": state.to_dict(),
-                            "extra": extra or {}}, tmp / STATE_FILE)
+                save_pt({"optimizer": optimizer_state, "scaler": scaler_state, "state": state.to_dict(),
+                         "extra": extra or {}}, tmp / STATE_FILE)
         digests = self.gather(weights_digest(model)) if with_rng else None
         self.barrier()  # every rank's RNG file is in before the directory is declared complete
         if self.rank == 0:
@@ -222,6 +252,27 @@ class CheckpointManager:
         return tmp
 
 
+class _disk_full_is_one_line:
+    """A full disk (or quota) while writing `where` -> RunError naming it; the partial temp directory is removed
+    (it frees the space, and the previous checkpoint, written earlier, stays intact)."""
+
+    def __init__(self, where: Path, run_dir: Path):
+        self.where, self.run_dir = where, run_dir
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return False
+        if self.where.name.startswith(".tmp-"):
+            shutil.rmtree(self.where, ignore_errors=True)
+        previous = latest_checkpoint(self.run_dir)
+        raise RunError(f"disk full while writing {self.where} ({exc.strerror or exc}); the previous checkpoint "
+                       f"({previous or 'none'}) is intact: free space on that file system and rerun the same "
+                       "command to resume") from None
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
     """Rename tmp -> final; an existing final (re-saving a step after resuming from an older checkpoint) is moved
     aside first, so there is never a moment without a complete directory under one of the two names."""
@@ -234,13 +285,33 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+def _asides(run_dir: Path) -> list[Path]:
+    """Complete directories moved aside by _replace_dir (.old-best-<pid>, checkpoints/.old-step_<n>-<pid>), newest
+    first."""
+    found = [p for p in [*run_dir.glob(".old-best-*"), *(run_dir / CHECKPOINTS).glob(".old-step_*")]
+             if _ASIDE_RE.match(p.name) and p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
 def remove_stale_temps(run_dir: str | Path) -> list[Path]:
-    """Delete temp/aside directories left by saves that were killed (call on rank 0 before training starts)."""
+    """Clean up after saves that were killed (call on rank 0, under the RunDirLock, before training starts):
+    a directory moved aside with nothing renamed into its place yet (a kill between the two renames of
+    _replace_dir) is restored; temp directories, leftover asides and atomic-write temps (.latest.*.tmp) are
+    deleted. Returns what was deleted."""
     run_dir = Path(run_dir)
-    stale = [p for p in (run_dir / CHECKPOINTS).glob(".tmp-*")] + [p for p in (run_dir / CHECKPOINTS).glob(".old-*")]
-    stale += [p for p in run_dir.glob(".tmp-best")]
+    root = run_dir / CHECKPOINTS
+    for aside in _asides(run_dir):
+        final = aside.parent / _ASIDE_RE.match(aside.name).group(1)
+        if not final.exists():
+            os.replace(aside, final)
+            info(f"restored {final} from {aside.name} (a save was stopped between two renames)")
+    stale = [*root.glob(".tmp-*"), *root.glob(".old-*"), *run_dir.glob(".tmp-best"), *run_dir.glob(".old-best-*")]
+    stale += [p for p in root.glob(".*.tmp") if p.is_file()]
     for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return stale
 
 
@@ -281,11 +352,14 @@ class RunDirLock:
 
 
 def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
-    """'auto' -> the latest complete checkpoint of run_dir or None; 'none' -> None; else that directory."""
+    """'auto' -> the newest checkpoint of run_dir that loads, or None if there is none; 'none' -> None; else that
+    directory. With 'auto', newer checkpoints that do not load (a truncated file) are moved aside as
+    step_<n>.damaged-<time> (kept, never picked again) and a warning says so; if none loads it refuses.
+    Call on rank 0 only (it renames)."""
     if resume == "none":
         return None
     if resume == "auto":
-        return latest_checkpoint(run_dir)
+        return _newest_loadable(Path(run_dir))
     path = Path(resume)
     if not is_complete(path):
         raise UsageError(f"resume={resume!r}: not a complete checkpoint directory (needs {META_FILE} and "
@@ -307,30 +381,73 @@ class Restored:
 
 
 def load_checkpoint(path: str | Path, rank: int = 0) -> Restored:
+    """Everything rank `rank` needs to resume; a damaged file -> RunError naming it (one line)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     if not is_complete(path):
         raise RunError(f"{path}: incomplete checkpoint (no {META_FILE}); delete it or pick another with --resume")
+    read_meta(path)
     blob = load_pt(path / STATE_FILE)
+    try:
+        state = TrainState.from_dict(blob["state"])
+        optimizer_state, scaler_state, extra = blob.get("optimizer"), blob.get("scaler"), blob.get("extra") or {}
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise RunError(f"{path / STATE_FILE}: not a trainer state ({type(exc).__name__}: {exc})") from None
+    weights = path / "model.safetensors"
+    try:
+        model_state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise RunError(f"{weights}: damaged or unreadable safetensors file ({exc})") from None
     rng_file = path / f"rng_rank{rank}.pt"
-    return Restored(
-        path=path,
-        model_state=load_file(str(path / "model.safetensors")),
-        optimizer_state=blob.get("optimizer"),
-        scaler_state=blob.get("scaler"),
-        state=TrainState.from_dict(blob["state"]),
-        rng=load_pt(rng_file) if rng_file.is_file() else None,
-        extra=blob.get("extra") or {},
-    )
+    return Restored(path=path, model_state=model_state, optimizer_state=optimizer_state, scaler_state=scaler_state,
+                    state=state, rng=load_pt(rng_file) if rng_file.is_file() else None, extra=extra)
+
+
+def _damage(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be resumed from (the first file that does not load), or None: every file is read."""
+    try:
+        load_checkpoint(ckpt)
+        for rng_file in sorted(ckpt.glob("rng_rank*.pt")):  # the other ranks' files too
+            load_pt(rng_file)
+    except FaceVAEError as exc:
+        return str(exc)
+    return None
+
+
+def _newest_loadable(run_dir: Path) -> Path | None:
+    damaged: list[tuple[Path, str]] = []
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        why = _damage(ckpt)
+        if why is None:
+            break
+        damaged.append((ckpt, why))
+    else:
+        if damaged:  # nothing to fall back to: refuse rather than silently start over in this directory
+            raise RunError(f"{run_dir}: no checkpoint in {CHECKPOINTS}/ loads ({'; '.join(w for _, w in damaged)}); "
+                           f"move {run_dir / CHECKPOINTS} away to start afresh, or use another --run-dir")
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    kept = []
+    for bad, why in damaged:
+        aside = bad.with_name(f"{bad.name}.damaged-{stamp}")
+        n = 1
+        while aside.exists():
+            aside, n = bad.with_name(f"{bad.name}.damaged-{stamp}-{n}"), n + 1
+        os.replace(bad, aside)
+        kept.append(f"{bad.name} ({why}) kept as {aside.name}")
+    warn(f"resuming from {ckpt} because newer checkpoints do not load: {'; '.join(kept)}")
+    return ckpt
 
 
 # ---- for evaluation / inference -----------------------------------------------------------------------------------
 
 
 def resolve_which(run_dir: str | Path, which: str = "best") -> Path:
-    """'best' | 'latest' | 'step_<n>' | a directory -> the checkpoint directory. 'best' falls back to 'latest'
-    for runs that never validated (val_every=0)."""
+    """'best' | 'latest' | 'step_<n>' | a directory -> the checkpoint directory (label it with checkpoint_label).
+    'best' uses a best/ moved aside by a save that was killed between its two renames, and otherwise falls back
+    to 'latest' for runs that never validated (val_every=0), saying so."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: no such run directory (expected the --run-dir of `facevae train`)")
@@ -338,6 +455,12 @@ def resolve_which(run_dir: str | Path, which: str = "best") -> Path:
         best = run_dir / BEST
         if is_complete(best):
             return best
+        aside = [p for p in _asides(run_dir) if p.name.startswith(".old-best-")]
+        if aside:
+            return aside[0]
+        latest = latest_checkpoint(run_dir)
+        if latest is not None:
+            info(f"{run_dir} has no {BEST}/ (it never validated): using the latest checkpoint, {latest.name}")
         which = "latest"
     if which == "latest":
         latest = latest_checkpoint(run_dir)
@@ -355,12 +478,39 @@ def resolve_which(run_dir: str | Path, which: str = "best") -> Path:
     return path
 
 
-def load_model(run_dir: str | Path, which: str = "best", map_location: str | torch.device = "cpu"):
-    """(FaceVAE in eval mode, TrainConfig, step) from a run directory; `which` is best | latest | step_<n>."""
+def checkpoint_label(path: str | Path) -> str:
+    """What resolve_which picked, for reports: 'best', 'step_<n>', or the directory itself."""
+    path = Path(path)
+    if path.name == BEST or (_ASIDE_RE.match(path.name) and path.name.startswith(".old-best-")):
+        return BEST
+    m = _ASIDE_RE.match(path.name)
+    name = m.group(1) if m else path.name
+    return name if _STEP_RE.match(name) else str(path)
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # FaceVAE in eval mode
+    cfg: TrainConfig
+    step: int
+    path: Path  # the checkpoint directory resolve_which picked ...
+    label: str  # ... and its name for reports: "best" | "step_<n>" | the directory
+
+
+def open_model(run_dir: str | Path, which: str = "best", map_location: str | torch.device = "cpu") -> LoadedModel:
+    """The model of a run's checkpoint (`which`: best | latest | step_<n> | a directory) with where it came from.
+    A missing, damaged or mismatching file -> one-line FaceVAEError naming it."""
     from facevae_dist.model import FaceVAE
 
     path = resolve_which(run_dir, which)
+    meta = read_meta(path)  # before the weights: cheap, and names the file if damaged
     model = FaceVAE.from_pretrained(path, map_location=map_location).eval()
     cfg = load_toml(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else TrainConfig(model=model.cfg)
-    meta = json.loads((path / META_FILE).read_text())
-    return model, cfg, int(meta["step"])
+    return LoadedModel(model=model, cfg=cfg, step=int(meta["step"]), path=path, label=checkpoint_label(path))
+
+
+def load_model(run_dir: str | Path, which: str = "best", map_location: str | torch.device = "cpu"):
+    """(FaceVAE in eval mode, TrainConfig, step) from a run directory; `which` is best | latest | step_<n>.
+    open_model also says which checkpoint that was."""
+    loaded = open_model(run_dir, which, map_location)
+    return loaded.model, loaded.cfg, loaded.step

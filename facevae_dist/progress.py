@@ -54,3 +54,10 @@ def info(msg: str) -> None:
     """Print a status line on rank 0 unless quiet."""
     if not _QUIET and is_main_process():
         console.print(msg)
+
+
+def warn(msg: str) -> None:
+    """A one-line warning on rank 0, shown even with --quiet: something the user must know (data skipped, a damaged
+    checkpoint set aside), not a status line."""
+    if is_main_process():
+        console.print(f"facevae: warning: {msg}", markup=False, highlight=False, soft_wrap=True)

@@ -121,3 +121,157 @@ def test_pickled_objects_are_refused(tmp_path):
         load_pt(tmp_path / "evil.pt")
     torch.save(rng_state(), tmp_path / "rng.pt")
     assert set(load_pt(tmp_path / "rng.pt")) >= {"python", "numpy", "torch"}
+
+
+# ---- hardening (issue 9): damaged checkpoints, disk full, killed renames -------------------------------------------
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("damage", ["model.safetensors", "trainer_state.pt", "rng_rank0.pt", "meta.json"])
+def test_resume_auto_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsys, damage):
+    cfg, model, opt = _setup(tmp_path)
+    mgr = CheckpointManager(tmp_path, every=2, keep_last=3)
+    for step in (2, 4, 6):
+        _save(mgr, cfg, model, opt, step)
+    _truncate(tmp_path / "checkpoints" / "step_6" / damage)
+    _truncate(tmp_path / "checkpoints" / "step_4" / damage, keep=0.9)
+    picked = resolve_resume(tmp_path, "auto")
+    assert picked.name == "step_2" and load_checkpoint(picked).state.step == 2
+    err = capsys.readouterr().err
+    assert "step_6" in err and "step_4" in err and damage in err and "step_2" in err
+    aside = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if ".damaged-" in p.name)
+    assert [a.split(".")[0] for a in aside] == ["step_4", "step_6"]  # kept aside, not deleted ...
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2"]  # ... and never picked again
+    assert resolve_resume(tmp_path, "auto").name == "step_2"
+    _save(mgr, cfg, model, opt, 4)  # training on writes new checkpoints; pruning leaves the damaged ones alone
+    _save(mgr, cfg, model, opt, 6)
+    _save(mgr, cfg, model, opt, 8)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_4", "step_6", "step_8"]
+    assert len([p for p in (tmp_path / "checkpoints").iterdir() if ".damaged-" in p.name]) == 2
+
+
+def test_resume_auto_refuses_when_no_checkpoint_loads(tmp_path):
+    cfg, model, opt = _setup(tmp_path)
+    _save(CheckpointManager(tmp_path, every=2, keep_last=3), cfg, model, opt, 2)
+    _truncate(tmp_path / "checkpoints" / "step_2" / "model.safetensors")
+    with pytest.raises(RunError, match=r"no checkpoint .* loads.*step_2.*model.safetensors"):
+        resolve_resume(tmp_path, "auto")
+    assert (tmp_path / "checkpoints" / "step_2").is_dir()  # nothing to fall back to: left where it is
+
+
+def test_explicit_damaged_checkpoint_is_one_line_naming_the_file(tmp_path):
+    cfg, model, opt = _setup(tmp_path)
+    ck = _save(CheckpointManager(tmp_path, every=2, keep_last=3), cfg, model, opt, 2)
+    _truncate(ck / "model.safetensors")
+    with pytest.raises(RunError, match=r"step_2/model.safetensors.*(damaged|unreadable)") as exc:
+        load_checkpoint(ck)
+    assert "\n" not in str(exc.value)
+    with pytest.raises(FaceVAEError, match=r"step_2/model.safetensors") as exc:
+        load_model(tmp_path, "step_2")
+    assert "\n" not in str(exc.value)
+    (ck / "meta.json").write_text("{not json")
+    with pytest.raises(FaceVAEError, match=r"meta.json"):
+        load_model(tmp_path, "latest")
+    (ck / "meta.json").write_text("{}")
+    with pytest.raises(FaceVAEError, match=r"meta.json"):
+        load_checkpoint(ck)
+
+
+def _export(tmp_path):
+    cfg, model, opt = _setup(tmp_path / "run")
+    out = model.save_pretrained(tmp_path / "export")
+    return out, cfg
+
+
+def test_exported_model_without_config_or_with_a_mismatched_one(tmp_path, monkeypatch):
+    out, _ = _export(tmp_path)
+    good = json.loads((out / "config.json").read_text())
+    (out / "config.json").unlink()
+    with pytest.raises(FaceVAEError, match=r"config.json: missing"):
+        FaceVAE.from_pretrained(out)
+    wider = dict(good, model=dict(good["model"], width=0.25))
+    (out / "config.json").write_text(json.dumps(wider))
+    with pytest.raises(FaceVAEError, match=r"does not match .*config.json.*shape") as exc:
+        FaceVAE.from_pretrained(out)
+    assert "\n" not in str(exc.value)
+    # a config that would need terabytes: refused from the file header, before any model is built
+    (out / "config.json").write_text(json.dumps(dict(good, model=dict(good["model"], width=1000))))
+    built = []
+    monkeypatch.setattr(FaceVAE, "reset_parameters", lambda self: built.append(next(self.parameters()).device))
+    with pytest.raises(FaceVAEError, match=r"does not match .*width=1000"):
+        FaceVAE.from_pretrained(out)
+    assert all(d.type == "meta" for d in built)
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_one(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    cfg, model, opt = _setup(tmp_path)
+    mgr = CheckpointManager(tmp_path, every=2, keep_last=1)
+    _save(mgr, cfg, model, opt, 2)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints" / "step_2").iterdir()}
+    real_fsync, calls = os.fsync, []
+
+    def full(fd):  # the third file of the checkpoint hits a full disk
+        calls.append(fd)
+        if len(calls) >= 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(RunError, match=r"disk full.*checkpoints/.tmp-step_4") as exc:
+        _save(mgr, cfg, model, opt, 4)
+    assert "\n" not in str(exc.value)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoints" / "step_2").iterdir()} == before
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_2"
+    assert not (tmp_path / "checkpoints" / ".tmp-step_4").exists()  # the partial one is removed (frees the space)
+    with monkeypatch.context() as m:
+        calls.clear()
+        m.setattr(os, "fsync", full)
+        with pytest.raises(RunError, match=r"disk full.*best"):
+            mgr.save_best(model=model, state=TrainState(step=4), cfg=cfg, val_loss=0.5)
+
+
+def test_kill_between_the_renames_of_best_is_recovered(tmp_path, capsys):
+    from facevae_dist.checkpoint import remove_stale_temps, resolve_which
+
+    cfg, model, opt = _setup(tmp_path)
+    mgr = CheckpointManager(tmp_path, every=2, keep_last=2)
+    _save(mgr, cfg, model, opt, 2)
+    mgr.save_best(model=model, state=TrainState(step=2), cfg=cfg, val_loss=0.5)
+    _save(mgr, cfg, model, opt, 4)
+    # killed after best/ was moved aside and before the new one was renamed in; plus an atomic write's temp
+    (tmp_path / "best").rename(tmp_path / ".old-best-12345")
+    (tmp_path / ".tmp-best").mkdir()
+    (tmp_path / "checkpoints" / ".latest.abc123.tmp").write_text("step_4\n")
+    # evaluation before any resume still finds the best weights, and says what it picked
+    assert resolve_which(tmp_path, "best").name == ".old-best-12345"
+    removed = remove_stale_temps(tmp_path)
+    assert (tmp_path / "best" / "meta.json").is_file() and json.loads((tmp_path / "best" / "meta.json").read_text())["step"] == 2
+    assert not list(tmp_path.glob(".old-*")) and not (tmp_path / ".tmp-best").exists()
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
+    assert any(".latest" in p.name for p in removed)
+    # a killed re-save of a step: its directory is restored too
+    (tmp_path / "checkpoints" / "step_4").rename(tmp_path / "checkpoints" / ".old-step_4-999")
+    remove_stale_temps(tmp_path)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2", "step_4"]
+
+
+def test_best_absent_is_not_labelled_best(tmp_path, capsys):
+    from facevae_dist.checkpoint import checkpoint_label, resolve_which
+
+    cfg, model, opt = _setup(tmp_path)
+    _save(CheckpointManager(tmp_path, every=2, keep_last=2), cfg, model, opt, 2)
+    picked = resolve_which(tmp_path, "best")
+    assert picked.name == "step_2" and checkpoint_label(picked) == "step_2"
+    assert "best/" in capsys.readouterr().err  # says it fell back, and to what
+    CheckpointManager(tmp_path, every=2, keep_last=2).save_best(model=model, state=TrainState(step=2), cfg=cfg,
+                                                                val_loss=0.5)
+    assert checkpoint_label(resolve_which(tmp_path, "best")) == "best"
