@@ -61,7 +61,7 @@ CAPTURABLE = pytest.mark.parametrize("capturable", [False, True], ids=["host", "
 
 
 @CAPTURABLE
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])])
 def test_keras_form_matches_float64_reference(device, capturable):
     rng = np.random.default_rng(1)
     w0 = [rng.standard_normal(s) * 0.1 for s in SHAPES]
@@ -278,3 +278,32 @@ def test_bad_settings_are_one_line_usage_errors():
         clip_gradients_([torch.zeros(1)], "per-layer", 1.0)
     with pytest.raises(UsageError, match="eps_form"):
         OptimConfig(eps_form="tf").validate()
+
+
+@pytest.mark.gpu
+@CUDA
+def test_cuda_clip_step_skip_and_grad_scaler_never_sync():
+    """The trainer's hot path on a GPU: clipping, a found_inf step, a skipped step and a GradScaler step, with CUDA's
+    sync debug mode raising on any host-device synchronisation."""
+    model = _model().cuda()
+    opt = Adam(model.parameters(), lr=1e-3)  # capturable by default on CUDA
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 12)
+    x = _batches(1)[0].cuda()
+    ok, bad = torch.zeros((), device="cuda"), torch.ones((), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for flag in (ok, bad):
+            model(x).square().mean().backward()
+            clip_gradients_(model.parameters(), "per-tensor", 1e-2)
+            clip_gradients_(model.parameters(), "global", 1.0)
+            opt.step(found_inf=flag)
+            opt.zero_grad(set_to_none=True)
+        scaler.scale(model(x).square().mean()).backward()
+        scaler.unscale_(opt)
+        clip_gradients_(model.parameters(), "per-tensor", 1e-2)
+        scaler.step(opt, found_inf=ok)
+        scaler.update()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert int(opt.state[next(model.parameters())]["step"]) == 2  # the skipped step did not count
