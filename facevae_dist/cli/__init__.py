@@ -31,6 +31,38 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+class _Version(argparse.Action):
+    """--version: the package version and the git revision it runs from (looked up only when asked)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import facevae_dist
+        from facevae_dist.runinfo import git_revision
+
+        rev = git_revision()
+        print(f"facevae {facevae_dist.__version__}" + (f" (git {rev})" if rev else ""))
+        parser.exit(0)
+
+
+def _add_global_flags(parser: argparse.ArgumentParser, top: bool) -> None:
+    """--debug / --quiet on the top parser (defaults False) and on every subcommand too, so a script can append
+    them anywhere (`facevae shards build ... --quiet`); below the top they default to SUPPRESS, which leaves the
+    top-level value alone when absent."""
+    default = False if top else argparse.SUPPRESS
+    if "--debug" not in parser._option_string_actions:
+        parser.add_argument("--debug", action="store_true", default=default, help="show full tracebacks for errors")
+    if "--quiet" not in parser._option_string_actions:
+        flags = ["--quiet"] + ([] if "-q" in parser._option_string_actions else ["-q"])
+        parser.add_argument(*flags, action="store_true", default=default,
+                            help="no progress bars or status lines (for scripts)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_global_flags(child, top=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="facevae",
@@ -38,8 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "from shards to a Slurm sweep over the paper's hypothesis grid.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines (for scripts)")
+    parser.add_argument("--version", action=_Version, help="print the version (and git revision) and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMAND_MODULES:
         try:
@@ -49,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    _add_global_flags(parser, top=True)
     return parser
 
 
