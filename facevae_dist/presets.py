@@ -125,7 +125,7 @@ def preset_warnings(cfg, world_size: int) -> list[str]:
                         f"run one process, or scale optim.lr deliberately")
     if world_size > 1 and cfg.val_batches == PAPER_VAL_BATCHES:
         warnings.append(f"--preset paper: {world_size} processes validate {PAPER_VAL_BATCHES} batches each "
-                        f"({PAPER_VAL_BATCHES * world_size} in all, the paper {PAPER_VAL_BATCHES})")
+                        f"({PAPER_VAL_BATCHES * world_size} in all; the paper: {PAPER_VAL_BATCHES})")
     expected = _flatten(train_preset_fields("paper"))
     actual = _flatten(cfg.to_dict())
     changed = [f"{k}={actual[k]!r} (paper: {v!r})" for k, v in expected.items()
