@@ -210,3 +210,28 @@ def test_the_device_copy_path_runs_on_cpu_too(shards, monkeypatch):
     with pytest.raises(Exception, match="needs a CUDA device"):
         open_train_batches(DataConfig(**{**cfg.__dict__, "placement": "device"}), rank=0, world=1, device=CPU,
                            epoch=0, batch_in_epoch=0, channels_last=False)
+
+
+def _open_in_child(shards, queue):
+    cache = open_cache(shards, "train", processes=2)
+    data_path, meta_path = cache_paths(shards, "train")
+    queue.put((len(cache), data_path.stat().st_ino, meta_path.stat().st_mtime_ns))
+
+
+def test_concurrent_ranks_build_the_cache_once(own_shards):
+    """Two processes (as two ranks would) open a missing cache at once: one builds it under the lock, the other
+    waits and reuses it (the JSON is written once)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters, like separately launched ranks
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_open_in_child, args=(own_shards, queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert results[0] == results[1] and results[0][0] == 80  # same file, same JSON: built once
+    meta_path = cache_paths(own_shards, "train")[1]
+    assert sorted(p.name for p in meta_path.parent.iterdir()) == [".train.lock", "train.json", "train.u8"]

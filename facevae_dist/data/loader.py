@@ -242,8 +242,14 @@ class _ShardDataset(IterableDataset):
 
     def _load_batch(self, reader: _ShardReader, shards: np.ndarray, locals_: np.ndarray) -> dict:
         b, size = len(shards), self.image_size
-        images = np.empty((b, size, size, 3), np.uint8)
-        masks = np.empty((b, size, size), np.uint8)
+        # in a worker, decode straight into shared memory: the batch then crosses to the trainer without a copy
+        shared = get_worker_info() is not None
+        image_t = torch.empty((b, size, size, 3), dtype=torch.uint8)
+        mask_t = torch.empty((b, size, size), dtype=torch.uint8)
+        if shared:
+            image_t.share_memory_()
+            mask_t.share_memory_()
+        images, masks = image_t.numpy(), mask_t.numpy()
         keys, corrupt, good = [], [], []
         for n, (s, i) in enumerate(zip(shards.tolist(), locals_.tolist())):
             key, fields = reader.get(s, i)
@@ -263,8 +269,7 @@ class _ShardDataset(IterableDataset):
                     src = good[n % len(good)]
                     images[n], masks[n], keys[n] = images[src], masks[src], keys[src]
         # NHWC memory seen as [B,3,H,W] (channels_last strides): no copy here; to_float lays it out on the device.
-        return {"image": torch.from_numpy(images).permute(0, 3, 1, 2),
-                "mask": torch.from_numpy(masks).unsqueeze(1), "key": keys, "corrupt": corrupt}
+        return {"image": image_t.permute(0, 3, 1, 2), "mask": mask_t.unsqueeze(1), "key": keys, "corrupt": corrupt}
 
 
 class ShardLoader:
