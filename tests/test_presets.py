@@ -113,12 +113,12 @@ def test_shards_build_preset_fills_only_what_was_not_given():
 
     args = build_args("--preset", "paper")
     assert (args.resize, args.image_format) == ("cv2", "png")
-    build_parser_ = parser.parse_args(["shards", "build"])._parser
-    if any("--image-format" in a.option_strings for a in build_parser_._actions):  # the PREP options have landed
-        args = build_args("--preset", "paper", "--image-format", "jpg", "--resize", "pil")
-        assert (args.resize, args.image_format) == ("pil", "jpg")  # explicit flags win
-        default = build_args()
-        assert (default.resize, default.image_format) == ("pil", "jpg")
+    args = build_args("--preset", "paper", "--image-format", "jpg", "--resize", "pil")
+    assert (args.resize, args.image_format) == ("pil", "jpg")  # explicit flags win, even when equal to defaults
+    args = build_args("--format", "jpg", "--preset", "paper")  # (the old spelling, before --preset)
+    assert (args.resize, args.image_format) == ("cv2", "jpg")
+    default = build_args()
+    assert (default.resize, default.image_format) == ("pil", "jpg")
 
 
 def test_sweep_submit_preset(tmp_path):
