@@ -153,3 +153,20 @@ def test_readme_table_names_every_difference():
         assert f"`{key}`" in section, f"README 'Default vs --preset paper' does not name {key}"
     for option in ("--resize", "--image-format", "cv2", "png", "paper10", "eps_form"):
         assert option in section
+
+
+def test_shards_build_with_the_paper_preset_records_it(tmp_path):
+    import json
+    import tarfile
+
+    from facevae_dist.cli import main
+
+    out = tmp_path / "shards"
+    assert main(["-q", "shards", "build", "--source", "synthetic", "--n", "20", "--image-size", "18",
+                 "--preset", "paper", "--out", str(out)]) == 0
+    options = json.loads((out / "manifest.json").read_text())["options"]
+    assert (options["resize"], options["image_format"], options["fit"]) == ("cv2", "png", "squash")
+    with tarfile.open(sorted((out / "train").glob("shard-*.tar"))[0]) as tar:  # lossless images in the shards
+        names = tar.getnames()
+    assert any(n.endswith(".png") and not n.endswith(".mask.png") for n in names)
+    assert not any(n.endswith(".jpg") for n in names)
