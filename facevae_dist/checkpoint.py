@@ -19,6 +19,7 @@ with torch.load(weights_only=True): nothing here ever unpickles arbitrary object
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -252,25 +253,20 @@ class CheckpointManager:
         return tmp
 
 
-class _disk_full_is_one_line:
-    """A full disk (or quota) while writing `where` -> RunError naming it; the partial temp directory is removed
-    (it frees the space, and the previous checkpoint, written earlier, stays intact)."""
-
-    def __init__(self, where: Path, run_dir: Path):
-        self.where, self.run_dir = where, run_dir
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, exc, tb) -> bool:
-        if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            return False
-        if self.where.name.startswith(".tmp-"):
-            shutil.rmtree(self.where, ignore_errors=True)
-        previous = latest_checkpoint(self.run_dir)
-        raise RunError(f"disk full while writing {self.where} ({exc.strerror or exc}); the previous checkpoint "
-                       f"({previous or 'none'}) is intact: free space on that file system and rerun the same "
-                       "command to resume") from None
+@contextlib.contextmanager
+def _disk_full_is_one_line(where: Path, run_dir: Path):
+    """A full disk (or quota) while writing `where` -> RunError naming it; a partial temp directory is removed
+    (it frees the space; the previous checkpoint, written earlier, stays intact)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        if where.name.startswith(".tmp-"):
+            shutil.rmtree(where, ignore_errors=True)
+        raise RunError(f"disk full while writing {where} ({exc.strerror or exc}); the previous checkpoint "
+                       f"({latest_checkpoint(run_dir) or 'none'}) is intact: free space on that file system and "
+                       "rerun the same command to resume") from None
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
