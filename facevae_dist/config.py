@@ -115,6 +115,9 @@ class TrainConfig:
     grad_accum: int = 1
     channels_last: bool = True  # NHWC convolutions: ~1.4x faster on CPU, and on GPUs with tensor cores
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode: "default" | "reduce-overhead" (CUDA graphs) | "max-autotune"
+    deterministic: bool = False  # cuDNN/cuBLAS deterministic algorithms (bit-exact GPU resume); else cudnn.benchmark
+    val_sampling: str = "mean"  # validation z: "mean" (z = mu) | "sample" (seeded by (seed, step), as Keras did)
     deepspeed: str = ""  # path of a DeepSpeed JSON (launch/ds_zero2.json); "" = plain DDP
     resume: str = "auto"  # "auto" (latest checkpoint in run_dir if any) | "none" | a checkpoint directory
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
@@ -137,6 +140,8 @@ class TrainConfig:
         _check_int("grad_accum", self.grad_accum, 1, "e.g. --grad-accum 1")
         _check_int("max_bad_steps", self.max_bad_steps, 1, "e.g. --set max_bad_steps=5")
         _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        _check_choice("compile_mode", self.compile_mode, ("default", "reduce-overhead", "max-autotune"))
+        _check_choice("val_sampling", self.val_sampling, ("mean", "sample"))
         _check_choice("preset", self.preset, ("", "default", "paper"))
         if "ssim" in self.loss.terms and self.loss.ssim_window > self.model.image_size:
             raise UsageError(f"loss.ssim_window={self.loss.ssim_window} is larger than model.image_size="

@@ -1,16 +1,24 @@
-"""The training loop, top to bottom (nanoGPT style): setup, resume, then step until max_steps or a stop signal.
+"""The training loop, top to bottom (nanoGPT style): setup, resume, a loop over `train_step`, teardown.
 
 Distributed through Accelerate: plain DDP (gloo on CPU via Accelerator(cpu=True), NCCL on GPU) or DeepSpeed ZeRO
-1/2 from a JSON in launch/. The data loader is *not* passed through accelerator.prepare: the WebDataset loader
-already splits shards by rank, and Accelerate's dispatcher would drop or duplicate samples (toolchain.md §4).
+1/2 from a JSON in launch/. Only the model goes through accelerator.prepare: the batches come from
+data/batches.py, which already splits by rank (Accelerate's dispatcher would drop or duplicate samples,
+toolchain.md §4), and the optimizer stays ours so that it can skip a step on the device (train_step.py).
 
-Mixed precision is done here with torch.autocast + GradScaler (fp16 only) rather than by Accelerate, because
+Mixed precision is done by the step with torch.autocast + GradScaler (fp16 only) rather than by Accelerate, because
 Accelerate silently runs fp16 as fp32 on CPU; the losses are fp32 under autocast anyway (losses.py).
 
+Host syncs: a step that does not log reads nothing back from the device (train_step.py). The skipped-step flags
+are read at "boundary" steps only (log, validation, sample grid, checkpoint, end), so a run of cfg.max_bad_steps
+non-finite steps is detected at the next boundary step, not at once. A preemption signal is checked every step on
+one process (a Python flag, free) and every STOP_CHECK_EVERY steps and at log steps on several (a tensor
+all-reduce: every rank must stop at the same step).
+
 Exact resume: a checkpoint holds weights with BN statistics, Adam state, grad scaler, every rank's RNG states and
-the data position (epoch, batches consumed); validation and sample grids use z = mu and their own loader, so they
-draw no random numbers. Hence a run killed at any step and resumed produces the same per-step losses and final
-weights as an uninterrupted one (tests/test_train.py kills a real process to check).
+the data position (epoch, batches consumed); validation and sample grids draw no random numbers from the training
+streams (val_sampling="sample" uses its own seed (seed, step)). Hence a run killed at any step and resumed produces
+the same per-step losses and final weights as an uninterrupted one on CPU (tests/test_train.py kills a real
+process to check); on GPUs only with --deterministic (cuDNN autotuning picks kernels per process otherwise).
 
 Run it as `facevae train ...`, `python -m facevae_dist.train ...`, `torchrun ... -m facevae_dist.train ...` or
 `accelerate launch --config_file launch/<profile>.yaml -m facevae_dist.train ...` (same arguments).
@@ -27,81 +35,82 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from facevae_dist import checkpoint as ckpt
-from facevae_dist.config import TrainConfig, resolve_mixed_precision, save_toml
+from facevae_dist.config import TrainConfig, load_toml, resolve_mixed_precision, save_toml
+from facevae_dist.data.batches import iter_val_batches, open_train_batches
 from facevae_dist.errors import RunError, UsageError
 from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from facevae_dist.losses import compute_losses
 from facevae_dist.model import FaceVAE
+from facevae_dist.optim import build_optimizer
 from facevae_dist.perf import keep_freed_memory
 from facevae_dist.progress import info, make_progress
+from facevae_dist.train_step import TrainStep
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+STOP_CHECK_EVERY = 10  # steps between the all-reduced preemption checks of a multi-process run (and at log steps)
 # Fault injection for tests (a real poisoned batch, not a mocked loop): comma-separated step numbers whose
-# training batches are multiplied by NaN.
+# training images are multiplied by NaN after they are drawn.
 INJECT_NAN_ENV = "FACEVAE_INJECT_NAN_STEPS"
+# What a resumed run may not change: it would mix two experiments in one run dir (and in best/).
+TRAINED_FIELDS = ("hypothesis", "seed", "loss", "model", "optim.eps_form")
 
 
 def train(cfg: TrainConfig) -> dict:
     """Train one run; returns {"run_dir", "step", "best_val_loss", "best_step", "stopped", ...}.
     stopped: "finished" (max_steps reached) | "preempted" (SIGTERM/SIGUSR1/SIGUSR2: checkpoint saved first).
     Raises RunError after cfg.max_bad_steps non-finite losses in a row (the last good checkpoint stays)."""
-    from facevae_dist.data.loader import make_loader, to_float
     from facevae_dist.data.shards import read_manifest
 
     cfg = dataclasses.replace(cfg, mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
     if not cfg.deepspeed and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         cfg.deepspeed = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")  # launched with deepspeed-zero2.yaml
     cfg.validate()
-    keep_freed_memory()  # glibc would otherwise mmap/munmap every large activation each step (see perf.py)
     run_dir = Path(cfg.run_dir)
-    accelerator = _make_accelerator(cfg)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    is_main = accelerator.is_main_process
-    device = accelerator.device
-    use_ds = bool(cfg.deepspeed)
-
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--run-dir {run_dir} is an existing file, not a directory; pass a directory path")
+    if cfg.deepspeed and cfg.grad_accum > 1:
+        raise UsageError(f"grad_accum={cfg.grad_accum} with DeepSpeed is refused: a skipped non-finite step would leave "
+                         "its accumulated gradients in the engine; use --grad-accum 1 (raise --batch-size instead)")
     image_size = int(read_manifest(cfg.data.shards).get("image_size", cfg.model.image_size))
     if image_size != cfg.model.image_size:
         raise UsageError(f"{cfg.data.shards} holds {image_size}px images but model.image_size="
                          f"{cfg.model.image_size}; pass --set model.image_size={image_size}")
-
+    keep_freed_memory()  # glibc would otherwise mmap/munmap every large activation each step (see perf.py)
+    _configure_backends(cfg)
+    accelerator = _make_accelerator(cfg)
     # one training process per run dir (rank 0 holds the lock until train() returns)
-    lock = ckpt.RunDirLock(run_dir) if is_main else contextlib.nullcontext()
-    with lock:
-        return _train_locked(cfg, accelerator, make_loader, to_float)
+    with ckpt.RunDirLock(run_dir) if accelerator.is_main_process else contextlib.nullcontext():
+        return _train_locked(cfg, accelerator)
 
 
-def _train_locked(cfg: TrainConfig, accelerator, make_loader, to_float) -> dict:
+def _train_locked(cfg: TrainConfig, accelerator) -> dict:
     run_dir = Path(cfg.run_dir)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    is_main = accelerator.is_main_process
-    device = accelerator.device
-    use_ds = bool(cfg.deepspeed)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    is_main, use_ds = accelerator.is_main_process, bool(cfg.deepspeed)
 
-    # ---- model and optimizer: same init on every rank, then per-rank noise -----------------------------------
+    # ---- model: the same init on every rank, then per-rank noise ------------------------------------------------
     _seed_everything(cfg.seed)
     model = FaceVAE(cfg.model)
     if cfg.channels_last and not use_ds:  # DeepSpeed flattens parameters and needs them contiguous
         model = model.to(memory_format=torch.channels_last)
     _seed_everything(cfg.seed + rank)
 
-    # resume: rank 0 decides which checkpoint (all ranks must load the same one), then everyone loads it
+    # ---- resume: rank 0 picks the checkpoint (every rank must load the same one) -------------------------------
     if is_main:
         ckpt.remove_stale_temps(run_dir)
     resume_from = ckpt.resolve_resume(run_dir, cfg.resume) if is_main else None
     resume_from = _broadcast(accelerator, str(resume_from) if resume_from else None)
-    restored = ckpt.load_checkpoint(resume_from, rank) if resume_from else None
     if resume_from is None and cfg.resume == "none" and ckpt.latest_checkpoint(run_dir) is not None:
         raise UsageError(f"{run_dir} already has checkpoints (latest {ckpt.latest_checkpoint(run_dir).name}) and "
                          "--resume none would mix two runs in it; use a new --run-dir, or --resume auto to continue")
+    restored = ckpt.load_checkpoint(resume_from, rank) if resume_from else None
     state = restored.state if restored else ckpt.TrainState()
     if restored:
-        _check_same_model(restored.path, cfg)
+        _check_same_experiment(Path(resume_from), cfg)
         model.load_state_dict(restored.model_state)
         if (state.world_size, state.batch_size) != (world, cfg.data.batch_size):
             # the position within the epoch counted other batches: continue from the next epoch (not bit-exact)
@@ -110,19 +119,16 @@ def _train_locked(cfg: TrainConfig, accelerator, make_loader, to_float) -> dict:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     state.world_size, state.batch_size = world, cfg.data.batch_size
 
+    # ---- optimizer, precision, distributed wrapping -------------------------------------------------------------
     if use_ds:
         from accelerate.utils import DummyOptim
 
-        optimizer = DummyOptim(model.parameters(), lr=cfg.optim.lr)
+        model, optimizer = accelerator.prepare(model, DummyOptim(model.parameters(), lr=cfg.optim.lr))
     else:
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                     weight_decay=cfg.optim.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
-    if cfg.compile:
-        model = torch.compile(model)
+        optimizer = build_optimizer(model.parameters(), cfg.optim)  # ours: skips on the device (found_inf)
+        model = accelerator.prepare(model)
+    raw_model = accelerator.unwrap_model(model) if use_ds else getattr(model, "module", model)  # no deepspeed import
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16" and not use_ds)
     if restored:
         if use_ds:
@@ -135,9 +141,13 @@ def _train_locked(cfg: TrainConfig, accelerator, make_loader, to_float) -> dict:
             ckpt.set_rng_state(restored.rng)
         else:  # resumed with more ranks than wrote the checkpoint: fresh, distinct noise streams
             _seed_everything(cfg.seed + rank + 1000 * state.step)
+    train_step = TrainStep(model=model, raw_model=raw_model, optimizer=optimizer, scaler=scaler,
+                           accelerator=accelerator, cfg=cfg, amp_dtype=amp_dtype, use_deepspeed=use_ds)
 
+    # ---- run directory, metrics, data -----------------------------------------------------------------------------
     manager = ckpt.CheckpointManager(run_dir, cfg.ckpt_every, cfg.keep_last, rank=rank, world_size=world,
-                                     barrier=accelerator.wait_for_everyone, gather=lambda x: _gather_objects(accelerator, x))
+                                     barrier=accelerator.wait_for_everyone,
+                                     gather=lambda x: _gather_objects(accelerator, x))
     metrics = _Metrics(run_dir / "metrics.jsonl", enabled=is_main, accelerator=accelerator)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -150,179 +160,106 @@ def _train_locked(cfg: TrainConfig, accelerator, make_loader, to_float) -> dict:
         metrics.truncate_after(state.step)  # lines a killed run logged after its last checkpoint
     accelerator.wait_for_everyone()
     _init_trackers(accelerator, cfg)
-
-    # ---- data: an endless stream of training batches that keeps (epoch, batch_in_epoch) in `state` ---------------
-    corrupt = {"done": 0, "loader": None}  # corrupt samples the loader replaced (it warns about each one)
-
-    def train_batches() -> Iterator[dict]:
-        while True:
-            loader = make_loader(cfg.data.shards, "train", cfg.data.batch_size, rank=rank, world_size=world,
-                                 workers=cfg.data.workers, seed=cfg.data.seed, epoch=state.epoch,
-                                 resampled=cfg.data.resampled, start_batch=state.batch_in_epoch)
-            corrupt["loader"] = loader
-            for batch in loader:
-                state.batch_in_epoch += 1
-                yield batch
-            corrupt["done"] += loader.corrupt_count
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-
-    def val_batches() -> Iterator[dict]:
-        loader = make_loader(cfg.data.shards, "val", cfg.data.batch_size, rank=rank, world_size=world, workers=0,
-                             seed=cfg.data.seed, epoch=0, drop_last=False)
-        for i, batch in enumerate(loader):
-            if i >= cfg.val_batches:
-                break
-            yield batch
-
+    _print_preset_warnings(cfg, world)
+    val = _Validator(cfg, raw_model, accelerator, amp_dtype)
     if cfg.val_every:  # fail now, not at the first validation, if the val split is missing or too small
-        make_loader(cfg.data.shards, "val", cfg.data.batch_size, rank=rank, world_size=world, drop_last=False)
-
-    def validate() -> dict[str, float]:
-        """Mean loss terms over cfg.val_batches batches per rank, z = mu (deterministic, no RNG drawn)."""
-        raw_model.eval()
-        sums: dict[str, torch.Tensor] = {}
-        n = torch.zeros((), device=device)
-        with torch.no_grad():
-            for batch in val_batches():
-                image, mask = to_float(batch, device, channels_last=cfg.channels_last)
-                with autocast():
-                    out = raw_model(image, mask if cfg.model.mask_mode != "none" else None, sample=False)
-                for k, v in compute_losses(out, image, mask, cfg.loss, cfg.model).items():
-                    sums[k] = sums.get(k, 0) + v.detach() * image.shape[0]
-                n += image.shape[0]
-        raw_model.train()
-        keys = sorted(sums)
-        totals = accelerator.reduce(torch.stack([n] + [sums[k] for k in keys]) if keys else n[None], "sum")
-        if totals[0] == 0:
-            return {}
-        return {k: (totals[i + 1] / totals[0]).item() for i, k in enumerate(keys)}
-
-    def save_checkpoint(val_loss: float | None = None) -> None:
-        # DeepSpeed shards the optimizer by rank: each rank writes its own part into the checkpoint
-        opt_state = {"deepspeed": True} if use_ds else optimizer.state_dict()
-        manager.save(model=raw_model, optimizer_state=opt_state, scaler_state=scaler.state_dict(), state=state,
-                     cfg=cfg, val_loss=val_loss,
-                     write_rank_files=(lambda d: _save_deepspeed_optimizer(model, d, rank)) if use_ds else None)
-
-    # ---- preemption: a signal only sets a flag; the step boundary checks it on every rank ------------------------
-    stop_requested = {"signal": None}
-
-    def on_signal(signum, _frame):
-        stop_requested["signal"] = signal.Signals(signum).name
-
-    previous_handlers = {s: signal.signal(s, on_signal) for s in PREEMPT_SIGNALS}
+        next(val.batches(1), None)
+    batches = open_train_batches(cfg.data, rank=rank, world=world, device=device, epoch=state.epoch,
+                                 batch_in_epoch=state.batch_in_epoch, channels_last=cfg.channels_last)
+    bad_steps = _BadSteps(cfg, state, metrics, device)
+    stop = _StopSignal(accelerator, cfg.log_every)
     poisoned = _poisoned_steps()
 
-    # ---- the loop ----------------------------------------------------------------------------------------------
-    batches = train_batches()
+    def save_checkpoint(val_loss: float | None = None) -> None:
+        _sync_buffers_for_deepspeed(raw_model, use_ds, world)
+        # DeepSpeed shards the optimizer by rank: each rank writes its own part into the checkpoint
+        manager.save(model=raw_model, optimizer_state={"deepspeed": True} if use_ds else optimizer.state_dict(),
+                     scaler_state=scaler.state_dict(), state=state, cfg=cfg, val_loss=val_loss,
+                     write_rank_files=(lambda d: _save_deepspeed_optimizer(model, d, rank)) if use_ds else None)
+
+    def validate_and_keep_best() -> float | None:
+        _sync_buffers_for_deepspeed(raw_model, use_ds, world)
+        result = val.run(state.step)
+        if not result:
+            info("validation skipped: the val split yielded no batches")
+            return None
+        metrics.write({"step": state.step, "split": "val", **{f"val_{k}": v for k, v in result.items()}})
+        if math.isfinite(result["loss"]) and result["loss"] < state.best_val_loss:
+            state.best_val_loss, state.best_step = result["loss"], state.step
+            manager.save_best(model=raw_model, state=state, cfg=cfg, val_loss=result["loss"])
+        return result["loss"]
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
     per_step = cfg.data.batch_size * cfg.grad_accum * world
-    bad_in_a_row = 0
     last_val_step = last_ckpt_step = state.step if restored else -1
     stopped = "finished"
     t_window, n_window, t_start, steps_run = time.perf_counter(), 0, time.perf_counter(), 0
     info(f"training {cfg.hypothesis or 'custom config'} in {run_dir} on {world} x {device} "
-         f"({accelerator.distributed_type}{', DeepSpeed' if use_ds else ''}, precision {cfg.mixed_precision})"
-         + (f", resumed from {resume_from} at step {state.step}" if restored else ""))
+         f"({accelerator.distributed_type}{', DeepSpeed' if use_ds else ''}, precision {cfg.mixed_precision}, "
+         f"data {batches.placement})" + (f", resumed from {resume_from} at step {state.step}" if restored else ""))
     progress = make_progress()
     task = progress.add_task("train", total=cfg.max_steps, completed=state.step)
     try:
-        with progress:
+        with progress, stop:
             while state.step < cfg.max_steps:
                 step = state.step + 1
-                bn_backup = [b.detach().clone() for b in raw_model.buffers()]
-                step_terms: dict[str, torch.Tensor] = {}  # kept on the device; read only at log steps
-                bad = False
-                for _ in range(cfg.grad_accum):
-                    batch = next(batches)
-                    state.samples_seen += batch["image"].shape[0] * world
-                    image, mask = to_float(batch, device, channels_last=cfg.channels_last)
-                    if step in poisoned:
-                        image = image * float("nan")
-                    with accelerator.accumulate(model):
-                        with autocast():
-                            out = model(image, mask if cfg.model.mask_mode != "none" else None)
-                        terms = compute_losses(out, image, mask, cfg.loss, cfg.model)
-                        # every rank must agree before backward, or DDP's all-reduce would hang
-                        bad = bad or _any_rank(accelerator, not torch.isfinite(terms["loss"]).item())
-                        if not bad:
-                            accelerator.backward(scaler.scale(terms["loss"]))
-                            for k, v in terms.items():
-                                step_terms[k] = step_terms.get(k, 0.0) + v.detach() / cfg.grad_accum
-                if bad:
-                    # skip the update; undo the BN running-stat updates the poisoned forward made
-                    optimizer.zero_grad(set_to_none=True)
-                    with torch.no_grad():
-                        for b, saved in zip(raw_model.buffers(), bn_backup):
-                            b.copy_(saved)
-                    bad_in_a_row += 1
-                    state.bad_steps_total += 1
-                    metrics.write({"step": step, "event": "non_finite_loss", "skipped": True,
-                                   "bad_in_a_row": bad_in_a_row, "samples_seen": state.samples_seen})
-                    if bad_in_a_row >= cfg.max_bad_steps:
-                        state.step = step
-                        good = ckpt.latest_checkpoint(run_dir)
-                        raise RunError(
-                            f"non-finite loss in {bad_in_a_row} steps in a row (steps {step - bad_in_a_row + 1}-{step}"
-                            f"); stopped. Last good checkpoint: {good or 'none'}. Try a lower --set optim.lr, "
-                            "--mixed-precision no, or check the data with `facevae shards verify`")
-                else:
-                    bad_in_a_row = 0
-                    if not use_ds:
-                        scaler.unscale_(optimizer)
-                        _clip_gradients(raw_model, cfg.optim.clip, cfg.optim.clip_value)
-                        scaler.step(optimizer)
-                        scaler.update()
-                        optimizer.zero_grad(set_to_none=True)
-                state.step = step
+                micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
+                if step in poisoned:
+                    micro_batches = [(image * float("nan"), mask) for image, mask in micro_batches]
+                terms, bad = train_step(micro_batches)
+                state.step, state.epoch, state.batch_in_epoch = step, batches.epoch, batches.batch_in_epoch
+                state.samples_seen += per_step
+                bad_steps.record(step, bad)
                 steps_run += 1
                 n_window += per_step
 
-                # ---- log / validate / sample / checkpoint at the step boundary ----------------------------------
-                if step % cfg.log_every == 0 and not bad:
+                # ---- log / validate / sample / checkpoint at the step boundary (the only host reads) ------------
+                log_now = step % cfg.log_every == 0
+                val_now = bool(cfg.val_every) and step % cfg.val_every == 0
+                sample_now = bool(cfg.sample_every) and step % cfg.sample_every == 0
+                ckpt_now = manager.due(step)
+                if log_now or val_now or sample_now or ckpt_now:
+                    bad_steps.drain()  # raises RunError after max_bad_steps in a row
+                if log_now and not bad_steps.last_was_bad:
                     now = time.perf_counter()
-                    reduced = _mean_over_ranks(accelerator, step_terms)
+                    reduced = _mean_over_ranks(accelerator, terms)
                     ips = n_window / max(now - t_window, 1e-9)
                     t_window, n_window = now, 0
-                    n_corrupt = corrupt["done"] + (corrupt["loader"].corrupt_count if corrupt["loader"] else 0)
                     metrics.write({"step": step, **reduced, "images_per_s": round(ips, 2), "lr": cfg.optim.lr,
                                    "samples_seen": state.samples_seen, "epoch": state.epoch,
-                                   **({"corrupt_samples_rank0": n_corrupt} if n_corrupt else {})})
+                                   **({"corrupt_samples_rank0": batches.corrupt_count}
+                                      if batches.corrupt_count else {})})
                     progress.update(task, description=f"train loss {reduced['loss']:.4f} {ips:.1f} img/s")
                 val_loss = None
-                if cfg.val_every and step % cfg.val_every == 0:
-                    val_loss = _validate_and_keep_best(validate, metrics, manager, raw_model, state, cfg)
-                    last_val_step = step
-                if cfg.sample_every and step % cfg.sample_every == 0 and is_main:
-                    _write_sample_grid(raw_model, val_batches, to_float, device, cfg, run_dir / "samples" / f"step_{step}.png")
-                if manager.due(step):
+                if val_now:
+                    val_loss, last_val_step = validate_and_keep_best(), step
+                if sample_now and is_main:
+                    _write_sample_grid(raw_model, val.batches(1), cfg, run_dir / "samples" / f"step_{step}.png")
+                if ckpt_now:
                     save_checkpoint(val_loss)
                     last_ckpt_step = step
                 progress.update(task, completed=step)
-
-                if stop_requested["signal"]:
-                    accelerator.set_trigger()
-                if accelerator.check_trigger():
+                if stop.requested(step, log_now):
                     stopped = "preempted"
                     break
 
         # ---- end of run: final validation and checkpoint (also on preemption) -----------------------------------
+        bad_steps.drain()
         if stopped == "finished" and cfg.val_every and last_val_step != state.step:
-            _validate_and_keep_best(validate, metrics, manager, raw_model, state, cfg)
+            validate_and_keep_best()
         if last_ckpt_step != state.step:
             save_checkpoint()
         if stopped == "preempted":
-            info(f"stopped by {stop_requested['signal'] or 'a signal on another rank'} at step {state.step}; "
+            info(f"stopped by {stop.signal or 'a signal on another rank'} at step {state.step}; "
                  f"checkpoint saved, rerun the same command to resume")
     finally:
         batches.close()  # stops DataLoader workers now rather than at garbage collection
-        for s, h in previous_handlers.items():
-            signal.signal(s, h)
         accelerator.end_training()
 
     wall = time.perf_counter() - t_start
     summary = {
         "run_dir": str(run_dir), "step": state.step, "stopped": stopped,
-        "signal": stop_requested["signal"],  # which signal stopped it (None: finished, or another rank's signal)
+        "signal": stop.signal,  # which signal stopped it (None: finished, or another rank's signal)
         "best_val_loss": state.best_val_loss if math.isfinite(state.best_val_loss) else None,
         "best_step": state.best_step if state.best_step >= 0 else None, "samples_seen": state.samples_seen,
         "bad_steps": state.bad_steps_total, "world_size": world, "wall_s": round(wall, 2),
@@ -331,6 +268,185 @@ def _train_locked(cfg: TrainConfig, accelerator, make_loader, to_float) -> dict:
     if is_main:
         atomic_write_json(run_dir / "summary.json", summary)
     return summary
+
+
+# ---- loop helpers -------------------------------------------------------------------------------------------------
+
+
+class _BadSteps:
+    """Which steps were skipped for a non-finite loss: one device flag per step since the last read, read in one go
+    (one host sync) at boundary steps. Writes a "non_finite_loss" event per skipped step, keeps the counts in
+    `state`, and raises RunError once cfg.max_bad_steps steps in a row were skipped."""
+
+    def __init__(self, cfg: TrainConfig, state, metrics, device):
+        self.cfg, self.state, self.metrics = cfg, state, metrics
+        self.flags = torch.zeros(cfg.log_every, device=device)  # log steps always drain, so this never overflows
+        self.steps: list[int] = []
+        self.in_a_row = 0
+        self.last_was_bad = False
+
+    def record(self, step: int, bad: torch.Tensor) -> None:
+        if len(self.steps) == self.flags.numel():  # boundary-free stretch longer than log_every (cannot happen)
+            self.drain()
+        self.flags[len(self.steps)] = bad
+        self.steps.append(step)
+
+    def drain(self) -> None:
+        if not self.steps:
+            return
+        flags = self.flags[:len(self.steps)].tolist()
+        steps, self.steps = self.steps, []
+        per_step = self.cfg.data.batch_size * self.cfg.grad_accum * self.state.world_size
+        for step, flag in zip(steps, flags):
+            self.last_was_bad = flag > 0
+            if not self.last_was_bad:
+                self.in_a_row = 0
+                continue
+            self.in_a_row += 1
+            self.state.bad_steps_total += 1
+            self.metrics.write({"step": step, "event": "non_finite_loss", "skipped": True,
+                                "bad_in_a_row": self.in_a_row,
+                                "samples_seen": self.state.samples_seen - (steps[-1] - step) * per_step})
+            if self.in_a_row >= self.cfg.max_bad_steps:
+                good = ckpt.latest_checkpoint(self.cfg.run_dir)
+                raise RunError(
+                    f"non-finite loss in {self.in_a_row} steps in a row (steps {step - self.in_a_row + 1}-{step}); "
+                    f"stopped. Last good checkpoint: {good or 'none'}. Try a lower --set optim.lr, "
+                    "--mixed-precision no, or check the data with `facevae shards verify`")
+
+
+class _StopSignal:
+    """A preemption signal only sets a flag; `requested()` says at a step boundary whether to stop, the same on
+    every rank. One process: the flag itself, every step. Several: a tensor all-reduce every STOP_CHECK_EVERY steps
+    and at log steps (the host read of that check is the only sync those steps have)."""
+
+    def __init__(self, accelerator, log_every: int):
+        self.accelerator, self.log_every = accelerator, log_every
+        self.signal: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "_StopSignal":
+        self._previous = {s: signal.signal(s, self._on_signal) for s in PREEMPT_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def requested(self, step: int, log_step: bool) -> bool:
+        if self.accelerator.num_processes == 1:
+            return self.signal is not None
+        if not (log_step or step % STOP_CHECK_EVERY == 0):
+            return False
+        flag = torch.tensor(float(self.signal is not None), device=self.accelerator.device)
+        torch.distributed.all_reduce(flag)
+        return flag.item() > 0
+
+
+class _Validator:
+    """Mean loss terms over cfg.val_batches batches per rank. z = mu, or with val_sampling="sample" z drawn from a
+    generator seeded by (seed, step) inside a forked RNG: the training noise streams are never touched."""
+
+    def __init__(self, cfg: TrainConfig, raw_model, accelerator, amp_dtype):
+        self.cfg, self.model, self.accelerator, self.amp_dtype = cfg, raw_model, accelerator, amp_dtype
+        self.device = accelerator.device
+
+    def batches(self, max_batches: int):
+        return iter_val_batches(self.cfg.data, rank=self.accelerator.process_index,
+                                world=self.accelerator.num_processes, device=self.device, max_batches=max_batches,
+                                channels_last=self.cfg.channels_last)
+
+    @torch.no_grad()
+    def run(self, step: int) -> dict[str, float]:
+        cfg, sample = self.cfg, self.cfg.val_sampling == "sample"
+        sums: dict[str, torch.Tensor] = {}
+        n = torch.zeros((), device=self.device)
+        self.model.eval()
+        with self._rng(step) if sample else contextlib.nullcontext():
+            for image, mask in self.batches(cfg.val_batches):
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    out = self.model(image, mask if cfg.model.mask_mode != "none" else None, sample=sample)
+                for k, v in compute_losses(out, image, mask, cfg.loss, cfg.model).items():
+                    sums[k] = sums.get(k, 0) + v.detach() * image.shape[0]
+                n += image.shape[0]
+        self.model.train()
+        keys = sorted(sums)
+        totals = self.accelerator.reduce(torch.stack([n] + [sums[k] for k in keys]) if keys else n[None], "sum")
+        totals = totals.tolist()
+        if totals[0] == 0:
+            return {}
+        return {k: totals[i + 1] / totals[0] for i, k in enumerate(keys)}
+
+    @contextlib.contextmanager
+    def _rng(self, step: int):
+        seed = (self.cfg.seed * 1_000_003 + step) * 64 + self.accelerator.process_index
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+            torch.default_generator.manual_seed(seed)
+            if devices:
+                torch.cuda.default_generators[self.device.index or 0].manual_seed(seed)
+            yield
+
+
+def _sync_buffers_for_deepspeed(raw_model, use_ds: bool, world: int) -> None:
+    """DeepSpeed, unlike DDP, does not broadcast buffers: make rank 0's BN statistics everyone's before they are
+    validated or saved (the checkpoint's weights digest covers parameters only)."""
+    if use_ds and world > 1:
+        for b in raw_model.buffers():
+            torch.distributed.broadcast(b, src=0)
+
+
+def _mean_over_ranks(accelerator, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    keys = sorted(terms, key=lambda k: (k != "loss", k))
+    t = torch.stack([terms[k].float() for k in keys])
+    if accelerator.num_processes > 1:
+        t = accelerator.reduce(t, "mean")
+    return dict(zip(keys, t.tolist()))
+
+
+def _print_preset_warnings(cfg: TrainConfig, world: int) -> None:
+    try:
+        from facevae_dist import presets
+    except ImportError:  # presets.py not in this checkout
+        return
+    for warning in presets.preset_warnings(cfg, world):
+        info(f"warning: {warning}")
+
+
+# ---- setup helpers ----------------------------------------------------------------------------------------------
+
+
+def _configure_backends(cfg: TrainConfig) -> None:
+    """--deterministic: deterministic cuDNN/cuBLAS kernels (cuBLAS needs CUBLAS_WORKSPACE_CONFIG set before its
+    first call); otherwise let cuDNN autotune convolutions (faster, but kernel choice may differ per process)."""
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    torch.backends.cudnn.deterministic = cfg.deterministic
+    torch.backends.cudnn.benchmark = not cfg.deterministic
+
+
+def _check_same_experiment(path: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume when what is trained changed; run-length knobs (max_steps, intervals, ...) may change."""
+    saved_file = path / ckpt.CONFIG_FILE
+    if not saved_file.is_file():
+        return
+    saved, now = load_toml(saved_file).to_dict(), cfg.to_dict()
+    for field in TRAINED_FIELDS:
+        old, new = saved, now
+        for part in field.split("."):
+            old, new = old.get(part), new.get(part)
+        if old != new:
+            if isinstance(old, dict):
+                diff = ", ".join(f"{field}.{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v)
+            else:
+                diff = f"{field}: {old!r} -> {new!r}"
+            raise UsageError(f"{path.parent.parent} was trained with other settings ({diff}); what is trained cannot "
+                             "change on resume: use a new --run-dir, or the run's own settings (see its config.toml)")
 
 
 # ---- setup helpers ----------------------------------------------------------------------------------------------
@@ -451,65 +567,12 @@ def _gather_objects(accelerator, value) -> list:
     return gather_object([value])
 
 
-def _check_same_model(path: Path, cfg: TrainConfig) -> None:
-    saved = json.loads((path / "config.json").read_text()).get("model", {})
-    if saved != cfg.model.to_dict():
-        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in cfg.model.to_dict().items() if saved.get(k) != v)
-        raise UsageError(f"{path} was trained with a different model ({diff}); use a new --run-dir, or the same "
-                         "model settings to resume")
-
-
-# ---- step helpers -----------------------------------------------------------------------------------------------
-
-
-def _any_rank(accelerator, flag: bool) -> bool:
-    if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor(1.0 if flag else 0.0, device=accelerator.device)
-    return accelerator.reduce(t, "sum").item() > 0
-
-
-def _mean_over_ranks(accelerator, terms: dict[str, torch.Tensor]) -> dict[str, float]:
-    keys = sorted(terms, key=lambda k: (k != "loss", k))
-    t = torch.stack([terms[k].float() for k in keys])
-    if accelerator.num_processes > 1:
-        t = accelerator.reduce(t, "mean")
-    return dict(zip(keys, t.tolist()))
-
-
-@torch.no_grad()
-def _clip_gradients(model: torch.nn.Module, mode: str, value: float) -> None:
-    """"per-tensor": Keras' clipnorm, g * c / max(||g||, c) for each tensor (what the paper's Adam did);
-    "global": torch's clip_grad_norm_ over all gradients."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads or mode == "none":
-        return
-    if mode == "global":
-        torch.nn.utils.clip_grad_norm_(model.parameters(), value)
-        return
-    norms = torch._foreach_norm(grads)
-    torch._foreach_mul_(grads, [value / torch.clamp(n, min=value) for n in norms])
-
-
 def _poisoned_steps() -> set[int]:
     raw = os.environ.get(INJECT_NAN_ENV, "")
     try:
         return {int(s) for s in raw.split(",") if s.strip()}
     except ValueError:
         raise UsageError(f"{INJECT_NAN_ENV}={raw!r}: expected comma-separated step numbers") from None
-
-
-def _validate_and_keep_best(validate, metrics, manager, raw_model, state, cfg) -> float | None:
-    result = validate()
-    if not result:
-        info("validation skipped: the val split yielded no batches")
-        return None
-    metrics.write({"step": state.step, "split": "val", **{f"val_{k}": v for k, v in result.items()}})
-    val_loss = result["loss"]
-    if math.isfinite(val_loss) and val_loss < state.best_val_loss:
-        state.best_val_loss, state.best_step = val_loss, state.step
-        manager.save_best(model=raw_model, state=state, cfg=cfg, val_loss=val_loss)
-    return val_loss
 
 
 class _Metrics:
@@ -546,7 +609,7 @@ class _Metrics:
 
 
 @torch.no_grad()
-def _write_sample_grid(model: FaceVAE, val_batches, to_float, device, cfg: TrainConfig, path: Path, n: int = 8) -> None:
+def _write_sample_grid(model: FaceVAE, val_batches, cfg: TrainConfig, path: Path, n: int = 8) -> None:
     """Rows of input | reconstruction | predicted mask | ground-truth mask (checkerboard where a model has no mask
     head). The reconstruction is the inference output (z = mu; mask+decoder composites with its predicted mask)."""
     import io
@@ -554,14 +617,12 @@ def _write_sample_grid(model: FaceVAE, val_batches, to_float, device, cfg: Train
     import numpy as np
     from PIL import Image
 
-    batch = next(iter(val_batches()), None)
+    batch = next(iter(val_batches), None)
     if batch is None:
         return
-    image, mask = to_float(batch, device)
-    image, mask = image[:n], mask[:n]
+    image, mask = batch[0][:n], batch[1][:n]
     model.eval()
-    out = model.reconstruct(image.contiguous(memory_format=torch.channels_last) if cfg.channels_last else image,
-                            mask if cfg.model.mask_mode == "mask" else None)
+    out = model.reconstruct(image, mask if cfg.model.mask_mode == "mask" else None)
     model.train()
     if out.mask_pred is not None:
         pred = out.mask_pred
@@ -607,45 +668,11 @@ def _load_deepspeed_optimizer(engine, path: Path, rank: int, world: int) -> None
     engine.optimizer.load_state_dict([sd] * world, load_optimizer_states=True, load_from_fp32_weights=True)
 
 
-# ---- `python -m facevae_dist.train` -------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point for launchers (torchrun / accelerate launch): the same arguments as `facevae train`."""
-    from facevae_dist.cli import _Parser
-    from facevae_dist.cli.train import add_train_arguments, config_from_args
-    from facevae_dist.errors import FaceVAEError
-
-    parser = _Parser(prog="python -m facevae_dist.train", description=__doc__.split("\n\n")[0])
-    add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        summary = train(config_from_args(args))
-    except FaceVAEError as exc:
-        if getattr(args, "debug", False):
-            raise
-        print(f"facevae train: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary))
-    return 0
-
-
-def _exit_without_teardown(rc: int) -> None:
-    """Under a multi-process launcher, gloo's threads occasionally abort the interpreter during teardown
-    ("terminate called without an active exception", SIGABRT; toolchain.md §2), after every file is written, and
-    the launcher then reports the whole run as failed. Everything is saved by now: leave without that teardown."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(rc)
-
+# ---- `python -m facevae_dist.train` (torchrun / accelerate launch) ------------------------------------------------
+# The command line lives in cli/train.py (which imports this module, never the reverse); run as a script, this
+# module only hands over to it.
 
 if __name__ == "__main__":
-    rc = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _exit_without_teardown(rc)
-    sys.exit(rc)
+    from facevae_dist.cli.train import launcher_main
+
+    launcher_main()

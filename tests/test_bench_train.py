@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from facevae_dist.bench.train import clip_grad_norm_per_tensor_, parse_config, run_train_bench
+from facevae_dist.bench.train import clip_grad_norm_per_tensor_, host_overhead, parse_config, run_train_bench
 from facevae_dist.errors import UsageError
 
 torch.set_num_threads(1)
@@ -35,7 +35,7 @@ def test_parse_config():
 def test_run_train_bench_tiny_writes_json(tmp_path):
     out = tmp_path / "bench" / "train.json"
     result = run_train_bench(out, [2], steps=1, warmup=0, configs=["fp32", "channels_last+bf16"], device="cpu",
-                             image_size=18)
+                             image_size=18, overhead=False)
     saved = json.loads(out.read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
     assert len(saved["rows"]) == 4  # 2 models x 2 configs
@@ -46,3 +46,20 @@ def test_run_train_bench_tiny_writes_json(tmp_path):
     assert saved["cpu_model"] and saved["torch_threads"] >= 1 and set(saved["best"]) == {"none@2", "mask+decoder@2"}
     with pytest.raises(UsageError, match="warmup"):
         run_train_bench(out, [2], steps=1, warmup=0, configs=["compile"], device="cpu", image_size=18)
+
+
+def test_default_configs_are_quick(tmp_path):
+    out = tmp_path / "quick.json"
+    result = run_train_bench(out, [2], steps=1, warmup=0, configs=None, device="cpu", image_size=18, overhead=False)
+    assert [r["config"] for r in result["rows"]] == ["channels_last", "channels_last"]  # the default training config
+
+
+def test_trainer_step_reads_no_device_scalar_outside_the_optimizer():
+    """The sync-free step, structurally (counts from torch.profiler, no timing): no .item()/.tolist() in the
+    trainer's step outside optimizer.step, and not many more ATen ops than a bare loop."""
+    row = host_overhead("mask+decoder", torch.device("cpu"), steps=2, rounds=1, image_size=18, width=0.125,
+                        batch_size=2)
+    trainer, bare = row["trainer"], row["bare"]
+    assert trainer["scalar_reads_per_step"] - trainer["scalar_reads_in_optimizer_per_step"] == 0, row
+    assert row["targets"]["no_scalar_read_outside_optimizer"] and row["aten_ops_ratio"] <= 1.3, row
+    assert trainer["img_s"] > 0 and bare["img_s"] > 0 and bare["aten_ops_per_step"] > 100

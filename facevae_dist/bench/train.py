@@ -1,8 +1,16 @@
-"""`facevae bench train`: training images/s of the paper's model, per precision / memory layout / compile setting.
+"""`facevae bench train`: training images/s of the paper's model, and the trainer's host overhead per step.
 
-One timed step = forward + compute_losses + backward + Adam step with the paper's per-tensor gradient clip,
-on random data already on the device (the data pipeline has its own benchmark). Both the full model (mask decoder,
-SSIM + l1 + BCE/Dice, the released configuration) and the no-mask model (SSIM + l1, H1) are measured.
+One timed step is the trainer's own step (train_step.TrainStep: forward + losses + backward + device-side
+non-finite skip + per-tensor clip + Keras Adam + BN guard) on random data already on the device (the data pipeline
+has its own benchmark). Both the full model (mask decoder, SSIM + l1 + BCE/Dice, the released configuration) and
+the no-mask model (SSIM + l1, H1) are measured. By default only the default training configuration (channels_last,
+fp32 on CPU / bf16 on CUDA); `full=True` (`--full`) runs the precision x layout x compile matrix.
+
+Host overhead (`host_overhead` in the JSON), on a small config where the host's share is largest: the trainer's
+step against a bare loop of the same model, losses, clip and Adam (forward, backward, clip, optimizer.step,
+zero_grad, nothing else), under torch.profiler: ATen ops per step, host reads of a device scalar per step
+(`aten::_local_scalar_dense`, i.e. .item()/.tolist()/bool(t): a sync on a GPU) and how many of them come from
+inside optimizer.step, ms per step and the images/s ratio.
 Reference: the authors' TensorFlow code does ~16 img/s (no mask decoder) and ~13 (with) at batch 32 on the 2-core
 CPU machine this project was developed on; results are written as JSON after every row (atomically).
 """
@@ -18,11 +26,13 @@ from pathlib import Path
 
 import torch
 
+from facevae_dist.config import TrainConfig
 from facevae_dist.errors import UsageError
 from facevae_dist.fileio import atomic_write_json
 from facevae_dist.hypotheses import resolve_hypothesis
 from facevae_dist.losses import compute_losses
 from facevae_dist.model import FaceVAE
+from facevae_dist.optim import build_optimizer, clip_gradients_
 from facevae_dist.perf import keep_freed_memory
 from facevae_dist.progress import console, info
 from facevae_dist.runinfo import environment_info
@@ -32,6 +42,14 @@ CONFIG_TOKENS = ("fp32", "bf16", "fp16", "channels_last", "compile")
 MODELS = {"mask+decoder": "ssim+l1/mask+decoder", "none": "ssim+l1/none"}
 PAPER_TF_IMG_S = {"none": 16.0, "mask+decoder": 13.0}  # TF 2.15, batch 32, 2-core CPU (issue 3)
 CLIP_NORM = 1e-3
+FULL_CONFIGS = ("fp32", "bf16", "channels_last", "channels_last+bf16", "compile")
+# The host-overhead comparison: small enough that host work is a visible share of a step.
+OVERHEAD_CONFIG = {"image_size": 36, "width": 0.25, "batch_size": 8}
+
+
+def default_configs(device: str) -> list[str]:
+    """What `facevae train` runs by default on this device (channels_last; bf16 autocast on CUDA, fp32 on CPU)."""
+    return ["channels_last+bf16"] if device == "cuda" else ["channels_last"]
 
 
 def parse_config(text: str, device: str) -> dict:
@@ -52,12 +70,7 @@ def parse_config(text: str, device: str) -> dict:
 
 def clip_grad_norm_per_tensor_(params, max_norm: float) -> None:
     """Keras `clipnorm`: each gradient tensor separately to L2 norm <= max_norm (g * c / max(|g|, c))."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    norms = torch.stack(torch._foreach_norm(grads))
-    scales = max_norm / norms.clamp(min=max_norm)
-    torch._foreach_mul_(grads, list(scales.to(grads[0].dtype).unbind()))
+    clip_gradients_(params, "per-tensor", max_norm)
 
 
 def _synthetic_batch(batch_size: int, size: int, device: torch.device, channels_last: bool):
@@ -77,37 +90,78 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _train_config(model_key: str, opts: dict, image_size: int, width: float | None = None) -> TrainConfig:
+    model = {"image_size": image_size, **({"width": width} if width is not None else {})}
+    return TrainConfig.from_hypothesis(MODELS[model_key], model=model, tensorboard=False, run_dir="bench",
+                                       channels_last=opts["channels_last"], compile=opts["compile"],
+                                       mixed_precision={"fp32": "no"}.get(opts["amp"], opts["amp"]),
+                                       optim={"clip_value": CLIP_NORM})
+
+
+def make_steps(cfg: TrainConfig, device: torch.device):
+    """(trainer_step, bare_step, model) for one config: the trainer's TrainStep (under a real Accelerator, as in
+    train.py) and the bare loop, each with its own model and optimizer from the same seed. Each returns the loss."""
+    from facevae_dist.train import _make_accelerator
+    from facevae_dist.train_step import TrainStep
+
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    accelerator = _make_accelerator(cfg)
+
+    def build():
+        torch.manual_seed(0)
+        model = FaceVAE(cfg.model).to(device).train()
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model, build_optimizer(model.parameters(), cfg.optim)
+
+    model, optimizer = build()
+    wrapped = accelerator.prepare(model)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
+    step = TrainStep(model=wrapped, raw_model=model, optimizer=optimizer, scaler=scaler, accelerator=accelerator,
+                     cfg=cfg, amp_dtype=amp_dtype, use_deepspeed=False)
+    flags = torch.zeros(64, device=device)  # what train.py's _BadSteps.record does per step
+    counter = [0]
+
+    def trainer_step(image, mask):
+        terms, bad = step([(image, mask)])
+        flags[counter[0] % 64] = bad
+        counter[0] += 1
+        return terms["loss"]
+
+    bare_model, bare_opt = build()
+    bare_fwd = torch.compile(bare_model) if cfg.compile else bare_model
+    bare_scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
+    params = [p for p in bare_model.parameters() if p.requires_grad]
+
+    def bare_step(image, mask):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = bare_fwd(image, mask if cfg.model.mask_mode != "none" else None)
+        losses = compute_losses(out, image, mask, cfg.loss, cfg.model)
+        bare_scaler.scale(losses["loss"]).backward()
+        bare_scaler.unscale_(bare_opt)
+        clip_gradients_(params, cfg.optim.clip, cfg.optim.clip_value)
+        bare_scaler.step(bare_opt)
+        bare_scaler.update()
+        bare_opt.zero_grad(set_to_none=True)
+        return losses["loss"].detach()
+
+    return trainer_step, bare_step, model
+
+
 def bench_one(model_key: str, config: str, batch_size: int, steps: int, warmup: int, device: torch.device,
               image_size: int = 144) -> dict:
-    """Time `steps` training steps after `warmup` untimed ones; returns one result row."""
+    """Time `steps` trainer steps after `warmup` untimed ones; returns one result row."""
     opts = parse_config(config, device.type)
     hyp = resolve_hypothesis(MODELS[model_key])
-    torch.manual_seed(0)
-    model = FaceVAE(hyp.model_config(image_size=image_size)).to(device).train()
-    loss_cfg = hyp.loss_config()
-    if opts["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=1e-4, eps=1e-7)
-    step_model = torch.compile(model) if opts["compile"] else model
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts["amp"])
-    scaler = torch.amp.GradScaler(device.type, enabled=opts["amp"] == "fp16")
+    cfg = _train_config(model_key, opts, image_size)
     image, mask = _synthetic_batch(batch_size, image_size, device, opts["channels_last"])
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    trainer_step, _, _ = make_steps(cfg, device)
 
-    def step() -> float:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = step_model(image, mask)
-            losses = compute_losses(out, image, mask, loss_cfg, model.cfg)
-        scaler.scale(losses["loss"]).backward()
-        scaler.unscale_(optimizer)
-        clip_grad_norm_per_tensor_(params, CLIP_NORM)
-        scaler.step(optimizer)
-        scaler.update()
-        return losses["loss"].detach()
+    def step():
+        return trainer_step(image, mask)
 
     row = {"model": model_key, "hypothesis": hyp.name, "config": config, "batch_size": batch_size,
            "image_size": image_size, "steps": steps, "warmup": warmup}
@@ -171,10 +225,66 @@ def _cpu_flags() -> list[str]:
     return sorted(f for f in flags if f.startswith(("avx512_bf16", "avx512_fp16", "amx", "avx512f", "avx2")))
 
 
-def run_train_bench(out: Path, batch_sizes: list[int], steps: int, warmup: int, configs: list[str],
-                    device: str, *, image_size: int = 144) -> dict:
+def host_overhead(model_key: str, device: torch.device, *, steps: int = 6, rounds: int = 3,
+                  image_size: int = OVERHEAD_CONFIG["image_size"], width: float = OVERHEAD_CONFIG["width"],
+                  batch_size: int = OVERHEAD_CONFIG["batch_size"]) -> dict:
+    """The trainer's step vs the bare loop on a small config (see the module docstring)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    opts = parse_config(default_configs(device.type)[0], device.type)
+    cfg = _train_config(model_key, opts, image_size, width)
+    image, mask = _synthetic_batch(batch_size, image_size, device, opts["channels_last"])
+    trainer_step, bare_step, _ = make_steps(cfg, device)
+    row: dict = {"model": model_key, "config": default_configs(device.type)[0], "image_size": image_size,
+                 "width": width, "batch_size": batch_size, "steps": steps, "rounds": rounds}
+    for name, fn in (("bare", bare_step), ("trainer", trainer_step)):
+        for _ in range(2):  # warm-up (first-step allocations, optimizer state)
+            fn(image, mask)
+        _sync(device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                fn(image, mask)
+            _sync(device)
+        events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
+        reads = [e for e in events if e.name == "aten::_local_scalar_dense"]
+        row[name] = {"aten_ops_per_step": round(sum(e.name.startswith("aten::") for e in events) / steps, 1),
+                     "scalar_reads_per_step": round(len(reads) / steps, 2),
+                     "scalar_reads_in_optimizer_per_step": round(sum(_in_optimizer(e) for e in reads) / steps, 2)}
+    times: dict[str, list[float]] = {"bare": [], "trainer": []}
+    for _ in range(rounds):  # interleaved, so a busy neighbour slows both alike
+        for name, fn in (("bare", bare_step), ("trainer", trainer_step)):
+            for _ in range(steps):
+                t = time.perf_counter()
+                fn(image, mask)
+                _sync(device)
+                times[name].append(time.perf_counter() - t)
+    for name, ts in times.items():
+        row[name]["ms_per_step_median"] = round(1000 * statistics.median(ts), 3)
+        row[name]["img_s"] = round(batch_size / statistics.median(ts), 2)
+    row["aten_ops_ratio"] = round(row["trainer"]["aten_ops_per_step"] / row["bare"]["aten_ops_per_step"], 3)
+    row["img_s_ratio"] = round(row["trainer"]["img_s"] / row["bare"]["img_s"], 3)
+    row["host_ms_per_step_beyond_bare"] = round(row["trainer"]["ms_per_step_median"]
+                                                - row["bare"]["ms_per_step_median"], 3)
+    row["targets"] = {"no_scalar_read_outside_optimizer": row["trainer"]["scalar_reads_per_step"]
+                      - row["trainer"]["scalar_reads_in_optimizer_per_step"] == 0,
+                      "aten_ops_ratio_le_1.3": row["aten_ops_ratio"] <= 1.3, "img_s_ratio_ge_0.85": row["img_s_ratio"] >= 0.85}
+    return row
+
+
+def _in_optimizer(event) -> bool:
+    while event is not None:
+        if event.name.startswith("Optimizer.step"):
+            return True
+        event = event.cpu_parent
+    return False
+
+
+def run_train_bench(out: Path, batch_sizes: list[int], steps: int, warmup: int, configs: list[str] | None,
+                    device: str, *, image_size: int = 144, full: bool = False, overhead: bool = True) -> dict:
     """Benchmark every (batch size, model, config); write `out` (JSON) after each row; return the result dict.
-    `image_size` other than the paper's 144 only serves tests (the same architecture with fewer stages)."""
+    configs None: the default training config (FULL_CONFIGS with full=True). `image_size` other than the paper's
+    144 only serves tests (the same architecture with fewer stages)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda"):
@@ -185,6 +295,8 @@ def run_train_bench(out: Path, batch_sizes: list[int], steps: int, warmup: int, 
         raise UsageError(f"--steps must be >= 1 and --warmup >= 0 (got {steps}, {warmup})")
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise UsageError(f"--batch-sizes must be positive integers (got {batch_sizes})")
+    if configs is None:
+        configs = list(FULL_CONFIGS) if full else default_configs(device)
     if not configs:
         raise UsageError("--configs is empty")
     for c in configs:
@@ -214,6 +326,12 @@ def run_train_bench(out: Path, batch_sizes: list[int], steps: int, warmup: int, 
                 row = bench_one(model_key, config, bs, steps, warmup, dev, image_size=image_size)
                 result["rows"].append(row)
                 atomic_write_json(out, result)
+    if overhead:
+        result["host_overhead"] = []
+        for model_key in MODELS:
+            info(f"bench train: host overhead, {model_key} (trainer step vs bare loop, small config) ...")
+            result["host_overhead"].append(host_overhead(model_key, dev))
+            atomic_write_json(out, result)
     result["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     result["best"] = _best_per_model(result["rows"])
     atomic_write_json(out, result)
@@ -249,3 +367,9 @@ def _print_table(result: dict) -> None:
                       f"{mem / 2**30:.2f} GiB" if mem else "-", r.get("status", "-") if r.get("status") == "ok"
                       else f"{r.get('status')}: {r.get('error', '')}"[:60])
     console.print(table)
+    for r in result.get("host_overhead", []):
+        console.print(f"host overhead ({r['model']}, {r['image_size']} px, width {r['width']}, batch {r['batch_size']}): "
+                      f"ATen ops/step {r['trainer']['aten_ops_per_step']:.0f} vs bare {r['bare']['aten_ops_per_step']:.0f} "
+                      f"({r['aten_ops_ratio']:.2f}x), scalar reads/step {r['trainer']['scalar_reads_per_step']:g} "
+                      f"(bare {r['bare']['scalar_reads_per_step']:g}), img/s {r['img_s_ratio']:.2f}x bare, "
+                      f"{r['host_ms_per_step_beyond_bare']:+.1f} ms/step")

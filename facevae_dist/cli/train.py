@@ -1,10 +1,12 @@
-"""`facevae train`: parse arguments into a TrainConfig and call facevae_dist.train.train (no logic here)."""
+"""`facevae train` and `python -m facevae_dist.train`: parse arguments into a TrainConfig and call
+facevae_dist.train.train (no training logic here; this module imports train.py, never the reverse)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 
 from facevae_dist.presets import add_preset_argument
 
@@ -69,6 +71,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                        help="NHWC memory layout for convolutions (default on)")
     speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="torch.compile the model (default off; ~40-60 s first-step compile on CPU)")
+    speed.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"),
+                       help="torch.compile mode with --compile: reduce-overhead = CUDA graphs (one GPU, fixed batch; "
+                            "cuts the per-step launch overhead of the paper's batch 32)")
+    speed.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                       help="deterministic cuDNN/cuBLAS kernels (bit-exact resume on GPUs too; slower); default off: "
+                            "cudnn.benchmark autotunes convolutions")
     speed.add_argument("--deepspeed", metavar="JSON",
                        help="run under DeepSpeed ZeRO with this config, e.g. launch/ds_zero2.json (needs "
                             "--set optim.clip=global --set optim.eps_form=torch); the JSON sets the ZeRO stage and "
@@ -83,7 +91,8 @@ _FLAG_FIELDS = {  # argparse dest -> TrainConfig path
     "run_dir": "run_dir", "max_steps": "max_steps", "grad_accum": "grad_accum", "val_every": "val_every",
     "val_batches": "val_batches", "ckpt_every": "ckpt_every", "keep_last": "keep_last", "log_every": "log_every",
     "sample_every": "sample_every", "resume": "resume", "mixed_precision": "mixed_precision",
-    "channels_last": "channels_last", "compile": "compile", "deepspeed": "deepspeed",
+    "channels_last": "channels_last", "compile": "compile", "compile_mode": "compile_mode",
+    "deterministic": "deterministic", "deepspeed": "deepspeed",
 }
 
 
@@ -118,6 +127,41 @@ def _run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # under a launcher, rank 0 alone prints
         print(json.dumps(summary))
     return 0
+
+
+def launcher_main(argv: list[str] | None = None) -> None:
+    """`python -m facevae_dist.train` (what torchrun / accelerate launch / srun start): the same arguments as
+    `facevae train`; exits with its code."""
+    from facevae_dist.cli import _Parser
+    from facevae_dist.errors import FaceVAEError
+    from facevae_dist.train import __doc__ as train_doc
+
+    parser = _Parser(prog="python -m facevae_dist.train", description=train_doc.split("\n\n")[0])
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        rc = _run(args)
+    except FaceVAEError as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"facevae train: error: {exc}", file=sys.stderr)
+        rc = exc.exit_code
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_without_teardown(rc)
+    sys.exit(rc)
+
+
+def _exit_without_teardown(rc: int) -> None:
+    """Under a multi-process launcher, gloo's threads occasionally abort the interpreter during teardown
+    ("terminate called without an active exception", SIGABRT; toolchain.md §2), after every file is written, and
+    the launcher then reports the whole run as failed. Everything is saved by now: leave without that teardown."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def register(sub) -> None:
