@@ -234,4 +234,4 @@ def test_concurrent_ranks_build_the_cache_once(own_shards):
         assert p.exitcode == 0
     assert results[0] == results[1] and results[0][0] == 80  # same file, same JSON: built once
     meta_path = cache_paths(own_shards, "train")[1]
-    assert sorted(p.name for p in meta_path.parent.iterdir()) == [".train.lock", "train.json", "train.u8"]
+    assert sorted(p.name for p in meta_path.parent.iterdir()) == ["train.json", "train.u8"]

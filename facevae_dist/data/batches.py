@@ -14,7 +14,9 @@ Placements (data.placement):
           which rank gets which sample, so a per-rank part would have to move every epoch. (CelebA train at 144 px is
           13.5 GB: fits beside the model on an 80 or 141 GB GPU; `auto` checks it fits.)
   auto    device on CUDA when the split fits in data.device_memory_fraction of free GPU memory; else host when it
-          fits in that share of available RAM and the cache can be written (or exists); else stream.
+          fits in that share of available RAM and the cache can be written (or exists); else stream. On CPU, host
+          also frees the cores that decoding workers would take from training; building the cache costs about one
+          streamed epoch, once per dataset (every later run and sweep element reuses it).
 Every placement draws THE SAME batches: the resident ones follow the streaming loader's epoch plan (loader.py: one
 permutation seeded by (seed, epoch), cut into equal contiguous parts per rank, same remainder dropped and counted in
 dropped_samples), mapped to cache rows. So the guarantees carry over (equal batches per rank, every sample at most
@@ -52,11 +54,13 @@ def _available_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def _cache_writable(shards_dir) -> bool:
+def _cache_usable(shards_dir) -> bool:
+    """The cache can be written beside the shards, or is there already (e.g. a shared read-only dataset)."""
     from facevae_dist.data.cache import cache_paths
 
-    folder = cache_paths(shards_dir, "train")[0].parent
-    return os.access(folder if folder.exists() else folder.parent, os.W_OK)
+    data_path, meta_path = cache_paths(shards_dir, "train")
+    folder = data_path.parent
+    return os.access(folder if folder.exists() else folder.parent, os.W_OK) or (data_path.exists() and meta_path.exists())
 
 
 def resolve_placement(data_cfg, device: torch.device) -> str:
@@ -72,7 +76,7 @@ def resolve_placement(data_cfg, device: torch.device) -> str:
     share = data_cfg.device_memory_fraction
     if torch.device(device).type == "cuda" and need <= share * torch.cuda.mem_get_info(device)[0]:
         return "device"
-    if need <= share * _available_ram() and _cache_writable(data_cfg.shards):
+    if need <= share * _available_ram() and _cache_usable(data_cfg.shards):
         return "host"
     return "stream"
 

@@ -8,7 +8,8 @@ Row order = the manifest's shard order, samples in tar order: row = shard_offset
 streaming loader makes (shard, sample) maps to rows (batches.py draws the same batches from either).
 Valid while the manifest's shard list and every tar's size and mtime match the JSON and the .u8 has the recorded
 size and sha256 (hashed at every open: reading the file is needed anyway); otherwise it is rebuilt: in parallel
-processes (one shard per task), written to a temp file and renamed, under a lock so concurrent ranks build it once.
+processes (one shard per task), written to a temp file and renamed, under a lock (flock on the cache folder) so
+concurrent ranks build it once.
 Corrupt samples (undecodable image or mask) are kept as zero rows and listed with the reason, like the loader's
 report; batches.py replaces them exactly as the loader does. A damaged shard (truncated, missing, short) stops the
 build with a one-line DataError naming it.
@@ -215,11 +216,11 @@ def open_cache(shards_dir, split: str, *, processes: int | None = None, build: b
     data_path, meta_path = cache_paths(shards_dir, split)
     try:
         data_path.parent.mkdir(exist_ok=True)
-        lock = open(data_path.parent / f".{split}.lock", "a")
+        lock = os.open(data_path.parent, os.O_RDONLY)  # the folder itself is the lock: no extra file to leave behind
     except OSError as exc:
         raise UsageError(f"{data_path.parent}: cannot write the decoded-split cache ({exc.strerror}); make the shards "
                          "folder writable once, or use --set data.placement=stream")
-    with lock:
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         fingerprint = _fingerprint(shards_dir, shards)
         meta = _valid_meta(meta_path, data_path, fingerprint, size, image_ext)
@@ -230,14 +231,20 @@ def open_cache(shards_dir, split: str, *, processes: int | None = None, build: b
             if not build:
                 raise DataError(f"{data_path}: missing or stale decoded-split cache")
             procs = processes or max(1, min(len(shards), len(os.sched_getaffinity(0))))
-            _build(shards_dir, split, manifest, shards, fingerprint, data_path, meta_path, procs)
+            try:
+                _build(shards_dir, split, manifest, shards, fingerprint, data_path, meta_path, procs)
+            except PermissionError as exc:
+                raise UsageError(f"{data_path.parent}: cannot write the decoded-split cache ({exc.strerror}); make "
+                                 "the shards folder writable once, or use --set data.placement=stream")
             meta = _valid_meta(meta_path, data_path, fingerprint, size, image_ext)
             if meta is None:  # a shard changed while we decoded it
                 raise DataError(f"{shards_dir}/{split}: shards changed while the cache was built; run again")
-    n = int(meta["count"])
-    # copy-on-write mappings: writable for torch.from_numpy, yet never written, so ranks share the page cache
-    images = np.memmap(data_path, np.uint8, "c", 0, (n, size, size, 3))
-    masks = np.memmap(data_path, np.uint8, "c", n * size * size * 3, (n, size, size))
+        n = int(meta["count"])
+        # copy-on-write mappings: writable for torch.from_numpy, yet never written, so ranks share the page cache
+        images = np.memmap(data_path, np.uint8, "c", 0, (n, size, size, 3))
+        masks = np.memmap(data_path, np.uint8, "c", n * size * size * 3, (n, size, size))
+    finally:
+        os.close(lock)  # releases the flock
     cache = SplitCache(images=images, masks=masks, shard_offsets=np.asarray(meta["shard_offsets"], np.int64),
                        corrupt_rows=np.asarray(meta["corrupt_rows"], np.int64), corrupt=list(meta["corrupt"]),
                        meta=meta)
