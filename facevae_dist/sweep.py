@@ -1,16 +1,18 @@
-"""The hypothesis grid as one Slurm job array (submitit): one requeueable element per hypothesis.
+"""The hypothesis grid as one Slurm job array (submitit): one requeueable element per (hypothesis, seed).
 
-    submit_sweep()  resolve the grid -> one TrainConfig per hypothesis -> snapshot the code -> executor.map_array
-    HypothesisTask  the array element: train (resume=auto) then evaluate; on the preemption signal the trainer saves
-                    a checkpoint and the element requeues itself, so the requeued run continues from that step
-    sweep_status()  per hypothesis: Slurm state, element state, step, last loss, images/s, ETA, log path
-    collect_sweep() the report (report.make_report) over the finished elements
+    submit_sweep()  resolve the grid x seeds -> one TrainConfig per element -> snapshot the code -> one job array
+    HypothesisTask  one (hypothesis, seed): train (resume=auto) then evaluate; on the preemption signal the trainer
+                    saves a checkpoint and the element requeues itself, so the requeued run continues from that step
+    ElementGroup    --elements-per-gpu K: one array element runs K of them as K Slurm tasks sharing its GPU
+    sweep_status()  per element: state (a dead job shows as killed/failed), step, last loss, images/s, ETA, log
+    collect_sweep() the report (report.make_report) over every finished element, all seeds
 
 Layout of SWEEP_DIR:
-    sweep.json             manifest: array index -> hypothesis, every submission's job ids, options (atomic JSON)
+    sweep.json             manifest: element -> hypothesis, seed, run dir, every submission's job ids (atomic JSON)
     code/<stamp>/          the facevae_dist package as it was at submit time (first on the jobs' PYTHONPATH)
-    logs/                  submitit's folder: <jobid>_<index>_0_log.{out,err}
-    <hypothesis-slug>/     the run directory (config.toml, checkpoints/, metrics.jsonl, eval/) + element.json
+    logs/                  submitit's folder: <jobid>_<index>_<task>_log.{out,err}
+    <hypothesis-slug>/     the run directory (config.toml, checkpoints/, metrics.jsonl, eval/) + element.json;
+                           with --seeds: <hypothesis-slug>/seed-<s>/ per seed
     report/                `facevae sweep collect`
 """
 
@@ -41,7 +43,8 @@ ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", 
 
 @dataclass
 class SlurmOptions:
-    """Resources of ONE array element (one hypothesis). Ranks inside an element: nodes x tasks_per_node."""
+    """Resources of ONE array element. Ranks inside an element: nodes x tasks_per_node, all training one run; or,
+    with elements_per_gpu K > 1, K independent single-rank runs (K Slurm tasks) sharing one GPU (or the CPUs)."""
 
     partition: str | None = None
     nodes: int = 1
@@ -56,6 +59,7 @@ class SlurmOptions:
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
+    elements_per_gpu: int = 1  # runs sharing one element's GPU: a batch-32 run uses a fraction of an H100
 
     def validate(self) -> "SlurmOptions":
         for name in ("nodes", "cpus_per_task", "timeout_min", "array_parallelism"):
@@ -70,11 +74,29 @@ class SlurmOptions:
                              "the trainer runs one rank per GPU; leave --tasks-per-node out")
         if self.signal_delay_s < 0 or self.max_num_timeout < 0:
             raise UsageError("--signal-delay-s and --max-num-timeout must be >= 0")
+        if self.elements_per_gpu < 1:
+            raise UsageError(f"--elements-per-gpu {self.elements_per_gpu}: must be >= 1")
+        if self.elements_per_gpu > 1 and (self.nodes > 1 or self.gpus_per_node > 1 or self.tasks_per_node):
+            raise UsageError(f"--elements-per-gpu {self.elements_per_gpu}: each shared run has one rank on one GPU; "
+                             "use it with --nodes 1, --gpus-per-node 0 or 1 and no --tasks-per-node")
         return self
 
     @property
     def ranks_per_node(self) -> int:
+        """Slurm tasks per node: the ranks of one run, or the K runs sharing the element (elements_per_gpu)."""
+        if self.elements_per_gpu > 1:
+            return self.elements_per_gpu
         return self.tasks_per_node or max(1, self.gpus_per_node)
+
+    def srun_args(self) -> list[str]:
+        """Slurm 22.05-23.02 do not pass the job's --cpus-per-task to srun's steps: without it every rank (and its
+        data workers) may be bound to one core. --kill-on-bad-exit: a rank that dies ends its peers at once instead
+        of leaving them in a collective until the process-group timeout; not for shared elements, whose runs are
+        independent (one failing must not end the others)."""
+        args = [f"--cpus-per-task={self.cpus_per_task}"]
+        if self.elements_per_gpu == 1:
+            args.append("--kill-on-bad-exit=1")
+        return args
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,11 +104,11 @@ class SlurmOptions:
 
 
 class HypothesisTask:
-    """One hypothesis: train (resuming whatever its run directory holds), then evaluate. Requeueable: submitit
-    calls checkpoint() on the preemption signal / time limit and resubmits the returned copy of this task."""
+    """One (hypothesis, seed): train (resuming whatever its run directory holds), then evaluate. Requeueable:
+    submitit calls checkpoint() on the preemption signal / time limit and resubmits the returned copy of this task."""
 
     def __init__(self, config: dict, eval_split: str = "test", eval_limit: int | None = None):
-        self.config = config  # TrainConfig.to_dict(); run_dir = SWEEP_DIR/<slug>
+        self.config = config  # TrainConfig.to_dict(); run_dir = SWEEP_DIR/<slug>[/seed-<s>]
         self.eval_split = eval_split
         self.eval_limit = eval_limit
 
@@ -97,57 +119,66 @@ class HypothesisTask:
     def __call__(self) -> dict:
         import submitit
 
-        from facevae_dist.config import TrainConfig
-        from facevae_dist.evaluate import evaluate
-        from facevae_dist.train import train
-
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
             # ranks of this element (nodes x tasks_per_node) -> RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/PORT, which
             # Accelerate reads like torchrun's. Every rank keeps all GPUs visible and uses cuda:LOCAL_RANK.
             # overwrite: stale RANK/MASTER_* inherited from the submitting shell must not win over this job's ranks
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        is_main = env.global_rank == 0
+        return self.run(rank=env.global_rank, world=env.num_tasks, job_id=env.job_id, hostname=env.hostname)
+
+    def run(self, *, rank: int, world: int, job_id: str, hostname: str, requeue: bool = True) -> dict:
+        """Train + evaluate as rank `rank` of `world`. requeue=False: on preemption only save and report it (the
+        caller requeues: ElementGroup)."""
+        is_main = rank == 0
+        head = {"hypothesis": self.config.get("hypothesis"), "seed": self.config.get("seed")}
         if is_finished(self.run_dir):
             # a duplicate or late run of a finished element (array task started twice, manual resubmission):
             # leave the results as they are
-            return {"hypothesis": self.config.get("hypothesis"), "state": "finished", "skipped": True,
+            return {**head, "state": "finished", "skipped": True,
                     "metrics_json": str(self.run_dir / "eval" / "metrics.json")}
-        preempt_signal = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+        preempt_signal = _preempt_signal()
         submitit_handler = signal.getsignal(preempt_signal)  # submitit's checkpoint-and-requeue handler
-        element = {"hypothesis": self.config.get("hypothesis"), "job_id": env.job_id, "hostname": env.hostname,
-                   "restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0")), "world_size": env.num_tasks,
+        element = {**head, "job_id": job_id, "hostname": hostname,
+                   "restarts": int(os.environ.get("SLURM_RESTART_COUNT", "0")), "world_size": world,
+                   # who trains: `sweep status` tells a killed job (pid gone) from one that trains
+                   "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
+                   # the cores this rank may run on: srun --cpus-per-task worked (Slurm binds tasks to them)
+                   "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
                    # the package this element imports: SWEEP_DIR/code/<stamp>/ (the snapshot), not the live checkout
                    "code": str(Path(__import__("facevae_dist").__file__).resolve().parent)}
-        # where this run of the element starts: > 0 after a requeue (the proof that it resumed, not restarted)
-        element["start_step"] = _latest_checkpoint_step(self.run_dir)
         try:
-            if is_main:
+            # where this run of the element starts: > 0 after a requeue (the proof that it resumed, not restarted)
+            element["start_step"] = _latest_checkpoint_step(self.run_dir)
+            if is_main:  # before the heavy imports: a run that dies while importing is seen as dead, not pending
                 self._write_element({**element, "state": "training", "started": time.time()})
+            from facevae_dist.config import TrainConfig
+            from facevae_dist.evaluate import evaluate
+            from facevae_dist.train import train
+
             summary = train(TrainConfig.from_dict(self.config, source="sweep element").validate())
             if summary["stopped"] == "preempted":
                 if is_main:
                     self._write_element({**element, "state": "preempted", "step": summary["step"],
                                          "signal": summary.get("signal")})
-                if callable(submitit_handler) and _should_requeue(summary.get("signal"), preempt_signal):
+                if requeue and callable(submitit_handler) and _should_requeue(summary.get("signal"), preempt_signal):
                     # The trainer took the signal and saved; now submitit checkpoint()s this task and requeues it
                     # (rank 0 only; on other ranks the handler returns). The requeued element resumes from there.
                     submitit_handler(preempt_signal, None)
-                return {"hypothesis": self.config.get("hypothesis"), "state": "preempted", **summary}
+                return {**head, "state": "preempted", **summary}
             if is_main:
                 self._write_element({**element, "state": "evaluating", "step": summary["step"]})
-            if env.num_tasks > 1:
+            if world > 1:
                 # train() closed its process group; evaluate() opens a new one. On the same MASTER_PORT a fast rank
                 # can reach rank 0's old, closing rendezvous store and hang: give the new group its own port.
-                os.environ["MASTER_PORT"] = str(_eval_port(env.job_id, int(os.environ["MASTER_PORT"])))
+                os.environ["MASTER_PORT"] = str(_eval_port(job_id, int(os.environ["MASTER_PORT"])))
             result = evaluate(self.run_dir, self.config["data"]["shards"], split=self.eval_split,
                               limit=self.eval_limit)
             if is_main:
                 self._write_element({**element, "state": "finished", "step": summary["step"],
                                      "finished": time.time()})
-            return {"hypothesis": self.config.get("hypothesis"), "state": "finished", "step": summary["step"],
-                    "metrics_json": str(self.run_dir / "eval" / "metrics.json"),
-                    "n_images": result.get("n_images")}
+            return {**head, "state": "finished", "step": summary["step"],
+                    "metrics_json": str(self.run_dir / "eval" / "metrics.json"), "n_images": result.get("n_images")}
         except SystemExit:
             raise  # submitit's requeue exits the process
         except BaseException as exc:
@@ -165,6 +196,132 @@ class HypothesisTask:
 
     def _write_element(self, record: dict) -> None:
         atomic_write_json(self.run_dir / ELEMENT_FILE, {**record, "updated": time.time()})
+
+
+# how long task 0 of a shared element waits for the other runs to save after a preemption signal
+GROUP_SAVE_WAIT_S = 120.0
+
+
+class ElementGroup:
+    """--elements-per-gpu K: K runs in one array element, one per Slurm task (each with its own --cpus-per-task
+    cores, all on the element's GPU: one rank each, cuda:0 of what Slurm gave the job).
+
+    Slurm signals every task; each run saves on its own. submitit requeues only from task 0, so task 0 stays until
+    every run has ended (also when its own run finished first) and requeues the element after the others saved;
+    the requeued element skips the finished runs and resumes the others. A failing run is recorded in its
+    element.json and does not end the others (no --kill-on-bad-exit for shared elements)."""
+
+    def __init__(self, members: list[HypothesisTask]):
+        self.members = members
+
+    def __call__(self) -> dict:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        # each run is a world of one: no launcher variables may reach Accelerate (a LOCAL_RANK, or an MPI-style
+        # size > 1, makes it start a process group)
+        for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PMI_SIZE",
+                    "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"):
+            os.environ.pop(var, None)
+        preempt_signal = _preempt_signal()
+        submitit_handler = signal.getsignal(preempt_signal)
+        rank = env.global_rank
+        result: dict = {"state": "idle"}  # a task beyond the last run (the last group may be smaller)
+        if rank < len(self.members):
+            try:
+                result = self.members[rank].run(rank=0, world=1, job_id=env.job_id, hostname=env.hostname,
+                                                 requeue=False)
+            except Exception as exc:  # recorded in its element.json; the other runs go on
+                result = {"hypothesis": self.members[rank].config.get("hypothesis"), "state": "failed",
+                          "error": f"{type(exc).__name__}: {exc}"}
+        if rank != 0:
+            return result
+        signal_name = result.get("signal") if result.get("state") == "preempted" else None
+        signal_name = self._wait_for_others(env.job_id, signal_name)
+        if signal_name and callable(submitit_handler) and _should_requeue(signal_name, preempt_signal):
+            submitit_handler(preempt_signal, None)  # checkpoint() -> requeue -> exit
+        return result
+
+    def _wait_for_others(self, job_id: str, signal_name: str | None) -> str | None:
+        """Until the other runs have ended (or, after a preemption signal, GROUP_SAVE_WAIT_S at most); returns the
+        preemption signal seen, if any."""
+        seen = {"signal": signal_name}
+
+        def note(signum, _frame):
+            seen["signal"] = signal.Signals(signum).name
+
+        watched = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+        previous = {s: signal.signal(s, note) for s in watched}
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        signalled_at = None
+        try:
+            while any(_run_is_live(m.run_dir, job_id, restarts) for m in self.members[1:]):
+                if seen["signal"]:
+                    signalled_at = signalled_at or time.time()
+                    if time.time() - signalled_at > GROUP_SAVE_WAIT_S:
+                        break
+                time.sleep(0.5)
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        return seen["signal"]
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(type(self)([m.checkpoint().function for m in self.members]))
+
+
+def _run_is_live(run_dir: Path, job_id: str, restarts: int, start_wait_s: float = 600.0) -> bool:
+    """Is this run of the element (job_id, restarts) still training or evaluating? One that has not written its
+    element.json in this run yet counts as live for start_wait_s (importing torch on a loaded node is slow)."""
+    if is_finished(run_dir):
+        return False
+    element = _read_json(run_dir / ELEMENT_FILE)
+    if element.get("job_id") != job_id or element.get("restarts") != restarts:
+        return time.time() - _GROUP_T0 < start_wait_s  # not started in this run yet
+    return element.get("state") in ("training", "evaluating") and _pid_alive(element) is not False
+
+
+_GROUP_T0 = time.time()  # import time of this module in the job: about when its tasks started
+
+
+def _preempt_signal() -> int:
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/PID/stat (Linux): [state, ppid, ...]; None where there is no such file."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()  # the name in (...) may hold spaces
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot, so a reused pid is not taken for the element's."""
+    stat = _proc_stat(pid)
+    return stat[19] if stat else None  # field 22
+
+
+def _pid_alive(element: dict) -> bool | None:
+    """Is the process that wrote this element.json alive? None when this machine cannot tell (another host, no
+    pid recorded)."""
+    import socket
+
+    pid = element.get("pid")
+    if not pid or element.get("hostname") not in (socket.gethostname(), socket.gethostname().split(".")[0]):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, someone else's
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True  # no /proc: kill(0) is all we know
+    return stat[0] != "Z" and (element.get("pid_start") in (None, stat[19]))  # a zombie or a reused pid: dead
 
 
 def _eval_port(job_id: str, train_port: int) -> int:
@@ -210,37 +367,65 @@ def _should_requeue(signal_name: str | None, preempt_signal: int) -> bool:
 # Submission
 
 
-def resolve_grid(grid: str, hypotheses: list[str] | None = None) -> list[str]:
-    """Hypothesis names to run: the named grid, or the explicit list (names or aliases), de-duplicated in order."""
+def resolve_grid(grid: str | None, hypotheses: list[str] | None = None) -> list[str]:
+    """Hypothesis names to run: the named grid (None: the default grid), or the explicit list (names or aliases),
+    de-duplicated in order."""
+    from facevae_dist import hypotheses as hyp_module
     from facevae_dist.hypotheses import GRIDS, resolve_hypothesis
 
     if hypotheses:
         names = [resolve_hypothesis(h).name for h in hypotheses]
     else:
+        grid = grid or getattr(hyp_module, "DEFAULT_GRID", "paper15")
         if grid not in GRIDS:
             raise UsageError(f"--grid {grid!r} is not a known grid; choose one of {', '.join(sorted(GRIDS))}")
         names = [resolve_hypothesis(h).name for h in GRIDS[grid]]
     return list(dict.fromkeys(names))
 
 
-def element_configs(names: list[str], shards: str | Path, out: Path, overrides: list[str]) -> dict[str, dict]:
-    """One resolved, validated TrainConfig (as a dict) per hypothesis, its run_dir under the sweep directory."""
+def parse_seeds(text: str | None) -> list[int] | None:
+    """`--seeds 0,1,2` -> [0, 1, 2] (de-duplicated, in order); None/"" -> None (one run per hypothesis)."""
+    if not text or not text.strip():
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = [-1]
+    if not seeds or min(seeds) < 0:
+        raise UsageError(f"--seeds {text!r}: give comma-separated integers >= 0, e.g. --seeds 0,1,2")
+    return list(dict.fromkeys(seeds))
+
+
+def element_key(hypothesis: str, seed: int | None) -> str:
+    """The manifest's name of one element: the hypothesis, plus the seed when the sweep runs several."""
+    return hypothesis if seed is None else f"{hypothesis} seed={seed}"
+
+
+def element_configs(names: list[str], shards: str | Path, out: Path, overrides: list[str],
+                    seeds: list[int] | None = None) -> dict[str, dict]:
+    """One resolved, validated TrainConfig (as a dict) per (hypothesis, seed), keyed by element_key. Run dirs:
+    SWEEP_DIR/<slug> without seeds, SWEEP_DIR/<slug>/seed-<s> with them. A seed sets both the model's seed
+    (init, sampling noise) and the data order's: seeds are independent repeats of the whole run."""
     from facevae_dist.config import TrainConfig, apply_overrides
     from facevae_dist.hypotheses import resolve_hypothesis
 
     configs = {}
     for name in names:
         hyp = resolve_hypothesis(name)
-        cfg = TrainConfig.from_hypothesis(name, run_dir=str((out / hyp.slug).resolve()),
-                                          data={"shards": str(Path(shards).resolve())})
-        cfg = apply_overrides(cfg, overrides)
-        # the grid fixes these two per element: an override must not silently turn the grid into 15 copies of one run
-        cfg.model.mask_mode = hyp.mask_mode
-        cfg.loss.terms = hyp.loss_terms
-        cfg.resume = "auto"
-        if cfg.deepspeed:  # jobs start in the code snapshot directory: relative paths would not resolve there
-            cfg.deepspeed = str(Path(cfg.deepspeed).resolve())
-        configs[name] = cfg.validate().to_dict()
+        for seed in seeds or [None]:
+            run_dir = out / hyp.slug if seed is None else out / hyp.slug / f"seed-{seed}"
+            cfg = TrainConfig.from_hypothesis(name, run_dir=str(run_dir.resolve()),
+                                              data={"shards": str(Path(shards).resolve())})
+            cfg = apply_overrides(cfg, overrides)
+            # the grid fixes these per element: an override must not silently turn the grid into copies of one run
+            cfg.model.mask_mode = hyp.mask_mode
+            cfg.loss.terms = hyp.loss_terms
+            if seed is not None:
+                cfg.seed = cfg.data.seed = seed
+            cfg.resume = "auto"
+            if cfg.deepspeed:  # jobs start in the code snapshot directory: relative paths would not resolve there
+                cfg.deepspeed = str(Path(cfg.deepspeed).resolve())
+            configs[element_key(name, seed)] = cfg.validate().to_dict()
     return configs
 
 
@@ -277,6 +462,7 @@ def _make_executor(cluster: str, folder: Path, slurm: SlurmOptions, code_dir: Pa
         params["mem_gb"] = slurm.mem_gb
     if cluster == "slurm":
         params.update(slurm_array_parallelism=slurm.array_parallelism, slurm_signal_delay_s=slurm.signal_delay_s,
+                      slurm_srun_args=slurm.srun_args(),
                       slurm_setup=[f"export PYTHONPATH={code_dir}${{PYTHONPATH:+:$PYTHONPATH}}",
                                    "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}"])
         for key in ("partition", "account", "qos", "constraint"):
@@ -286,16 +472,20 @@ def _make_executor(cluster: str, folder: Path, slurm: SlurmOptions, code_dir: Pa
     return executor
 
 
-def submit_sweep(out: str | Path, shards: str | Path, *, grid: str = "paper15", hypotheses: list[str] | None = None,
-                 cluster: str = "slurm", slurm: SlurmOptions | None = None, overrides: list[str] | None = None,
-                 eval_split: str = "test", eval_limit: int | None = None, wait: bool = False) -> dict:
-    """Submit the unfinished hypotheses of the grid as one job array; returns the manifest. Rerunning skips the
-    finished ones and those still queued/running, and resubmits the rest (which resume from their checkpoints)."""
+def submit_sweep(out: str | Path, shards: str | Path, *, grid: str | None = None,
+                 hypotheses: list[str] | None = None, seeds: list[int] | None = None, cluster: str = "slurm",
+                 slurm: SlurmOptions | None = None, overrides: list[str] | None = None, eval_split: str = "test",
+                 eval_limit: int | None = None, wait: bool = False) -> dict:
+    """Submit the unfinished (hypothesis, seed) elements of the grid as one job array; returns the manifest.
+    Rerunning skips the finished ones and those still queued/running, and resubmits the rest (which resume from
+    their checkpoints)."""
     import submitit
 
     if cluster not in CLUSTERS:
         raise UsageError(f"--cluster {cluster!r}: choose one of {', '.join(CLUSTERS)}")
     slurm = (slurm or SlurmOptions()).validate()
+    if slurm.elements_per_gpu > 1 and cluster == "debug":
+        raise UsageError("--elements-per-gpu > 1 runs one process per run: use --cluster slurm or local")
     out = Path(out).resolve()
     shards = Path(shards)
     if not (shards / "manifest.json").is_file():
@@ -305,31 +495,38 @@ def submit_sweep(out: str | Path, shards: str | Path, *, grid: str = "paper15", 
         raise UsageError("--cluster slurm: `sbatch` is not on PATH; run on a Slurm login node, use --cluster local, "
                          "or start a one-node cluster with slurm/local-cluster/start.sh")
     names = resolve_grid(grid, hypotheses)
-    configs = element_configs(names, shards, out, overrides or [])
+    configs = element_configs(names, shards, out, overrides or [], seeds)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = _read_json(out / MANIFEST) or {"created": time.time(), "hypotheses": {}, "submissions": []}
+    manifest = _read_json(out / MANIFEST) or {"created": time.time(), "elements": {}, "submissions": []}
+    elements = manifest["elements"] = _elements(manifest)
+    manifest.pop("hypotheses", None)  # an older manifest's name for the same table
 
     todo = []
-    for name in names:
-        run_dir = Path(configs[name]["run_dir"])
-        entry = manifest["hypotheses"].setdefault(name, {"slug": run_dir.name, "run_dir": str(run_dir), "job_ids": []})
+    for key, cfg in configs.items():
+        run_dir = Path(cfg["run_dir"])
+        entry = elements.setdefault(key, {"hypothesis": cfg["hypothesis"], "seed": cfg["seed"],
+                                          "slug": run_dir.name, "run_dir": str(run_dir), "job_ids": []})
         if is_finished(run_dir):
-            info(f"skip {name}: finished ({run_dir / 'eval' / 'metrics.json'})")
+            info(f"skip {key}: finished ({run_dir / 'eval' / 'metrics.json'})")
             continue
         last = entry["job_ids"][-1] if entry["job_ids"] else None
         state = slurm_state(last) if last and entry.get("cluster") == "slurm" == cluster else ""
         if state in ACTIVE_STATES:
-            info(f"skip {name}: job {last} is still {state}")
+            info(f"skip {key}: job {last} is still {state}")
             continue
-        todo.append(name)
+        todo.append(key)
     if not todo:
-        info("nothing to submit: every hypothesis is finished or still queued/running")
+        info("nothing to submit: every element is finished or still queued/running")
         atomic_write_json(out / MANIFEST, manifest)
         return manifest
 
     code_dir = snapshot_code(out)
     executor = _make_executor(cluster, out / "logs", slurm, code_dir, name=f"facevae-{out.name}")
-    tasks = [HypothesisTask(configs[n], eval_split, eval_limit) for n in todo]
+    k = slurm.elements_per_gpu
+    groups = [todo[i:i + k] for i in range(0, len(todo), k)]  # one array element each
+    tasks = [HypothesisTask(configs[key], eval_split, eval_limit) for key in todo]
+    if k > 1:
+        tasks = [ElementGroup(tasks[i:i + k]) for i in range(0, len(tasks), k)]
     # local jobs inherit this process's environment: put the snapshot first there too (debug runs in this process
     # and imports the live package). Jobs start in the submitting directory, and `python -m submitit...` puts that
     # directory first on sys.path, so a submission from the checkout would import the live package: submit from
@@ -352,19 +549,21 @@ def submit_sweep(out: str | Path, shards: str | Path, *, grid: str = "paper15", 
             os.environ["PYTHONPATH"] = old_path
 
     submission = {"time": time.time(), "cluster": cluster, "code": str(code_dir), "slurm": asdict(slurm),
-                  "overrides": overrides or [], "eval_split": eval_split, "eval_limit": eval_limit,
+                  "seeds": seeds, "overrides": overrides or [], "eval_split": eval_split, "eval_limit": eval_limit,
                   "elements": {}}
-    for index, (name, job) in enumerate(zip(todo, jobs)):
-        entry = manifest["hypotheses"][name]
-        entry.update(cluster=cluster, array_index=index, log_out=str(job.paths.stdout), log_err=str(job.paths.stderr))
-        entry["job_ids"].append(job.job_id)
-        entry["max_steps"] = configs[name]["max_steps"]
-        submission["elements"][str(index)] = {"hypothesis": name, "job_id": job.job_id}
+    for index, (group, job) in enumerate(zip(groups, jobs)):
+        for task_index, key in enumerate(group):
+            paths = job.task(task_index).paths if k > 1 else job.paths
+            entry = elements[key]
+            entry.update(cluster=cluster, array_index=index, task=task_index, log_out=str(paths.stdout),
+                         log_err=str(paths.stderr), max_steps=configs[key]["max_steps"])
+            entry["job_ids"].append(job.job_id)
+        submission["elements"][str(index)] = {"elements": group, "job_id": job.job_id}
     manifest["submissions"].append(submission)
     manifest.update(shards=str(shards.resolve()), grid=grid, out=str(out))
     atomic_write_json(out / MANIFEST, manifest)
-    info(f"submitted {len(jobs)} element(s) as job array {jobs[0].job_id.split('_')[0]} on {cluster}; "
-         f"watch with: facevae sweep status {out}")
+    info(f"submitted {len(todo)} run(s) as {len(jobs)} element(s) of job array {jobs[0].job_id.split('_')[0]} on "
+         f"{cluster}; watch with: facevae sweep status {out}")
     if wait:
         wait_for_jobs(jobs)
     return manifest
@@ -443,46 +642,74 @@ def _read_manifest(sweep_dir: str | Path) -> dict:
     return manifest
 
 
+def _elements(manifest: dict) -> dict[str, dict]:
+    """element key -> entry; a manifest from before --seeds named the same table "hypotheses" (one per name)."""
+    if "elements" in manifest:
+        return manifest["elements"]
+    return {name: {"hypothesis": name, **entry} for name, entry in manifest.get("hypotheses", {}).items()}
+
+
+# Slurm states of a job that has ended without finishing its work
+DEAD_STATES = ("CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE")
+
+
+def _element_state(element: dict, job_id: str, sstate: str) -> str:
+    """What `sweep status` says about one element: its own record, corrected by what Slurm knows and by whether
+    the process that claims to train is still alive (a killed job cannot update its own element.json)."""
+    state = element.get("state", "not started" if job_id else "not submitted")
+    if state == "finished":
+        return state
+    if sstate in DEAD_STATES:
+        return sstate.lower()
+    if sstate == "FAILED":
+        return "failed"
+    if sstate in ("PENDING", "REQUEUED"):
+        return "queued" if state == "not started" else f"{state}, requeued"
+    if state in ("training", "evaluating"):
+        if sstate == "COMPLETED":  # the job ended, and this run never said it stopped: killed (e.g. OOM, SIGKILL)
+            return "killed"
+        if _pid_alive(element) is False:  # local jobs (and shared elements) on this machine: the process is gone
+            return "killed"
+    return state
+
+
 def sweep_status(sweep_dir: str | Path) -> list[dict]:
-    """One row per hypothesis: state (Slurm's where known, else the element's own), step, loss, images/s, ETA."""
+    """One row per element (hypothesis, seed): state (Slurm's where known, else the element's own; a dead job is
+    "killed"/"failed"/"cancelled", never "training"), step, loss, images/s, ETA while it trains."""
     manifest = _read_manifest(sweep_dir)
     rows = []
-    for name, entry in manifest["hypotheses"].items():
+    for key, entry in _elements(manifest).items():
         run_dir = Path(entry["run_dir"])
         element = _read_json(run_dir / ELEMENT_FILE)
         job_id = entry["job_ids"][-1] if entry.get("job_ids") else ""
         sstate = slurm_state(job_id) if job_id and entry.get("cluster") == "slurm" else ""
-        state = element.get("state", "not started" if job_id else "not submitted")
-        if sstate in ("CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"):
-            state = sstate.lower() if state != "finished" else state
-        elif sstate == "FAILED" and state != "failed":
-            state = "failed"
-        elif sstate in ("PENDING", "REQUEUED") and state not in ("finished",):
-            state = "queued" if state in ("not started",) else f"{state}, requeued"
+        state = _element_state(element, job_id, sstate)
         rec = _last_train_record(run_dir)
         step, max_steps = rec.get("step", element.get("step")), entry.get("max_steps")
         ips = rec.get("images_per_s")
         eta = None
         if step and max_steps and ips and rec.get("samples_seen") and state == "training":
             eta = (max_steps - step) * (rec["samples_seen"] / step) / ips  # images per step from the counters
-        rows.append({"hypothesis": name, "job_id": job_id, "slurm_state": sstate, "state": state,
+        rows.append({"element": key, "hypothesis": entry.get("hypothesis", key), "seed": entry.get("seed"),
+                     "job_id": job_id, "slurm_state": sstate, "state": state,
                      "step": step, "max_steps": max_steps, "loss": rec.get("loss"), "images_per_s": ips,
                      "eta_s": eta, "log": entry.get("log_err"), "error": element.get("error"),
-                     "restarts": element.get("restarts")})
+                     "restarts": element.get("restarts"), "run_dir": str(run_dir)})
     return rows
 
 
 def collect_sweep(sweep_dir: str | Path, out: str | Path | None = None) -> dict:
-    """The report (table.md, table.csv, figures/) over every finished element; unfinished ones are listed."""
+    """The report (tables, figures; seeds aggregated by the report) over every finished element, all seeds;
+    unfinished ones are listed."""
     from facevae_dist.report import make_report
 
     sweep_dir = Path(sweep_dir)
     # only the run directories are needed here: no Slurm queries, unlike sweep_status
-    run_dirs = {name: Path(entry["run_dir"]) for name, entry in _read_manifest(sweep_dir)["hypotheses"].items()}
+    run_dirs = {key: Path(entry["run_dir"]) for key, entry in _elements(_read_manifest(sweep_dir)).items()}
     finished = [d for d in run_dirs.values() if is_finished(d)]
     if not finished:
-        raise FaceVAEError(f"{sweep_dir}: no finished hypothesis yet (see `facevae sweep status {sweep_dir}`)")
-    missing = [name for name, d in run_dirs.items() if d not in finished]
+        raise FaceVAEError(f"{sweep_dir}: no finished element yet (see `facevae sweep status {sweep_dir}`)")
+    missing = [key for key, d in run_dirs.items() if d not in finished]
     if missing:
         info(f"not in the report (unfinished): {', '.join(missing)}")
     return make_report(finished, Path(out) if out else sweep_dir / "report")

@@ -7,10 +7,10 @@
 # exists exits at once, so submitting the same command again only redoes what is unfinished.
 #
 # Submit from the repository root; resources go on the command line so this file fits any cluster:
-#   SHARDS=/shared/shards/celeba SWEEP_DIR=/shared/sweeps/paper15 \
-#   sbatch --array=0-14%4 --partition=gpu --nodes=1 --ntasks-per-node=8 --gpus-per-node=8 --cpus-per-task=8 \
+#   SHARDS=/shared/shards/celeba SWEEP_DIR=/shared/sweeps/paper10 \
+#   sbatch --array=0-9%4 --partition=gpu --nodes=1 --ntasks-per-node=8 --gpus-per-node=8 --cpus-per-task=8 \
 #          --mem=200G --time=24:00:00 slurm/sbatch_example.sh --max-steps 100000 --mixed-precision bf16
-# Arguments after the script go to `facevae train` (see `facevae train --help`). GRID=paper10 or
+# Arguments after the script go to `facevae train` (see `facevae train --help`). GRID=paper15 (default paper10) or
 # HYPOTHESES=l2/none,H9 (names or aliases) choose other hypotheses; --array must be 0..count-1.
 # SHARDS and SWEEP_DIR must be on a filesystem every node sees. PYTHON=/path/to/venv/bin/python if the job's
 # PATH has no environment with facevae_dist installed.
@@ -39,7 +39,9 @@ PYTHON=${PYTHON:-python}
 spec=$("$PYTHON" - "$SLURM_ARRAY_TASK_ID" <<'EOF'
 import os, sys
 from facevae_dist.hypotheses import GRIDS, resolve_hypothesis
-names = [h for h in os.environ.get("HYPOTHESES", "").split(",") if h.strip()] or GRIDS[os.environ.get("GRID", "paper15")]
+from facevae_dist import hypotheses
+grid = os.environ.get("GRID") or getattr(hypotheses, "DEFAULT_GRID", "paper10")
+names = [h for h in os.environ.get("HYPOTHESES", "").split(",") if h.strip()] or GRIDS[grid]
 i = int(sys.argv[1])
 if i >= len(names):
     sys.exit(f"array index {i}: only {len(names)} hypotheses, submit with --array=0-{len(names) - 1}")
@@ -72,8 +74,11 @@ trap on_usr2 USR2
 
 # One rank per task, wired like torchrun does it (RANK, LOCAL_RANK, WORLD_SIZE + MASTER_ADDR/PORT); Accelerate in
 # the trainer reads them. Runs in the background so that this script can take the signal while srun runs.
+# --cpus-per-task: Slurm 22.05-23.02 do not hand sbatch's value to srun, so without it each rank (and its data
+# workers) may be bound to one core. --kill-on-bad-exit: a rank that dies ends the others at once, instead of
+# leaving them in a collective until the process-group timeout.
 run_ranks() {
-  srun --kill-on-bad-exit=1 bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS
+  srun --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1 bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS
     export LOCAL_WORLD_SIZE=${SLURM_NTASKS_PER_NODE:-$(( SLURM_NTASKS / SLURM_NNODES ))}; exec "$@"' rank "$@" &
   step_pid=$!
   local rc

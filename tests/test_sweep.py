@@ -1,11 +1,17 @@
 """Sweeps as job arrays on a REAL local Slurm (slurmctld + slurmd + slurmdbd started by the fixture) and on
 submitit's local executor: completion + report, preemption -> requeue -> resume from the checkpoint step, a failing
-element that does not stop the others, a cancelled element, resubmission that skips finished work."""
+element that does not stop the others, a cancelled element, resubmission that skips finished work, seeds, runs
+sharing an element, srun's --cpus-per-task (the rank's CPU affinity), and a killed job that status calls killed.
+
+Every wait ends on a state (a file, an element record, Slurm's state) and fails at once when the job is over
+without reaching it; the deadlines only guard against hangs and are sized for a loaded 2-core machine
+(FACEVAE_TEST_TIMEOUT_SCALE stretches them further)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,16 +20,20 @@ from pathlib import Path
 import pytest
 
 from facevae_dist.cli import main
-from facevae_dist.sweep import MANIFEST, SlurmOptions, submit_sweep, sweep_status
+from facevae_dist.sweep import MANIFEST, SlurmOptions, slurm_state, submit_sweep, sweep_status
 
 pytestmark = [pytest.mark.slow]
 
 TINY = ["model.width=0.125", "model.image_size=36", "data.batch_size=4", "data.workers=0", "log_every=1",
         "sample_every=0", "mixed_precision=no", "val_batches=2"]
-# Preemption tests signal once the first checkpoint (step 10) exists: the remaining ~240 steps must outlast the
-# polling and the signal's delivery even on an idle machine (~80 ms/step here instead of ~10 ms with TINY alone).
+# Preemption tests signal once the first checkpoint (step 10) exists: the remaining steps must outlast the polling
+# and the signal's delivery even on an idle machine (~80 ms/step here instead of ~10 ms with TINY alone); a loaded
+# machine only makes them longer, which the state-based waits absorb.
 SLOWER_STEPS = ["data.batch_size=32", "model.width=0.25"]
 ONE_CPU = SlurmOptions(cpus_per_task=1, timeout_min=20, array_parallelism=2, signal_delay_s=5)
+SCALE = float(os.environ.get("FACEVAE_TEST_TIMEOUT_SCALE", "1"))
+# Slurm states of a job (or array element) that will not run again by itself
+OVER = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +47,43 @@ def shards(tmp_path_factory):
     return out
 
 
-def _wait(predicate, timeout: float, what: str, every: float = 0.5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+def _wait(predicate, timeout: float, what: str, every: float = 0.5, fail=None):
+    """Poll `predicate` until it returns something truthy. `fail()` returning a message ends the wait at once (the
+    state can no longer be reached); `timeout` (x FACEVAE_TEST_TIMEOUT_SCALE) only guards against a hang."""
+    deadline = time.time() + timeout * SCALE
+    while True:
         value = predicate()
         if value:
             return value
+        reason = fail() if fail else None
+        if reason:
+            value = predicate()  # it may have been reached just before the job ended
+            if value:
+                return value
+            raise AssertionError(f"{what} cannot happen any more: {reason}")
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout * SCALE:.0f}s waiting for {what}")
         time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _job_over(job_id: str):
+    """For _wait(fail=...): a message once Slurm says the job is over (it cannot produce anything more)."""
+    def check():
+        state = slurm_state(job_id, live=True)
+        return f"job {job_id} is {state}" if state in OVER else None
+    return check
 
 
 def _rows(sweep_dir) -> dict[str, dict]:
-    return {r["hypothesis"]: r for r in sweep_status(sweep_dir)}
+    return {r["element"]: r for r in sweep_status(sweep_dir)}
+
+
+def _rows_when(sweep_dir, condition):
+    """For _wait: the status rows once condition(rows) holds."""
+    def check():
+        rows = _rows(sweep_dir)
+        return rows if condition(rows) else None
+    return check
 
 
 def _element(sweep_dir: Path, slug: str) -> dict:
@@ -58,8 +93,17 @@ def _element(sweep_dir: Path, slug: str) -> dict:
         return {}
 
 
-def _job_id(sweep_dir: Path, name: str) -> str:
-    return json.loads((sweep_dir / MANIFEST).read_text())["hypotheses"][name]["job_ids"][-1]
+def _manifest(sweep_dir: Path) -> dict:
+    return json.loads((sweep_dir / MANIFEST).read_text())
+
+
+def _job_id(sweep_dir: Path, key: str) -> str:
+    return _manifest(sweep_dir)["elements"][key]["job_ids"][-1]
+
+
+def _train_steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if "loss" in line and '"split"' not in line]
 
 
 @pytest.mark.slurm
@@ -68,20 +112,25 @@ def test_grid_on_slurm_completes_and_reports_and_resubmit_skips(slurm_cluster, s
     names = ["l2/none", "l2/mask+decoder", "ssim/mask"]
     submit_sweep(out, shards, hypotheses=names, cluster="slurm", slurm=ONE_CPU, eval_limit=8, wait=True,
                  overrides=[*TINY, "max_steps=4", "val_every=2", "ckpt_every=2"])
+
     def all_completed():
         rows = _rows(out)
         return rows if all(rows[n]["slurm_state"] == "COMPLETED" for n in names) else None
 
-    rows = _wait(all_completed, 30, "sacct to report COMPLETED")
+    rows = _wait(all_completed, 300, "sacct to report COMPLETED", every=2)
     assert {n: rows[n]["state"] for n in names} == {n: "finished" for n in names}
     assert all(rows[n]["step"] == 4 for n in names)
-    manifest = json.loads((out / MANIFEST).read_text())
-    ids = {n: manifest["hypotheses"][n]["job_ids"] for n in names}
+    manifest = _manifest(out)
+    ids = {n: manifest["elements"][n]["job_ids"] for n in names}
     assert len({i[0].split("_")[0] for i in ids.values()}) == 1, "one job array for the whole grid"
-    assert sorted(manifest["hypotheses"][n]["array_index"] for n in names) == [0, 1, 2]
+    assert sorted(manifest["elements"][n]["array_index"] for n in names) == [0, 1, 2]
     # the elements imported the snapshot taken at submit time, not the live checkout
-    code = {Path(_element(out, manifest["hypotheses"][n]["slug"])["code"]) for n in names}
+    code = {Path(_element(out, manifest["elements"][n]["slug"])["code"]) for n in names}
     assert len(code) == 1 and code.pop().parent.parent == out / "code"
+    # srun gets the cores and ends a job whose rank dies (Slurm 22.05-23.02 drop sbatch's --cpus-per-task)
+    sbatch = next((out / "logs").glob("*_submission.sh")).read_text()
+    srun = next(line for line in sbatch.splitlines() if line.startswith("srun"))
+    assert "--cpus-per-task=1" in srun and "--kill-on-bad-exit=1" in srun
 
     assert main(["sweep", "collect", str(out)]) == 0
     table = (out / "report" / "table.md").read_text()
@@ -90,8 +139,70 @@ def test_grid_on_slurm_completes_and_reports_and_resubmit_skips(slurm_cluster, s
     # resubmitting the same sweep submits nothing: every hypothesis is finished
     submit_sweep(out, shards, hypotheses=names, cluster="slurm", slurm=ONE_CPU,
                  overrides=[*TINY, "max_steps=4", "val_every=2", "ckpt_every=2"])
-    manifest2 = json.loads((out / MANIFEST).read_text())
-    assert {n: manifest2["hypotheses"][n]["job_ids"] for n in names} == ids
+    manifest2 = _manifest(out)
+    assert {n: manifest2["elements"][n]["job_ids"] for n in names} == ids
+
+
+@pytest.mark.slurm
+def test_rank_gets_cpus_per_task_cores(slurm_cluster, shards, tmp_path):
+    """srun --cpus-per-task: the rank's CPU affinity (Slurm's task/affinity binds it) holds cpus_per_task cores."""
+    cores = len(os.sched_getaffinity(0))
+    want = min(2, cores)
+    out = tmp_path / "sweep"
+    submit_sweep(out, shards, hypotheses=["l2/none"], cluster="slurm", eval_limit=4,
+                 slurm=SlurmOptions(cpus_per_task=want, timeout_min=20, signal_delay_s=5),
+                 overrides=[*TINY, "max_steps=1", "val_every=0", "ckpt_every=1"])
+    job = _job_id(out, "l2/none")
+    element = _wait(lambda: _element(out, "l2--none").get("cpus") and _element(out, "l2--none"), 600,
+                    "the element to start", every=1, fail=_job_over(job))
+    assert len(element["cpus"]) == want, element["cpus"]
+    _wait(lambda: _element(out, "l2--none").get("state") in ("finished", "failed"), 600, "the element to end",
+          every=1, fail=_job_over(job))
+    assert _element(out, "l2--none")["state"] == "finished"
+
+
+@pytest.mark.slurm
+def test_seeds_and_runs_sharing_an_element(slurm_cluster, shards, tmp_path, capsys, monkeypatch):
+    """--seeds 0,1: one run per (hypothesis, seed), each in its own run dir with its seed in config.toml;
+    --elements-per-gpu 2: both runs in ONE array element, as two Slurm tasks; status and collect per seed."""
+    out = tmp_path / "sweep"
+    opts = SlurmOptions(cpus_per_task=1, timeout_min=20, signal_delay_s=5, elements_per_gpu=2)
+    args = dict(hypotheses=["l2/none"], seeds=[0, 1], cluster="slurm", slurm=opts, eval_limit=4,
+                overrides=[*TINY, "max_steps=2", "val_every=0", "ckpt_every=2"])
+    submit_sweep(out, shards, **args)
+    keys = ["l2/none seed=0", "l2/none seed=1"]
+    manifest = _manifest(out)
+    assert [manifest["elements"][k]["job_ids"] for k in keys] == [[_job_id(out, keys[0])]] * 2, "one element"
+    assert [manifest["elements"][k]["task"] for k in keys] == [0, 1]
+    job = _job_id(out, keys[0])
+    runs = [out / "l2--none" / "seed-0", out / "l2--none" / "seed-1"]
+    _wait(lambda: all((r / "eval" / "metrics.json").is_file() for r in runs), 600, "both runs to finish", every=1,
+          fail=_job_over(job))
+    from facevae_dist.config import load_toml
+
+    for seed, run in enumerate(runs):
+        cfg = load_toml(run / "config.toml")
+        assert (cfg.hypothesis, cfg.seed, cfg.data.seed) == ("l2/none", seed, seed)
+        assert _element(run.parent, run.name)["state"] == "finished"
+    # different seeds: different initial weights -> different first losses
+    first = [json.loads((r / "metrics.jsonl").read_text().splitlines()[0])["loss"] for r in runs]
+    assert first[0] != first[1]
+    rows = _wait(_rows_when(out, lambda r: all(r[k]["state"] == "finished" for k in keys)), 120,
+                 "status to show both finished", every=1)
+    assert [(rows[k]["hypothesis"], rows[k]["seed"]) for k in keys] == [("l2/none", 0), ("l2/none", 1)]
+    assert main(["sweep", "status", str(out)]) == 0
+    capsys.readouterr()
+
+    import facevae_dist.report as report
+
+    seen, real = [], report.make_report
+    monkeypatch.setattr(report, "make_report",
+                        lambda run_dirs, out_dir: seen.append(sorted(map(str, run_dirs))) or real(run_dirs, out_dir))
+    assert main(["sweep", "collect", str(out)]) == 0
+    assert seen == [sorted(map(str, runs))], "collect hands every seed's run to the report"
+
+    submit_sweep(out, shards, **args)  # resubmission: both finished, nothing submitted
+    assert [_manifest(out)["elements"][k]["job_ids"] for k in keys] == [[job]] * 2
 
 
 @pytest.mark.slurm
@@ -107,9 +218,10 @@ def test_two_rank_element_submitted_from_inside_an_allocation(slurm_cluster, sha
         "overrides=sys.argv[3:])")
     submit = subprocess.run(["srun", "-n1", "-c1", sys.executable, "-c", script, str(out), str(shards), *TINY,
                              "max_steps=3", "val_every=3", "ckpt_every=3"], capture_output=True, text=True,
-                            timeout=120)
+                            timeout=600 * SCALE)
     assert submit.returncode == 0, submit.stderr[-2000:]
-    _wait(lambda: _element(out, "l2--mask").get("state") in ("finished", "failed"), 240, "the element to end", 1)
+    _wait(lambda: _element(out, "l2--mask").get("state") in ("finished", "failed"), 600, "the element to end", 1,
+          fail=_job_over(_job_id(out, "l2/mask")))
     element = _element(out, "l2--mask")
     assert element["state"] == "finished", element.get("traceback")
     assert element["world_size"] == 2
@@ -128,17 +240,15 @@ def test_preempted_element_is_requeued_and_resumes_from_its_checkpoint(slurm_clu
     run = out / "l2--none"
     # interrupt once a checkpoint exists and training goes on
     _wait(lambda: list((run / "checkpoints").glob("step_*/meta.json")) if (run / "checkpoints").is_dir() else None,
-          180, "a first checkpoint")
+          600, "a first checkpoint", fail=_job_over(job_id))
     submitit.SlurmJob(folder=out / "logs", job_id=job_id)._interrupt()  # SIGTERM + USR2, as a preemption
 
     done = _wait(lambda: _element(out, "l2--none").get("state") == "finished" and _element(out, "l2--none"),
-                 300, "the requeued element to finish", every=1)
+                 900, "the requeued element to finish", every=2, fail=_job_over(job_id))
     assert done["restarts"] >= 1, "the element was requeued"
     assert done["start_step"] >= 10, f"the requeued run restarted from scratch: {done}"
     assert done["step"] == 250
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
-             if "loss" in line and '"split"' not in line]
-    assert steps == list(range(1, 251)), "the step counter continues across the requeue, without gaps or repeats"
+    assert _train_steps(run) == list(range(1, 251)), "the step counter continues across the requeue, no gaps"
     assert "REQUEUE" in subprocess.run(["sacct", "-j", job_id, "-D", "-X", "-n", "-o", "State"],
                                        capture_output=True, text=True).stdout
 
@@ -146,26 +256,30 @@ def test_preempted_element_is_requeued_and_resumes_from_its_checkpoint(slurm_clu
 @pytest.mark.slurm
 def test_sbatch_example_requeues_on_usr2_and_resumes(slurm_cluster, shards, tmp_path):
     """slurm/sbatch_example.sh (no submitit): USR2 to the batch script -> the trainer checkpoints -> the element
-    requeues itself -> the requeued run resumes from that step, then evaluates."""
+    requeues itself -> the requeued run resumes from that step, then evaluates. Waits on states only: a loaded
+    machine (it once timed out at load 4 on 2 cores with fixed 180 s waits) makes it slower, not red."""
     env = {**os.environ, "SHARDS": str(shards), "SWEEP_DIR": str(tmp_path / "sweep"), "HYPOTHESES": "l2/none",
            "PYTHON": sys.executable}
     env.pop("FACEVAE_QUIET", None)  # an earlier `facevae -q` test in this process exports it; the log is asserted on
-    args = ["--max-steps", "300", "--ckpt-every", "10", "--log-every", "1", "--val-every", "0", "--workers", "0",
+    args = ["--max-steps", "200", "--ckpt-every", "10", "--log-every", "1", "--val-every", "0", "--workers", "0",
             "--sample-every", "0", "--batch-size", "32", "--mixed-precision", "no", "--set", "model.width=0.25",
             "--set", "model.image_size=36"]
-    job = subprocess.run(["sbatch", "--parsable", "--array=0", "--cpus-per-task=1", "--time=20",
+    job = subprocess.run(["sbatch", "--parsable", "--array=0", "--cpus-per-task=1", "--time=30",
                           f"--chdir={tmp_path}", str(Path(__file__).parent.parent / "slurm" / "sbatch_example.sh"),
                           *args], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    element = f"{job}_0"
     run = tmp_path / "sweep" / "l2--none"
     _wait(lambda: list((run / "checkpoints").glob("step_*/meta.json")) if (run / "checkpoints").is_dir() else None,
-          120, "a first checkpoint")
-    subprocess.run(["scancel", "--batch", "--signal=USR2", f"{job}_0"], check=True)
-    _wait(lambda: (run / "eval" / "metrics.json").is_file(), 180, "the requeued element to finish", every=1)
-    log = (tmp_path / f"facevae-grid-{job}_0.out").read_text()
-    assert "requeued" in log and "resumed from" in log and "run 2" in log
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
-             if "loss" in line and '"split"' not in line]
-    assert steps == list(range(1, 301)), "the step counter continues across the requeue"
+          600, "a first checkpoint", fail=_job_over(element))
+    subprocess.run(["scancel", "--batch", "--signal=USR2", element], check=True)
+    log = tmp_path / f"facevae-grid-{element}.out"
+    _wait(lambda: "requeued" in log.read_text(), 600, "the element to requeue itself", every=1,
+          fail=_job_over(element))
+    _wait(lambda: (run / "eval" / "metrics.json").is_file(), 900, "the requeued element to finish", every=2,
+          fail=_job_over(element))
+    text = log.read_text()
+    assert "resumed from" in text and "run 2" in text
+    assert _train_steps(run) == list(range(1, 201)), "the step counter continues across the requeue"
 
 
 @pytest.mark.slurm
@@ -183,7 +297,8 @@ def test_failing_and_cancelled_elements_do_not_stop_the_others(slurm_cluster, sh
     submit_sweep(out, shards, hypotheses=["ssim/none"], cluster="slurm", slurm=opts, eval_limit=8,
                  overrides=[*TINY, "max_steps=100000", "val_every=0", "ckpt_every=1000"])
     victim = _job_id(out, "ssim/none")
-    _wait(lambda: _element(out, "ssim--none").get("state") == "training", 180, "ssim/none to start training")
+    _wait(lambda: _element(out, "ssim--none").get("state") == "training", 600, "ssim/none to start training",
+          fail=_job_over(victim))
     subprocess.run(["scancel", victim], check=True)
 
     def settled():
@@ -191,10 +306,10 @@ def test_failing_and_cancelled_elements_do_not_stop_the_others(slurm_cluster, sh
         return rows if rows["l2/none"]["state"] == "finished" and rows["l1/none"]["state"] == "failed" \
             and rows["ssim/none"]["slurm_state"] not in ("", "PENDING", "RUNNING") else None
 
-    rows = _wait(settled, 240, "the three elements to settle", every=1)
+    rows = _wait(settled, 900, "the three elements to settle", every=2)
     assert "checkpoint" in (rows["l1/none"]["error"] or "").lower()
     assert "Traceback" in _element(out, "l1--none")["traceback"]
-    assert rows["ssim/none"]["state"] == "cancelled"
+    assert rows["ssim/none"]["state"] == "cancelled" and rows["ssim/none"]["eta_s"] is None
     assert main(["sweep", "status", str(out)]) == 0
     shown = capsys.readouterr().out
     assert "failed" in shown and "finished" in shown
@@ -223,6 +338,24 @@ def test_local_cluster_runs_the_same_grid_without_slurm(shards, tmp_path):
     assert metrics.stat().st_mtime_ns == before
 
 
+def test_status_shows_a_killed_local_job_as_killed(shards, tmp_path):
+    """A job killed outright (SIGKILL, OOM killer) cannot update its element.json, which still says "training":
+    status must see that its process is gone and say killed, without an ETA."""
+    out = tmp_path / "sweep"
+    submit_sweep(out, shards, hypotheses=["l2/none"], cluster="local", eval_limit=4,
+                 overrides=[*TINY, "max_steps=100000", "val_every=0", "ckpt_every=100000"])
+
+    rows = _wait(_rows_when(out, lambda r: r["l2/none"]["state"] == "training" and r["l2/none"]["step"]), 600,
+                 "the local element to train")
+    assert rows["l2/none"]["eta_s"] is not None
+    pid = _element(out, "l2--none")["pid"]
+    os.kill(pid, signal.SIGKILL)  # the element's own process, started by this test
+    rows = _wait(_rows_when(out, lambda r: r["l2/none"]["state"] != "training"), 120,
+                 "status to notice the dead process")
+    assert rows["l2/none"]["state"] == "killed" and rows["l2/none"]["eta_s"] is None
+    assert _element(out, "l2--none")["state"] == "training", "the record itself was not (could not be) updated"
+
+
 def test_sweep_bad_input_is_one_line(shards, tmp_path, capsys):
     assert main(["sweep", "submit", "--grid", "nope", "--shards", str(shards), "--out", str(tmp_path / "s"),
                  "--cluster", "local"]) == 2
@@ -233,3 +366,8 @@ def test_sweep_bad_input_is_one_line(shards, tmp_path, capsys):
     assert main(["sweep", "status", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
     assert "sweep.json" in err and "Traceback" not in err
+    for bad in (["--seeds", "0,x"], ["--seeds", "-1"], ["--elements-per-gpu", "2", "--nodes", "2"]):
+        assert main(["sweep", "submit", "--hypotheses", "l2/none", "--shards", str(shards),
+                     "--out", str(tmp_path / "s"), "--cluster", "local", *bad]) == 2
+        err = capsys.readouterr().err
+        assert bad[0] in err and "Traceback" not in err

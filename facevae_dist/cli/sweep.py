@@ -8,9 +8,11 @@ from facevae_dist.presets import add_preset_argument
 
 SUBMIT_EPILOG = """\
 Each array element trains one hypothesis (nodes x gpus-per-node ranks inside the element), then evaluates it, in
-SWEEP_DIR/<hypothesis>/. On preemption or time limit the element saves a checkpoint and is requeued; the requeued
-element resumes from that checkpoint. Rerunning the same command skips finished hypotheses and resubmits the
-others (queued/running ones are left alone). The code is snapshotted into SWEEP_DIR/code/ at submit time.
+SWEEP_DIR/<hypothesis>/ (with --seeds: one element per hypothesis and seed, in SWEEP_DIR/<hypothesis>/seed-<s>/;
+with --elements-per-gpu K: K runs share one element's GPU, one process each). On preemption or time limit the
+element saves a checkpoint and is requeued; the requeued element resumes from that checkpoint. Rerunning the
+same command skips finished elements and resubmits the others (queued/running ones are left alone). The
+code is snapshotted into SWEEP_DIR/code/ at submit time.
 
 examples:
   # the paper's 10 hypotheses + our 5 GT-mask ablations, one 8-GPU node per hypothesis, bf16, 4 at a time
@@ -20,6 +22,9 @@ examples:
   # the released code's setup (grid paper10, every element with `facevae train --preset paper`), one GPU each
   facevae sweep submit --preset paper --shards /shared/shards/celeba-paper --out /shared/sweeps/paper \\
       --partition gpu --gpus-per-node 1 --cpus-per-task 8 --mem-gb 64 --timeout-min 1440
+  # three seeds per hypothesis, four runs sharing each GPU (a batch-32 run uses a fraction of an H100)
+  facevae sweep submit --grid paper10 --seeds 0,1,2 --elements-per-gpu 4 --gpus-per-node 1 --cpus-per-task 8 \\
+      --shards /shared/shards/celeba --out /shared/sweeps/paper10-seeds --partition gpu
   # a tiny grid on this machine, no Slurm
   facevae sweep submit --hypotheses l2/none,l2/mask+decoder --shards shards/synthetic --out sweeps/try \\
       --cluster local --set max_steps=50 --set model.width=0.25 --wait
@@ -29,21 +34,22 @@ examples:
 def _submit(args) -> int:
     from facevae_dist.presets import sweep_overrides
     from facevae_dist.progress import info
-    from facevae_dist.sweep import SlurmOptions, submit_sweep
+    from facevae_dist.sweep import SlurmOptions, parse_seeds, submit_sweep
 
     slurm = SlurmOptions(partition=args.partition, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                          tasks_per_node=args.tasks_per_node,
                          cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, timeout_min=args.timeout_min,
                          array_parallelism=args.array_parallelism, signal_delay_s=args.signal_delay_s,
                          max_num_timeout=args.max_num_timeout, account=args.account, qos=args.qos,
-                         constraint=args.constraint)
+                         constraint=args.constraint, elements_per_gpu=args.elements_per_gpu)
     hyps = [h for h in (args.hypotheses or "").split(",") if h.strip()]
     world = 1 if getattr(slurm, "elements_per_gpu", 1) > 1 else slurm.nodes * slurm.ranks_per_node  # ranks per run
     overrides, warnings = sweep_overrides(args.preset, args.set or [], world)
     for line in warnings:
         info(line)
-    submit_sweep(args.out, args.shards, grid=args.grid, hypotheses=hyps or None, cluster=args.cluster, slurm=slurm,
-                 overrides=overrides, eval_split=args.eval_split, eval_limit=args.eval_limit, wait=args.wait)
+    submit_sweep(args.out, args.shards, grid=args.grid, hypotheses=hyps or None, seeds=parse_seeds(args.seeds),
+                 cluster=args.cluster, slurm=slurm, overrides=overrides, eval_split=args.eval_split,
+                 eval_limit=args.eval_limit, wait=args.wait)
     if args.wait:
         return _status(argparse.Namespace(sweep_dir=args.out, json=False))
     return 0
@@ -71,9 +77,9 @@ def _status(args) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     table = Table(title=f"sweep {args.sweep_dir}")
-    for col in ("hypothesis", "job", "state", "step", "loss", "img/s", "ETA", "log"):
+    for col in ("hypothesis", "seed", "job", "state", "step", "loss", "img/s", "ETA", "log"):
         table.add_column(col, overflow="fold")
-    colours = {"finished": "green", "failed": "red", "cancelled": "yellow", "training": "cyan"}
+    colours = {"finished": "green", "failed": "red", "killed": "red", "cancelled": "yellow", "training": "cyan"}
     for r in rows:
         state = r["state"]
         if r["slurm_state"] and r["slurm_state"].lower() not in state:
@@ -81,7 +87,8 @@ def _status(args) -> int:
         if r["error"]:
             state += f"\n{r['error']}"
         step = f"{r['step']}/{r['max_steps']}" if r["step"] is not None else ""
-        table.add_row(r["hypothesis"], r["job_id"], f"[{colours.get(r['state'], 'white')}]{state}[/]", step,
+        seed = "" if r["seed"] is None else str(r["seed"])
+        table.add_row(r["hypothesis"], seed, r["job_id"], f"[{colours.get(r['state'], 'white')}]{state}[/]", step,
                       f"{r['loss']:.4f}" if r["loss"] is not None else "",
                       f"{r['images_per_s']:.1f}" if r["images_per_s"] else "", _fmt_eta(r["eta_s"]), r["log"] or "")
     Console().print(table)  # the table is the command's output: stdout (progress and status lines go to stderr)
@@ -112,6 +119,8 @@ def register(sub) -> None:
                    "(H1, H5, H6, H9)")
     add_preset_argument(p, what="every element trained as `facevae train --preset paper`, grid paper10")
     p.add_argument("--hypotheses", help="comma-separated names/aliases instead of a grid, e.g. l2/none,H9")
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2: one element per (hypothesis, seed); a seed "
+                   "sets the model's and the data order's seed (default: one run per hypothesis, the config's seed)")
     p.add_argument("--shards", required=True, help="shards directory (shared by all nodes)")
     p.add_argument("--out", required=True, help="sweep directory (shared by all nodes); rerun to resume")
     p.add_argument("--cluster", default="slurm", choices=["slurm", "local", "debug"],
@@ -123,6 +132,9 @@ def register(sub) -> None:
     p.add_argument("--tasks-per-node", type=int, help="ranks per node (default: one per GPU, 1 on CPU); set it "
                    "only for multi-rank CPU training over gloo")
     p.add_argument("--cpus-per-task", type=int, default=2, help="CPUs per rank (data workers + 1; default 2)")
+    p.add_argument("--elements-per-gpu", type=int, default=1, metavar="K",
+                   help="K runs share one array element and its GPU (K processes, one rank each, each with "
+                   "--cpus-per-task cores); with --nodes 1 and --gpus-per-node 0 or 1 (default 1)")
     p.add_argument("--mem-gb", type=float, help="memory per node in GB")
     p.add_argument("--timeout-min", type=int, default=24 * 60, help="time limit per run of an element (default 1440)")
     p.add_argument("--array-parallelism", type=int, default=15, help="elements running at once (default 15)")
@@ -139,14 +151,16 @@ def register(sub) -> None:
     p.add_argument("--wait", action="store_true", help="wait for every element to end, then print the status")
     p.set_defaults(func=_submit, _parser=p)
 
-    p = sweep_sub.add_parser("status", help="table of every hypothesis: state, step, loss, images/s, ETA, log",
-                             description="State from Slurm (sacct) and from each element's own record, progress "
-                             "from its metrics.jsonl, and where its log is.")
+    p = sweep_sub.add_parser("status", help="table of every element (hypothesis, seed): state, step, loss, "
+                             "images/s, ETA, log",
+                             description="State from Slurm (sacct) and from each element's own record (a job that "
+                             "died shows as killed/failed/cancelled), progress from its metrics.jsonl, and where its "
+                             "log is.")
     p.add_argument("sweep_dir")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_status, _parser=p)
 
-    p = sweep_sub.add_parser("collect", help="the paper-style report over the finished hypotheses",
+    p = sweep_sub.add_parser("collect", help="the paper-style report over the finished elements (all seeds)",
                              description="Runs `facevae report` over every finished element (default out: "
                              "SWEEP_DIR/report).")
     p.add_argument("sweep_dir")
