@@ -86,6 +86,9 @@ def _verify(args) -> int:
         return 0
     for problem in report["problems"]:
         print(f"facevae: verify: {problem}", file=sys.stderr)
+    if report.get("rebuild"):
+        print(f"facevae: verify: to repair, re-run `{report['rebuild']}` (intact shards are kept, damaged ones and "
+              "the manifest rewritten)", file=sys.stderr)
     print(f"facevae: error: {args.dir}: {len(report['problems'])} problem(s) found", file=sys.stderr)
     return 1
 

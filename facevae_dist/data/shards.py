@@ -18,12 +18,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
+import re
+import shlex
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
@@ -43,7 +44,6 @@ RESIZE_DESCRIPTIONS = {
     "pil": "PIL BILINEAR (antialiased: its filter widens when shrinking)",
     "cv2": "cv2.resize INTER_LINEAR (half-pixel centers, no antialiasing; the paper's code), in numpy",
 }
-OUR_FILES = ("build.json", "manifest.json", "sizes.json", "errors.tsv")
 
 
 @dataclass(frozen=True)
@@ -169,52 +169,132 @@ def _build_one(task: tuple[Source, str, int, int, list[Item], ShardOptions, str]
 
 
 def _load_complete_stats(out: Path, split: str, k: int, n_items: int) -> dict | None:
-    """A shard counts as done iff its stats JSON exists, matches the planned item count and the tar's size."""
+    """A shard counts as done iff its stats JSON exists, matches the planned item count, and the tar has the size
+    and sha256 it records: what `verify` checks first, so a re-run repairs what verify finds damaged (hashing is
+    ~1 GB/s, far cheaper than re-encoding)."""
     stats_path = out / split / f"{_shard_name(k)}.stats.json"
     tar_path = out / split / f"{_shard_name(k)}.tar"
     try:
         stats = json.loads(stats_path.read_text())
-        if stats["items"] == n_items and tar_path.stat().st_size == stats["bytes"]:
+        if (stats["items"] == n_items and tar_path.stat().st_size == stats["bytes"]
+                and sha256_file(tar_path) == stats["sha256"]):
             return stats
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         pass
     return None
+
+
+_SOURCE_FLAGS = {"root": "--root", "masks": "--masks", "n": "--n", "seed": "--seed",
+                 "on_missing_mask": "--on-missing-mask", "split_ratios": "--split-ratios"}
+_OPTION_FLAGS = {"image_size": "--image-size", "fit": "--fit", "resize": "--resize", "image_format": "--image-format",
+                 "jpeg_quality": "--jpeg-quality", "shard_size": "--shard-size"}
+
+
+def rebuild_command(shards_dir: str | os.PathLike) -> str | None:
+    """The `facevae shards build` command that resumes (and so repairs) the build in `shards_dir`, from its
+    build.json; None when that is missing or unreadable."""
+    try:
+        identity = json.loads((Path(shards_dir) / "build.json").read_text())
+        source, options = identity["source"], identity["options"]
+        argv = ["facevae", "shards", "build", "--source", str(source["name"])]
+        for key, flag in _SOURCE_FLAGS.items():
+            if key in source and not (key == "masks" and source[key] is None):
+                value = source[key]
+                argv += [flag, ",".join(map(repr, value)) if key == "split_ratios" else str(value)]
+        for key, flag in _OPTION_FLAGS.items():
+            if options.get(key) is not None:
+                argv += [flag, str(options[key])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return shlex.join([*argv, "--out", str(shards_dir)])
 
 
 def _identity(source: Source, opts: ShardOptions) -> dict:
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "source": source.describe(), "options": asdict(opts)}
 
 
+# Every file a shard build (or the decoded-split cache beside it, data/cache.py) writes, relative to OUT. Atomic
+# writes leave `.<name>.<random>.tmp` files when killed; those are ours too.
+_OUR_TOP = re.compile(r"(build\.json|manifest\.json|sizes\.json|errors\.tsv)")
+_OUR_IN_SPLIT = re.compile(r"shard-\d{6}\.(tar|stats\.json)")
+_OUR_IN_CACHE = re.compile(r"(train|val|test)\.(u8|json)")
+_TMP = re.compile(r"\.(?P<name>.+?)(\.[^.]+)?\.tmp")
+
+
+def _is_ours(rel: PurePosixPath) -> bool:
+    name = rel.name
+    tmp = _TMP.fullmatch(name)
+    names = (name, tmp.group("name")) if tmp else (name,)
+    if len(rel.parts) == 1:
+        return any(_OUR_TOP.fullmatch(n) for n in names)
+    if len(rel.parts) == 2 and rel.parts[0] in SPLITS:
+        return any(_OUR_IN_SPLIT.fullmatch(n) for n in names)
+    if len(rel.parts) == 2 and rel.parts[0] == "cache":
+        return any(_OUR_IN_CACHE.fullmatch(n) for n in names)
+    return False
+
+
+def _scan_out_dir(out: Path) -> tuple[list[Path], list[str]]:
+    """(our files, foreign entries as OUT-relative paths): what --overwrite may delete and what forbids it."""
+    ours, foreign = [], []
+    for entry in sorted(out.iterdir()):
+        rel = PurePosixPath(entry.name)
+        if entry.is_dir() and not entry.is_symlink() and entry.name in (*SPLITS, "cache"):
+            for sub in sorted(entry.iterdir()):
+                if sub.is_file() and not sub.is_symlink() and _is_ours(rel / sub.name):
+                    ours.append(sub)
+                else:
+                    foreign.append(str(rel / sub.name) + ("/" if sub.is_dir() else ""))
+        elif entry.is_file() and not entry.is_symlink() and _is_ours(rel):
+            ours.append(entry)
+        else:
+            foreign.append(str(rel) + ("/" if entry.is_dir() else ""))
+    return ours, foreign
+
+
+def _foreign_note(foreign: list[str]) -> str:
+    more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+    return ", ".join(foreign[:3]) + more
+
+
 def _prepare_out_dir(out: Path, identity: dict, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a directory")
-    entries = [p.name for p in out.iterdir()] if out.exists() else []
+    ours, foreign = _scan_out_dir(out) if out.exists() else ([], [])
+    if overwrite and foreign:
+        raise DataError(f"{out}: --overwrite removes only files a shard build wrote, and this folder also holds "
+                        f"{_foreign_note(foreign)}; move those away or choose another --out")
     if overwrite:
-        for name in SPLITS:
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in OUR_FILES:
-            (out / name).unlink(missing_ok=True)
-    elif entries:
+        for path in ours:
+            path.unlink()
+        for name in (*SPLITS, "cache"):
+            if (out / name).is_dir() and not any((out / name).iterdir()):
+                (out / name).rmdir()
+    elif ours or foreign:
         build_json = out / "build.json"
         if not build_json.exists():
-            raise DataError(f"{out}: not empty and not a facevae shards directory (no build.json); "
-                            "choose another --out or pass --overwrite")
+            hint = ("pass --overwrite to replace that partial build" if not foreign else
+                    f"it holds {_foreign_note(foreign)}: choose another --out")
+            raise DataError(f"{out}: not empty and not a facevae shards directory (no build.json); {hint}")
         try:
             existing = json.loads(build_json.read_text())
         except ValueError:
             raise DataError(f"{build_json}: unreadable; pass --overwrite to rebuild {out}")
         if existing != identity:
-            diff = sorted(k for k in set(existing.get("source", {})) | set(identity["source"])
-                          if existing.get("source", {}).get(k) != identity["source"].get(k))
-            diff += sorted(f"options.{k}" for k in identity["options"]
-                           if existing.get("options", {}).get(k) != identity["options"][k])
-            raise DataError(f"{out}: holds a different dataset (differs in {', '.join(diff) or 'format'}); "
-                            "pass --overwrite to replace it or choose another --out")
+            old_source = existing.get("source") if isinstance(existing.get("source"), dict) else {}
+            old_options = existing.get("options") if isinstance(existing.get("options"), dict) else {}
+            diff = sorted(k for k in set(old_source) | set(identity["source"])
+                          if old_source.get(k) != identity["source"].get(k))
+            diff += sorted(f"options.{k}" for k in identity["options"] if old_options.get(k) != identity["options"][k])
+            fix = ("pass --overwrite to replace it or choose another --out" if not foreign else
+                   f"choose another --out (it also holds {_foreign_note(foreign)}, so --overwrite would refuse)")
+            raise DataError(f"{out}: holds a different dataset (differs in {', '.join(diff) or 'format'}); {fix}")
     out.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
         (out / split).mkdir(exist_ok=True)
         for stale in (out / split).glob(".*.tmp"):  # left by an interrupted run
-            stale.unlink()
+            if _is_ours(PurePosixPath(split, stale.name)):
+                stale.unlink()
     atomic_write_json(out / "build.json", identity)
 
 
@@ -248,7 +328,7 @@ def build_shards(source: Source, out: str | os.PathLike, opts: ShardOptions | No
         # Remove shards beyond the planned count (cannot happen with an identical identity, but stay safe).
         n_shards = -(-len(items) // opts.shard_size)
         for path in (out / split).glob("shard-*"):
-            if int(path.name[6:12]) >= n_shards:
+            if _OUR_IN_SPLIT.fullmatch(path.name) and int(path.name[6:12]) >= n_shards:
                 path.unlink()
 
     total_items = sum(len(v) for v in plan.items.values())
@@ -318,7 +398,10 @@ def _write_manifest(out: Path, source: Source, opts: ShardOptions, plan, done: d
     return manifest
 
 
-def read_manifest(shards_dir: str | os.PathLike) -> dict:
+def read_manifest(shards_dir: str | os.PathLike, *, check_counts: bool = True) -> dict:
+    """manifest.json of a shards directory, checked: every field its readers use has the right type, shard paths
+    stay inside the folder, and (check_counts) each shard's count agrees with the stats file the build wrote beside
+    it. A malformed manifest is one DataError line naming the field, never a KeyError/TypeError later on."""
     path = Path(shards_dir) / "manifest.json"
     if not path.is_file():
         hint = (" (the build did not finish: re-run the same `facevae shards build` command to resume)"
@@ -328,9 +411,80 @@ def read_manifest(shards_dir: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text())
     except ValueError as exc:
         raise DataError(f"{path}: not valid JSON ({exc})")
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f"{path}: not a facevae shards manifest")
+    _validate_manifest(manifest, path)
+    if check_counts:
+        _check_counts_against_stats(Path(shards_dir), manifest, path)
     return manifest
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _manifest_error(path: Path, field: str, problem: str) -> DataError:
+    cmd = rebuild_command(path.parent)
+    fix = f"re-run `{cmd}` to rewrite it" if cmd else "rebuild it with `facevae shards build`"
+    return DataError(f"{path}: {field}: {problem} (damaged or edited; {fix})")
+
+
+def _expect(path: Path, field: str, value, ok: bool, what: str) -> None:
+    if not ok:
+        shown = json.dumps(value)[:40]
+        raise _manifest_error(path, field, f"expected {what}, got {type(value).__name__} {shown}")
+
+
+def _validate_manifest(m: dict, path: Path) -> None:
+    _expect(path, "image_size", m.get("image_size"), _is_int(m.get("image_size")) and m["image_size"] >= 1,
+            "a positive integer")
+    _expect(path, "image_ext", m.get("image_ext"), m.get("image_ext") in IMAGE_FORMATS, f"one of {IMAGE_FORMATS}")
+    for key in ("source", "options"):
+        _expect(path, key, m.get(key), isinstance(m.get(key), dict), "an object")
+    _expect(path, "skipped", m.get("skipped"), _is_int(m.get("skipped")), "an integer")
+    _expect(path, "package_version", m.get("package_version"), isinstance(m.get("package_version"), str), "a string")
+    splits = m.get("splits")
+    _expect(path, "splits", splits, isinstance(splits, dict) and bool(splits), "an object of splits")
+    for split, info in splits.items():
+        field = f"splits.{split}"
+        _expect(path, field, info, isinstance(info, dict), "an object with count and shards")
+        _expect(path, f"{field}.count", info.get("count"), _is_int(info.get("count")) and info["count"] >= 0,
+                "a count >= 0")
+        shards = info.get("shards")
+        _expect(path, f"{field}.shards", shards, isinstance(shards, list), "a list of shards")
+        for i, shard in enumerate(shards):
+            sf = f"{field}.shards[{i}]"
+            _expect(path, sf, shard, isinstance(shard, dict), "an object with path, count, sha256, bytes")
+            for key, ok, what in (("path", isinstance(shard.get("path"), str), "a string"),
+                                  ("count", _is_int(shard.get("count")) and shard["count"] >= 0, "a count >= 0"),
+                                  ("sha256", isinstance(shard.get("sha256"), str), "a string"),
+                                  ("bytes", _is_int(shard.get("bytes")) and shard["bytes"] >= 0, "a size >= 0")):
+                _expect(path, f"{sf}.{key}", shard.get(key), ok, what)
+            rel = PurePosixPath(shard["path"])
+            if rel.is_absolute() or "\\" in shard["path"] or any(p in ("..", ".") for p in rel.parts) \
+                    or not rel.parts:
+                raise _manifest_error(path, f"{sf}.path", f"{shard['path']!r} is not a plain relative path inside "
+                                      "the shards folder (absolute paths and '..' are refused)")
+        total = sum(s["count"] for s in shards)
+        if total != info["count"]:
+            raise _manifest_error(path, f"{field}.count", f"says {info['count']} but its shards hold {total}")
+
+
+def _check_counts_against_stats(shards_dir: Path, manifest: dict, path: Path) -> None:
+    """Each shard's manifest count against the stats file written with the tar (cheap: no tar is read). A lower
+    manifest count would otherwise silently train on part of a shard."""
+    for info in manifest["splits"].values():
+        for shard in info["shards"]:
+            stats_path = shards_dir / (shard["path"][:-4] + ".stats.json" if shard["path"].endswith(".tar")
+                                       else shard["path"] + ".stats.json")
+            try:
+                stats = json.loads(stats_path.read_text())
+                count = stats["count"] if stats.get("sha256") == shard["sha256"] else None
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue  # no stats to compare with (older layout); verify reads the tar itself
+            if count is not None and count != shard["count"]:
+                raise _manifest_error(path, shard["path"], f"manifest.json says {shard['count']} samples, the shard "
+                                      f"holds {count} (per {stats_path.name})")
 
 
 # ----------------------------------------------------------------------------------------------- verify
@@ -351,7 +505,7 @@ def verify_shards(shards_dir: str | os.PathLike) -> dict:
     from facevae_dist.progress import make_progress
 
     shards_dir = Path(shards_dir)
-    manifest = read_manifest(shards_dir)
+    manifest = read_manifest(shards_dir, check_counts=False)  # counts are checked below, by reading every tar
     problems: list[str] = []
     size, ext = manifest["image_size"], manifest["image_ext"]
     counts = {}
@@ -402,14 +556,15 @@ def verify_shards(shards_dir: str | os.PathLike) -> dict:
     except (OSError, ValueError):
         problems.append("sizes.json missing or unreadable")
     return {"ok": not problems, "problems": problems, "counts": counts,
-            "shards": sum(len(v["shards"]) for v in manifest["splits"].values())}
+            "shards": sum(len(v["shards"]) for v in manifest["splits"].values()),
+            "rebuild": rebuild_command(shards_dir) if problems else None}
 
 
 # ----------------------------------------------------------------------------------------------- info
 def shards_info(shards_dir: str | os.PathLike, grid: str | os.PathLike | None = None, n_grid: int = 32) -> dict:
     """Summary of a shards dir; optionally a contact sheet PNG of samples (image | image with mask overlaid)."""
     shards_dir = Path(shards_dir)
-    manifest = read_manifest(shards_dir)
+    manifest = read_manifest(shards_dir, check_counts=False)
     summary = {
         "dir": str(shards_dir), "source": manifest["source"], "options": manifest["options"],
         "counts": {s: v["count"] for s, v in manifest["splits"].items()},
