@@ -290,7 +290,7 @@ class FaceVAE(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "FaceVAE":
         """Load a directory written by save_pretrained. Refuses weights that do not match config.json."""
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -303,16 +303,17 @@ class FaceVAE(nn.Module):
             cfg = ModelConfig.from_dict(meta["model"])
         except (json.JSONDecodeError, KeyError, TypeError, FaceVAEError) as exc:
             raise FaceVAEError(f"{cfg_path}: not a valid FaceVAE config ({exc})") from None
-        try:
-            state = load_file(str(w_path), device=str(map_location))
+        try:  # shapes from the file header and from a model on the meta device: a mismatching (or huge) config
+            with safe_open(str(w_path), "pt") as f:  # is refused before any weights are read or allocated
+                state = {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}
         except (SafetensorError, OSError) as exc:
             raise FaceVAEError(f"{w_path}: unreadable safetensors file ({exc})") from None
-        model = cls(cfg).to(map_location)
-        expected = model.state_dict()
+        with torch.device("meta"):
+            expected = {k: v.shape for k, v in cls(cfg).state_dict().items()}
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
-        shapes = sorted(f"{k} {tuple(state[k].shape)} vs config {tuple(v.shape)}"
-                        for k, v in expected.items() if k in state and state[k].shape != v.shape)
+        shapes = sorted(f"{k} {tuple(state[k])} vs config {tuple(v)}"
+                        for k, v in expected.items() if k in state and state[k] != v)
         if missing or unexpected or shapes:
             parts = []
             if missing:
@@ -323,6 +324,11 @@ class FaceVAE(nn.Module):
                 parts.append(f"{len(shapes)} shape mismatch(es) e.g. {shapes[0]}")
             raise FaceVAEError(f"{w_path} does not match {cfg_path} (mask_mode={cfg.mask_mode}, width={cfg.width}, "
                                f"image_size={cfg.image_size}): {'; '.join(parts)}")
+        try:
+            state = load_file(str(w_path), device=str(map_location))
+        except (SafetensorError, OSError) as exc:
+            raise FaceVAEError(f"{w_path}: unreadable safetensors file ({exc})") from None
+        model = cls(cfg).to(map_location)
         model.load_state_dict(state)
         return model
 
