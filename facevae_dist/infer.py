@@ -59,13 +59,14 @@ def load_any_model(path: str | Path, which: str = "best", device: str | torch.de
 def export_model(run_dir: str | Path, out_dir: str | Path, which: str = "best") -> Path:
     """Write the chosen checkpoint of `run_dir` as model.safetensors + config.json (FaceVAE.from_pretrained(out))
     plus export.json saying where it came from."""
-    from facevae_dist.checkpoint import load_model
+    from facevae_dist.checkpoint import open_model
     from facevae_dist.evaluate import loss_name
 
-    model, cfg, step = load_model(run_dir, which)
+    loaded = open_model(run_dir, which)
+    model, cfg, step = loaded.model, loaded.cfg, loaded.step
     out = model.save_pretrained(out_dir)
     atomic_write_json(Path(out) / "export.json", {
-        "run_dir": str(run_dir), "checkpoint": which, "step": step, "hypothesis": cfg.hypothesis or None,
+        "run_dir": str(run_dir), "checkpoint": loaded.label, "step": step, "hypothesis": cfg.hypothesis or None,
         "seed": cfg.seed, "loss": loss_name(cfg.loss.terms), "mask_mode": model.cfg.mask_mode,
         "image_size": model.cfg.image_size,
     })
@@ -254,6 +255,7 @@ def sample_grid(model_dir: str | Path, out: str | Path, *, n: int = 16, seed: in
         raise UsageError(f"--n {n}: must be >= 1")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise UsageError(f"--temperature {temperature}: must be a finite number >= 0 (1 = the prior itself)")
+    _check_out_file(Path(out))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_any_model(model_dir, device=dev)
     g = torch.Generator().manual_seed(seed)
@@ -274,6 +276,7 @@ def interpolate_images(model_dir: str | Path, a: str | Path, b: str | Path, out:
     photo a, the interpolation, photo b. Mask+decoder models composite each frame onto the cross-faded inputs."""
     if steps < 2:
         raise UsageError(f"--steps {steps}: must be >= 2")
+    _check_out_file(Path(out))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_any_model(model_dir, device=dev)
     size = model.cfg.image_size
@@ -290,6 +293,11 @@ def interpolate_images(model_dir: str | Path, a: str | Path, b: str | Path, out:
     out = Path(out)
     atomic_write_bytes(out, to_png(_grid(row, ncol=row.shape[0])))
     return out
+
+
+def _check_out_file(out: Path) -> None:
+    if out.is_dir():
+        raise UsageError(f"--out {out}: is a directory; give the PNG file to write, e.g. {out / 'grid.png'}")
 
 
 def write_summary(result: ReconstructResult, out_dir: str | Path) -> Path:

@@ -125,6 +125,11 @@ def test_bad_temperature_and_out_file_are_one_line_errors(tmp_path, capsys):
     rc = main(["reconstruct", "--model", str(model), str(_photo()), "--out", str(tmp_path / "taken")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "taken" in err[0] and "not a directory" in err[0]
+    for argv in (["sample", "--model", str(model), "--out", str(tmp_path)],
+                 ["interpolate", "--model", str(model), str(_photo()), str(_photo()), "--out", str(tmp_path)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is a directory" in err[0]
 
 
 def test_reconstruct_memory_stays_bounded_for_huge_photos(tmp_path):
