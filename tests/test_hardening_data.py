@@ -75,11 +75,14 @@ def test_overwrite_removes_only_what_a_build_wrote(tmp_path, capsys):
     # with the foreign file gone, --overwrite replaces every file of the old build (stale shards, cache included)
     notes.unlink()
     (out / "train" / "shard-000099.tar").write_bytes(b"stale")
+    (out / "train" / ".shard-000001.tar.tmp").write_bytes(b"killed mid-write")
+    (out / ".manifest.json.k2j4.tmp").write_bytes(b"killed mid-write")
     (out / "cache").mkdir()
     (out / "cache" / "train.u8").write_bytes(b"old cache")
     assert build(out, "--seed", "5", "--overwrite") == 0
     assert json.loads((out / "manifest.json").read_text())["source"]["seed"] == 5
     assert not (out / "train" / "shard-000099.tar").exists() and not (out / "cache").exists()
+    assert not list(out.rglob("*.tmp"))
 
 
 def _damage_same_size(path: Path) -> None:

@@ -218,20 +218,23 @@ def _identity(source: Source, opts: ShardOptions) -> dict:
 _OUR_TOP = re.compile(r"(build\.json|manifest\.json|sizes\.json|errors\.tsv)")
 _OUR_IN_SPLIT = re.compile(r"shard-\d{6}\.(tar|stats\.json)")
 _OUR_IN_CACHE = re.compile(r"(train|val|test)\.(u8|json)")
-_TMP = re.compile(r"\.(?P<name>.+?)(\.[^.]+)?\.tmp")
 
 
 def _is_ours(rel: PurePosixPath) -> bool:
     name = rel.name
-    tmp = _TMP.fullmatch(name)
-    names = (name, tmp.group("name")) if tmp else (name,)
+    names = [name]
+    if name.startswith(".") and name.endswith(".tmp"):  # `.<name>.tmp` or `.<name>.<random>.tmp`
+        base = name[1:-4]
+        names += [base, base.rsplit(".", 1)[0]]
     if len(rel.parts) == 1:
-        return any(_OUR_TOP.fullmatch(n) for n in names)
-    if len(rel.parts) == 2 and rel.parts[0] in SPLITS:
-        return any(_OUR_IN_SPLIT.fullmatch(n) for n in names)
-    if len(rel.parts) == 2 and rel.parts[0] == "cache":
-        return any(_OUR_IN_CACHE.fullmatch(n) for n in names)
-    return False
+        pattern = _OUR_TOP
+    elif len(rel.parts) == 2 and rel.parts[0] in SPLITS:
+        pattern = _OUR_IN_SPLIT
+    elif len(rel.parts) == 2 and rel.parts[0] == "cache":
+        pattern = _OUR_IN_CACHE
+    else:
+        return False
+    return any(pattern.fullmatch(n) for n in names)
 
 
 def _scan_out_dir(out: Path) -> tuple[list[Path], list[str]]:
