@@ -218,3 +218,72 @@ def test_second_trainer_on_same_run_dir_is_refused_and_stale_temps_removed(shard
         holder.wait()
     assert train(cfg)["step"] == 2  # the lock went away with its holder
     assert not (tmp_path / "checkpoints" / ".tmp-step_7").exists()
+
+
+def test_resume_refuses_a_changed_experiment_but_not_run_length(shards, tmp_path):
+    """Issue 9 item 5: a run dir must not mix what is trained; run-length knobs may change on resume."""
+    from facevae_dist.errors import UsageError
+
+    train(tiny_config(shards, tmp_path, max_steps=2, val_every=0))
+    changed = {
+        "hypothesis": tiny_config(shards, tmp_path, "l1/mask+decoder", max_steps=4, val_every=0),
+        "loss": tiny_config(shards, tmp_path, max_steps=4, val_every=0, loss={"w_l2": 10.0}),
+        "model": tiny_config(shards, tmp_path, max_steps=4, val_every=0, model={"latent_dim": 8}),
+        "optim.eps_form": tiny_config(shards, tmp_path, max_steps=4, val_every=0, optim={"eps_form": "torch"}),
+        "seed": tiny_config(shards, tmp_path, max_steps=4, val_every=0, seed=3),
+    }
+    for field, cfg in changed.items():
+        with pytest.raises(UsageError, match=rf"trained with other settings \({field}[.:].*new --run-dir") as err:
+            train(cfg)
+        assert "\n" not in str(err.value)
+    longer = tiny_config(shards, tmp_path, max_steps=4, val_every=0, log_every=2, keep_last=3, ckpt_every=1,
+                         data={"workers": 1})
+    assert train(longer)["step"] == 4
+
+
+def test_run_dir_that_is_a_file_is_one_line(shards, tmp_path, capsys):
+    from facevae_dist.cli import main
+
+    target = tmp_path / "notes.txt"
+    target.write_text("mine\n")
+    assert main(["train", *cli_args(shards, target, "--max-steps", "1")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "notes.txt" in err and "not a directory" in err
+    assert target.read_text() == "mine\n"
+
+
+def test_deepspeed_with_grad_accum_is_refused(shards, tmp_path):
+    from facevae_dist.errors import UsageError
+
+    cfg = tiny_config(shards, tmp_path, grad_accum=2, deepspeed=str(REPO / "launch" / "ds_zero2.json"),
+                      optim={"clip": "global", "eps_form": "torch"})
+    with pytest.raises(UsageError, match=r"grad_accum=2 with DeepSpeed is refused.*--grad-accum 1"):
+        train(cfg)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_skipped_steps_are_read_at_the_next_log_step(shards, tmp_path, monkeypatch):
+    """Steps that do not log read nothing back: a skip at step 3 is reported (with its own step) at step 4, and
+    max_bad_steps in a row stop the run at the next log step after the limit is reached."""
+    monkeypatch.setenv(INJECT_NAN_ENV, "3")
+    summary = train(tiny_config(shards, tmp_path / "one", max_steps=8, val_every=0, ckpt_every=0, log_every=4))
+    assert summary["bad_steps"] == 1 and summary["step"] == 8
+    lines = metrics(tmp_path / "one")
+    assert [(m["step"], m.get("event")) for m in lines] == [(3, "non_finite_loss"), (4, None), (8, None)]
+    assert lines[0]["bad_in_a_row"] == 1 and lines[0]["samples_seen"] == 3 * 4
+    monkeypatch.setenv(INJECT_NAN_ENV, "2,3,4,5,6,7")
+    with pytest.raises(RunError, match=r"non-finite loss in 3 steps in a row \(steps 2-4\)"):
+        train(tiny_config(shards, tmp_path / "stop", max_steps=12, val_every=0, ckpt_every=0, log_every=4,
+                          max_bad_steps=3))
+    assert max(m["step"] for m in metrics(tmp_path / "stop")) == 4
+
+
+def test_val_sampling_sample_is_seeded_and_leaves_training_noise_alone(shards, tmp_path):
+    runs = {}
+    for name, mode in (("a", "sample"), ("b", "sample"), ("mean", "mean")):
+        train(tiny_config(shards, tmp_path / name, max_steps=2, val_every=1, ckpt_every=0, val_sampling=mode))
+        runs[name] = metrics(tmp_path / name)
+    val = {k: [m["val_loss"] for m in v if m.get("split") == "val"] for k, v in runs.items()}
+    train_losses = {k: [m["loss"] for m in v if "loss" in m] for k, v in runs.items()}
+    assert val["a"] == val["b"] != val["mean"]  # sampled z, from a seed of its own
+    assert train_losses["a"] == train_losses["mean"]  # validation drew nothing from the training RNG
