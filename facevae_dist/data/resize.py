@@ -40,11 +40,12 @@ def resize_linear(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     y0, y1, fy = _taps(a.shape[0], h)
     if a.dtype == np.uint8:
         # cv2 rounds each weight to 11 bits separately (saturate_cast<short>(cbuf[k] * 2048))
-        ax1 = np.rint(fx * _COEF_SCALE).astype(np.int64)
-        ax0 = np.rint((1 - fx) * _COEF_SCALE).astype(np.int64)
-        ay1 = np.rint(fy * _COEF_SCALE).astype(np.int64)
-        ay0 = np.rint((1 - fy) * _COEF_SCALE).astype(np.int64)
-        src = a.astype(np.int64)
+        # int32 suffices: a row sum is <= 255 * 2^11, and (row >> 4) * 2^11 < 2^31
+        ax1 = np.rint(fx * _COEF_SCALE).astype(np.int32)
+        ax0 = np.rint((1 - fx) * _COEF_SCALE).astype(np.int32)
+        ay1 = np.rint(fy * _COEF_SCALE).astype(np.int32)
+        ay0 = np.rint((1 - fy) * _COEF_SCALE).astype(np.int32)
+        src = a.astype(np.int32)
         shape = (1, -1) + (1,) * (a.ndim - 2)
         rows = src[:, x0] * ax0.reshape(shape) + src[:, x1] * ax1.reshape(shape)  # H x w (x C), scaled by 2^11
         col = (-1,) + (1,) * (a.ndim - 1)
