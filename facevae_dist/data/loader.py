@@ -199,6 +199,12 @@ class _ShardReader:
         self.open.clear()
 
 
+def _new_shared(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor in shared memory (no copy from private memory)."""
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
 class _ShardDataset(IterableDataset):
     """Each reader (main process or DataLoader worker) rebuilds the epoch plan from (seed, epoch): cheap and
     deterministic. Epoch and start batch live in shared memory (open_clip's SharedEpoch idea), so persistent
@@ -242,13 +248,11 @@ class _ShardDataset(IterableDataset):
 
     def _load_batch(self, reader: _ShardReader, shards: np.ndarray, locals_: np.ndarray) -> dict:
         b, size = len(shards), self.image_size
-        # in a worker, decode straight into shared memory: the batch then crosses to the trainer without a copy
-        shared = get_worker_info() is not None
-        image_t = torch.empty((b, size, size, 3), dtype=torch.uint8)
-        mask_t = torch.empty((b, size, size), dtype=torch.uint8)
-        if shared:
-            image_t.share_memory_()
-            mask_t.share_memory_()
+        # in a worker, decode straight into new shared memory: the batch then crosses to the trainer without a copy
+        # (share_memory_() on a finished batch would allocate and copy it, page-faulting twice)
+        new = _new_shared if get_worker_info() is not None else torch.empty
+        image_t = new((b, size, size, 3))
+        mask_t = new((b, size, size))
         images, masks = image_t.numpy(), mask_t.numpy()
         keys, corrupt, good = [], [], []
         for n, (s, i) in enumerate(zip(shards.tolist(), locals_.tolist())):
