@@ -14,6 +14,7 @@ skipped-and-listed samples, `reconstruct` into skipped-and-reported files.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,10 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
     path = Path(path)
     limit = max_pixels or max_pixels_default()
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # Pillow's bomb warning: our own limit below says it better
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             w, h = im.size
             if w < 1 or h < 1:
                 raise ImageReadError(path, "empty image")
