@@ -159,7 +159,8 @@ def register(sub) -> None:
                      help="samples per shard (default auto: ~64 train shards, at most 1000 samples each); the loader "
                      "needs at least ranks x loader workers shards per split it reads")
     out.add_argument("--workers", type=int, default=1, help="parallel processes (default 1; output identical)")
-    out.add_argument("--overwrite", action="store_true", help="delete an existing dataset in --out and start over")
+    out.add_argument("--overwrite", action="store_true", help="delete the dataset in --out and start over (removes only files a shard "
+                     "build wrote; refuses if --out holds anything else)")
     add_preset_argument(build, what="resize cv2 (INTER_LINEAR, no antialiasing) and image format png")
     track_explicit(build)  # after every option: --preset must know which ones the user gave
     build.set_defaults(func=_build, _parser=build)
