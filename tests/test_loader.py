@@ -234,3 +234,33 @@ def test_jpeg_decoding_matches_pil_and_falls_back_for_what_simplejpeg_refuses(sh
     with pytest.raises(Exception):  # a corrupt JPEG still raises (the loader counts it)
         loader.decode_into({"jpg": b"\xff\xd8 junk", "mask.png": samples[0][1]["mask.png"]}, "jpg",
                            np.empty((24, 24, 3), np.uint8), np.empty((24, 24), np.uint8))
+
+
+def test_workers_die_with_a_killed_trainer(tmp_path, train_shards):
+    """SIGKILL gives the trainer no chance to stop its workers: the kernel does (PR_SET_PDEATHSIG)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "facevae_dist", "train", "--shards", str(train_shards), "--run-dir",
+           str(tmp_path / "run"), "--max-steps", "100000", "--batch-size", "4", "--val-every", "0", "--sample-every",
+           "0", "--workers", "2", "--set", "model.width=0.125", "--set", "model.image_size=36",
+           "--set", "data.placement=stream"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len(_live_processes_in_group(proc.pid)) < 3 and time.monotonic() < deadline:  # trainer + 2 workers
+            assert proc.poll() is None, "training ended before its workers started"
+            time.sleep(0.2)
+        assert len(_live_processes_in_group(proc.pid)) >= 3, "the data workers never started"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while _live_processes_in_group(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _live_processes_in_group(proc.pid) == [], "data workers outlived a SIGKILLed trainer"
+    finally:
+        for pid in _live_processes_in_group(proc.pid):
+            os.kill(pid, signal.SIGKILL)
