@@ -284,8 +284,9 @@ def _mask_effect_figure(agg: Aggregate, path: Path) -> bool:
                     Line2D([], [], marker="D", markerfacecolor="white", markeredgecolor="black", linestyle="none",
                            label="paper (protocol unknown)")]
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
-        fig.suptitle(f"Mask effect (mask+decoder minus no mask, paired per image; below 0 = the mask helps) — "
-                     f"{len(agg.keys)} test images, {agg.seeds_note}, 95% hierarchical bootstrap", fontsize=10)
+        fig.suptitle(f"Mask effect: mask+decoder minus no mask, paired per image (below 0 = the mask helps)\n"
+                     f"{len(agg.keys)} test images, {agg.seeds_note}; bars: 95% hierarchical bootstrap over seeds "
+                     "and images", fontsize=10)
         _save(fig, path)
     return True
 
@@ -335,7 +336,7 @@ def _bar_chart(agg: Aggregate, region: str, path: Path) -> None:
                               linestyle="none", label="paper (protocol unknown)"))
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False,
                    title="training loss on the x axis", title_fontsize=8)
-        fig.suptitle(f"Region `{region}`: {REGION_TITLES[region].lower()} — n = {len(agg.keys)}, {agg.seeds_note} "
+        fig.suptitle(f"Region `{region}`: {REGION_TITLES[region].lower()}\nn = {len(agg.keys)}, {agg.seeds_note} "
                      "(lower is better; bars: mean over seeds, 95% hierarchical bootstrap)", fontsize=10)
         _save(fig, path)
 
