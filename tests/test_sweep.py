@@ -254,6 +254,33 @@ def test_preempted_element_is_requeued_and_resumes_from_its_checkpoint(slurm_clu
 
 
 @pytest.mark.slurm
+def test_preempted_shared_element_requeues_once_and_both_runs_resume(slurm_cluster, shards, tmp_path):
+    """--elements-per-gpu 2: both runs of the element take the signal and save; task 0 requeues the element after
+    the other run saved; in the requeued element both runs continue from their own checkpoints."""
+    import submitit
+
+    out = tmp_path / "sweep"
+    opts = SlurmOptions(cpus_per_task=1, timeout_min=20, signal_delay_s=5, elements_per_gpu=2)
+    submit_sweep(out, shards, hypotheses=["l2/none", "l1/none"], cluster="slurm", slurm=opts, eval_limit=4,
+                 overrides=[*TINY, "max_steps=250", "val_every=0", "ckpt_every=10", *SLOWER_STEPS])
+    job = _job_id(out, "l2/none")
+    assert _job_id(out, "l1/none") == job
+    runs = [out / "l2--none", out / "l1--none"]
+    _wait(lambda: all(list(r.glob("checkpoints/step_*/meta.json")) for r in runs), 600, "both first checkpoints",
+          fail=_job_over(job))
+    submitit.SlurmJob(folder=out / "logs", job_id=job)._interrupt()  # SIGTERM + USR2 to every task
+
+    def both_finished():
+        elements = [_element(r.parent, r.name) for r in runs]
+        return elements if all(e.get("state") == "finished" for e in elements) else None
+
+    for run, element in zip(runs, _wait(both_finished, 900, "both requeued runs to finish", every=2,
+                                        fail=_job_over(job))):
+        assert element["restarts"] >= 1 and element["start_step"] >= 10, element
+        assert _train_steps(run) == list(range(1, 251)), f"{run.name}: steps continue across the requeue"
+
+
+@pytest.mark.slurm
 def test_sbatch_example_requeues_on_usr2_and_resumes(slurm_cluster, shards, tmp_path):
     """slurm/sbatch_example.sh (no submitit): USR2 to the batch script -> the trainer checkpoints -> the element
     requeues itself -> the requeued run resumes from that step, then evaluates. Waits on states only: a loaded
