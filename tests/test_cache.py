@@ -235,3 +235,20 @@ def test_concurrent_ranks_build_the_cache_once(own_shards):
     assert results[0] == results[1] and results[0][0] == 80  # same file, same JSON: built once
     meta_path = cache_paths(own_shards, "train")[1]
     assert sorted(p.name for p in meta_path.parent.iterdir()) == ["train.json", "train.u8"]
+
+
+def test_a_full_disk_is_one_line_and_auto_falls_back_to_streaming(own_shards, monkeypatch):
+    import collections
+
+    from facevae_dist.data import batches as batches_mod
+    from facevae_dist.errors import UsageError
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(cache_mod.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(UsageError, match=r"needs 0\.00 GiB, 0\.00 GiB free; .*data\.placement=stream"):
+        open_cache(own_shards, "train", processes=1)
+    assert not cache_paths(own_shards, "train")[0].exists()
+    auto = DataConfig(shards=str(own_shards), batch_size=8, placement="auto")
+    assert batches_mod.resolve_placement(auto, CPU) == "stream"
+    monkeypatch.undo()
+    assert batches_mod.resolve_placement(auto, CPU) == "host"

@@ -14,9 +14,9 @@ Placements (data.placement):
           which rank gets which sample, so a per-rank part would have to move every epoch. (CelebA train at 144 px is
           13.5 GB: fits beside the model on an 80 or 141 GB GPU; `auto` checks it fits.)
   auto    device on CUDA when the split fits in data.device_memory_fraction of free GPU memory; else host when it
-          fits in that share of available RAM and the cache can be written (or exists); else stream. On CPU, host
-          also frees the cores that decoding workers would take from training; building the cache costs about one
-          streamed epoch, once per dataset (every later run and sweep element reuses it).
+          fits in that share of available RAM and the cache exists or can be written (folder writable, disk room);
+          else stream. On CPU, host also frees the cores that decoding workers would take from training; building
+          the cache costs about one streamed epoch, once per dataset (every later run and sweep element reuses it).
 Every placement draws THE SAME batches: the resident ones follow the streaming loader's epoch plan (loader.py: one
 permutation seeded by (seed, epoch), cut into equal contiguous parts per rank, same remainder dropped and counted in
 dropped_samples), mapped to cache rows. So the guarantees carry over (equal batches per rank, every sample at most
@@ -70,13 +70,14 @@ def resolve_placement(data_cfg, device: torch.device) -> str:
             raise UsageError(f"data.placement=device needs a CUDA device (this run is on {device}); "
                              "use --set data.placement=host")
         return data_cfg.placement
-    from facevae_dist.data.cache import split_nbytes
+    from facevae_dist.data.cache import cache_fits_on_disk, split_nbytes
 
     need = split_nbytes(data_cfg.shards, "train")
     share = data_cfg.device_memory_fraction
     if torch.device(device).type == "cuda" and need <= share * torch.cuda.mem_get_info(device)[0]:
         return "device"
-    if need <= share * _available_ram() and _cache_usable(data_cfg.shards):
+    if (need <= share * _available_ram() and _cache_usable(data_cfg.shards)
+            and cache_fits_on_disk(data_cfg.shards, "train")):
         return "host"
     return "stream"
 

@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import shutil
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -64,6 +65,16 @@ def _fingerprint(shards_dir, shards: list[dict]) -> list[dict]:
         out.append({"path": s["path"], "count": int(s["count"]), "sha256": s.get("sha256"), "size": st.st_size,
                     "mtime_ns": st.st_mtime_ns})
     return out
+
+
+def cache_fits_on_disk(shards_dir, split: str) -> bool:
+    """A valid-looking cache file is there already, or the disk has room to build it."""
+    data_path, meta_path = cache_paths(shards_dir, split)
+    need = split_nbytes(shards_dir, split)
+    if data_path.exists() and meta_path.exists() and data_path.stat().st_size == need:
+        return True
+    folder = data_path.parent if data_path.parent.exists() else data_path.parent.parent
+    return shutil.disk_usage(folder).free >= need
 
 
 def split_nbytes(shards_dir, split: str) -> int:
@@ -156,9 +167,17 @@ def _build(shards_dir, split: str, manifest: dict, shards: list[dict], fingerpri
     tmp = data_path.with_name(f".{data_path.name}.{os.getpid()}.tmp")
     info(f"decoding {split} split of {shards_dir} once ({n} samples, {nbytes / 2**30:.2f} GiB) into {data_path} "
          f"with {processes} process(es)")
+    free = shutil.disk_usage(data_path.parent).free
+    if free < nbytes:
+        raise UsageError(f"{data_path.parent}: the decoded {split} split needs {nbytes / 2**30:.2f} GiB, "
+                         f"{free / 2**30:.2f} GiB free; free some space or use --set data.placement=stream")
     try:
         with open(tmp, "wb") as f:
-            f.truncate(nbytes)
+            # reserve the blocks now: a disk that fills later would kill the decoding processes with SIGBUS
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(f.fileno(), 0, nbytes)
+            else:  # pragma: no cover
+                f.truncate(nbytes)
         jobs = [(str(Path(shards_dir) / s["path"]), image_ext, c, int(o), str(tmp), n, size)
                 for s, c, o in zip(shards, counts, offsets)]
         corrupt: list[tuple[int, str]] = []
