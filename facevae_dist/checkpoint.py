@@ -438,7 +438,8 @@ def _newest_loadable(run_dir: Path) -> Path | None:
             aside, n = bad.with_name(f"{bad.name}.damaged-{stamp}-{n}"), n + 1
         os.replace(bad, aside)
         kept.append(f"{bad.name} ({why}) kept as {aside.name}")
-    warn(f"resuming from {ckpt} because newer checkpoints do not load: {'; '.join(kept)}")
+    if kept:  # nothing newer failed: resume silently
+        warn(f"resuming from {ckpt} because newer checkpoints do not load: {'; '.join(kept)}")
     return ckpt
 
 
