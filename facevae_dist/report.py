@@ -133,8 +133,8 @@ def effect_table(agg: Aggregate, region: str) -> str | None:
         for key in COLUMN_KEYS:
             text = _ci(ivs[key], 4, signed=True)
             if ivs[key].per_seed:
-                text += "<br>seeds: " + ", ".join(f"{v:+.4f}" for v in ivs[key].per_seed)
-            text += f" ({pb[key] - pa[key]:+.3f})" if pa and pb else ""
+                text += " · seeds " + ", ".join(f"{v:+.4f}" for v in ivs[key].per_seed)
+            text += f" · paper {pb[key] - pa[key]:+.3f}" if pa and pb else ""
             cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -158,8 +158,8 @@ def _markdown(agg: Aggregate, figures: list[str]) -> str:
     if agg.effects:
         out += ["## Mask effect: mask+decoder minus no mask, paired per image (negative: the mask helps)", "",
                 "Mean over seeds of the per-image difference on the same test images [95% hierarchical bootstrap "
-                "interval: the seeds of each arm and the images resampled]; per seed: the i-th seed of each arm "
-                "side by side; (the paper's difference, protocol unknown).", ""]
+                "interval: the seeds of each arm and the images resampled]; seeds: the i-th seed of each arm side "
+                "by side; paper: the paper's difference (protocol unknown).", ""]
         for region in agg.regions:
             out += [f"### `{region}`", "", effect_table(agg, region), ""]
     tested = [c for c in agg.claims if c["verdict"] != "not tested"]
