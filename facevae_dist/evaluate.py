@@ -2,11 +2,12 @@
 
 The model is a run directory's checkpoint (`facevae train`) or an exported model directory (`facevae export`:
 model.safetensors + config.json [+ export.json]), so models handed over without their run can be scored too.
-Per image and per region (metrics.REGIONS: face, composite-face, composite, whole) every metric of metrics.METRICS is computed; the
-output holds the mean and a 95% percentile-bootstrap interval of each, the number of images, the checkpoint step
-and every metric setting. Per-image values go to eval/per_image.csv (paired comparisons between runs are possible)
-and a few fixed test images with their reconstructions to eval/examples.safetensors (the report's visual
-comparison: the same images, by key, through every run).
+Per image and per region (metrics.REGIONS: face, composite-face, composite, whole) every metric of
+metrics.METRICS is computed; the output holds the mean and a 95% percentile-bootstrap interval of each, the number
+of images, the checkpoint step, the training seed and every metric setting. Per-image values go to
+eval/per_image.csv by sample key (paired comparisons between runs: `facevae report`) and a few fixed test images
+with their reconstructions to eval/examples.safetensors (the report's visual comparison: the same images, by key,
+through every run).
 
 Multi-process: launched with several ranks (torchrun / accelerate launch set RANK / WORLD_SIZE), each rank scores
 its part of the shards and rank 0 gathers the rows (deduplicated by sample key) and writes the files.

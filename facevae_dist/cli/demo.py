@@ -34,8 +34,8 @@ def _run(args) -> int:
     from facevae_dist.progress import console, is_quiet
 
     opts = DemoOptions(root=Path(args.root), n=args.n, hypotheses=tuple(h for h in args.hypotheses.split(",") if h),
-                       seeds=_seeds(args.seeds), steps=args.steps, batch_size=args.batch_size, image_size=args.image_size,
-                       width=args.width, lr=args.lr, workers=args.workers, eval_limit=args.eval_limit,
+                       seeds=_seeds(args.seeds), steps=args.steps, batch_size=args.batch_size,
+                       image_size=args.image_size, width=args.width, lr=args.lr, workers=args.workers, eval_limit=args.eval_limit,
                        resamples=args.bootstrap, overrides=args.set or [])
     summary = run_demo(opts)
     if not is_quiet():
