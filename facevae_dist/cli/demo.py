@@ -33,6 +33,10 @@ def _run(args) -> int:
     from facevae_dist.pipeline import DemoOptions, run_demo
     from facevae_dist.progress import console, is_quiet
 
+    from facevae_dist.errors import UsageError
+
+    if args.bootstrap < 100:
+        raise UsageError(f"--bootstrap {args.bootstrap}: use at least 100 resamples (default 2000)")
     opts = DemoOptions(root=Path(args.root), n=args.n, hypotheses=tuple(h for h in args.hypotheses.split(",") if h),
                        seeds=_seeds(args.seeds), steps=args.steps, batch_size=args.batch_size,
                        image_size=args.image_size, width=args.width, lr=args.lr, workers=args.workers, eval_limit=args.eval_limit,

@@ -7,6 +7,10 @@ def _run(args) -> int:
     from facevae_dist.progress import info
     from facevae_dist.report import make_report
 
+    from facevae_dist.errors import UsageError
+
+    if args.bootstrap < 100:
+        raise UsageError(f"--bootstrap {args.bootstrap}: use at least 100 resamples (default 2000)")
     res = make_report(args.run_dirs, args.out, resamples=args.bootstrap, seed=args.seed)
     tested = [c for c in res["claims"] if c["verdict"] != "not tested"]
     info(f"wrote {res['table_md']}, {res['table_csv']}, {res['claims_md']} ({len(tested)} claim(s) tested: "
