@@ -80,11 +80,11 @@ def train(cfg: TrainConfig) -> dict:
         raise UsageError(f"{cfg.data.shards} holds {image_size}px images but model.image_size="
                          f"{cfg.model.image_size}; pass --set model.image_size={image_size}")
     keep_freed_memory()  # glibc would otherwise mmap/munmap every large activation each step (see perf.py)
-    _configure_backends(cfg)
-    accelerator = _make_accelerator(cfg)
-    # one training process per run dir (rank 0 holds the lock until train() returns)
-    with ckpt.RunDirLock(run_dir) if accelerator.is_main_process else contextlib.nullcontext():
-        return _train_locked(cfg, accelerator)
+    with _backends(cfg):
+        accelerator = _make_accelerator(cfg)
+        # one training process per run dir (rank 0 holds the lock until train() returns)
+        with ckpt.RunDirLock(run_dir) if accelerator.is_main_process else contextlib.nullcontext():
+            return _train_locked(cfg, accelerator)
 
 
 def _train_locked(cfg: TrainConfig, accelerator) -> dict:
@@ -420,14 +420,22 @@ def _print_preset_warnings(cfg: TrainConfig, world: int) -> None:
 # ---- setup helpers ----------------------------------------------------------------------------------------------
 
 
-def _configure_backends(cfg: TrainConfig) -> None:
+@contextlib.contextmanager
+def _backends(cfg: TrainConfig):
     """--deterministic: deterministic cuDNN/cuBLAS kernels (cuBLAS needs CUBLAS_WORKSPACE_CONFIG set before its
-    first call); otherwise let cuDNN autotune convolutions (faster, but kernel choice may differ per process)."""
+    first call); otherwise let cuDNN autotune convolutions (faster, but kernel choice may differ per process).
+    These switches are process-global: the caller's settings come back when the run ends."""
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark)
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(cfg.deterministic)
-    torch.backends.cudnn.deterministic = cfg.deterministic
-    torch.backends.cudnn.benchmark = not cfg.deterministic
+    cudnn.deterministic, cudnn.benchmark = cfg.deterministic, not cfg.deterministic
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        cudnn.deterministic, cudnn.benchmark = saved[1], saved[2]
 
 
 def _check_same_experiment(path: Path, cfg: TrainConfig) -> None:

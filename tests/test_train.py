@@ -287,3 +287,15 @@ def test_val_sampling_sample_is_seeded_and_leaves_training_noise_alone(shards, t
     train_losses = {k: [m["loss"] for m in v if "loss" in m] for k, v in runs.items()}
     assert val["a"] == val["b"] != val["mean"]  # sampled z, from a seed of its own
     assert train_losses["a"] == train_losses["mean"]  # validation drew nothing from the training RNG
+
+
+def test_deterministic_flag_runs_and_changes_nothing_on_cpu(shards, tmp_path, monkeypatch):
+    """--deterministic switches torch to deterministic kernels (cuDNN/cuBLAS on GPUs, tests/test_gpu.py); on the CPU,
+    where runs are bit-exact anyway, it must run and give the same losses. The global switch is the run's only."""
+    seen = []
+    monkeypatch.setattr("facevae_dist.train._init_trackers",
+                        lambda *a: seen.append(torch.are_deterministic_algorithms_enabled()))
+    train(tiny_config(shards, tmp_path / "det", max_steps=2, val_every=2, ckpt_every=0, deterministic=True))
+    train(tiny_config(shards, tmp_path / "plain", max_steps=2, val_every=2, ckpt_every=0))
+    assert seen == [True, False] and not torch.are_deterministic_algorithms_enabled()
+    assert losses(tmp_path / "det") == losses(tmp_path / "plain")
