@@ -1,11 +1,13 @@
 """open_train_batches / iter_val_batches over real shards: float batches on the device, one DataLoader per run that
 rolls over epochs, the position a checkpoint stores, exact resume from it, deterministic validation."""
 
+import shutil
+
 import pytest
 import torch
 
 from facevae_dist.config import DataConfig
-from facevae_dist.data.batches import iter_val_batches, open_train_batches
+from facevae_dist.data.batches import fused_gather, iter_val_batches, open_train_batches
 from facevae_dist.data.loader import make_loader, u8_to_float
 from facevae_dist.data.shards import ShardOptions, build_shards
 from facevae_dist.data.sources import SyntheticSource
@@ -81,3 +83,39 @@ def test_validation_batches_are_the_same_every_call(shards, placement):
     assert torch.equal(torch.random.get_rng_state(), state)  # no RNG drawn
     assert [x.shape[0] for x, _ in a] == [8, 2]  # 10 val samples: the last batch is short, nothing dropped
     assert len(b) == 1 and torch.equal(a[0][0], b[0][0]) and torch.equal(a[0][1], b[0][1])
+
+
+needs_cc = pytest.mark.skipif(not any(shutil.which(c) for c in ("cc", "gcc", "clang", "g++")),
+                              reason="torch.compile's CPU backend needs a C++ compiler")
+
+
+@needs_cc
+@pytest.mark.slow
+def test_compiled_host_gather_gives_the_eager_batches_bit_for_bit(shards):
+    data = cfg(shards, placement="host")
+    eager = open_train_batches(data, rank=1, world=2, device=torch.device("cpu"), epoch=0, batch_in_epoch=1,
+                               channels_last=True)
+    fused = open_train_batches(data, rank=1, world=2, device=torch.device("cpu"), epoch=0, batch_in_epoch=1,
+                               channels_last=True, compile=True)
+    try:
+        assert fused._split.fused is not None
+        for (a, am), (b, bm) in zip(take(eager, 6), take(fused, 6)):  # across the epoch boundary
+            assert torch.equal(a, b) and torch.equal(am, bm)
+            assert b.is_contiguous(memory_format=torch.channels_last) and bm.shape == (8, 1, 24, 24)
+        assert fused._split.fused is not None  # it really ran compiled (no fallback to eager)
+    finally:
+        eager.close()
+        fused.close()
+
+
+@needs_cc
+@pytest.mark.slow
+def test_fused_gather_converts_every_uint8_value_as_u8_to_float():
+    values = torch.arange(256, dtype=torch.uint8)
+    images = values.roll(7).repeat(3 * 4).reshape(4 * 16, 4, 4, 3)  # 64 rows, every value in every channel
+    masks = values.reshape(16, 4, 4).repeat(4, 1, 1)
+    index = torch.tensor([63, 0, 5, 5, 17, 40])
+    image, mask = fused_gather()(images, masks, index, torch.contiguous_format)
+    assert image.is_contiguous() and mask.is_contiguous()
+    assert torch.equal(image, u8_to_float(images[index].permute(0, 3, 1, 2), "cpu"))
+    assert torch.equal(mask, u8_to_float(masks[index].unsqueeze(1), "cpu"))

