@@ -85,10 +85,29 @@ def env(**extra: str) -> dict:
     return e
 
 
-def run(cmd: list[str], timeout: float = 240, **env_extra: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\nrc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
+def run(cmd: list[str], timeout: float = 900, **env_extra: str) -> subprocess.CompletedProcess:
+    """Run a command (a launcher and its ranks) in its own process group. The deadline only guards against a hang
+    (a loaded CI machine can take minutes to start two ranks); when it passes, the whole group is killed, so no rank
+    is left orphaned waiting on a dead launcher's rendezvous store, and the output so far is shown."""
+    import signal
+
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(**env_extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)}\nstill running after {timeout:.0f} s (killed)\n{out[-3000:]}\n"
+                             f"{err[-6000:]}") from None
+    finally:
+        try:  # ranks that outlived a launcher that has exited (they would wait on its store forever)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\nrc={proc.returncode}\n{out[-3000:]}\n{err[-6000:]}"
+    return result
 
 
 def train_module(*args: str) -> list[str]:
