@@ -200,9 +200,10 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
 
     rank, world, we_init = _dist_setup(dev)
     try:
-        # Fixed order (no shuffle) and no dropped partial batch: every image once, the same ones in every run.
+        # Fixed order (no shuffle), no dropped partial batch, and with several ranks the N mod world remainder
+        # padded by repeats (deduplicated by key below): every image once, the same ones in every run.
         loader = make_loader(shards_dir, split, batch_size, rank=rank, world_size=world, workers=workers, seed=seed,
-                             epoch=0, resampled=False, drop_last=False, shuffle=False)
+                             epoch=0, resampled=False, drop_last=False, shuffle=False, pad=True)
         corrupt: list[str] = []
         rank_limit = None if limit is None else math.ceil(limit / world)
         keys: list[str] = []

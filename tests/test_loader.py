@@ -264,3 +264,19 @@ def test_workers_die_with_a_killed_trainer(tmp_path, train_shards):
     finally:
         for pid in _live_processes_in_group(proc.pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_eval_padding_gives_every_sample_to_some_rank_with_equal_counts(shards):
+    # 80 train samples over 3 ranks: without padding 2 are left out; with pad=True (what multi-rank eval uses) every
+    # rank reads ceil(80/3) = 27, the last one wrapping round to the first samples, and the union is every sample.
+    per_rank, keys = [], []
+    for rank in range(3):
+        plain = make_loader(shards, "train", 8, rank=rank, world_size=3, drop_last=False, shuffle=False)
+        assert plain.dropped_samples == 2
+        loader = make_loader(shards, "train", 8, rank=rank, world_size=3, drop_last=False, shuffle=False, pad=True)
+        got = epoch_keys(loader)
+        per_rank.append(len(got))
+        keys += got
+        assert loader.dropped_samples == 0
+    assert per_rank == [27, 27, 27]
+    assert set(keys) == {f"train-{i:08d}" for i in range(80)} and len(keys) - len(set(keys)) == 1

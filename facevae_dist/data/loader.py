@@ -129,12 +129,15 @@ class _EpochPlan:
     """This rank's batches for one epoch: arrays of (shard number, sample number in shard) per position."""
 
     def __init__(self, shard_counts: list[int], *, rank: int, world_size: int, batch_size: int, seed: int, epoch: int,
-                 resampled: bool, drop_last: bool, shuffle: bool):
+                 resampled: bool, drop_last: bool, shuffle: bool, pad: bool = False):
         total = sum(shard_counts)
-        per_rank = total // world_size
+        # pad (evaluation): every rank gets ceil(N / world) samples, the last ranks wrapping round to the first
+        # samples of the order, so no sample is left out; the caller drops the repeats by key
+        pad = pad and not drop_last and not resampled
+        per_rank = -(-total // world_size) if pad else total // world_size
         self.num_batches = per_rank // batch_size if drop_last else -(-per_rank // batch_size)
         self.num_samples = min(per_rank, self.num_batches * batch_size)
-        self.dropped_samples = 0 if resampled else total - world_size * self.num_samples
+        self.dropped_samples = 0 if resampled or pad else total - world_size * self.num_samples
         self.batch_size = batch_size
         if resampled:
             rng = np.random.default_rng([seed, epoch, rank, 0x5A])
@@ -153,6 +156,9 @@ class _EpochPlan:
         local = np.concatenate([
             (np.random.default_rng([seed, epoch, int(s)]).permutation(shard_counts[s]) if shuffle
              else np.arange(shard_counts[s])).astype(np.int32) for s in order])
+        if pad and world_size * per_rank > total:
+            extra = world_size * per_rank - total  # < world_size <= total (enough shards per rank is checked)
+            shard, local = np.concatenate([shard, shard[:extra]]), np.concatenate([local, local[:extra]])
         start = rank * per_rank
         self.shard = shard[start:start + self.num_samples]
         self.local = local[start:start + self.num_samples]
@@ -291,7 +297,7 @@ class ShardLoader:
     def __init__(self, shards_dir, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  workers: int = 0, seed: int = 0, epoch: int = 0, resampled: bool = False, start_batch: int = 0,
                  drop_last: bool = True, shuffle: bool = True, pin_memory: bool | None = None,
-                 prefetch_factor: int = 4):
+                 prefetch_factor: int = 4, pad: bool = False):
         if batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -315,7 +321,7 @@ class ShardLoader:
         self._dataset = _ShardDataset(
             [self.shards_dir / s["path"] for s in shards], manifest["image_ext"], self.image_size,
             dict(shard_counts=self.shard_counts, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
-                 resampled=resampled, drop_last=drop_last, shuffle=shuffle))
+                 resampled=resampled, drop_last=drop_last, shuffle=shuffle, pad=pad))
         self._dataloader: DataLoader | None = None
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prefetch_factor = prefetch_factor
