@@ -169,8 +169,8 @@ class HypothesisTask:
             if is_main:
                 self._write_element({**element, "state": "evaluating", "step": summary["step"]})
             if world > 1:
-                # train() closed its process group; evaluate() opens a new one. On the same MASTER_PORT a fast rank
-                # can reach rank 0's old, closing rendezvous store and hang: give the new group its own port.
+                # train() leaves the process group open and evaluate() reuses it; should none be open, evaluate()
+                # opens a new one, on its own port (not the training rendezvous' store).
                 os.environ["MASTER_PORT"] = str(_eval_port(job_id, int(os.environ["MASTER_PORT"])))
             result = evaluate(self.run_dir, self.config["data"]["shards"], split=self.eval_split,
                               limit=self.eval_limit)

@@ -255,7 +255,12 @@ def _train_locked(cfg: TrainConfig, accelerator) -> dict:
                  f"checkpoint saved, rerun the same command to resume")
     finally:
         batches.close()  # stops DataLoader workers now rather than at garbage collection
-        accelerator.end_training()
+        # Not accelerator.end_training(): it also destroys the process group, which belongs to the launcher (and
+        # evaluation reuses it). Destroying a gloo group right after the last collective deadlocks now and then:
+        # its destructor joins the worker threads holding the GIL while a worker, still releasing that
+        # collective's tensors, waits for the GIL (seen on rank 1 of 2-rank runs on a loaded machine).
+        for tracker in accelerator.trackers:
+            tracker.finish()
 
     wall = time.perf_counter() - t_start
     summary = {

@@ -154,11 +154,9 @@ def launcher_main(argv: list[str] | None = None) -> None:
 def _exit_without_teardown(rc: int) -> None:
     """Under a multi-process launcher, gloo's threads occasionally abort the interpreter during teardown
     ("terminate called without an active exception", SIGABRT; toolchain.md §2), after every file is written, and
-    the launcher then reports the whole run as failed. Everything is saved by now: leave without that teardown."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    the launcher then reports the whole run as failed. Everything is saved by now: leave without that teardown, and
+    without destroy_process_group(): destroying a gloo group joins its worker threads while holding the GIL, and a
+    worker still releasing the tensors of the last collective needs the GIL (a deadlock seen under load)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
