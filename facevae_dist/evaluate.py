@@ -93,6 +93,19 @@ def _dist_setup(device: torch.device) -> tuple[int, int, bool]:
     return 0, 1, False
 
 
+def close_process_group(settle_s: float = 1.0) -> None:
+    """Destroy the default process group, if any. A gloo group's destructor joins its worker threads while holding
+    the GIL, and a worker that is still releasing the tensors of the last collective needs the GIL: destroyed right
+    after a collective, the group can deadlock (seen on a loaded machine). Sleeping first releases the GIL so the
+    workers finish; a mitigation, since torch exposes no way to wait for them (the trainer and the launcher exit
+    avoid destroying the group at all)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        time.sleep(settle_s)
+        dist.destroy_process_group()
+
+
 def _gather(obj, world_size: int) -> list:
     if world_size == 1:
         return [obj]
@@ -236,9 +249,7 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
                             loader.dropped_samples), world)
     finally:
         if we_init:  # a group we created is ours to close (after the gather every rank is past its collectives)
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            close_process_group()
 
     # Rank 0 and the others alike build the result (cheap); only rank 0 writes.
     by_key: dict[str, np.ndarray] = {}

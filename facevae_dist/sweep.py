@@ -174,6 +174,10 @@ class HypothesisTask:
                 os.environ["MASTER_PORT"] = str(_eval_port(job_id, int(os.environ["MASTER_PORT"])))
             result = evaluate(self.run_dir, self.config["data"]["shards"], split=self.eval_split,
                               limit=self.eval_limit)
+            if world > 1:  # the element's process exits next: close the group (not at interpreter teardown)
+                from facevae_dist.evaluate import close_process_group
+
+                close_process_group()
             if is_main:
                 self._write_element({**element, "state": "finished", "step": summary["step"],
                                      "finished": time.time()})
