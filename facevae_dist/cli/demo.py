@@ -6,15 +6,14 @@ from pathlib import Path
 
 
 def _seeds(text: str) -> tuple[int, ...]:
+    """The sweep's --seeds parser (integers >= 0, repeats dropped); the demo needs at least one."""
     from facevae_dist.errors import UsageError
+    from facevae_dist.sweep import parse_seeds
 
-    try:
-        seeds = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise UsageError(f"--seeds {text!r}: expected comma-separated integers such as 0,1") from None
+    seeds = parse_seeds(text)
     if not seeds:
         raise UsageError("--seeds: expected at least one seed, e.g. --seeds 0,1")
-    return seeds
+    return tuple(seeds)
 
 
 def _section(lines: list[str], heading_prefix: str) -> list[str]:
