@@ -64,6 +64,10 @@ class TrainState:
     bad_steps_total: int = 0  # non-finite losses skipped so far
     world_size: int = 1  # the data layout batch_in_epoch refers to (batches are per rank) ...
     batch_size: int = 0  # ... and per micro-step
+    # Cost so far, summed over resumes (for learning curves against compute): wall seconds of the training loop
+    # (validation and checkpoints included), and CPU seconds of all ranks (rank 0's process CPU time x ranks).
+    train_seconds: float = 0.0
+    cpu_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -253,6 +257,7 @@ class CheckpointManager:
                 "weights_sha256_by_rank": digests,
                 "step": state.step, "samples_seen": state.samples_seen, "epoch": state.epoch,
                 "batch_in_epoch": state.batch_in_epoch, "val_loss": val_loss, "world_size": self.world_size,
+                "train_seconds": round(state.train_seconds, 2), "cpu_seconds": round(state.cpu_seconds, 2),
                 "hypothesis": cfg.hypothesis, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             })
         return tmp

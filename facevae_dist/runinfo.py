@@ -32,6 +32,11 @@ def git_revision(path: str | os.PathLike | None = None) -> str | None:
         return None
 
 
+def _torch_threads() -> int | None:
+    torch = sys.modules.get("torch")  # only if already imported: recording must not import torch
+    return torch.get_num_threads() if torch is not None else None
+
+
 def environment_info(world_size: int | None = None) -> dict:
     import facevae_dist
 
@@ -42,6 +47,8 @@ def environment_info(world_size: int | None = None) -> dict:
         "platform": platform.platform(),
         "host": socket.gethostname(),
         "world_size": world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")),
+        "torch_threads": _torch_threads(),  # intra-op threads of this process (results depend on it on CPU)
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "versions": {p: _version(p) for p in (
             "torch", "accelerate", "deepspeed", "webdataset", "submitit", "pytorch-msssim", "numpy", "pillow", "safetensors")},
         "argv": sys.argv,

@@ -535,8 +535,12 @@ def submit_sweep(out: str | Path, shards: str | Path, *, grid: str | None = None
     # and imports the live package). Jobs start in the submitting directory, and `python -m submitit...` puts that
     # directory first on sys.path, so a submission from the checkout would import the live package: submit from
     # the snapshot directory instead (every path in the element configs is absolute).
-    old_path = os.environ.get("PYTHONPATH")
+    old_path, old_threads = os.environ.get("PYTHONPATH"), os.environ.get("OMP_NUM_THREADS")
     os.environ["PYTHONPATH"] = str(code_dir) + (os.pathsep + old_path if old_path else "")
+    if cluster == "local" and old_threads is None:
+        # what the Slurm jobs get from slurm_setup: a local element uses its --cpus-per-task cores, not every core
+        # (four 2-thread elements on 2 cores would each fight the others for them)
+        os.environ["OMP_NUM_THREADS"] = str(slurm.cpus_per_task)
     try:
         # clean_env: submitting from inside an allocation must not hand its SLURM_* variables to the new jobs
         with contextlib.chdir(code_dir), submitit.helpers.clean_env():
@@ -551,6 +555,8 @@ def submit_sweep(out: str | Path, shards: str | Path, *, grid: str | None = None
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = old_path
+        if old_threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
 
     submission = {"time": time.time(), "cluster": cluster, "code": str(code_dir), "slurm": asdict(slurm),
                   "seeds": seeds, "overrides": overrides or [], "eval_split": eval_split, "eval_limit": eval_limit,

@@ -171,7 +171,10 @@ def _train_locked(cfg: TrainConfig, accelerator) -> dict:
     stop = _StopSignal(accelerator, cfg.log_every)
     poisoned = _poisoned_steps()
 
+    clock = _CostClock(state, world)
+
     def save_checkpoint(val_loss: float | None = None) -> None:
+        clock.update()
         _sync_buffers_for_deepspeed(raw_model, use_ds, world)
         # DeepSpeed shards the optimizer by rank: each rank writes its own part into the checkpoint
         manager.save(model=raw_model, optimizer_state={"deepspeed": True} if use_ds else optimizer.state_dict(),
@@ -226,8 +229,10 @@ def _train_locked(cfg: TrainConfig, accelerator) -> dict:
                     reduced = _mean_over_ranks(accelerator, terms)
                     ips = n_window / max(now - t_window, 1e-9)
                     t_window, n_window = now, 0
+                    clock.update()
                     metrics.write({"step": step, **reduced, "images_per_s": round(ips, 2), "lr": cfg.optim.lr,
                                    "samples_seen": state.samples_seen, "epoch": state.epoch,
+                                   "train_s": round(state.train_seconds, 2), "cpu_s": round(state.cpu_seconds, 2),
                                    **({"corrupt_samples_rank0": batches.corrupt_count}
                                       if batches.corrupt_count else {})})
                     progress.update(task, description=f"train loss {reduced['loss']:.4f} {ips:.1f} img/s")
@@ -277,6 +282,21 @@ def _train_locked(cfg: TrainConfig, accelerator) -> dict:
 
 
 # ---- loop helpers -------------------------------------------------------------------------------------------------
+
+
+class _CostClock:
+    """Keeps state.train_seconds / state.cpu_seconds current: what this process ran on top of what the checkpoint it
+    resumed from had counted. CPU time is rank 0's process time (all its threads) times the ranks: ranks do the
+    same work, and summing them exactly would cost a collective."""
+
+    def __init__(self, state, world: int):
+        self.state, self.world = state, world
+        self.base_wall, self.base_cpu = state.train_seconds, state.cpu_seconds
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+    def update(self) -> None:
+        self.state.train_seconds = self.base_wall + time.perf_counter() - self.t0
+        self.state.cpu_seconds = self.base_cpu + (time.process_time() - self.c0) * self.world
 
 
 class _BadSteps:

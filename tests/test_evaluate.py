@@ -267,3 +267,39 @@ def test_eval_reports_corrupt_samples(runs, shards, tmp_path):
     key = member.name.split(".")[0]
     assert len(ev["corrupt_samples"]) == 1 and ev["corrupt_samples"][0].startswith(key)
     assert ev["n_images"] == 7 and key not in (tmp_path / "eval" / "per_image.csv").read_text()
+
+
+def test_learning_curve_scores_every_kept_checkpoint(runs, shards, tmp_path):
+    """`facevae curve`: every kept step checkpoint scored like `facevae eval` would, with the trainer's cost counters
+    beside it; a second call reuses the scores instead of evaluating again."""
+    out = tmp_path / "curve"
+    args = ["curve", *[str(r) for r in runs.values()], "--out", str(out), "--limit", "4", "--device", "cpu",
+            "--target", "0.4"]
+    assert main(args) == 0
+    rows = list(csv.DictReader((out / "curve.csv").open()))
+    assert [(r["hypothesis"], int(r["step"])) for r in rows] == [
+        ("l2/none", 2), ("l2/none", 4), ("l2/mask+decoder", 2), ("l2/mask+decoder", 4)]
+    for first, last in (rows[0:2], rows[2:4]):
+        assert 0 < float(first["cpu_hours"]) < float(last["cpu_hours"])
+        assert 0 < float(first["train_hours"]) <= float(last["train_hours"])
+        assert int(last["samples_seen"]) == 2 * int(first["samples_seen"]) == 16
+    direct = tmp_path / "direct.json"
+    assert main(["eval", str(runs["l2/mask+decoder"]), "--checkpoint", "step_4", "--limit", "4", "--device", "cpu",
+                 "--out", str(direct)]) == 0
+    face_ssim = json.loads(direct.read_text())["metrics"]["face"]["ssim"]["mean"]
+    assert float(rows[3]["face_1-ssim"]) == pytest.approx(1 - face_ssim, abs=1e-6)
+    assert float(rows[3]["face_1-ssim_lo"]) <= float(rows[3]["face_1-ssim"]) <= float(rows[3]["face_1-ssim_hi"])
+    with Image.open(out / "learning_curve.png") as png:
+        assert png.size[0] > 1000 and png.size[1] > 400
+
+    cached = sorted((out / "evals").rglob("metrics.json"))
+    assert len(cached) == 4
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    assert main(args) == 0
+    assert [p.stat().st_mtime_ns for p in cached] == stamps, "the second call evaluated again"
+
+
+def test_learning_curve_of_a_directory_without_checkpoints_is_one_line(tmp_path, capsys):
+    assert main(["curve", str(tmp_path), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no checkpoints/" in err

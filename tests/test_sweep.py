@@ -345,10 +345,13 @@ def test_failing_and_cancelled_elements_do_not_stop_the_others(slurm_cluster, sh
 def test_local_cluster_runs_the_same_grid_without_slurm(shards, tmp_path):
     out = tmp_path / "sweep"
     assert main(["sweep", "submit", "--hypotheses", "l2/none,l2/mask+decoder", "--shards", str(shards),
-                 "--out", str(out), "--cluster", "local", "--eval-limit", "8", "--wait",
+                 "--out", str(out), "--cluster", "local", "--eval-limit", "8", "--wait", "--cpus-per-task", "1",
                  *[a for kv in [*TINY, "max_steps=3", "val_every=3", "ckpt_every=3"] for a in ("--set", kv)]]) == 0
     rows = _rows(out)
     assert rows["l2/none"]["state"] == rows["l2/mask+decoder"]["state"] == "finished"
+    # each local element ran with its --cpus-per-task threads, as a Slurm job would
+    if "OMP_NUM_THREADS" not in os.environ:
+        assert json.loads((out / "l2--none" / "env.json").read_text())["torch_threads"] == 1
     metrics = out / "l2--mask+decoder" / "eval" / "metrics.json"
     assert metrics.is_file()
 

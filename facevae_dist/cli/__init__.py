@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "facevae_dist.cli.train",
     "facevae_dist.cli.evaluate",
     "facevae_dist.cli.report",
+    "facevae_dist.cli.curve",
     "facevae_dist.cli.infer",
     "facevae_dist.cli.sweep",
     "facevae_dist.cli.bench",

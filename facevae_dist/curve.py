@@ -1,0 +1,148 @@
+"""`facevae curve`: learning curves from the step checkpoints a run kept.
+
+Every complete checkpoints/step_N of each run is scored by `facevae eval` (the same images for every checkpoint and
+run: the first --limit of the split in shard order), and the face-pixel 1-SSIM of the raw output is plotted
+against optimizer steps and against CPU-hours (the trainer's cost counters, checkpoint meta.json). A run keeps
+only `keep_last` step checkpoints: train with e.g. `--keep-last 100` to keep a whole curve.
+
+Incremental: each (run, step) evaluation is written to OUT/evals/<run>/step_N/metrics.json and reused when the
+command runs again (e.g. while the runs are still training), so only new checkpoints are scored.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from facevae_dist import checkpoint as ckpt
+from facevae_dist.errors import UsageError
+from facevae_dist.fileio import atomic_write_json, atomic_write_text
+from facevae_dist.progress import info
+
+CURVE_CSV = "curve.csv"
+CURVE_JSON = "curve.json"
+CURVE_PNG = "learning_curve.png"
+FIELDS = ("run", "hypothesis", "seed", "step", "samples_seen", "train_hours", "cpu_hours", "n_images",
+          "face_1-ssim", "face_1-ssim_lo", "face_1-ssim_hi", "face_lpips", "composite_1-ssim")
+
+
+def _run_label(run_dir: Path, seen: set[str]) -> str:
+    """A name for the run's files under OUT/evals: the run directory's name, with its parent's when two runs share
+    one (sweep layout <hypothesis-slug>/seed-<s>)."""
+    label = run_dir.name if run_dir.name not in seen else f"{run_dir.parent.name}--{run_dir.name}"
+    if label.startswith("seed-"):
+        label = f"{run_dir.parent.name}--{label}"
+    seen.add(label)
+    return label
+
+
+def _score(run_dir: Path, step_dir: Path, target: Path, *, shards, split: str, limit: int, device,
+           lpips_weights, bootstrap: int) -> dict:
+    from facevae_dist.evaluate import evaluate
+
+    if target.is_file():
+        cached = json.loads(target.read_text())
+        if (cached.get("checkpoint", {}).get("step") == ckpt.step_of(step_dir) and cached.get("limit") == limit
+                and cached.get("split") == split):
+            return cached
+    return evaluate(run_dir, shards, split=split, limit=limit, which=step_dir.name, device=device,
+                    lpips_weights=lpips_weights, out=target, bootstrap=bootstrap)
+
+
+def learning_curve(run_dirs: list[str | Path], out: str | Path, *, shards: str | Path | None = None,
+                   split: str = "test", limit: int = 300, device: str | None = None,
+                   lpips_weights: str | Path | None = None, bootstrap: int = 200,
+                   target: float | None = None) -> dict:
+    """Score every kept step checkpoint of `run_dirs`; write OUT/curve.csv, curve.json and learning_curve.png."""
+    out = Path(out)
+    runs = [Path(r) for r in run_dirs]
+    for r in runs:
+        if not (r / ckpt.CHECKPOINTS).is_dir():
+            raise UsageError(f"{r}: no checkpoints/ directory; pass run directories written by `facevae train` "
+                             "(an exported model has one step only: use `facevae eval`)")
+    rows: list[dict] = []
+    seen: set[str] = set()
+    for run_dir in runs:
+        label = _run_label(run_dir, seen)
+        steps = [c for c in ckpt.list_checkpoints(run_dir) if ckpt.is_complete(c)]
+        if not steps:
+            info(f"{run_dir}: no complete step checkpoint yet; skipped")
+            continue
+        for step_dir in steps:
+            meta = ckpt.read_meta(step_dir)
+            res = _score(run_dir, step_dir, out / "evals" / label / step_dir.name / "metrics.json", shards=shards,
+                         split=split, limit=limit, device=device, lpips_weights=lpips_weights, bootstrap=bootstrap)
+            face, comp = res["metrics"]["face"], res["metrics"]["composite"]
+            train_s, cpu_s = meta.get("train_seconds"), meta.get("cpu_seconds")
+            rows.append({
+                "run": label, "hypothesis": res.get("hypothesis"), "seed": res.get("seed"),
+                "step": int(meta["step"]), "samples_seen": meta.get("samples_seen"),
+                "train_hours": None if train_s is None else train_s / 3600,
+                "cpu_hours": None if cpu_s is None else cpu_s / 3600,
+                "n_images": res["n_images"],
+                "face_1-ssim": 1 - face["ssim"]["mean"],
+                "face_1-ssim_lo": 1 - face["ssim"]["ci95"][1], "face_1-ssim_hi": 1 - face["ssim"]["ci95"][0],
+                "face_lpips": face["lpips"]["mean"], "composite_1-ssim": 1 - comp["ssim"]["mean"],
+            })
+        last = rows[-1]
+        info(f"{label}: {len(steps)} checkpoint(s), step {last['step']}: face-pixel 1-SSIM "
+             f"{last['face_1-ssim']:.4f}")
+    if not rows:
+        raise UsageError("no run has a complete step checkpoint to score yet")
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row[k] is None else (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]))
+                         for k in FIELDS})
+    atomic_write_text(out / CURVE_CSV, buf.getvalue())
+    atomic_write_json(out / CURVE_JSON, {"split": split, "limit": limit, "shards": str(shards) if shards else None,
+                                         "metric": "1-SSIM of the raw decoder output on ground-truth face pixels",
+                                         "target": target, "rows": rows})
+    _plot(rows, out / CURVE_PNG, target)
+    return {"rows": rows, "csv": str(out / CURVE_CSV), "png": str(out / CURVE_PNG)}
+
+
+def _plot(rows: list[dict], path: Path, target: float | None) -> None:
+    from facevae_dist.report import _panel, _save, _style
+
+    import matplotlib.pyplot as plt
+
+    with plt.rc_context(_style()):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+        hyps = sorted({str(r["hypothesis"]) for r in rows})
+        colours = dict(zip(hyps, ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"] * 3))
+        styles = ["-", "--", ":", "-."]
+        for i, run in enumerate(dict.fromkeys(r["run"] for r in rows)):
+            pts = sorted((r for r in rows if r["run"] == run), key=lambda r: r["step"])
+            seeds = sorted({str(r["seed"]) for r in rows if r["hypothesis"] == pts[0]["hypothesis"]})
+            style = styles[seeds.index(str(pts[0]["seed"])) % len(styles)]
+            kw = dict(color=colours[str(pts[0]["hypothesis"])], linestyle=style, marker="o", markersize=3,
+                      label=f"{pts[0]['hypothesis']} seed {pts[0]['seed']}")
+            y = [p["face_1-ssim"] for p in pts]
+            axes[0].plot([p["step"] for p in pts], y, **kw)
+            axes[0].fill_between([p["step"] for p in pts], [p["face_1-ssim_lo"] for p in pts],
+                                 [p["face_1-ssim_hi"] for p in pts], color=kw["color"], alpha=0.12, linewidth=0)
+            cpu = [(p["cpu_hours"], p["face_1-ssim"]) for p in pts if p["cpu_hours"] is not None]
+            if cpu:
+                axes[1].plot(*zip(*cpu), **kw)
+        for ax, xlabel in zip(axes, ("optimizer steps", "CPU-hours (all threads, all ranks)")):
+            _panel(ax)
+            ax.set_xlabel(xlabel)
+            if target is not None:
+                ax.axhline(target, color="#555555", linewidth=0.8, linestyle=(0, (4, 3)))
+                ax.text(ax.get_xlim()[1], target, f" target {target:g}", va="bottom", ha="right", fontsize=8,
+                        color="#555555")
+        axes[0].set_xscale("log")
+        axes[0].set_ylabel("face-pixel 1-SSIM (raw output)\nlower is better")
+        axes[0].set_title("Learning curve vs steps (band: 95% interval over images)")
+        axes[1].set_title("Learning curve vs compute")
+        if not any(r["cpu_hours"] is not None for r in rows):
+            axes[1].text(0.5, 0.5, "no CPU-hours recorded\n(checkpoints written before the trainer counted them)",
+                         transform=axes[1].transAxes, ha="center", va="center", fontsize=8, color="#555555")
+        axes[0].legend(fontsize=7, frameon=False)
+        fig.tight_layout()
+        _save(fig, path)
