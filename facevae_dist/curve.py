@@ -110,22 +110,29 @@ def _plot(rows: list[dict], path: Path, target: float | None) -> None:
     from facevae_dist.report import _panel, _save, _style
 
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     with plt.rc_context(_style()):
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-        hyps = sorted({str(r["hypothesis"]) for r in rows})
-        colours = dict(zip(hyps, ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"] * 3))
-        styles = ["-", "--", ":", "-."]
-        for i, run in enumerate(dict.fromkeys(r["run"] for r in rows)):
+        runs = list(dict.fromkeys(r["run"] for r in rows))
+        first = {run: next(r for r in rows if r["run"] == run) for run in runs}
+        names = {run: f"{first[run]['hypothesis']} seed {first[run]['seed']}" for run in runs}
+        by_run = len(set(names.values())) < len(runs)  # two runs of one (hypothesis, seed): tell them by run name
+        if by_run:
+            names = {run: run for run in runs}
+        palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+        hyps = list(dict.fromkeys(str(first[run]["hypothesis"]) for run in runs))
+        for i, run in enumerate(runs):
             pts = sorted((r for r in rows if r["run"] == run), key=lambda r: r["step"])
-            seeds = sorted({str(r["seed"]) for r in rows if r["hypothesis"] == pts[0]["hypothesis"]})
-            style = styles[seeds.index(str(pts[0]["seed"])) % len(styles)]
-            kw = dict(color=colours[str(pts[0]["hypothesis"])], linestyle=style, marker="o", markersize=3,
-                      label=f"{pts[0]['hypothesis']} seed {pts[0]['seed']}")
-            y = [p["face_1-ssim"] for p in pts]
-            axes[0].plot([p["step"] for p in pts], y, **kw)
-            axes[0].fill_between([p["step"] for p in pts], [p["face_1-ssim_lo"] for p in pts],
-                                 [p["face_1-ssim_hi"] for p in pts], color=kw["color"], alpha=0.12, linewidth=0)
+            hyp = str(first[run]["hypothesis"])
+            seeds = list(dict.fromkeys(str(first[x]["seed"]) for x in runs if str(first[x]["hypothesis"]) == hyp))
+            colour = palette[(i if by_run else hyps.index(hyp)) % len(palette)]
+            style = "-" if by_run else ["-", "--", ":", "-."][seeds.index(str(first[run]["seed"])) % 4]
+            kw = dict(color=colour, linestyle=style, marker="o", markersize=3, label=names[run])
+            steps = [p["step"] for p in pts]
+            axes[0].plot(steps, [p["face_1-ssim"] for p in pts], **kw)
+            axes[0].fill_between(steps, [p["face_1-ssim_lo"] for p in pts], [p["face_1-ssim_hi"] for p in pts],
+                                 color=colour, alpha=0.12, linewidth=0)
             cpu = [(p["cpu_hours"], p["face_1-ssim"]) for p in pts if p["cpu_hours"] is not None]
             if cpu:
                 axes[1].plot(*zip(*cpu), **kw)
@@ -137,6 +144,11 @@ def _plot(rows: list[dict], path: Path, target: float | None) -> None:
                 ax.text(ax.get_xlim()[1], target, f" target {target:g}", va="bottom", ha="right", fontsize=8,
                         color="#555555")
         axes[0].set_xscale("log")
+        axes[0].xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v >= 1000 else f"{v:g}"))
+        axes[0].xaxis.set_minor_formatter(NullFormatter())
+        lo, hi = min(r["step"] for r in rows), max(r["step"] for r in rows)
+        axes[0].set_xticks([t for t in (100, 200, 500, 1000, 2000, 5000, 10_000, 20_000, 50_000, 100_000,
+                                        200_000, 500_000) if lo <= t <= hi] or [lo, hi])
         axes[0].set_ylabel("face-pixel 1-SSIM (raw output)\nlower is better")
         axes[0].set_title("Learning curve vs steps (band: 95% interval over images)")
         axes[1].set_title("Learning curve vs compute")
