@@ -137,6 +137,12 @@ class HypothesisTask:
             # leave the results as they are
             return {**head, "state": "finished", "skipped": True,
                     "metrics_json": str(self.run_dir / "eval" / "metrics.json")}
+        owner = live_owner(self.run_dir)
+        if owner is not None and owner != os.getpid():
+            # a second copy of an element that still trains here (a resubmission while it ran): leave the run and
+            # its element.json to the live process; the run-directory lock would refuse this copy anyway
+            return {**head, "state": "duplicate", "skipped": True,
+                    "error": f"{self.run_dir} is being trained by pid {owner}; this copy did nothing"}
         preempt_signal = _preempt_signal()
         submitit_handler = signal.getsignal(preempt_signal)  # submitit's checkpoint-and-requeue handler
         element = {**head, "job_id": job_id, "hostname": hostname,
@@ -433,6 +439,15 @@ def element_configs(names: list[str], shards: str | Path, out: Path, overrides: 
     return configs
 
 
+def live_owner(run_dir: Path) -> int | None:
+    """The pid of a live process on this machine that trains or evaluates this element (element.json), else
+    None (none, dead, or on another host: then Slurm's own state is what tells)."""
+    element = _read_json(run_dir / ELEMENT_FILE)
+    if element.get("state") in ("training", "evaluating") and _pid_alive(element) is True:
+        return element.get("pid")
+    return None
+
+
 def is_finished(run_dir: Path) -> bool:
     element = _read_json(run_dir / ELEMENT_FILE)
     return element.get("state") == "finished" and (run_dir / "eval" / "metrics.json").is_file()
@@ -517,6 +532,10 @@ def submit_sweep(out: str | Path, shards: str | Path, *, grid: str | None = None
         state = slurm_state(last) if last and entry.get("cluster") == "slurm" == cluster else ""
         if state in ACTIVE_STATES:
             info(f"skip {key}: job {last} is still {state}")
+            continue
+        owner = live_owner(run_dir)
+        if owner is not None:  # a local job (or one on this node) still at it: a second copy would only fail
+            info(f"skip {key}: still running here as pid {owner}")
             continue
         todo.append(key)
     if not todo:

@@ -379,6 +379,21 @@ def test_status_shows_a_killed_local_job_as_killed(shards, tmp_path):
                  "the local element to train")
     assert rows["l2/none"]["eta_s"] is not None
     pid = _element(out, "l2--none")["pid"]
+
+    # resubmitting while it trains leaves it alone (a second copy would fail on the run's lock and, before the
+    # fix, overwrote the live element's record with "failed")
+    submissions = len(json.loads((out / "sweep.json").read_text())["submissions"])
+    submit_sweep(out, shards, hypotheses=["l2/none"], cluster="local", eval_limit=4,
+                 overrides=[*TINY, "max_steps=100000", "val_every=0", "ckpt_every=100000"])
+    assert len(json.loads((out / "sweep.json").read_text())["submissions"]) == submissions
+    # and a duplicate copy that starts anyway (an array task started twice) does nothing
+    from facevae_dist.config import load_toml
+    from facevae_dist.sweep import HypothesisTask
+
+    dup = HypothesisTask(load_toml(out / "l2--none" / "config.toml").to_dict())
+    result = dup.run(rank=0, world=1, job_id="dup", hostname="here")
+    assert result["state"] == "duplicate" and str(pid) in result["error"]
+    assert _element(out, "l2--none")["pid"] == pid and _element(out, "l2--none")["state"] == "training"
     os.kill(pid, signal.SIGKILL)  # the element's own process, started by this test
     rows = _wait(_rows_when(out, lambda r: r["l2/none"]["state"] != "training"), 120,
                  "status to notice the dead process")
