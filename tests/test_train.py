@@ -236,9 +236,15 @@ def test_resume_refuses_a_changed_experiment_but_not_run_length(shards, tmp_path
         with pytest.raises(UsageError, match=rf"trained with other settings \({field}[.:].*new --run-dir") as err:
             train(cfg)
         assert "\n" not in str(err.value)
+    first_cost = json.loads((tmp_path / "checkpoints" / "step_2" / "meta.json").read_text())
     longer = tiny_config(shards, tmp_path, max_steps=4, val_every=0, log_every=2, keep_last=3, ckpt_every=1,
                          data={"workers": 1})
     assert train(longer)["step"] == 4
+    # the cost counters continue from the checkpoint: a learning curve against CPU-hours survives preemption
+    cost = json.loads((tmp_path / "checkpoints" / "step_3" / "meta.json").read_text())
+    for key in ("train_seconds", "cpu_seconds"):
+        assert cost[key] > first_cost[key] > 0
+    assert [r["train_s"] for r in metrics(tmp_path) if "train_s" in r][-1] >= cost["train_seconds"]
 
 
 def test_run_dir_that_is_a_file_is_one_line(shards, tmp_path, capsys):
