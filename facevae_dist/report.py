@@ -378,8 +378,9 @@ def _comparison(agg: Aggregate, field: str, path: Path, max_images: int = 6) -> 
     for j, (g, r) in enumerate(runs, start=1):
         axes[0, j].set_title(f"{LOSS_LABELS.get(g.loss, g.loss)}\nmask: {MODE_LABELS.get(g.mask_mode, g.mask_mode)}"
                              f"\nseed {r.seed}", fontsize=6.5)
-    what = ("composite: the output pasted onto the input's own background (predicted mask for mask-decoder "
-            "models, GT mask otherwise)" if field == "composite" else "raw decoder output (what the model itself "
+    # two short lines: one long line ran off both edges of a 4-run figure
+    what = ("composite: the output pasted onto the input's own background\n(alpha: the predicted mask for "
+            "mask-decoder models, the GT mask otherwise)" if field == "composite" else "raw decoder output (what the model itself "
             "reconstructs)")
     fig.suptitle(f"The same {agg.groups[0].runs[0].ev['split']} images through every run\n{what}", fontsize=9)
     fig.tight_layout()
