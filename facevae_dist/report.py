@@ -380,8 +380,8 @@ def _comparison(agg: Aggregate, field: str, path: Path, max_images: int = 6) -> 
                              f"\nseed {r.seed}", fontsize=6.5)
     # two short lines: one long line ran off both edges of a 4-run figure
     what = ("composite: the output pasted onto the input's own background\n(alpha: the predicted mask for "
-            "mask-decoder models, the GT mask otherwise)" if field == "composite" else "raw decoder output (what the model itself "
-            "reconstructs)")
+            "mask-decoder models, the GT mask otherwise)" if field == "composite"
+            else "raw decoder output (what the model itself reconstructs)")
     fig.suptitle(f"The same {agg.groups[0].runs[0].ev['split']} images through every run\n{what}", fontsize=9)
     fig.tight_layout()
     _save(fig, path)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The reference experiment, exactly as it was run (docs/reference/README.md), from the repository root after
-# `make setup` (or `pip install -e .`). About 80 minutes of training on a quiet 2-core CPU, then ~10 minutes for the
-# learning curve, export, report and the fresh-face check. Every step is resumable: rerun this script after an
+# `make setup` (or `pip install -e .`). About 2 hours of training on a 2-core CPU (4 CPU-hours), then a few minutes
+# for the learning curve, export, report and the fresh-face check. Every step is resumable: rerun this script after an
 # interruption and finished work is skipped (the sweep resumes its elements from their last checkpoints).
 set -euo pipefail
 export PATH="$PWD/.venv/bin:$PATH"
@@ -61,7 +61,7 @@ test, fresh = {}, {}
 for name in models:
     hyp, seed = name.rsplit("--seed-", 1)
     m, test[name] = face(sweep / hyp / f"seed-{seed}" / "eval" / "metrics.json")
-    test_n, test_step = m["n_images"], m["checkpoint"]["step"]
+    test_n = m["n_images"]
     _, fresh[name] = face(sweep / "fresh" / name / "metrics.json")
 results = {"target_face_1-ssim": 0.40, "image_size": 36,
            "metric": "1-SSIM of the raw decoder output on ground-truth face pixels (facevae eval, region face)",
