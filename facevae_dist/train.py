@@ -46,7 +46,7 @@ from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_wr
 from facevae_dist.losses import compute_losses
 from facevae_dist.model import FaceVAE
 from facevae_dist.optim import build_optimizer
-from facevae_dist.perf import keep_freed_memory
+from facevae_dist.perf import cpu_has_native_bf16, keep_freed_memory
 from facevae_dist.progress import info, make_progress
 from facevae_dist.train_step import TrainStep
 
@@ -201,6 +201,8 @@ def _train_locked(cfg: TrainConfig, accelerator) -> dict:
     info(f"training {cfg.hypothesis or 'custom config'} in {run_dir} on {world} x {device} "
          f"({accelerator.distributed_type}{', DeepSpeed' if use_ds else ''}, precision {cfg.mixed_precision}, "
          f"data {batches.placement})" + (f", resumed from {resume_from} at step {state.step}" if restored else ""))
+    if device.type == "cpu" and cfg.mixed_precision == "no" and is_main and cpu_has_native_bf16():
+        info("this CPU does bf16 in hardware: --set mixed_precision=bf16 trains ~1.6x faster (autocast; fp32 weights)")
     progress = make_progress()
     task = progress.add_task("train", total=cfg.max_steps, completed=state.step)
     try:

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from facevae_dist.bench.train import clip_grad_norm_per_tensor_, host_overhead, parse_config, run_train_bench
+from facevae_dist.bench.train import (_cpu_flags, clip_grad_norm_per_tensor_, host_overhead, parse_config,
+                                      quick_configs, run_train_bench)
 from facevae_dist.errors import UsageError
 
 torch.set_num_threads(1)
@@ -51,7 +52,10 @@ def test_run_train_bench_tiny_writes_json(tmp_path):
 def test_default_configs_are_quick(tmp_path):
     out = tmp_path / "quick.json"
     result = run_train_bench(out, [2], steps=1, warmup=0, configs=None, device="cpu", image_size=18, overhead=False)
-    assert [r["config"] for r in result["rows"]] == ["channels_last", "channels_last"]  # the default training config
+    # the default training config, and bf16 autocast where this CPU has it natively
+    native_bf16 = bool({"avx512_bf16", "amx_bf16"} & set(_cpu_flags()))
+    assert quick_configs("cpu") == ["channels_last"] + (["channels_last+bf16"] if native_bf16 else [])
+    assert [r["config"] for r in result["rows"]] == 2 * quick_configs("cpu")
 
 
 def test_trainer_step_reads_no_device_scalar_outside_the_optimizer():

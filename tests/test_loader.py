@@ -145,6 +145,70 @@ def test_persistent_workers_follow_set_epoch_and_resume(shards):
     assert [b["key"] for b in loader] == expected  # same workers, next pass = whole epoch 3
 
 
+def _pixels(batches):
+    return [(b["key"], b["image"].clone(), b["mask"].clone()) for b in batches]
+
+
+def _same(a, b):
+    assert [k for k, _, _ in a] == [k for k, _, _ in b]
+    assert all(torch.equal(x, y) and torch.equal(m, n) for (_, x, m), (_, y, n) in zip(a, b))
+
+
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_workers_hand_batches_over_shared_slots_bit_for_bit(shards, prefetch):
+    """Workers decode into shared slots (loader._BatchRing) and send only a ticket; with as few slots as the
+    DataLoader's flow control allows, across epochs and after an epoch abandoned half-way (its prefetched batches
+    are dropped by the DataLoader, their slots reused), every batch equals the one read without workers."""
+    reference = make_loader(shards, "train", 8, seed=7)
+    loader = make_loader(shards, "train", 8, seed=7, workers=2, prefetch_factor=prefetch)
+    try:
+        _same(_pixels(loader), _pixels(reference))
+        assert loader._dataset.ring is not None and loader._dataset.ring.slots == 2 * prefetch + 1
+        loader.set_epoch(1)
+        it = iter(loader)
+        [next(it) for _ in range(3)]  # abandon epoch 1 after 3 batches
+        loader.set_epoch(2, start_batch=1)
+        reference.set_epoch(2, start_batch=1)
+        _same(_pixels(loader), _pixels(reference))
+        assert loader._dataset.ring.written == 0  # the main process writes none (each worker counts its own)
+    finally:
+        loader.close()
+    assert loader._dataset.ring is None  # released with the workers
+
+
+def test_a_slot_overwritten_while_read_is_an_error_not_a_torn_batch(shards):
+    from facevae_dist.data.loader import _BatchRing
+    from facevae_dist.errors import RunError
+
+    ring = _BatchRing(workers=1, slots=2, batch_size=2, size=4)
+    ticket, images, masks = ring.claim(0, 2)
+    images[...] = 7
+    ring.publish(ticket)
+    image, _ = ring.take(ticket, pin=False)
+    assert image.shape == (2, 4, 4, 3) and int(image.max()) == 7
+    ring.claim(0, 2)  # the next slot
+    ring.claim(0, 2)  # wraps round onto the first: now being written
+    with pytest.raises(RunError, match="overwrote batch 1"):
+        ring.take(ticket, pin=False)
+
+
+def test_no_shared_memory_falls_back_to_the_pipe(shards, monkeypatch):
+    from facevae_dist.data import loader as loader_mod
+
+    def no_shm(*args, **kwargs):
+        raise RuntimeError("unable to allocate shared memory")
+
+    monkeypatch.setattr(loader_mod._BatchRing, "__init__", no_shm)
+    loader = make_loader(shards, "train", 8, seed=7, workers=2)
+    try:
+        with pytest.warns(UserWarning, match="no shared memory"):
+            got = _pixels(loader)
+        assert loader._dataset.ring is None
+        _same(got, _pixels(make_loader(shards, "train", 8, seed=7)))
+    finally:
+        loader.close()
+
+
 def _live_processes_in_group(pgid: int) -> list[int]:
     """Pids of non-zombie processes in process group `pgid` (orphans are reparented but keep their group)."""
     live = []

@@ -25,13 +25,14 @@ once per epoch and all but the < world + world x batch remainder exactly once, e
 another sample of the same batch and counted in corrupt_count, as the loader does. uint8 -> float happens on the
 device, after the gather (loader.u8_to_float).
 
-Host gather + float conversion cost (CPU target): eager torch needs three passes over memory (row gather, uint8 ->
-float copy, in-place x 1/255), ~21-28k images/s per core at 144 px on a 2-core Zen 4 VM; a ring of reused outputs or
-per-sample chunks measured no better (the float32 output, 332 KB per image, is written once per pass whatever
-buffer it lands in, and op overhead eats the cache-resident chunks). With `compile=True` (the run's --compile) the
-gather and the conversion are one inductor kernel: ~39-44k per core, bit-identical. For scale: a hand-written fused
-C loop reached ~40-45k with ordinary stores and ~60-67k only with non-temporal stores (no torch op emits those), so
-the write bandwidth of the float output, not arithmetic, bounds this path.
+Host gather + float conversion cost (CPU target): the float32 output (332 KB per 144-px image and mask) is written
+once whatever the method, so write bandwidth bounds this path. Eager torch needs three passes over memory (row
+gather, uint8 -> float copy, in-place x 1/255), ~21-28k images/s per core on a 2-core Zen 4 VM; a ring of reused
+outputs or per-sample chunks measured no better. One inductor kernel (compile=True, the run's --compile) does it
+in one pass, ~40-50k per core, still paying a read-for-ownership per cache line written. The C kernel of
+native_convert.py does that pass with streaming stores (no read before the write) and is used by default on a
+CPU run with channels_last (the default) when a C compiler is at hand; its rate is in `facevae bench data`.
+All three give bit-identical batches.
 """
 
 from __future__ import annotations
@@ -43,12 +44,14 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from facevae_dist.data import native_convert
 from facevae_dist.data.loader import ShardLoader, _EpochPlan, make_loader, to_float, u8_to_float
 from facevae_dist.errors import DataError, UsageError
 from facevae_dist.progress import info
 
 PLACEMENTS = ("stream", "host", "device")
 COPY_CHUNK = 256 << 20  # bytes per host -> device copy when loading a split onto the GPU
+_said = {"native": False}  # the "C kernel unavailable" line, once per process
 
 
 def _available_ram() -> int:
@@ -145,7 +148,8 @@ class _ResidentSplit:
     """A cached split as torch tensors (host memory map, or copied to the device) + the loader's epoch plans."""
 
     def __init__(self, data_cfg, split: str, *, rank: int, world: int, device: torch.device, on_device: bool,
-                 batch_size: int, drop_last: bool, shuffle: bool, resampled: bool, fuse: bool = False):
+                 batch_size: int, drop_last: bool, shuffle: bool, resampled: bool, fuse: bool = False,
+                 native: bool = True):
         from facevae_dist.data.cache import open_cache
 
         cache = open_cache(data_cfg.shards, split)
@@ -160,8 +164,14 @@ class _ResidentSplit:
         if on_device:
             images, masks = _to_device(images, device), _to_device(masks, device)
         self.images, self.masks, self.on_device = images, masks, on_device
-        # one compiled gather + convert kernel, only where the host converts (a GPU converts on its own, fast)
-        self.fused = fused_gather() if fuse and not on_device and torch.device(device).type == "cpu" else None
+        # where the host converts (a CPU run; a GPU converts on its own, fast): the C kernel with streaming stores
+        # (native_convert.py), else with --compile one inductor kernel, else eager torch. Same batches, bit for bit.
+        host_converts = not on_device and torch.device(device).type == "cpu"
+        self.native = native_convert.load() if host_converts and native else None
+        if host_converts and native and self.native is None and not _said["native"]:
+            _said["native"] = True
+            info(f"host batches: C kernel unavailable ({native_convert.why_not()}); converting with torch")
+        self.fused = fused_gather() if fuse and host_converts else None
         self.corrupt_rows = cache.corrupt_rows
         self._corrupt_msg = dict(zip(cache.corrupt_rows.tolist(), cache.corrupt))
 
@@ -191,6 +201,9 @@ class _ResidentSplit:
 
     def gather(self, index: torch.Tensor, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
+        if self.native is not None and channels_last:  # NHWC rows are already the channels_last layout: no transpose
+            image = native_convert.gather_rows(self.images, index).permute(0, 3, 1, 2)
+            return image, native_convert.gather_rows(self.masks, index).unsqueeze(1)
         if self.fused is not None:
             try:
                 return self.fused(self.images, self.masks, index, fmt)
@@ -267,10 +280,11 @@ class _ResidentBatches(TrainBatches):
 
 
 def open_train_batches(data_cfg, *, rank: int, world: int, device: torch.device, epoch: int, batch_in_epoch: int,
-                       channels_last: bool, compile: bool = False) -> TrainBatches:
+                       channels_last: bool, compile: bool = False, native: bool = True) -> TrainBatches:
     """This rank's training batches from (epoch, batch_in_epoch) on (a checkpoint's position, or 0, 0).
-    compile: with host placement on a CPU device, gather + convert as one torch.compile'd kernel (~1.6x; the
-    first batch pays the compile, seconds; falls back to eager if it cannot compile). Same batches either way."""
+    Host placement on a CPU device, channels_last: gather + convert by the C kernel of native_convert.py when
+    `native` and a C compiler is at hand; else with `compile` as one torch.compile'd kernel (the first batch pays
+    the compile, seconds; eager if it cannot compile), else eagerly. Same batches either way."""
     device = torch.device(device)
     placement = resolve_placement(data_cfg, device)
     if placement == "stream":
@@ -280,7 +294,7 @@ def open_train_batches(data_cfg, *, rank: int, world: int, device: torch.device,
         return _StreamBatches(loader, device, channels_last)
     split = _ResidentSplit(data_cfg, "train", rank=rank, world=world, device=device, on_device=placement == "device",
                            batch_size=data_cfg.batch_size, drop_last=True, shuffle=True, resampled=data_cfg.resampled,
-                           fuse=compile)
+                           fuse=compile, native=native)
     info(f"training data: {len(split.cache)} decoded samples held {'on ' + str(device) if placement == 'device' else 'in host memory'} "
          f"(data.placement={data_cfg.placement} -> {placement})")
     return _ResidentBatches(split, placement, device, channels_last, epoch, batch_in_epoch)
