@@ -2,6 +2,7 @@
 determinism by seed, exact mid-epoch resume, resampled mode, corrupt samples reported."""
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -205,6 +206,25 @@ def test_no_shared_memory_falls_back_to_the_pipe(shards, monkeypatch):
             got = _pixels(loader)
         assert loader._dataset.ring is None
         _same(got, _pixels(make_loader(shards, "train", 8, seed=7)))
+    finally:
+        loader.close()
+
+
+def test_small_dev_shm_falls_back_to_the_pipe_before_any_worker_starts(shards, monkeypatch):
+    """A container's 64 MB /dev/shm: slots that would take more than half of what is free are not allocated."""
+    from facevae_dist.data import loader as loader_mod
+
+    real = os.statvfs
+
+    class Tiny:
+        f_bavail, f_frsize = 16, 4096  # 64 KB free
+
+    monkeypatch.setattr(loader_mod.os, "statvfs", lambda path: Tiny() if path == "/dev/shm" else real(path))
+    loader = make_loader(shards, "train", 8, seed=7, workers=2)
+    try:
+        with pytest.warns(UserWarning, match="/dev/shm has 0 MB free"):
+            keys = epoch_keys(loader)
+        assert loader._dataset.ring is None and keys == epoch_keys(make_loader(shards, "train", 8, seed=7))
     finally:
         loader.close()
 

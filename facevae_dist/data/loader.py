@@ -456,7 +456,15 @@ class ShardLoader:
         """Shared slots for the workers' batches, or None (then batches travel through the pipe) where shared memory
         is short, e.g. a container's 64 MB /dev/shm."""
         slots = self.prefetch_factor * self.workers + 1  # see _BatchRing: enough that none is overwritten unread
+        need = self.workers * slots * self.batch_size * self.image_size ** 2 * 4
+        try:  # tmpfs pages are only taken when first written: a full /dev/shm would kill a worker with SIGBUS
+            st = os.statvfs("/dev/shm")
+            free = st.f_bavail * st.f_frsize
+        except OSError:
+            free = None
         try:
+            if free is not None and need > free // 2:
+                raise RuntimeError(f"the slots need {need / 2**20:.0f} MB, /dev/shm has {free / 2**20:.0f} MB free")
             return _BatchRing(self.workers, slots, self.batch_size, self.image_size)
         except (RuntimeError, OSError) as exc:
             warnings.warn(f"no shared memory for the data loader's batch slots ({str(exc).splitlines()[0][:120]}); "
