@@ -362,15 +362,21 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
     directory. With 'auto', newer checkpoints that do not load (a truncated file) are moved aside as
     step_<n>.damaged-<time> (kept, never picked again) and a warning says so; if none loads it refuses.
     Call on rank 0 only (it renames)."""
+    return resume_checkpoint(run_dir, resume)[0]
+
+
+def resume_checkpoint(run_dir: str | Path, resume: str) -> tuple[Path | None, Restored | None]:
+    """resolve_resume, plus rank 0's loaded checkpoint when 'auto' had to read it whole to check that it loads
+    (so the trainer does not read it twice); None when it was not read. Rank 0 only."""
     if resume == "none":
-        return None
+        return None, None
     if resume == "auto":
         return _newest_loadable(Path(run_dir))
     path = Path(resume)
     if not is_complete(path):
         raise UsageError(f"resume={resume!r}: not a complete checkpoint directory (needs {META_FILE} and "
                          "model.safetensors); use --resume auto or a checkpoints/step_<n> directory")
-    return path
+    return path, None
 
 
 @dataclass
@@ -411,21 +417,22 @@ def load_checkpoint(path: str | Path, rank: int = 0) -> Restored:
                     state=state, rng=load_pt(rng_file) if rng_file.is_file() else None, extra=extra)
 
 
-def _damage(ckpt: Path) -> str | None:
-    """Why `ckpt` cannot be resumed from (the first file that does not load), or None: every file is read."""
+def _damage(ckpt: Path) -> tuple[str | None, Restored | None]:
+    """(why `ckpt` cannot be resumed from: the first file that does not load, None) or (None, rank 0's loaded
+    checkpoint): every file is read."""
     try:
-        load_checkpoint(ckpt)
+        restored = load_checkpoint(ckpt)
         for rng_file in sorted(ckpt.glob("rng_rank*.pt")):  # the other ranks' files too
             load_pt(rng_file)
     except FaceVAEError as exc:
-        return str(exc)
-    return None
+        return str(exc), None
+    return None, restored
 
 
-def _newest_loadable(run_dir: Path) -> Path | None:
+def _newest_loadable(run_dir: Path) -> tuple[Path | None, Restored | None]:
     damaged: list[tuple[Path, str]] = []
     for ckpt in reversed(list_checkpoints(run_dir)):
-        why = _damage(ckpt)
+        why, restored = _damage(ckpt)
         if why is None:
             break
         damaged.append((ckpt, why))
@@ -433,7 +440,7 @@ def _newest_loadable(run_dir: Path) -> Path | None:
         if damaged:  # nothing to fall back to: refuse rather than silently start over in this directory
             raise RunError(f"{run_dir}: no checkpoint in {CHECKPOINTS}/ loads ({'; '.join(w for _, w in damaged)}); "
                            f"move {run_dir / CHECKPOINTS} away to start afresh, or use another --run-dir")
-        return None
+        return None, None
     stamp = time.strftime("%Y%m%dT%H%M%S")
     kept = []
     for bad, why in damaged:
@@ -445,7 +452,7 @@ def _newest_loadable(run_dir: Path) -> Path | None:
         kept.append(f"{bad.name} ({why}) kept as {aside.name}")
     if kept:  # nothing newer failed: resume silently
         warn(f"resuming from {ckpt} because newer checkpoints do not load: {'; '.join(kept)}")
-    return ckpt
+    return ckpt, restored
 
 
 # ---- for evaluation / inference -----------------------------------------------------------------------------------

@@ -102,12 +102,13 @@ def _train_locked(cfg: TrainConfig, accelerator) -> dict:
     # ---- resume: rank 0 picks the checkpoint (every rank must load the same one) -------------------------------
     if is_main:
         ckpt.remove_stale_temps(run_dir)
-    resume_from = ckpt.resolve_resume(run_dir, cfg.resume) if is_main else None
+    resume_from, verified = ckpt.resume_checkpoint(run_dir, cfg.resume) if is_main else (None, None)
     resume_from = _broadcast(accelerator, str(resume_from) if resume_from else None)
     if resume_from is None and cfg.resume == "none" and ckpt.latest_checkpoint(run_dir) is not None:
         raise UsageError(f"{run_dir} already has checkpoints (latest {ckpt.latest_checkpoint(run_dir).name}) and "
                          "--resume none would mix two runs in it; use a new --run-dir, or --resume auto to continue")
-    restored = ckpt.load_checkpoint(resume_from, rank) if resume_from else None
+    # rank 0 has read the checkpoint whole already when --resume auto checked that it loads
+    restored = (verified if verified is not None else ckpt.load_checkpoint(resume_from, rank)) if resume_from else None
     state = restored.state if restored else ckpt.TrainState()
     if restored:
         _check_same_experiment(Path(resume_from), cfg)

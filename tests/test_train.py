@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,6 +163,17 @@ def test_recorded_loss_curve(tmp_path):
     assert len(got) == len(expected) == 8
     assert got == pytest.approx(expected, rel=1e-3)
     assert got[0] != got[-1]
+
+
+def test_resume_auto_reads_the_checkpoint_once(shards, tmp_path, monkeypatch):
+    """--resume auto reads the newest checkpoint whole to check that it loads; the trainer reuses that read."""
+    import facevae_dist.checkpoint as ckpt_mod
+
+    train(tiny_config(shards, tmp_path, max_steps=2, val_every=0))
+    reads, real = [], ckpt_mod.load_checkpoint
+    monkeypatch.setattr(ckpt_mod, "load_checkpoint", lambda path, rank=0: reads.append(path) or real(path, rank))
+    summary = train(tiny_config(shards, tmp_path, max_steps=3, val_every=0))
+    assert summary["step"] == 3 and [Path(p).name for p in reads] == ["step_2"]
 
 
 def test_same_seed_same_first_losses_other_seed_differs(shards, tmp_path):
