@@ -165,6 +165,19 @@ def test_recorded_loss_curve(tmp_path):
     assert got[0] != got[-1]
 
 
+@pytest.mark.slow
+def test_compiled_run_resumes_exactly(shards, tmp_path):
+    """--compile: a run stopped after its step-2 checkpoint and resumed matches an uninterrupted one bit for bit
+    (the compiled step carries no state of its own that a checkpoint would miss)."""
+    common = dict(val_every=0, ckpt_every=2, compile=True, channels_last=True, data={"placement": "host"})
+    train(tiny_config(shards, tmp_path / "ref", max_steps=4, **common))
+    train(tiny_config(shards, tmp_path / "cut", max_steps=2, **common))
+    summary = train(tiny_config(shards, tmp_path / "cut", max_steps=4, **common))
+    assert summary["step"] == 4 and losses(tmp_path / "cut") == losses(tmp_path / "ref")
+    a, b = (load_file(d / "checkpoints" / "step_4" / "model.safetensors") for d in (tmp_path / "ref", tmp_path / "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_auto_reads_the_checkpoint_once(shards, tmp_path, monkeypatch):
     """--resume auto reads the newest checkpoint whole to check that it loads; the trainer reuses that read."""
     import facevae_dist.checkpoint as ckpt_mod
