@@ -178,6 +178,20 @@ def test_compiled_run_resumes_exactly(shards, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_bf16_hint_once_per_process_and_only_when_precision_was_left_to_auto(shards, tmp_path, monkeypatch):
+    import facevae_dist.train as train_mod
+
+    said = []
+    monkeypatch.setattr(train_mod, "info", lambda msg: said.append(msg))
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(train_mod, "_hinted_bf16", False)
+    train(tiny_config(shards, tmp_path / "chosen", max_steps=1, val_every=0, mixed_precision="no"))
+    assert not [m for m in said if "bf16 in hardware" in m]
+    for name in ("a", "b"):
+        train(tiny_config(shards, tmp_path / name, max_steps=1, val_every=0, mixed_precision="auto"))
+    assert len([m for m in said if "mixed_precision=bf16" in m]) == 1
+
+
 def test_resume_auto_reads_the_checkpoint_once(shards, tmp_path, monkeypatch):
     """--resume auto reads the newest checkpoint whole to check that it loads; the trainer reuses that read."""
     import facevae_dist.checkpoint as ckpt_mod
