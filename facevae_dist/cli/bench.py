@@ -40,8 +40,11 @@ def register(sub) -> None:
     data = bench_sub.add_parser(
         "data", help="shard build/read throughput vs the paper's per-file loading",
         description="Builds synthetic shards, then measures: build images/s, shard read images/s (decoded to uint8 "
-        "tensors) for each worker count, the paper's per-file way (one JPEG + one label-map PNG per sample, decode and "
-        "resize at load time), and the raw decode limit (decode the stored bytes in a tight loop). Reports ratios.")
+        "tensors) for each worker count, the host-resident placement (batches gathered from the decoded-split cache "
+        "and converted to float32: by the C kernel a CPU run uses, by eager torch, and by one compiled kernel), the "
+        "paper's per-file way (one JPEG + one label-map PNG per sample, decode and resize at load time), and the raw "
+        "decode limit (decode the stored bytes in a tight loop). Reports images/s and images/s per CPU core, ratios, "
+        "and which targets are met.")
     data.add_argument("--out", required=True, help="JSON file to write (parent directories are created)")
     data.add_argument("--n", type=int, default=2000, help="number of synthetic images (default 2000)")
     data.add_argument("--workers", type=_int_list, default=[0, 1, 2], help="DataLoader worker counts (default 0,1,2)")
@@ -54,7 +57,9 @@ def register(sub) -> None:
         "train", help="training images/s of the paper model, and the trainer's host overhead per step",
         description="Training throughput of the trainer's step (forward + losses + backward + clip + Adam) for the "
         "paper's model with and without the mask decoder, on random data already on the device: by default the "
-        "default training configuration only (quick), --full for the precision/layout/compile matrix. Then the "
+        "default training configuration (quick), plus bf16 autocast on a CPU that does bf16 in hardware, --full for "
+        "the precision/layout/compile matrix; 'vs TF' compares with the authors' TensorFlow code where it was "
+        "measured on this kind of CPU. Then the "
         "host overhead on a small config: ATen ops, host reads of device scalars and ms per step of the trainer's "
         "step against a bare forward/backward/clip/Adam loop (torch.profiler).")
     train.add_argument("--out", required=True, help="JSON file to write")
@@ -63,7 +68,8 @@ def register(sub) -> None:
     train.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (default 2; compile needs >= 1)")
     train.add_argument("--configs", default=None,
                        help="comma-separated from fp32, bf16, fp16 (GPU), channels_last, compile and '+' combinations "
-                            "(default: the default training config, channels_last on CPU, channels_last+bf16 on CUDA)")
+                            "(default: the default training config, channels_last on CPU, channels_last+bf16 on CUDA; "
+                            "on a CPU with avx512_bf16/AMX also channels_last+bf16)")
     train.add_argument("--full", action="store_true",
                        help="the full matrix fp32,bf16,channels_last,channels_last+bf16,compile (slow on a CPU)")
     train.add_argument("--no-overhead", action="store_true", help="skip the host-overhead comparison")
