@@ -1,4 +1,4 @@
-"""Process-level CPU performance settings for training and benchmarks.
+"""Process-level CPU performance settings for training and benchmarks, and what the CPU is (/proc/cpuinfo).
 
 glibc serves every allocation above 32 MiB with a fresh mmap and unmaps it on free. A training step at batch 32
 allocates and frees dozens of 40-170 MB activation buffers, so each step page-faults ~1 M times and spends a large
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import platform
 import sys
 
 _M_TRIM_THRESHOLD = -1
@@ -37,16 +38,26 @@ def keep_freed_memory() -> bool:
     return ok
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+def _cpuinfo(field: str) -> str | None:
+    """The first `field` line's value in /proc/cpuinfo (None where there is no such file or line)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC ...")."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    return set((_cpuinfo("flags") or "").split())
 
 
 def cpu_has_native_bf16() -> bool:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from facevae_dist.hypotheses import resolve_hypothesis
 from facevae_dist.losses import compute_losses
 from facevae_dist.model import FaceVAE
 from facevae_dist.optim import build_optimizer, clip_gradients_
-from facevae_dist.perf import cpu_flags, cpu_has_native_bf16, keep_freed_memory
+from facevae_dist.perf import cpu_flags, cpu_has_native_bf16, cpu_model, keep_freed_memory
 from facevae_dist.progress import console, info
 from facevae_dist.runinfo import environment_info
 
@@ -74,7 +73,7 @@ def quick_configs(device: str) -> list[str]:
 
 def paper_tf_reference() -> dict | None:
     """The PAPER_TF_REFERENCES entry measured on this kind of CPU, or None."""
-    model, flags = _cpu_model(), set(_cpu_flags())
+    model, flags = cpu_model(), cpu_flags()
     return next((r for r in PAPER_TF_REFERENCES if r["model_name"] in model and flags.issuperset(r["flags"])), None)
 
 
@@ -233,16 +232,6 @@ def bench_one(model_key: str, config: str, batch_size: int, steps: int, warmup: 
     return row
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _cpu_flags() -> list[str]:
     return sorted(f for f in cpu_flags() if f.startswith(("avx512_bf16", "avx512_fp16", "amx", "avx512f", "avx2")))
 
@@ -356,8 +345,8 @@ def run_train_bench(out: Path, batch_sizes: list[int], steps: int, warmup: int, 
     result = {
         "benchmark": "train",
         "device": device,
-        "device_name": torch.cuda.get_device_name(dev) if device == "cuda" else _cpu_model(),
-        "cpu_model": _cpu_model(),
+        "device_name": torch.cuda.get_device_name(dev) if device == "cuda" else cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_flags": _cpu_flags(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

@@ -235,8 +235,14 @@ class _BatchRing:
         self.slots = slots
         self.images = torch.empty((workers, slots, batch_size, size, size, 3), dtype=torch.uint8).share_memory_()
         self.masks = torch.empty((workers, slots, batch_size, size, size), dtype=torch.uint8).share_memory_()
+        assert self.images.nbytes + self.masks.nbytes == self.nbytes(workers, slots, batch_size, size)
         self.seq = torch.zeros((workers, slots), dtype=torch.int64).share_memory_()
         self.written = 0  # batches this process has written (each forked worker counts its own)
+
+    @staticmethod
+    def nbytes(workers: int, slots: int, batch_size: int, size: int) -> int:
+        """Shared memory the slots take: an image (3 bytes per pixel) and a mask (1) per sample."""
+        return workers * slots * batch_size * size * size * (3 + 1)
 
     def claim(self, worker: int, b: int) -> tuple[tuple[int, int, int, int], np.ndarray, np.ndarray]:
         """(ticket, image rows [b,H,W,3], mask rows [b,H,W]) to decode into; publish(ticket) when they are full."""
@@ -456,7 +462,7 @@ class ShardLoader:
         """Shared slots for the workers' batches, or None (then batches travel through the pipe) where shared memory
         is short, e.g. a container's 64 MB /dev/shm."""
         slots = self.prefetch_factor * self.workers + 1  # see _BatchRing: enough that none is overwritten unread
-        need = self.workers * slots * self.batch_size * self.image_size ** 2 * 4
+        need = _BatchRing.nbytes(self.workers, slots, self.batch_size, self.image_size)
         try:  # tmpfs pages are only taken when first written: a full /dev/shm would kill a worker with SIGBUS
             st = os.statvfs("/dev/shm")
             free = st.f_bavail * st.f_frsize
