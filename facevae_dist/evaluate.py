@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from facevae_dist import appearance
 from facevae_dist.errors import DataError, FaceVAEError, UsageError
 from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from facevae_dist.metrics import LEGACY_REGIONS, METRICS, REGIONS, MetricSettings, MetricSuite, composite, load_lpips
@@ -37,6 +38,7 @@ EXAMPLES_FILE = "examples.safetensors"
 FORMAT = "facevae-dist/eval-v2"
 LEGACY_FORMATS = ("facevae-dist/eval-v1",)  # region `paper` (now `composite`), no `composite-face`, no seed
 N_EXAMPLES = 8
+APPEARANCE = "appearance"  # per-image colour and hair measures (appearance.py): not a region, a block of its own
 BOOTSTRAP_RESAMPLES = 1000
 
 
@@ -201,7 +203,8 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
         raise UsageError(f"{run_dir} is an exported model (no training run to take shards from): pass --shards DIR")
     shards_dir = Path(shards_dir if shards_dir is not None else facts["shards"])
     n_split = check_split(shards_dir, split)
-    image_size = int(read_manifest(shards_dir)["image_size"])
+    manifest = read_manifest(shards_dir)
+    image_size = int(manifest["image_size"])
     if image_size != model.cfg.image_size:
         raise UsageError(f"{shards_dir} holds {image_size}px images but the checkpoint of {run_dir} was trained at "
                          f"{model.cfg.image_size}px (model.image_size); evaluate on shards built at that size "
@@ -210,6 +213,7 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
     lpips = load_lpips(lpips_weights, device=dev)
     settings = MetricSettings()
     suite = MetricSuite(lpips, settings)
+    hair_masks = appearance.HairMasks(shards_dir, manifest, split)
 
     rank, world, we_init = _dist_setup(dev)
     try:
@@ -222,7 +226,8 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
         keys: list[str] = []
         rows: list[np.ndarray] = []  # [B, regions*metrics] per batch
         examples: dict[str, dict[str, np.ndarray]] = {}
-        columns = [f"{r}.{m}" for r in REGIONS for m in METRICS]
+        columns = ([f"{r}.{m}" for r in REGIONS for m in METRICS]
+                   + [f"{APPEARANCE}.{m}" for m in appearance.MEASURES])
         t0 = time.perf_counter()
         total = n_split if limit is None else min(limit, n_split)
         with make_progress() as progress:
@@ -238,7 +243,9 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
                     image, mask, batch_keys = image[:keep], mask[:keep], batch_keys[:keep]
                 rec = model.reconstruct(image, mask if mode == "mask" else None)
                 scores = suite.score_regions(image, mask, rec.recon_raw, rec.mask_pred, mode)
-                rows.append(torch.stack([scores[r][m] for r in REGIONS for m in METRICS], 1).cpu().numpy())
+                looks = appearance.score(rec.recon_raw, image, mask, hair_masks.batch(batch_keys, dev))
+                rows.append(torch.stack([scores[r][m] for r in REGIONS for m in METRICS]
+                                        + [looks[m] for m in appearance.MEASURES], 1).cpu().numpy())
                 keys += batch_keys
                 _keep_examples(examples, batch_keys, image, mask, rec, mode, n_examples)
                 progress.advance(task, len(batch_keys) * world)
@@ -268,7 +275,7 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
         raise DataError(f"split {split!r} of {shards_dir}: the loader yielded no images")
     values = np.stack([by_key[k] for k in ordered])
     summary = bootstrap_summary(values, resamples=bootstrap, seed=seed)
-    metrics = {r: {} for r in REGIONS}
+    metrics = {r: {} for r in (*REGIONS, APPEARANCE)}
     for col, s in zip(columns, summary):
         region, metric = col.split(".")
         metrics[region][metric] = s
@@ -300,7 +307,10 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
                      "bootstrap": {"resamples": bootstrap, "ci": 0.95, "method": "percentile, paired across metrics",
                                    "seed": seed}},
         "regions": dict(REGIONS),
-        "metrics": metrics,
+        "metrics": {r: metrics[r] for r in REGIONS},
+        APPEARANCE: {"measures": metrics[APPEARANCE], "definitions": dict(appearance.DEFINITIONS),
+                     "region": "raw decoder output, GT face pixels (hair: hair pixels of the label map)",
+                     "hair_labels": hair_masks.why_not or "re-rendered by the synthetic generator"},
         "examples": {"file": EXAMPLES_FILE, "keys": example_keys},
         "seconds": round(seconds, 3),
         "images_per_s": round(len(ordered) / seconds, 2) if seconds > 0 else None,
