@@ -63,6 +63,21 @@ class Group:
         """Regions every run of the group was scored on (legacy evals lack `composite-face`)."""
         return [r for r in REGIONS if all(f"{r}.ssim" in run.scores for run in self.runs)]
 
+    def has_appearance(self) -> bool:
+        """Every run was scored with the colour and hair measures (appearance.py; evals before them lack them)."""
+        return all("appearance.colour_shift" in run.scores for run in self.runs)
+
+    def appearance(self, keys: list[str], measures: tuple[str, ...]) -> np.ndarray:
+        """[n_seeds, n_images, len(measures)] of appearance measures (appearance.MEASURES) on `keys`, as recorded
+        (signed; hair_sharpness is higher-is-sharper); NaN where a measure is undefined for an image."""
+        out = np.empty((len(self.runs), len(keys), len(measures)))
+        for i, run in enumerate(self.runs):
+            index = {k: j for j, k in enumerate(run.keys)}
+            rows = np.array([index[k] for k in keys], dtype=np.int64)
+            for c, m in enumerate(measures):
+                out[i, :, c] = run.scores[f"appearance.{m}"][rows]
+        return out
+
     def matrix(self, keys: list[str], region: str) -> np.ndarray:
         """[n_seeds, n_images, len(COLUMNS)] of lower-is-better values (1−SSIM, ..., 10·RMSE) on `keys`."""
         out = np.empty((len(self.runs), len(keys), len(COLUMNS)))

@@ -5,8 +5,10 @@ rebuilt anywhere. Runs are grouped by (hypothesis, seed) as eval recorded them (
 - table.md / table.csv: per hypothesis and region, the mean over seeds of each metric with a 95% hierarchical
   bootstrap interval over seeds and images, the paper's value beside it (every region: its protocol is unknown);
 - the mask effect per loss (mask+decoder minus none), paired per test image, with the same kind of interval;
-- claims.md / claims.json: the paper's claims C1-C8 judged on these runs (claims.py);
-- figures/mask_effect.png, figures/metrics_<region>.png, figures/comparison_{raw,composite}.png.
+- the colour cast and hair sharpness of each hypothesis (appearance.py), the measures behind C9 and C10;
+- claims.md / claims.json: the paper's claims C1-C12 judged on these runs (claims.py);
+- figures/mask_effect.png, figures/metrics_<region>.png, figures/appearance.png,
+  figures/comparison_{raw,composite}.png.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from facevae_dist.appearance import DEFINITIONS as APPEARANCE_DEFINITIONS
 from facevae_dist.claims import check_claims, claims_markdown
 from facevae_dist.evaluate import load_examples
 from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -36,6 +39,11 @@ REGION_TITLES = {
     "composite": "Composite: the output pasted onto the input's own background, every pixel",
     "whole": "Whole image, raw decoder output",
 }
+PAPER_MARKER_LABEL = "paper (CelebA, protocol unknown)"
+# The appearance table's columns: (measure, header, digits)
+APPEARANCE_COLUMNS = (("da", "Δa* (+ magenta/red)", 2), ("db", "Δb* (+ yellow)", 2),
+                      ("colour_shift", "colour cast", 2), ("delta_e", "ΔE", 2),
+                      ("hair_sharpness", "hair sharpness (1 = input)", 3))
 REGION_COLORS = {"face": "#2F7F8C", "composite-face": "#7FB7BE", "composite": "#E07B54", "whole": "#8C6BB1"}
 PROTOCOL_NOTE = (
     "(in brackets) = the paper's test-set value, shown beside every region because the paper never published which "
@@ -89,6 +97,13 @@ class Aggregate:
                                                                      b.matrix(self.keys, region),
                                                                      resamples=resamples, seed=seed)))
                     for region in self.regions}
+        # hypothesis -> {measure: Interval} of the colour and hair measures (evals that recorded them)
+        self.looks: dict[str, dict[str, Interval]] = {}
+        measures = tuple(m for m, _, _ in APPEARANCE_COLUMNS)
+        for g in self.groups:
+            if g.has_appearance():
+                ivs = group_intervals(g.appearance(self.keys, measures), resamples=resamples, seed=seed)
+                self.looks[g.hypothesis] = dict(zip(measures, ivs))
         self.claims = check_claims(self.groups, self.keys, resamples=resamples, seed=seed)
 
     @property
@@ -100,13 +115,20 @@ class Aggregate:
 # ---------------------------------------------------------------------------------------------------------------
 # Tables
 
+def separated_best(intervals: dict[str, Interval]) -> str | None:
+    """The name whose mean is lowest, when its 95% interval lies wholly below the runner-up's (else None: the data
+    do not single out a best)."""
+    ranked = sorted(((iv.mean, name) for name, iv in intervals.items() if iv.mean is not None), key=lambda t: t[0])
+    if len(ranked) < 2:
+        return None
+    best, second = intervals[ranked[0][1]], intervals[ranked[1][1]]
+    return ranked[0][1] if best.hi < second.lo else None
+
+
 def region_table(agg: Aggregate, region: str) -> str:
     header = ["Loss", "Mask", "seeds"] + [c[1] for c in COLUMNS]
-    best = {}
-    for key in COLUMN_KEYS:
-        vals = [agg.tables[(g.hypothesis, region)][key].mean for g in agg.groups]
-        vals = [v for v in vals if v is not None]
-        best[key] = min(vals) if vals else None
+    best = {key: separated_best({g.hypothesis: agg.tables[(g.hypothesis, region)][key] for g in agg.groups})
+            for key in COLUMN_KEYS}
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * len(COLUMNS)) + "|"]
     for g in agg.groups:
         paper = paper_result(g.loss, g.mask_mode) if g.loss in LOSS_ORDER else None
@@ -114,7 +136,7 @@ def region_table(agg: Aggregate, region: str) -> str:
         for key in COLUMN_KEYS:
             iv = agg.tables[(g.hypothesis, region)][key]
             text = _ci(iv)
-            if iv.mean is not None and best[key] is not None and math.isclose(iv.mean, best[key], abs_tol=5e-5):
+            if best[key] == g.hypothesis:
                 text = f"**{text}**"
             text += f" ({paper[key]:.3f})" if paper else " (—)"
             cells.append(text)
@@ -140,6 +162,22 @@ def effect_table(agg: Aggregate, region: str) -> str | None:
     return "\n".join(lines)
 
 
+def appearance_table(agg: Aggregate) -> str | None:
+    """Per hypothesis: the colour and hair measures on the raw output (mean over seeds [95% interval])."""
+    if not agg.looks:
+        return None
+    lines = ["| Loss | Mask | seeds | " + " | ".join(h for _, h, _ in APPEARANCE_COLUMNS) + " |",
+             "|---|---|---|" + "---:|" * len(APPEARANCE_COLUMNS)]
+    for g in agg.groups:
+        if g.hypothesis not in agg.looks:
+            continue
+        ivs = agg.looks[g.hypothesis]
+        cells = [LOSS_LABELS.get(g.loss, g.loss), MODE_LABELS.get(g.mask_mode, g.mask_mode), _seeds_text(g)]
+        cells += [_ci(ivs[m], digits, signed=m in ("da", "db")) for m, _, digits in APPEARANCE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _markdown(agg: Aggregate, figures: list[str]) -> str:
     from facevae_dist.paper_results import SOURCE
 
@@ -150,7 +188,8 @@ def _markdown(agg: Aggregate, figures: list[str]) -> str:
     out = [f"# Reconstruction metrics: {len(agg.groups)} hypothesis(es), {n_runs} run(s)", "",
            f"{evs[0]['split']} split, {len(agg.keys)} images scored in every run; {agg.seeds_note}. Each cell: mean "
            f"over seeds [95% hierarchical bootstrap interval over seeds and images, {agg.resamples} resamples]. "
-           f"Lower is better; **bold** = best per column. {PROTOCOL_NOTE}", ""]
+           f"Lower is better; **bold** = the best of a column, only where its interval lies wholly below the "
+           f"runner-up's. {PROTOCOL_NOTE}", ""]
     out += [f"- Note: {n}" for n in agg.notes] + ([""] if agg.notes else [])
     for region in agg.regions:
         out += [f"## {REGION_TITLES[region]} (`{region}`)", "", f"Region `{region}`: {REGIONS[region]}.", "",
@@ -162,11 +201,23 @@ def _markdown(agg: Aggregate, figures: list[str]) -> str:
                 "by side; paper: the paper's difference (protocol unknown).", ""]
         for region in agg.regions:
             out += [f"### `{region}`", "", effect_table(agg, region), ""]
-    tested = [c for c in agg.claims if c["verdict"] != "not tested"]
-    out += ["## The paper's claims", "", f"{len(tested)} of C1-C8 testable with these runs; details in claims.md.",
-            ""] + [f"- **{c['id']}**: {c['verdict']} (face pixels), "
-                   f"{c['other_regions'].get('composite', {}).get('verdict', 'n/a')} (composite) — {c['scope']}"
-                   for c in tested] + [""]
+    looks = appearance_table(agg)
+    if looks:
+        out += ["## Colour cast and hair sharpness (raw output)", "",
+                "The measures behind the paper's C9 and C10 (appearance.py), per image, then mean over seeds [95% "
+                "hierarchical bootstrap interval]:", ""]
+        out += [f"- {h}: {APPEARANCE_DEFINITIONS[m]}." for m, h, _ in APPEARANCE_COLUMNS] + ["", looks, ""]
+    tested = [c for c in agg.claims if "comparisons" in c]
+    out += ["## The paper's claims", "",
+            f"{len(tested)} of C1-C10 and C12 tested with these runs; C11 is shown; details in claims.md.", ""]
+    for c in agg.claims:
+        if "comparisons" in c:
+            comp = c["other_regions"].get("composite", {}).get("verdict")
+            out.append(f"- **{c['id']}**: {c['verdict']} ({c['region']} pixels)"
+                       + (f", {comp} (composite)" if comp else "") + f" — {c['scope']}")
+        else:
+            out.append(f"- **{c['id']}**: {c['verdict']} — {c.get('needs') or c.get('note')}")
+    out.append("")
     out += ["## Notes", "",
             f"- Shards: {', '.join(f'`{s}`' for s in shards)}. Runs: "
             + "; ".join(f"{g.hypothesis} seed {r.seed} step {r.ev['checkpoint']['step']} ({r.ev['run_dir']})"
@@ -282,7 +333,7 @@ def _mask_effect_figure(agg: Aggregate, path: Path) -> bool:
                    for r in regions]
         handles += [Line2D([], [], marker=".", color="#555555", linestyle="none", label="single seed"),
                     Line2D([], [], marker="D", markerfacecolor="white", markeredgecolor="black", linestyle="none",
-                           label="paper (protocol unknown)")]
+                           label=PAPER_MARKER_LABEL)]
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
         fig.suptitle(f"Mask effect: mask+decoder minus no mask, paired per image (below 0 = the mask helps)\n"
                      f"{len(agg.keys)} test images, {agg.seeds_note}; bars: 95% hierarchical bootstrap over seeds "
@@ -333,12 +384,60 @@ def _bar_chart(agg: Aggregate, region: str, path: Path) -> None:
             ax.tick_params(axis="x", length=0)
         handles = [Patch(color=MODE_COLORS.get(m, "#777777"), label=f"mask: {MODE_LABELS.get(m, m)}") for m in modes]
         handles.append(Line2D([], [], marker="D", markersize=5, markerfacecolor="white", markeredgecolor="black",
-                              linestyle="none", label="paper (protocol unknown)"))
+                              linestyle="none", label=PAPER_MARKER_LABEL))
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False,
                    title="training loss on the x axis", title_fontsize=8)
         fig.suptitle(f"Region `{region}`: {REGION_TITLES[region].lower()}\nn = {len(agg.keys)}, {agg.seeds_note} "
                      "(lower is better; bars: mean over seeds, 95% hierarchical bootstrap)", fontsize=10)
         _save(fig, path)
+
+
+def _appearance_figure(agg: Aggregate, path: Path) -> bool:
+    """Colour cast, signed a* shift and hair sharpness per hypothesis: bars grouped by loss, the mask variants side
+    by side, 95% intervals, the single seeds as dots."""
+    if not agg.looks:
+        return False
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    groups = [g for g in agg.groups if g.hypothesis in agg.looks]
+    losses = [l for l in LOSS_ORDER if any(g.loss == l for g in groups)] + \
+        sorted({g.loss for g in groups} - set(LOSS_ORDER))
+    modes = [m for m in MODE_ORDER if any(g.mask_mode == m for g in groups)]
+    panels = (("colour_shift", "Colour cast on face pixels (CIELAB; lower: truer colour)"),
+              ("da", "Mean a* shift on face pixels (+: toward magenta/red)"),
+              ("hair_sharpness", "Hair sharpness (reconstruction / input; 1 = as sharp)"))
+    with plt.rc_context(_style()):
+        fig, axes = plt.subplots(1, 3, figsize=(12.5, 3.9), constrained_layout=True)
+        width = min(0.8 / max(len(modes), 1), 0.3)
+        x = np.arange(len(losses))
+        for ax, (measure, title) in zip(axes, panels):
+            _panel(ax)
+            for j, mode in enumerate(modes):
+                off = (j - (len(modes) - 1) / 2) * width
+                for i, loss in enumerate(losses):
+                    g = next((g for g in groups if g.loss == loss and g.mask_mode == mode), None)
+                    iv = agg.looks[g.hypothesis][measure] if g else None
+                    if iv is None or iv.mean is None:
+                        continue
+                    ax.bar(x[i] + off, iv.mean, width * 0.92, color=MODE_COLORS.get(mode, "#777777"),
+                           yerr=[[max(iv.mean - iv.lo, 0)], [max(iv.hi - iv.mean, 0)]], capsize=2,
+                           error_kw={"elinewidth": 0.8, "ecolor": "#222222"})
+                    if iv.per_seed:
+                        ax.plot([x[i] + off] * len(iv.per_seed), iv.per_seed, ".", color="#333333", markersize=3)
+            if measure == "hair_sharpness":
+                ax.axhline(1.0, color="#222222", linewidth=0.8, linestyle="--")
+            if measure == "da":
+                ax.axhline(0.0, color="#222222", linewidth=0.8)
+            ax.set_title(title, fontsize=9)
+            ax.set_xticks(x, [LOSS_LABELS.get(l, l) for l in losses])
+            ax.tick_params(axis="x", length=0)
+        handles = [Patch(color=MODE_COLORS.get(m, "#777777"), label=f"mask: {MODE_LABELS.get(m, m)}") for m in modes]
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
+        fig.suptitle(f"Colour and hair (the paper's C9 and C10), raw output; n = {len(agg.keys)}, {agg.seeds_note}; "
+                     "bars: mean over seeds, 95% hierarchical bootstrap; dots: single seeds", fontsize=10)
+        _save(fig, path)
+    return True
 
 
 def _comparison(agg: Aggregate, field: str, path: Path, max_images: int = 6) -> bool:
@@ -407,6 +506,8 @@ def make_report(run_dirs, out_dir: str | Path, *, resamples: int = RESAMPLES, se
             p = fig_dir / f"metrics_{region}.png"
             _bar_chart(agg, region, p)
             written.append(p)
+        if _appearance_figure(agg, fig_dir / "appearance.png"):
+            written.append(fig_dir / "appearance.png")
     figures = written
     rel = [str(p.relative_to(out)) for p in figures]
     atomic_write_text(out / "table.csv", _csv(agg))

@@ -123,6 +123,18 @@ def paired_differences(a, b, *, resamples: int = RESAMPLES, seed: int = 0, ci: f
     return _bootstrap([(-1.0, a), (1.0, b)], resamples=resamples, seed=seed, ci=ci)
 
 
+def difference_of_differences(a0, a1, b0, b1, *, resamples: int = RESAMPLES, seed: int = 0,
+                              ci: float = CI) -> list[Interval]:
+    """(a1 − a0) − (b1 − b0) per column, image by image: whether an effect (0 -> 1) is larger in one setting (a)
+    than in another (b), e.g. the mask effect of l2 against that of SSIM. Four arms on the same images, each arm's
+    seeds resampled on its own, the images once for all four (paired)."""
+    arms = [_as_3d(v) for v in (a0, a1, b0, b1)]
+    if len({v.shape[1:] for v in arms}) != 1:
+        raise ValueError(f"difference of differences needs the same images and columns in all four arms, got "
+                         f"{[v.shape[1:] for v in arms]}")
+    return _bootstrap(list(zip((-1.0, 1.0, 1.0, -1.0), arms)), resamples=resamples, seed=seed, ci=ci)
+
+
 def group_interval(values, **kw) -> Interval:
     return group_intervals(np.asarray(values, dtype=np.float64)[..., None], **kw)[0]
 
