@@ -179,8 +179,7 @@ def _train_locked(cfg: TrainConfig, accelerator, precision_was_auto: bool = Fals
     if cfg.val_every:  # fail now, not at the first validation, if the val split is missing or too small
         next(val.batches(1), None)
     batches = open_train_batches(cfg.data, rank=rank, world=world, device=device, epoch=state.epoch,
-                                 batch_in_epoch=state.batch_in_epoch, channels_last=cfg.channels_last,
-                                 compile=cfg.compile)  # host placement on CPU: fused gather + float kernel
+                                 batch_in_epoch=state.batch_in_epoch, channels_last=cfg.channels_last)
     bad_steps = _BadSteps(cfg, state, metrics, device)
     stop = _StopSignal(accelerator, cfg.log_every)
     poisoned = _poisoned_steps()

@@ -1,24 +1,30 @@
 """The decoded-split cache and the host placement over it, on real shards: built in parallel identically to one
 process, exactly once per epoch across 2 ranks, exact resume, the same batches as the streaming loader (corrupt
-samples replaced and counted the same way), rebuilt when a shard or the cache file changes, a damaged shard named."""
+samples replaced and counted the same way), rebuilt when a shard or the cache file changes or its JSON is edited, a
+damaged shard named, a wait for another builder bounded and named, a read-only stale cache streamed by auto."""
 
+import collections
 import json
+import multiprocessing
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from facevae_dist.config import DataConfig
+from facevae_dist.data import batches as batches_mod
 from facevae_dist.data import cache as cache_mod
 from facevae_dist.data.batches import iter_val_batches, open_train_batches
 from facevae_dist.data.cache import cache_paths, open_cache
-from facevae_dist.data.loader import make_loader
+from facevae_dist.data.loader import decode_into, make_loader
 from facevae_dist.data.shards import ShardOptions, build_shards
 from facevae_dist.data.sources import SyntheticSource
 from facevae_dist.data.tario import iter_tar, write_tar
-from facevae_dist.errors import DataError
+from facevae_dist.errors import DataError, RunError, UsageError
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -35,7 +41,7 @@ def shards(tmp_path_factory):
 def own_shards(tmp_path, shards):
     out = tmp_path / "s"
     shutil.copytree(shards, out, ignore=shutil.ignore_patterns("cache"))
-    cache_mod._OPENED.clear()
+    cache_mod._digest.cache_clear()
     return out
 
 
@@ -51,21 +57,20 @@ def row_of(cache):
     return lambda image: table[(image * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy().tobytes()]
 
 
-def test_parallel_build_equals_one_process_and_is_a_plain_file(own_shards):
-    data_path, meta_path = cache_paths(own_shards, "train")
+def test_parallel_build_equals_one_process_and_is_plain_npy(own_shards):
+    paths = cache_paths(own_shards, "train")
     one = open_cache(own_shards, "train", processes=1)
-    sha_one = json.loads(meta_path.read_text())["sha256"]
-    data_path.unlink()
-    cache_mod._OPENED.clear()
+    sha_one = json.loads(paths.meta.read_text())["sha256"]
+    paths.images.unlink()
     two = open_cache(own_shards, "train", processes=2)
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads(paths.meta.read_text())
     assert meta["sha256"] == sha_one and meta["count"] == 80 and meta["corrupt"] == []
-    assert data_path.stat().st_size == meta["bytes"] == 80 * 24 * 24 * 4  # raw uint8, nothing else in it
+    # self-describing files: numpy reads them without pickle and without any offset from the JSON
+    assert np.load(paths.images, allow_pickle=False).shape == (80, 24, 24, 3)
+    assert np.load(paths.masks, allow_pickle=False).dtype == np.uint8
     assert np.array_equal(one.images, two.images) and np.array_equal(one.masks, two.masks)
-    assert [p.name for p in data_path.parent.iterdir() if p.name.endswith(".tmp")] == []
+    assert [p.name for p in paths.meta.parent.iterdir() if p.name.endswith(".tmp")] == []
     first = next(iter_tar(own_shards / "train" / "shard-000000.tar"))  # row 0 = first sample of the first shard
-    from facevae_dist.data.loader import decode_into
-
     image, mask = np.empty((24, 24, 3), np.uint8), np.empty((24, 24), np.uint8)
     decode_into(first[1], "jpg", image, mask)
     assert np.array_equal(two.images[0], image) and np.array_equal(two.masks[0], mask)
@@ -106,25 +111,105 @@ def test_resume_position_gives_the_same_batches_across_the_epoch_boundary(shards
 
 
 def test_cache_is_rebuilt_when_a_shard_or_the_cache_changes(own_shards):
-    data_path, meta_path = cache_paths(own_shards, "train")
+    paths = cache_paths(own_shards, "train")
     before = open_cache(own_shards, "train", processes=1).images[0].copy()
-    built = meta_path.stat().st_mtime_ns
-    assert open_cache(own_shards, "train").images is not None and meta_path.stat().st_mtime_ns == built  # reused
+    built = paths.meta.stat().st_mtime_ns
+    assert open_cache(own_shards, "train").images is not None and paths.meta.stat().st_mtime_ns == built  # reused
     # a shard rewritten (first sample replaced by another image): the cache notices and re-decodes
     tar = own_shards / "train" / "shard-000000.tar"
     samples = list(iter_tar(tar))
     samples[0][1]["jpg"] = samples[1][1]["jpg"]
     write_tar(tar, samples)
     after = open_cache(own_shards, "train", processes=1)
-    assert meta_path.stat().st_mtime_ns != built
+    assert paths.meta.stat().st_mtime_ns != built
     assert not np.array_equal(after.images[0], before) and np.array_equal(after.images[0], after.images[1])
-    # the cache file damaged in place (same size): its sha256 no longer matches -> rebuilt
-    expected = after.images[0].copy()
-    with open(data_path, "r+b") as f:
+    # the pixels damaged in place (same size, valid header): the sha256 no longer matches -> rebuilt
+    expected = after.images[-1].copy()
+    with open(paths.images, "r+b") as f:
+        f.seek(-64, os.SEEK_END)
         f.write(b"\x01" * 64)
-    cache_mod._OPENED.clear()
+    cache_mod._digest.cache_clear()  # as a new run would
     again = open_cache(own_shards, "train", processes=1)
-    assert np.array_equal(again.images[0], expected)
+    assert np.array_equal(again.images[-1], expected)
+
+
+def _edit_meta(paths, edit):
+    meta = json.loads(paths.meta.read_text())
+    edit(meta)
+    paths.meta.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("tamper", ["count too large", "corrupt row out of range", "corrupt rows unsorted",
+                                    "header shape too large", "file truncated", "not a dict"])
+def test_an_edited_cache_is_rebuilt_never_mapped_wrong(own_shards, tamper):
+    """Whatever is edited in the JSON or the .npy files, the layout is checked against the manifest and the file:
+    the cache is rebuilt (never an mmap ValueError, never rows mapped from a number in the JSON)."""
+    paths = cache_paths(own_shards, "train")
+    good = open_cache(own_shards, "train", processes=1)
+    ref_images, ref_masks = np.array(good.images), np.array(good.masks)
+    if tamper == "count too large":
+        _edit_meta(paths, lambda m: m.update(count=10**9))
+    elif tamper == "corrupt row out of range":
+        _edit_meta(paths, lambda m: m.update(corrupt=[[80, "x"]]))
+    elif tamper == "corrupt rows unsorted":
+        _edit_meta(paths, lambda m: m.update(corrupt=[[5, "x"], [1, "y"]]))
+    elif tamper == "header shape too large":  # same header length: (80, -> (90,
+        raw = paths.images.read_bytes()
+        paths.images.write_bytes(raw.replace(b"(80, 24, 24, 3)", b"(90, 24, 24, 3)", 1))
+    elif tamper == "file truncated":
+        os.truncate(paths.masks, paths.masks.stat().st_size - 100)
+    else:
+        paths.meta.write_text("[1, 2]")
+    again = open_cache(own_shards, "train", processes=1)
+    assert np.array_equal(again.images, ref_images) and np.array_equal(again.masks, ref_masks)
+    assert json.loads(paths.meta.read_text())["count"] == 80 and again.corrupt == []
+
+
+def test_a_stale_cache_in_a_read_only_folder_streams_under_auto_and_is_one_line_under_host(own_shards, monkeypatch):
+    """Issue 18 item 9: placement=auto with a stale cache it cannot rebuild (read-only shards folder) streams."""
+    paths = cache_paths(own_shards, "train")
+    open_cache(own_shards, "train", processes=1)
+    _edit_meta(paths, lambda m: m.update(count=81))  # stale
+    real_access = os.access
+    read_only = str(paths.meta.parent)
+
+    def access(path, mode, **kw):  # tests run as root, for whom chmod alone makes nothing read-only
+        if mode & os.W_OK and str(path).startswith(read_only):
+            return False
+        return real_access(path, mode, **kw)
+
+    monkeypatch.setattr(cache_mod.os, "access", access)
+    auto = DataConfig(shards=str(own_shards), batch_size=8, placement="auto", seed=3)
+    assert batches_mod.resolve_placement(auto, CPU) == "stream"
+    batches = open_train_batches(auto, rank=0, world=1, device=CPU, epoch=0, batch_in_epoch=0, channels_last=False)
+    assert batches.placement == "stream" and next(batches)[0].shape == (8, 3, 24, 24)
+    batches.close()
+    monkeypatch.undo()
+    assert batches_mod.resolve_placement(auto, CPU) == "host"  # writable again: it would rebuild it
+
+
+_HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_run_waiting_for_another_builder_names_it_and_gives_up(own_shards, monkeypatch):
+    folder = cache_paths(own_shards, "train").meta.parent
+    folder.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        monkeypatch.setattr(cache_mod, "CACHE_LOCK_WAIT_S", 1.0)
+        with pytest.raises(RunError, match=rf"still locked by pid {holder.pid} after 1 s; .*data\.placement=stream"):
+            open_cache(own_shards, "train", processes=1)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(open_cache(own_shards, "train", processes=1)) == 80  # free again
 
 
 def test_corrupt_sample_is_counted_and_replaced_like_the_loader(own_shards):
@@ -135,7 +220,8 @@ def test_corrupt_sample_is_counted_and_replaced_like_the_loader(own_shards):
     bad_key = samples[3][0]
     cache = open_cache(own_shards, "train", processes=2)
     assert len(cache.corrupt) == 1 and bad_key in cache.corrupt[0] and "shard-000002.tar" in cache.corrupt[0]
-    assert json.loads(cache_paths(own_shards, "train")[1].read_text())["corrupt_rows"] == cache.corrupt_rows.tolist()
+    assert [r for r, _ in json.loads(cache_paths(own_shards, "train").meta.read_text())["corrupt"]] == \
+        cache.corrupt_rows.tolist()
     host = open_train_batches(data_cfg(own_shards), rank=0, world=1, device=CPU, epoch=0, batch_in_epoch=0,
                               channels_last=False)
     stream = make_loader(own_shards, "train", 8, seed=3)
@@ -166,9 +252,9 @@ def test_damaged_shard_stops_the_build_naming_it(own_shards, damage):
         tar.unlink()
     with pytest.raises(DataError, match="shard-000004.tar"):
         open_cache(own_shards, "train", processes=2)
-    data_path, meta_path = cache_paths(own_shards, "train")
-    assert not data_path.exists() and not meta_path.exists()
-    assert [p.name for p in data_path.parent.iterdir() if p.name.endswith(".tmp")] == []
+    paths = cache_paths(own_shards, "train")
+    assert not any(p.exists() for p in paths)
+    assert [p.name for p in paths.meta.parent.iterdir() if p.name.endswith(".tmp")] == []
 
 
 @pytest.mark.gpu
@@ -194,8 +280,6 @@ def test_device_placement_gives_the_host_batches(shards):
 
 def test_the_device_copy_path_runs_on_cpu_too(shards, monkeypatch):
     """The on-device branch (chunked copy of the split, index tensor on the device) exercised where CUDA is absent."""
-    from facevae_dist.data import batches as batches_mod
-
     monkeypatch.setattr(batches_mod, "COPY_CHUNK", 5000)  # several chunks for this small split
     cfg = data_cfg(shards)
     split = batches_mod._ResidentSplit(cfg, "train", rank=0, world=2, device=CPU, on_device=True, batch_size=8,
@@ -214,15 +298,13 @@ def test_the_device_copy_path_runs_on_cpu_too(shards, monkeypatch):
 
 def _open_in_child(shards, queue):
     cache = open_cache(shards, "train", processes=2)
-    data_path, meta_path = cache_paths(shards, "train")
-    queue.put((len(cache), data_path.stat().st_ino, meta_path.stat().st_mtime_ns))
+    paths = cache_paths(shards, "train")
+    queue.put((len(cache), paths.images.stat().st_ino, paths.meta.stat().st_mtime_ns))
 
 
 def test_concurrent_ranks_build_the_cache_once(own_shards):
     """Two processes (as two ranks would) open a missing cache at once: one builds it under the lock, the other
     waits and reuses it (the JSON is written once)."""
-    import multiprocessing
-
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters, like separately launched ranks
     queue = ctx.Queue()
     procs = [ctx.Process(target=_open_in_child, args=(own_shards, queue)) for _ in range(2)]
@@ -233,21 +315,16 @@ def test_concurrent_ranks_build_the_cache_once(own_shards):
         p.join(timeout=60)
         assert p.exitcode == 0
     assert results[0] == results[1] and results[0][0] == 80  # same file, same JSON: built once
-    meta_path = cache_paths(own_shards, "train")[1]
-    assert sorted(p.name for p in meta_path.parent.iterdir()) == ["train.json", "train.u8"]
+    folder = cache_paths(own_shards, "train").meta.parent
+    assert sorted(p.name for p in folder.iterdir()) == ["train.images.npy", "train.json", "train.masks.npy"]
 
 
 def test_a_full_disk_is_one_line_and_auto_falls_back_to_streaming(own_shards, monkeypatch):
-    import collections
-
-    from facevae_dist.data import batches as batches_mod
-    from facevae_dist.errors import UsageError
-
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(cache_mod.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(UsageError, match=r"needs 0\.00 GiB, 0\.00 GiB free; .*data\.placement=stream"):
         open_cache(own_shards, "train", processes=1)
-    assert not cache_paths(own_shards, "train")[0].exists()
+    assert not cache_paths(own_shards, "train").images.exists()
     auto = DataConfig(shards=str(own_shards), batch_size=8, placement="auto")
     assert batches_mod.resolve_placement(auto, CPU) == "stream"
     monkeypatch.undo()

@@ -1,14 +1,22 @@
 """Issue 9, runtime side, end to end through `facevae`: a damaged newest checkpoint, a kill between the renames of
-best/, and what evaluation then reports."""
+best/, and what evaluation then reports. Issue 18 item 1: a decoded-cache builder killed mid-build leaves no orphan
+decoder holding the lock, and the next build completes."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 
+from facevae_dist.data import cache as cache_mod
+from test_loader import _live_processes_in_group
 from train_helpers import build_tiny_shards, cli_args, run
 
 
@@ -50,3 +58,48 @@ def test_eval_after_a_kill_between_the_renames_of_best(shards, tmp_path):
     assert evaluate("a.json")["checkpoint"] == {"which": "best", "step": 2}  # the aside best/ is still the best
     shutil.rmtree(run_dir / ".old-best-4242")  # as if the run never validated: it says what it used
     assert evaluate("b.json")["checkpoint"] == {"which": "step_2", "step": 2}
+
+
+_STUCK_BUILDER = """
+import sys, time
+from facevae_dist.data import cache
+
+def stuck(*args, **kwargs):  # a decode that never ends: the build is always caught half-way
+    time.sleep(3600)
+
+cache.decode_into = stuck
+cache.open_cache(sys.argv[1], "train", processes=2)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_cache_builder_killed_mid_build_leaves_no_orphan_and_the_next_build_completes(shards, tmp_path,
+                                                                                        monkeypatch, sig):
+    own = tmp_path / "s"
+    shutil.copytree(shards, own, ignore=shutil.ignore_patterns("cache"))
+    folder = cache_mod.cache_paths(own, "train").meta.parent
+    proc = subprocess.Popen([sys.executable, "-c", _STUCK_BUILDER, str(own)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300  # mid-build: temp files written, builder + 2 decoding processes alive
+        while time.monotonic() < deadline and not (
+                list(folder.glob(".*.tmp")) and len(_live_processes_in_group(proc.pid)) >= 3):
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            time.sleep(0.2)
+        assert list(folder.glob(".*.tmp")) and len(_live_processes_in_group(proc.pid)) >= 3, "never mid-build"
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 60  # the kernel kills the orphaned decoders (PDEATHSIG); give it time
+        while _live_processes_in_group(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = _live_processes_in_group(proc.pid)
+    finally:
+        for pid in _live_processes_in_group(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        proc.stderr.close()
+    assert left == [], f"decoding processes outlived the killed builder: {left}"
+    assert list(folder.glob(".*.tmp")), "the killed builder's temp files should be there for the next build to clean"
+    monkeypatch.setattr(cache_mod, "CACHE_LOCK_WAIT_S", 120.0)  # a hang would become a one-line error, not a hang
+    cache = cache_mod.open_cache(own, "train", processes=2)
+    assert len(cache) == 96 and cache.corrupt == [] and np.asarray(cache.masks).any()
+    assert list(folder.glob(".*.tmp")) == []  # the dead builder's temp files are gone

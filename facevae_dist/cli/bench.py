@@ -14,7 +14,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def _run_data(args) -> int:
-    from facevae_dist.bench.data import run_data_bench
+    from facevae_dist.bench.data import run_data_bench  # imports torch: not at `facevae --help` time
 
     run_data_bench(out=Path(args.out), n=args.n, workers=args.workers, seed=args.seed,
                    image_size=args.image_size, work_dir=Path(args.work_dir) if args.work_dir else None)
@@ -41,7 +41,7 @@ def register(sub) -> None:
         "data", help="shard build/read throughput vs the paper's per-file loading",
         description="Builds synthetic shards, then measures: build images/s, shard read images/s (decoded to uint8 "
         "tensors) for each worker count, the host-resident placement (batches gathered from the decoded-split cache "
-        "and converted to float32: by the C kernel a CPU run uses, by eager torch, and by one compiled kernel), the "
+        "and converted to float32 by torch, as a CPU run does; and the uint8 gather alone), the "
         "paper's per-file way (one JPEG + one label-map PNG per sample, decode and resize at load time), and the raw "
         "decode limit (decode the stored bytes in a tight loop). Reports images/s and images/s per CPU core, ratios, "
         "and which targets are met.")

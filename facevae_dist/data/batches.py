@@ -25,33 +25,27 @@ once per epoch and all but the < world + world x batch remainder exactly once, e
 another sample of the same batch and counted in corrupt_count, as the loader does. uint8 -> float happens on the
 device, after the gather (loader.u8_to_float).
 
-Host gather + float conversion cost (CPU target): the float32 output (332 KB per 144-px image and mask) is written
-once whatever the method, so write bandwidth bounds this path. Eager torch needs three passes over memory (row
-gather, uint8 -> float copy, in-place x 1/255), ~21-28k images/s per core on a 2-core Zen 4 VM; a ring of reused
-outputs or per-sample chunks measured no better. One inductor kernel (compile=True, the run's --compile) does it
-in one pass, ~40-50k per core, still paying a read-for-ownership per cache line written. The C kernel of
-native_convert.py does that pass with streaming stores (no read before the write) and is used by default on a
-CPU run with channels_last (the default) when a C compiler is at hand; its rate is in `facevae bench data`.
-All three give bit-identical batches.
+Host gather + float conversion (CPU): a row gather of uint8, then u8_to_float (cast-copy, x 1/255 in place), in
+torch, the same ops as every other placement: bit-identical batches. Its rate per core is in `facevae bench data`
+(target >= 20,000 images/s per core; on a GPU the batch is converted on the device).
 """
 
 from __future__ import annotations
 
+import functools
 import os
-import warnings
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from facevae_dist.data import native_convert
-from facevae_dist.data.loader import ShardLoader, _EpochPlan, make_loader, to_float, u8_to_float
+from facevae_dist.data.cache import open_cache, usable_for_placement
+from facevae_dist.data.loader import ShardLoader, _EpochPlan, no_readable_sample, to_float, u8_to_float, warn_corrupt
 from facevae_dist.errors import DataError, UsageError
 from facevae_dist.progress import info
 
 PLACEMENTS = ("stream", "host", "device")
 COPY_CHUNK = 256 << 20  # bytes per host -> device copy when loading a split onto the GPU
-_said = {"native": False}  # the "C kernel unavailable" line, once per process
 
 
 def _available_ram() -> int:
@@ -65,31 +59,28 @@ def _available_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def _cache_usable(shards_dir) -> bool:
-    """The cache can be written beside the shards, or is there already (e.g. a shared read-only dataset)."""
-    from facevae_dist.data.cache import cache_paths
-
-    data_path, meta_path = cache_paths(shards_dir, "train")
-    folder = data_path.parent
-    return os.access(folder if folder.exists() else folder.parent, os.W_OK) or (data_path.exists() and meta_path.exists())
+@functools.cache
+def _info_once(message: str) -> None:
+    info(message)
 
 
-def resolve_placement(data_cfg, device: torch.device) -> str:
+def resolve_placement(data_cfg, device: torch.device, split: str = "train") -> str:
     """The placement a run uses: the configured one, or for "auto" the fastest that fits (see module docstring)."""
+    device = torch.device(device)
     if data_cfg.placement != "auto":
-        if data_cfg.placement == "device" and torch.device(device).type != "cuda":
+        if data_cfg.placement == "device" and device.type != "cuda":
             raise UsageError(f"data.placement=device needs a CUDA device (this run is on {device}); "
                              "use --set data.placement=host")
         return data_cfg.placement
-    from facevae_dist.data.cache import cache_fits_on_disk, split_nbytes
-
-    need = split_nbytes(data_cfg.shards, "train")
     share = data_cfg.device_memory_fraction
-    if torch.device(device).type == "cuda" and need <= share * torch.cuda.mem_get_info(device)[0]:
-        return "device"
-    if (need <= share * _available_ram() and _cache_usable(data_cfg.shards)
-            and cache_fits_on_disk(data_cfg.shards, "train")):
-        return "host"
+    gpu = share * torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+    why = ""
+    for placement, memory in (("device", gpu), ("host", share * _available_ram())):
+        if memory:
+            why = usable_for_placement(data_cfg.shards, split, int(memory))
+            if not why:
+                return placement
+    _info_once(f"data.placement=auto: streaming the {split} split ({why})")
     return "stream"
 
 
@@ -148,10 +139,7 @@ class _ResidentSplit:
     """A cached split as torch tensors (host memory map, or copied to the device) + the loader's epoch plans."""
 
     def __init__(self, data_cfg, split: str, *, rank: int, world: int, device: torch.device, on_device: bool,
-                 batch_size: int, drop_last: bool, shuffle: bool, resampled: bool, fuse: bool = False,
-                 native: bool = True):
-        from facevae_dist.data.cache import open_cache
-
+                 batch_size: int, drop_last: bool, shuffle: bool, resampled: bool):
         cache = open_cache(data_cfg.shards, split)
         self.cache = cache
         counts = np.diff(np.append(cache.shard_offsets, len(cache))).tolist()
@@ -164,14 +152,6 @@ class _ResidentSplit:
         if on_device:
             images, masks = _to_device(images, device), _to_device(masks, device)
         self.images, self.masks, self.on_device = images, masks, on_device
-        # where the host converts (a CPU run; a GPU converts on its own, fast): the C kernel with streaming stores
-        # (native_convert.py), else with --compile one inductor kernel, else eager torch. Same batches, bit for bit.
-        host_converts = not on_device and torch.device(device).type == "cpu"
-        self.native = native_convert.load() if host_converts and native else None
-        if host_converts and native and self.native is None and not _said["native"]:
-            _said["native"] = True
-            info(f"host batches: C kernel unavailable ({native_convert.why_not()}); converting with torch")
-        self.fused = fused_gather() if fuse and host_converts else None
         self.corrupt_rows = cache.corrupt_rows
         self._corrupt_msg = dict(zip(cache.corrupt_rows.tolist(), cache.corrupt))
 
@@ -190,8 +170,7 @@ class _ResidentSplit:
                 good = np.nonzero(~holes)[0]
                 messages[j] = [self._corrupt_msg[int(r)] for r in batch[holes]]
                 if len(good) == 0:
-                    raise DataError(f"no readable sample in a whole batch ({'; '.join(messages[j][:3])}); "
-                                    "run `facevae shards verify`")
+                    raise no_readable_sample(messages[j])
                 for n in np.nonzero(holes)[0]:
                     batch[n] = batch[good[n % len(good)]]
                 rows[sl] = batch
@@ -201,39 +180,9 @@ class _ResidentSplit:
 
     def gather(self, index: torch.Tensor, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        if self.native is not None and channels_last:  # NHWC rows are already the channels_last layout: no transpose
-            image = native_convert.gather_rows(self.images, index).permute(0, 3, 1, 2)
-            return image, native_convert.gather_rows(self.masks, index).unsqueeze(1)
-        if self.fused is not None:
-            try:
-                return self.fused(self.images, self.masks, index, fmt)
-            except Exception as exc:  # noqa: BLE001 - no C++ compiler, unsupported platform...: same batches, eagerly
-                info(f"fused host gather unavailable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
-                     "converting eagerly")
-                self.fused = None
         image = self.images.index_select(0, index).permute(0, 3, 1, 2)  # NHWC rows seen as [B,3,H,W]
         mask = self.masks.index_select(0, index).unsqueeze(1)
         return u8_to_float(image, device, fmt), u8_to_float(mask, device, fmt)
-
-
-def _gather_float(images: torch.Tensor, masks: torch.Tensor, index: torch.Tensor,
-                  fmt: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows gathered and converted to float32 in [0,1] exactly as u8_to_float does (cast, then x (1/255) in float32),
-    written for torch.compile to fuse into one read-uint8 / write-float pass per tensor."""
-    image = (images[index].permute(0, 3, 1, 2).to(torch.float32) * (1 / 255)).contiguous(memory_format=fmt)
-    mask = (masks[index].unsqueeze(1).to(torch.float32) * (1 / 255)).contiguous(memory_format=fmt)
-    return image, mask
-
-
-_compiled_gather = None
-
-
-def fused_gather():
-    """The compiled _gather_float (one per process: dynamo caches one graph per split shape and memory format)."""
-    global _compiled_gather
-    if _compiled_gather is None:
-        _compiled_gather = torch.compile(_gather_float, dynamic=False)
-    return _compiled_gather
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -268,10 +217,7 @@ class _ResidentBatches(TrainBatches):
         j, b = self.batch_in_epoch, self._split.batch_size
         if self._corrupt_per_batch[j]:
             self.corrupt_count += int(self._corrupt_per_batch[j])
-            for item in self._messages[j]:
-                if item not in self._warned:
-                    self._warned.add(item)
-                    warnings.warn(f"corrupt sample replaced by a copy of another in its batch: {item}")
+            warn_corrupt(self._messages[j], self._warned)
         self.batch_in_epoch += 1
         return self._split.gather(self._index[j * b:(j + 1) * b], self._device, self._channels_last)
 
@@ -280,21 +226,17 @@ class _ResidentBatches(TrainBatches):
 
 
 def open_train_batches(data_cfg, *, rank: int, world: int, device: torch.device, epoch: int, batch_in_epoch: int,
-                       channels_last: bool, compile: bool = False, native: bool = True) -> TrainBatches:
-    """This rank's training batches from (epoch, batch_in_epoch) on (a checkpoint's position, or 0, 0).
-    Host placement on a CPU device, channels_last: gather + convert by the C kernel of native_convert.py when
-    `native` and a C compiler is at hand; else with `compile` as one torch.compile'd kernel (the first batch pays
-    the compile, seconds; eager if it cannot compile), else eagerly. Same batches either way."""
+                       channels_last: bool) -> TrainBatches:
+    """This rank's training batches from (epoch, batch_in_epoch) on (a checkpoint's position, or 0, 0)."""
     device = torch.device(device)
     placement = resolve_placement(data_cfg, device)
     if placement == "stream":
-        loader = make_loader(data_cfg.shards, "train", data_cfg.batch_size, rank=rank, world_size=world,
+        loader = ShardLoader(data_cfg.shards, "train", data_cfg.batch_size, rank=rank, world_size=world,
                              workers=data_cfg.workers, seed=data_cfg.seed, epoch=epoch,
                              resampled=data_cfg.resampled, start_batch=batch_in_epoch)
         return _StreamBatches(loader, device, channels_last)
     split = _ResidentSplit(data_cfg, "train", rank=rank, world=world, device=device, on_device=placement == "device",
-                           batch_size=data_cfg.batch_size, drop_last=True, shuffle=True, resampled=data_cfg.resampled,
-                           fuse=compile, native=native)
+                           batch_size=data_cfg.batch_size, drop_last=True, shuffle=True, resampled=data_cfg.resampled)
     info(f"training data: {len(split.cache)} decoded samples held {'on ' + str(device) if placement == 'device' else 'in host memory'} "
          f"(data.placement={data_cfg.placement} -> {placement})")
     return _ResidentBatches(split, placement, device, channels_last, epoch, batch_in_epoch)
@@ -306,8 +248,8 @@ def iter_val_batches(data_cfg, *, rank: int, world: int, device: torch.device, m
     batch possibly short (nothing dropped beyond the N mod world remainder), no RNG drawn, no workers. Resident
     placements read the decoded val split from the host cache (small; gathered there, converted on the device)."""
     device = torch.device(device)
-    if resolve_placement(data_cfg, device) == "stream":
-        loader = make_loader(data_cfg.shards, "val", data_cfg.batch_size, rank=rank, world_size=world, workers=0,
+    if resolve_placement(data_cfg, device, "val") == "stream":
+        loader = ShardLoader(data_cfg.shards, "val", data_cfg.batch_size, rank=rank, world_size=world, workers=0,
                              seed=data_cfg.seed, epoch=0, drop_last=False)
         for i, batch in enumerate(loader):
             if i >= max_batches:

@@ -1,15 +1,22 @@
 """A split decoded once into uint8 arrays, cached beside its shards, so later runs skip JPEG/PNG decoding.
 
 Files (per split, written by the first run that needs them):
-  <shards>/cache/<split>.u8    raw uint8, no header and nothing executable: images [N,H,W,3] then masks [N,H,W]
-  <shards>/cache/<split>.json  format, shapes/offsets, the file's sha256 and size, the shards it came from (path,
-                               count, manifest sha256, on-disk size and mtime) and the corrupt samples found
-Row order = the manifest's shard order, samples in tar order: row = shard_offsets[shard] + sample, so any plan the
-streaming loader makes (shard, sample) maps to rows (batches.py draws the same batches from either).
-Valid while the manifest's shard list and every tar's size and mtime match the JSON and the .u8 has the recorded
-size and sha256 (hashed at every open: reading the file is needed anyway); otherwise it is rebuilt: in parallel
-processes (one shard per task), written to a temp file and renamed, under a lock (flock on the cache folder) so
-concurrent ranks build it once.
+  <shards>/cache/<split>.images.npy  uint8 [N,H,W,3]   plain .npy files (numpy.lib.format): the header states dtype
+  <shards>/cache/<split>.masks.npy   uint8 [N,H,W]     and shape, read with allow_pickle=False, memory-mapped
+  <shards>/cache/<split>.json        the shards it came from (path, count, manifest sha256, size, mtime), each
+                                     .npy's sha256 and the corrupt samples found (row and reason)
+Row order = the manifest's shard order, samples in tar order: row = (samples of the shards before) + sample, so any
+plan the streaming loader makes (shard, sample) maps to rows (batches.py draws the same batches from either). The
+row offsets are derived from the manifest, never read from the JSON.
+Valid while the manifest's shard list and every tar's size and mtime match the JSON, each .npy's header has the
+shape the manifest implies and the file that size, the corrupt rows are in range, and each file's sha256 matches
+(hashed at the first open in a process: reading the file is needed anyway); anything else (a stale, damaged or
+edited cache) is rebuilt: in parallel processes (one shard per task) into temp files that are renamed, under a lock
+(flock on the cache folder) so concurrent ranks build it once. usable_for_placement() is the one place that says
+whether a run may count on the cache (fits in memory, fresh or buildable here: folder writable, disk room).
+Decoding processes die with the builder (PR_SET_PDEATHSIG) and do not keep the lock, a run waiting for another's
+build names its pid and gives up after CACHE_LOCK_WAIT_S, and temp files left by a killed builder are removed by
+the next one (under the lock, any temp file is a dead builder's).
 Corrupt samples (undecodable image or mask) are kept as zero rows and listed with the reason, like the loader's
 report; batches.py replaces them exactly as the loader does. A damaged shard (truncated, missing, short) stops the
 build with a one-line DataError naming it.
@@ -19,31 +26,43 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
+import json
 import os
 import shutil
+import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from facevae_dist.data.loader import decode_into
+from facevae_dist.data.loader import corrupt_item, decode_into, die_with_parent, short_shard, unreadable_shard
 from facevae_dist.data.shards import read_manifest
 from facevae_dist.data.tario import index_tar, read_fields
-from facevae_dist.errors import DataError, UsageError
+from facevae_dist.errors import DataError, RunError, UsageError
 from facevae_dist.fileio import atomic_write_json
 from facevae_dist.progress import info, make_progress
 
-FORMAT = "facevae-u8-cache"
-FORMAT_VERSION = 1
+FORMAT = "facevae-npy-cache"
+FORMAT_VERSION = 2
 HASH_CHUNK = 64 << 20
+CACHE_LOCK_WAIT_S = 3600.0  # a run waiting for another process's build gives up after this long
+_LOCK_POLL_S = 0.5
 
 
-def cache_paths(shards_dir, split: str) -> tuple[Path, Path]:
+class CachePaths(NamedTuple):
+    images: Path
+    masks: Path
+    meta: Path
+
+
+def cache_paths(shards_dir, split: str) -> CachePaths:
     folder = Path(shards_dir) / "cache"
-    return folder / f"{split}.u8", folder / f"{split}.json"
+    return CachePaths(folder / f"{split}.images.npy", folder / f"{split}.masks.npy", folder / f"{split}.json")
 
 
 def _split_shards(shards_dir, split: str) -> tuple[dict, list[dict]]:
@@ -60,33 +79,90 @@ def _fingerprint(shards_dir, shards: list[dict]) -> list[dict]:
         try:
             st = path.stat()
         except OSError as exc:
-            raise DataError(f"{path}: unreadable shard ({type(exc).__name__}: {exc}); "
-                            "run `facevae shards verify` and rebuild it")
+            raise unreadable_shard(path, exc)
         out.append({"path": s["path"], "count": int(s["count"]), "sha256": s.get("sha256"), "size": st.st_size,
                     "mtime_ns": st.st_mtime_ns})
     return out
 
 
-def cache_fits_on_disk(shards_dir, split: str) -> bool:
-    """A valid-looking cache file is there already, or the disk has room to build it."""
-    data_path, meta_path = cache_paths(shards_dir, split)
-    need = split_nbytes(shards_dir, split)
-    if data_path.exists() and meta_path.exists() and data_path.stat().st_size == need:
-        return True
-    folder = data_path.parent if data_path.parent.exists() else data_path.parent.parent
-    return shutil.disk_usage(folder).free >= need
+def _shapes(manifest: dict, shards: list[dict]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    n, size = sum(int(s["count"]) for s in shards), int(manifest["image_size"])
+    return (n, size, size, 3), (n, size, size)
 
 
 def split_nbytes(shards_dir, split: str) -> int:
     """Bytes the decoded split takes (what a resident placement must hold)."""
     manifest, shards = _split_shards(shards_dir, split)
-    size = int(manifest["image_size"])
-    return sum(int(s["count"]) for s in shards) * size * size * 4
+    return sum(int(np.prod(shape)) for shape in _shapes(manifest, shards))
+
+
+def _npy_matches(path: Path, shape: tuple[int, ...]) -> bool:
+    """The file is a .npy of uint8 `shape` in C order and exactly as long as its header says."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            got_shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+            size = os.fstat(f.fileno()).st_size
+    except (OSError, ValueError):
+        return False
+    return (tuple(got_shape) == shape and not fortran and dtype == np.uint8
+            and size == offset + int(np.prod(shape)))
+
+
+def _fresh_meta(paths: CachePaths, manifest: dict, shards: list[dict], fingerprint: list[dict]) -> dict | None:
+    """The cache's JSON when the cache matches the shards and its files match their headers; None otherwise
+    (missing, stale, edited, truncated). The sha256 is checked by open_cache, not here."""
+    try:
+        meta = json.loads(paths.meta.read_text())
+    except (OSError, ValueError):
+        return None
+    image_shape, mask_shape = _shapes(manifest, shards)
+    if not (isinstance(meta, dict) and meta.get("format") == FORMAT and meta.get("format_version") == FORMAT_VERSION
+            and meta.get("shards") == fingerprint and meta.get("image_ext") == manifest["image_ext"]
+            and meta.get("count") == image_shape[0]
+            and _npy_matches(paths.images, image_shape) and _npy_matches(paths.masks, mask_shape)):
+        return None
+    corrupt, sha = meta.get("corrupt"), meta.get("sha256")
+    if not (isinstance(sha, dict) and all(isinstance(sha.get(k), str) for k in ("images", "masks"))
+            and isinstance(corrupt, list)
+            and all(isinstance(c, list) and len(c) == 2 and type(c[0]) is int and isinstance(c[1], str)
+                    for c in corrupt)):
+        return None
+    rows = [c[0] for c in corrupt]
+    if rows != sorted(set(rows)) or any(not 0 <= r < image_shape[0] for r in rows):
+        return None
+    return meta
+
+
+def _writable(folder: Path) -> bool:
+    return os.access(folder if folder.exists() else folder.parent, os.W_OK)
+
+
+def usable_for_placement(shards_dir, split: str, memory: int) -> str:
+    """'' when a resident placement can count on the decoded split: it fits in `memory` bytes, and a fresh cache is
+    there or can be built here (folder writable, room on the disk); otherwise why not, as a phrase."""
+    manifest, shards = _split_shards(shards_dir, split)
+    paths = cache_paths(shards_dir, split)
+    need = split_nbytes(shards_dir, split)
+    if need > memory:
+        return f"the decoded split ({need / 2**30:.2f} GiB) does not fit in {memory / 2**30:.2f} GiB"
+    if _fresh_meta(paths, manifest, shards, _fingerprint(shards_dir, shards)) is not None:
+        return ""
+    folder = paths.meta.parent
+    if not _writable(folder):
+        return f"no fresh cache in {folder} and it is not writable"
+    free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+    if free < need:
+        return f"{folder}: the decoded split needs {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free"
+    return ""
 
 
 @dataclass
 class SplitCache:
-    """A decoded split. images: uint8 [N,H,W,3]; masks: uint8 [N,H,W] (numpy memmaps; never write to them)."""
+    """A decoded split. images: uint8 [N,H,W,3]; masks: uint8 [N,H,W] (copy-on-write memory maps)."""
 
     images: np.ndarray
     masks: np.ndarray
@@ -99,173 +175,240 @@ class SplitCache:
         return len(self.images)
 
 
-def _sha256(path: Path, nbytes: int, what: str) -> str:
+def _sha256(path: Path, what: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f, make_progress(transient=True) as progress:
-        task = progress.add_task(what, total=max(1, nbytes >> 20))
+        task = progress.add_task(what, total=max(1, os.fstat(f.fileno()).st_size >> 20))
         while block := f.read(HASH_CHUNK):
             h.update(block)
             progress.advance(task, len(block) >> 20)
     return h.hexdigest()
 
 
-def _valid_meta(meta_path: Path, data_path: Path, fingerprint: list[dict], image_size: int, image_ext: str) -> dict | None:
-    import json
-
-    try:
-        meta = json.loads(meta_path.read_text())
-        st = data_path.stat()
-    except (OSError, ValueError):
-        return None
-    if (meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION
-            or meta.get("shards") != fingerprint or meta.get("image_size") != image_size
-            or meta.get("image_ext") != image_ext or meta.get("bytes") != st.st_size):
-        return None
-    return meta
+def _init_decoder(parent_pid: int, lock_fd: int) -> None:
+    """Decoding process set-up: die with the builder, and let go of the forked copy of its lock descriptor (the
+    flock belongs to the open file, so a copy kept by an orphan would hold the lock for ever)."""
+    die_with_parent(parent_pid)
+    with contextlib.suppress(OSError):
+        os.close(lock_fd)
 
 
 def _decode_shard(job: tuple) -> list[tuple[int, str]]:
-    """Worker: decode one shard into its rows of the temp file; returns [(row, "key (shard: reason)")] of corrupt
-    samples. A damaged shard raises DataError naming it."""
-    path, image_ext, count, row0, data_path, n, size = job
-    images = np.memmap(data_path, np.uint8, "r+", 0, (n, size, size, 3))
-    masks = np.memmap(data_path, np.uint8, "r+", n * size * size * 3, (n, size, size))
+    """Decode one shard into its rows of the temp files; returns [(row, "key (shard: reason)")] of corrupt samples.
+    A damaged shard raises DataError naming it."""
+    path, image_ext, count, row0, images_path, masks_path = job
+    images = np.load(images_path, mmap_mode="r+", allow_pickle=False)
+    masks = np.load(masks_path, mmap_mode="r+", allow_pickle=False)
     try:
         index = index_tar(path)
     except Exception as exc:
-        raise DataError(f"{path}: unreadable shard ({type(exc).__name__}: {exc}); "
-                        "run `facevae shards verify` and rebuild it")
+        raise unreadable_shard(path, exc)
     if len(index) < count:
-        raise DataError(f"{path}: has {len(index)} samples, manifest.json expects {count} (truncated or replaced "
-                        "shard); run `facevae shards verify` and rebuild it")
+        raise short_shard(path, len(index), count)
     corrupt = []
     with open(path, "rb") as f:
         for i, (key, fields) in enumerate(index[:count]):
             try:
                 data = read_fields(f, fields)
             except (OSError, EOFError) as exc:
-                raise DataError(f"{path}: unreadable shard ({type(exc).__name__}: {exc}); "
-                                "run `facevae shards verify` and rebuild it")
+                raise unreadable_shard(path, exc)
             try:
                 decode_into(data, image_ext, images[row0 + i], masks[row0 + i])
             except Exception as exc:  # counted and reported, like the loader
                 images[row0 + i] = 0
                 masks[row0 + i] = 0
-                corrupt.append((row0 + i, f"{key} ({Path(path).name}: {type(exc).__name__}: {exc})"))
+                corrupt.append((row0 + i, corrupt_item(key, path, exc)))
     images.flush()
     masks.flush()
     return corrupt
 
 
-def _build(shards_dir, split: str, manifest: dict, shards: list[dict], fingerprint: list[dict], data_path: Path,
-           meta_path: Path, processes: int) -> None:
-    size, image_ext = int(manifest["image_size"]), manifest["image_ext"]
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel what has not started and kill the decoding processes now (shutdown alone would wait for them)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # no public kill before Python 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        proc.kill()
+        proc.join(timeout=10)
+
+
+def _decode_all(jobs: list[tuple], processes: int, lock_fd: int, split: str) -> list[tuple[int, str]]:
+    corrupt: list[tuple[int, str]] = []
+    with make_progress() as progress:
+        task = progress.add_task(f"cache {split}", total=len(jobs))
+        if processes <= 1:
+            for job in jobs:
+                corrupt += _decode_shard(job)
+                progress.advance(task)
+            return corrupt
+        # fork: no re-import; workers only decode and write their rows. A damaged shard stops the rest.
+        pool = ProcessPoolExecutor(processes, mp_context=get_context("fork"), initializer=_init_decoder,
+                                   initargs=(os.getpid(), lock_fd))
+        try:
+            futures = {pool.submit(_decode_shard, job) for job in jobs}
+            while futures:
+                done, futures = wait(futures, return_when=FIRST_EXCEPTION)
+                for fut in done:
+                    if fut.exception() is not None:
+                        raise fut.exception()
+                    corrupt += fut.result()
+                    progress.advance(task, 1)
+        except BaseException:
+            _stop(pool)
+            raise
+        pool.shutdown()
+    return corrupt
+
+
+def _new_npy(path: Path, shape: tuple[int, ...]) -> None:
+    """An uninitialised uint8 .npy with its blocks reserved now (a disk that fills later would kill the decoding
+    processes with SIGBUS)."""
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)._mmap.close()
+    with open(path, "rb+") as f:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+
+
+def _build(shards_dir, split: str, manifest: dict, shards: list[dict], fingerprint: list[dict], paths: CachePaths,
+           processes: int, lock_fd: int) -> None:
+    image_ext = manifest["image_ext"]
+    image_shape, mask_shape = _shapes(manifest, shards)
     counts = [int(s["count"]) for s in shards]
-    n = sum(counts)
-    nbytes = n * size * size * 4
+    n, nbytes = image_shape[0], split_nbytes(shards_dir, split)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    tmp = data_path.with_name(f".{data_path.name}.{os.getpid()}.tmp")
-    info(f"decoding {split} split of {shards_dir} once ({n} samples, {nbytes / 2**30:.2f} GiB) into {data_path} "
-         f"with {processes} process(es)")
-    free = shutil.disk_usage(data_path.parent).free
+    info(f"decoding {split} split of {shards_dir} once ({n} samples, {nbytes / 2**30:.2f} GiB) into "
+         f"{paths.meta.parent} with {processes} process(es)")
+    free = shutil.disk_usage(paths.meta.parent).free
     if free < nbytes:
-        raise UsageError(f"{data_path.parent}: the decoded {split} split needs {nbytes / 2**30:.2f} GiB, "
+        raise UsageError(f"{paths.meta.parent}: the decoded {split} split needs {nbytes / 2**30:.2f} GiB, "
                          f"{free / 2**30:.2f} GiB free; free some space or use --set data.placement=stream")
+    tmps = [p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in (paths.images, paths.masks)]
     try:
-        with open(tmp, "wb") as f:
-            # reserve the blocks now: a disk that fills later would kill the decoding processes with SIGBUS
-            if hasattr(os, "posix_fallocate"):
-                os.posix_fallocate(f.fileno(), 0, nbytes)
-            else:  # pragma: no cover
-                f.truncate(nbytes)
-        jobs = [(str(Path(shards_dir) / s["path"]), image_ext, c, int(o), str(tmp), n, size)
+        _new_npy(tmps[0], image_shape)
+        _new_npy(tmps[1], mask_shape)
+        jobs = [(str(Path(shards_dir) / s["path"]), image_ext, c, int(o), str(tmps[0]), str(tmps[1]))
                 for s, c, o in zip(shards, counts, offsets)]
-        corrupt: list[tuple[int, str]] = []
-        with make_progress() as progress:
-            task = progress.add_task(f"cache {split}", total=len(jobs))
-            if processes <= 1:
-                for job in jobs:
-                    corrupt += _decode_shard(job)
-                    progress.advance(task)
-            else:
-                # fork: no re-import; workers only decode and write their rows. A damaged shard cancels the rest.
-                with ProcessPoolExecutor(processes, mp_context=get_context("fork")) as pool:
-                    futures = {pool.submit(_decode_shard, job) for job in jobs}
-                    while futures:
-                        done, futures = wait(futures, return_when=FIRST_EXCEPTION)
-                        for fut in done:
-                            if fut.exception() is not None:
-                                for other in futures:
-                                    other.cancel()
-                                raise fut.exception()
-                            corrupt += fut.result()
-                            progress.advance(task, 1)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        corrupt.sort()
-        digest = _sha256(tmp, nbytes, f"hash {split} cache")
-        os.replace(tmp, data_path)
+        corrupt = sorted(_decode_all(jobs, processes, lock_fd, split))
+        for tmp in tmps:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        # renamed before the JSON is written: a kill in between leaves no JSON, hence a stale cache, rebuilt
+        os.replace(tmps[0], paths.images)
+        os.replace(tmps[1], paths.masks)
+        digests = {"images": _digest(paths.images, _stamp(paths.images)),
+                   "masks": _digest(paths.masks, _stamp(paths.masks))}
     except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        for tmp in tmps:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         raise
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "split": split, "count": n, "image_size": size,
-            "image_ext": image_ext, "bytes": nbytes, "sha256": digest,
-            "layout": {"images": {"offset": 0, "shape": [n, size, size, 3]},
-                       "masks": {"offset": n * size * size * 3, "shape": [n, size, size]}},
-            "shard_offsets": offsets.tolist(), "shards": fingerprint,
-            "corrupt_rows": [r for r, _ in corrupt], "corrupt": [m for _, m in corrupt]}
-    atomic_write_json(meta_path, meta)
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "split": split, "count": n,
+            "image_size": image_shape[1], "image_ext": image_ext, "sha256": digests, "shards": fingerprint,
+            "corrupt": [[r, m] for r, m in corrupt]}
+    atomic_write_json(paths.meta, meta)
     if corrupt:
-        info(f"{len(corrupt)} corrupt sample(s) in {split} (listed in {meta_path}); they are replaced in batches "
+        info(f"{len(corrupt)} corrupt sample(s) in {split} (listed in {paths.meta}); they are replaced in batches "
              "and counted, as the streaming loader does")
 
 
-_OPENED: dict[tuple[str, str], tuple[list[dict], SplitCache]] = {}  # verified this process: no re-hash per call
+def _lock_holder(folder_fd: int) -> int | None:
+    """The pid holding a flock on this open folder, from /proc/locks (None where it cannot be told)."""
+    st = os.fstat(folder_fd)
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                if "FLOCK" in fields and ident in fields and "->" not in fields:  # "->": a waiter
+                    return int(fields[fields.index(ident) - 1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _lock(folder: Path, fd: int) -> None:
+    """Exclusive flock on the cache folder; waits for another builder, saying who, for at most CACHE_LOCK_WAIT_S."""
+    deadline, said = time.monotonic() + CACHE_LOCK_WAIT_S, False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        holder = _lock_holder(fd)
+        who = f"pid {holder}" if holder else "another process"
+        if not said:
+            info(f"{folder}: waiting for {who}, which holds the decoded-split cache's lock (building it)")
+            said = True
+        if time.monotonic() >= deadline:
+            raise RunError(f"{folder}: still locked by {who} after {CACHE_LOCK_WAIT_S:.0f} s; if that process is "
+                           "hung, stop it, or use --set data.placement=stream")
+        time.sleep(_LOCK_POLL_S)
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    """Temp files of builders that died (under the lock no builder is at work, whatever node it ran on)."""
+    for tmp in folder.glob(".*.tmp"):
+        info(f"{tmp}: removing a temp file left by a cache build that did not finish")
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+@functools.cache
+def _digest(path: Path, stamp: tuple) -> str:
+    """sha256 of a cache file, computed once per process per version of the file (`stamp`, see _stamp)."""
+    return _sha256(path, f"hash {path.name}")
+
+
+def _stamp(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _intact(paths: CachePaths, meta: dict) -> bool:
+    return all(_digest(p, _stamp(p)) == meta["sha256"][k] for k, p in (("images", paths.images),
+                                                                       ("masks", paths.masks)))
 
 
 def open_cache(shards_dir, split: str, *, processes: int | None = None, build: bool = True) -> SplitCache:
     """The decoded split, built first if missing or stale (build=False: DataError instead). Concurrent callers
     (ranks) build it once: the others wait on the lock and then open it."""
     manifest, shards = _split_shards(shards_dir, split)
-    memo_key = (str(Path(shards_dir).resolve()), split)
-    if memo_key in _OPENED and _OPENED[memo_key][0] == _fingerprint(shards_dir, shards):
-        return _OPENED[memo_key][1]
-    size, image_ext = int(manifest["image_size"]), manifest["image_ext"]
-    data_path, meta_path = cache_paths(shards_dir, split)
+    paths = cache_paths(shards_dir, split)
+    folder = paths.meta.parent
     try:
-        data_path.parent.mkdir(exist_ok=True)
-        lock = os.open(data_path.parent, os.O_RDONLY)  # the folder itself is the lock: no extra file to leave behind
+        folder.mkdir(exist_ok=True)
+        lock = os.open(folder, os.O_RDONLY | os.O_CLOEXEC)  # the folder itself is the lock: no file left behind
     except OSError as exc:
-        raise UsageError(f"{data_path.parent}: cannot write the decoded-split cache ({exc.strerror}); make the shards "
+        raise UsageError(f"{folder}: cannot write the decoded-split cache ({exc.strerror}); make the shards "
                          "folder writable once, or use --set data.placement=stream")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        _lock(folder, lock)
         fingerprint = _fingerprint(shards_dir, shards)
-        meta = _valid_meta(meta_path, data_path, fingerprint, size, image_ext)
-        if meta is not None and _sha256(data_path, meta["bytes"], f"check {split} cache") != meta["sha256"]:
-            info(f"{data_path}: sha256 differs from {meta_path.name} (damaged); rebuilding it")
+        meta = _fresh_meta(paths, manifest, shards, fingerprint)
+        if meta is not None and not _intact(paths, meta):
+            info(f"{folder}: sha256 of the {split} cache differs from {paths.meta.name} (damaged); rebuilding it")
             meta = None
         if meta is None:
             if not build:
-                raise DataError(f"{data_path}: missing or stale decoded-split cache")
+                raise DataError(f"{folder}: missing or stale decoded {split} split")
             procs = processes or max(1, min(len(shards), len(os.sched_getaffinity(0))))
             try:
-                _build(shards_dir, split, manifest, shards, fingerprint, data_path, meta_path, procs)
+                _remove_stale_temps(folder)
+                _build(shards_dir, split, manifest, shards, fingerprint, paths, procs, lock)
             except PermissionError as exc:
-                raise UsageError(f"{data_path.parent}: cannot write the decoded-split cache ({exc.strerror}); make "
+                raise UsageError(f"{folder}: cannot write the decoded-split cache ({exc.strerror}); make "
                                  "the shards folder writable once, or use --set data.placement=stream")
-            meta = _valid_meta(meta_path, data_path, fingerprint, size, image_ext)
+            meta = _fresh_meta(paths, manifest, shards, fingerprint)
             if meta is None:  # a shard changed while we decoded it
                 raise DataError(f"{shards_dir}/{split}: shards changed while the cache was built; run again")
-        n = int(meta["count"])
         # copy-on-write mappings: writable for torch.from_numpy, yet never written, so ranks share the page cache
-        images = np.memmap(data_path, np.uint8, "c", 0, (n, size, size, 3))
-        masks = np.memmap(data_path, np.uint8, "c", n * size * size * 3, (n, size, size))
+        images = np.load(paths.images, mmap_mode="c", allow_pickle=False)
+        masks = np.load(paths.masks, mmap_mode="c", allow_pickle=False)
     finally:
         os.close(lock)  # releases the flock
-    cache = SplitCache(images=images, masks=masks, shard_offsets=np.asarray(meta["shard_offsets"], np.int64),
-                       corrupt_rows=np.asarray(meta["corrupt_rows"], np.int64), corrupt=list(meta["corrupt"]),
-                       meta=meta)
-    _OPENED[memo_key] = (meta["shards"], cache)
-    return cache
+    counts = [int(s["count"]) for s in shards]
+    return SplitCache(images=images, masks=masks,
+                      shard_offsets=np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64),
+                      corrupt_rows=np.asarray([r for r, _ in meta["corrupt"]], np.int64),
+                      corrupt=[m for _, m in meta["corrupt"]], meta=meta)

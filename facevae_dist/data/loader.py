@@ -38,6 +38,7 @@ import ctypes
 import functools
 import io
 import json
+import multiprocessing
 import os
 import signal
 import warnings
@@ -68,18 +69,51 @@ def _close_live_loaders() -> None:
         loader.close()
 
 
-def _init_worker(_worker_id: int, parent_pid: int | None = None) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """In a child process: the kernel sends it SIGKILL when `parent_pid` dies (Linux PR_SET_PDEATHSIG), so a killed
+    parent (SIGKILL gives it no chance to stop its children) leaves no orphan; exits now if it is already gone."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _init_worker(_worker_id: int, parent_pid: int) -> None:
     """DataLoader worker set-up: ignore preemption signals, die with the training process."""
     # Slurm signals every process of the job; a worker dying of SIGTERM would crash training before its checkpoint.
     # So preemption signals are ignored here and the loader stops its workers itself (close(): SIGKILL if needed).
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
-    try:  # Linux: the kernel sends SIGKILL when the parent dies (a SIGKILLed trainer cannot stop us itself)
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass
-    if parent_pid is not None and os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
+    die_with_parent(parent_pid)
+
+
+def unreadable_shard(path, exc: BaseException) -> DataError:
+    return DataError(f"{path}: unreadable shard ({type(exc).__name__}: {exc}); run `facevae shards verify` and "
+                     "rebuild it")
+
+
+def short_shard(path, have: int, want: int | str) -> DataError:
+    return DataError(f"{path}: has {have} samples, manifest.json expects {want} (truncated or replaced shard); run "
+                     "`facevae shards verify` and rebuild it")
+
+
+def corrupt_item(key: str, path, exc: BaseException) -> str:
+    """How a corrupt sample is named in warnings, batch["corrupt"] and the cache's JSON."""
+    return f"{key} ({Path(path).name}: {type(exc).__name__}: {exc})"
+
+
+def no_readable_sample(items: list[str]) -> DataError:
+    return DataError(f"no readable sample in a whole batch ({'; '.join(items[:3])}); run `facevae shards verify`")
+
+
+def warn_corrupt(items: list[str], warned: set[str]) -> None:
+    """Warn once per corrupt sample (`warned`: those already named by this reader)."""
+    for item in items:
+        if item not in warned:
+            warned.add(item)
+            warnings.warn(f"corrupt sample replaced by a copy of another in its batch: {item}")
 
 
 def read_sizes(shards_dir: str | os.PathLike) -> dict[str, int]:
@@ -186,19 +220,16 @@ class _ShardReader:
             try:
                 index = index_tar(path)
             except Exception as exc:
-                raise DataError(f"{path}: unreadable shard ({type(exc).__name__}: {exc}); "
-                                "run `facevae shards verify` and rebuild it")
+                raise unreadable_shard(path, exc)
             self.open[s] = (open(path, "rb"), index)
         f, index = self.open[s]
         if i >= len(index):
-            raise DataError(f"{self.paths[s]}: has {len(index)} samples, manifest.json expects more (truncated or "
-                            "replaced shard); run `facevae shards verify` and rebuild it")
+            raise short_shard(self.paths[s], len(index), f"at least {i + 1}")
         key, fields = index[i]
         try:
             return key, read_fields(f, fields)
         except (OSError, EOFError) as exc:
-            raise DataError(f"{self.paths[s]}: unreadable shard ({type(exc).__name__}: {exc}); "
-                            "run `facevae shards verify` and rebuild it")
+            raise unreadable_shard(self.paths[s], exc)
 
     def close(self) -> None:
         for f, _ in self.open.values():
@@ -273,8 +304,6 @@ class _ShardDataset(IterableDataset):
     workers, forked once, follow set_epoch() and resume positions without being restarted."""
 
     def __init__(self, paths: list[Path], image_ext: str, image_size: int, plan_args: dict):
-        import multiprocessing
-
         self.paths, self.image_ext, self.image_size = paths, image_ext, image_size
         self.plan_args = plan_args
         self._epoch = multiprocessing.RawValue("q", 0)
@@ -326,12 +355,11 @@ class _ShardDataset(IterableDataset):
                 decode_into(fields, self.image_ext, images[n], masks[n])
                 good.append(n)
             except Exception as exc:
-                corrupt.append(f"{key} ({self.paths[s].name}: {type(exc).__name__}: {exc})")
+                corrupt.append(corrupt_item(key, self.paths[s], exc))
                 keys[-1] = None
         if corrupt:
             if not good:
-                raise DataError(f"no readable sample in a whole batch ({'; '.join(corrupt[:3])}); "
-                                "run `facevae shards verify`")
+                raise no_readable_sample(corrupt)
             for n in range(b):  # fill each hole with a readable sample of the same batch
                 if keys[n] is None:
                     src = good[n % len(good)]
@@ -449,12 +477,8 @@ class ShardLoader:
                 _LIVE_LOADERS.add(self)
             batches = self._checked(iter(self._dataloader))
         for batch in batches:
-            if batch["corrupt"]:
-                self.corrupt_count += len(batch["corrupt"])
-                for item in batch["corrupt"]:
-                    if item not in self._warned:
-                        self._warned.add(item)
-                        warnings.warn(f"corrupt sample replaced by a copy of another in its batch: {item}")
+            self.corrupt_count += len(batch["corrupt"])
+            warn_corrupt(batch["corrupt"], self._warned)
             yield batch
         self.start_batch = 0  # a finished epoch; the next iteration starts at its beginning
 

@@ -217,7 +217,7 @@ def _identity(source: Source, opts: ShardOptions) -> dict:
 # writes leave `.<name>.<random>.tmp` files when killed; those are ours too.
 _OUR_TOP = re.compile(r"(build\.json|manifest\.json|sizes\.json|errors\.tsv)")
 _OUR_IN_SPLIT = re.compile(r"shard-\d{6}\.(tar|stats\.json)")
-_OUR_IN_CACHE = re.compile(r"(train|val|test)\.(u8|json)")
+_OUR_IN_CACHE = re.compile(r"(train|val|test)\.(images\.npy|masks\.npy|json|u8)")  # u8: the cache before .npy
 
 
 def _is_ours(rel: PurePosixPath) -> bool:
