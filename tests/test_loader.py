@@ -229,6 +229,36 @@ def test_small_dev_shm_falls_back_to_the_pipe_before_any_worker_starts(shards, m
         loader.close()
 
 
+@pytest.mark.parametrize("how", ["read-only", "no semaphores"])
+def test_workers_that_cannot_start_fall_back_to_reading_in_the_process(shards, monkeypatch, how):
+    """Issue 18 item 9: /dev/shm read-only (or multiprocessing unable to make its locks there) when the loader
+    starts its workers: one warning, the same batches read in the training process, never a traceback."""
+    import errno
+    import multiprocessing.synchronize
+
+    from facevae_dist.data import loader as loader_mod
+
+    if how == "read-only":
+        real = os.access
+        monkeypatch.setattr(loader_mod.os, "access",
+                            lambda path, mode, **kw: False if path == "/dev/shm" else real(path, mode, **kw))
+    else:
+        def no_semaphore(*args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        monkeypatch.setattr(multiprocessing.synchronize.SemLock, "__init__", no_semaphore)
+    loader = make_loader(shards, "train", 8, seed=7, workers=2)
+    try:
+        with pytest.warns(UserWarning, match=r"worker process\(es\) cannot start .*check /dev/shm"):
+            got = _pixels(loader)
+        assert loader.workers == 0 and loader._dataloader is None
+        monkeypatch.undo()
+        _same(got, _pixels(make_loader(shards, "train", 8, seed=7)))
+        _same(_pixels(loader), got)  # the next epoch too, without a second warning
+    finally:
+        loader.close()
+
+
 def _live_processes_in_group(pgid: int) -> list[int]:
     """Pids of non-zombie processes in process group `pgid` (orphans are reparented but keep their group)."""
     live = []

@@ -306,13 +306,16 @@ class _ShardDataset(IterableDataset):
     def __init__(self, paths: list[Path], image_ext: str, image_size: int, plan_args: dict):
         self.paths, self.image_ext, self.image_size = paths, image_ext, image_size
         self.plan_args = plan_args
-        self._epoch = multiprocessing.RawValue("q", 0)
-        self._start = multiprocessing.RawValue("q", 0)
+        self._position = [0, 0]  # epoch, start batch; shared memory once workers start (share_position)
         self._cached: tuple[int, _EpochPlan] | None = None
         self.ring: _BatchRing | None = None  # set by ShardLoader before its workers start
 
     def set_position(self, epoch: int, start_batch: int) -> None:
-        self._epoch.value, self._start.value = epoch, start_batch
+        self._position[0], self._position[1] = epoch, start_batch
+
+    def share_position(self) -> None:
+        """Before the workers fork: the position in shared memory, where they read each pass's."""
+        self._position = multiprocessing.RawArray("q", list(self._position))
 
     def plan_for(self, epoch: int) -> _EpochPlan:
         if self._cached is None or self._cached[0] != epoch:
@@ -322,7 +325,7 @@ class _ShardDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        plan, start_batch = self.plan_for(self._epoch.value), self._start.value
+        plan, start_batch = self.plan_for(self._position[0]), self._position[1]
         reader = _ShardReader(self.paths)
         try:
             for j in range(start_batch + worker, plan.num_batches, workers):
@@ -460,27 +463,45 @@ class ShardLoader:
 
     def __iter__(self):
         self._dataset.set_position(self.epoch, self.start_batch)
-        if self.workers == 0:
-            batches = iter(self._dataset)
-        else:
-            if self._dataloader is None:
-                # Persistent workers: forked once, they read the epoch/start batch from shared memory each pass,
-                # so no per-epoch start-up cost. An own generator: DataLoader would otherwise draw its worker base
-                # seed from the global torch RNG, shifting the training noise stream (breaks exact resume).
-                seed_gen = torch.Generator().manual_seed(self.seed * 1_000_003)
-                self._dataset.ring = self._make_ring()
-                self._dataloader = DataLoader(self._dataset, batch_size=None, num_workers=self.workers,
-                                              pin_memory=self.pin_memory and self._dataset.ring is None,
-                                              prefetch_factor=self.prefetch_factor,
-                                              persistent_workers=True, generator=seed_gen, collate_fn=_keep,
-                                              worker_init_fn=functools.partial(_init_worker, parent_pid=os.getpid()))
-                _LIVE_LOADERS.add(self)
-            batches = self._checked(iter(self._dataloader))
+        batches = None
+        if self.workers and self._dataloader is None:
+            batches = self._start_workers()
+        elif self.workers:
+            batches = iter(self._dataloader)
+        batches = iter(self._dataset) if batches is None else self._checked(batches)
         for batch in batches:
             self.corrupt_count += len(batch["corrupt"])
             warn_corrupt(batch["corrupt"], self._warned)
             yield batch
         self.start_batch = 0  # a finished epoch; the next iteration starts at its beginning
+
+    def _start_workers(self):
+        """The DataLoader's iterator over freshly started persistent workers, or None (with a warning: this loader
+        then reads in the calling process) where they cannot start, e.g. a read-only or full /dev/shm, where
+        multiprocessing keeps its locks and shared values."""
+        try:
+            if not os.access("/dev/shm", os.W_OK) and os.path.isdir("/dev/shm"):
+                raise OSError("/dev/shm is not writable")
+            multiprocessing.Lock()  # probe: a DataLoader failing half-way through its start prints a traceback
+            # Persistent workers: forked once, they read the epoch/start batch from shared memory each pass,
+            # so no per-epoch start-up cost. An own generator: DataLoader would otherwise draw its worker base
+            # seed from the global torch RNG, shifting the training noise stream (breaks exact resume).
+            self._dataset.share_position()
+            self._dataset.ring = self._make_ring()
+            self._dataloader = DataLoader(self._dataset, batch_size=None, num_workers=self.workers,
+                                          pin_memory=self.pin_memory and self._dataset.ring is None,
+                                          prefetch_factor=self.prefetch_factor, persistent_workers=True,
+                                          generator=torch.Generator().manual_seed(self.seed * 1_000_003),
+                                          collate_fn=_keep,
+                                          worker_init_fn=functools.partial(_init_worker, parent_pid=os.getpid()))
+            _LIVE_LOADERS.add(self)
+            return iter(self._dataloader)
+        except OSError as exc:
+            self.close()
+            warnings.warn(f"the data loader's {self.workers} worker process(es) cannot start ({exc}); reading "
+                          "batches in the training process instead (same batches, slower): check /dev/shm")
+            self.workers = 0
+            return None
 
     def _make_ring(self) -> "_BatchRing | None":
         """Shared slots for the workers' batches, or None (then batches travel through the pipe) where shared memory
