@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import platform
 import sys
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-_done = False
 
 
+@functools.cache  # once per process
 def keep_freed_memory() -> bool:
     """Ask glibc malloc to serve large blocks from the heap and not to return freed memory to the OS.
     Idempotent; returns True when applied (Linux with glibc), False elsewhere (a no-op)."""
-    global _done
-    if _done:
-        return True
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -33,9 +31,7 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # musl and other libcs have no mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
-    _done = ok
-    return ok
+    return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
 
 
 def _cpuinfo(field: str) -> str | None:

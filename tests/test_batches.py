@@ -1,7 +1,6 @@
 """open_train_batches / iter_val_batches over real shards: float batches on the device, one DataLoader per run that
 rolls over epochs, the position a checkpoint stores, exact resume from it, deterministic validation."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -1,19 +1,30 @@
 """ShardLoader over real shards: exactly-once across ranks x workers, equal batch counts with uneven shards,
 determinism by seed, exact mid-epoch resume, resampled mode, corrupt samples reported."""
 
+import errno
+import io
 import json
+import multiprocessing.synchronize
 import os
-from collections import Counter
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from facevae_dist.data import loader as loader_mod
 from facevae_dist.data import make_loader, read_sizes, to_float
+from facevae_dist.data.loader import _BatchRing
 from facevae_dist.data.shards import ShardOptions, build_shards, read_manifest
 from facevae_dist.data.sources import SyntheticSource
 from facevae_dist.data.tario import iter_tar, write_tar
-from facevae_dist.errors import DataError
+from facevae_dist.errors import DataError, RunError
 
 torch.set_num_threads(1)
 
@@ -118,8 +129,6 @@ def test_to_float_and_sizes(shards):
 
 
 def test_corrupt_sample_is_reported_and_counted(tmp_path, shards):
-    import shutil
-
     out = tmp_path / "s"
     shutil.copytree(shards, out)
     tar = out / "test" / "shard-000000.tar"
@@ -178,9 +187,6 @@ def test_workers_hand_batches_over_shared_slots_bit_for_bit(shards, prefetch):
 
 
 def test_a_slot_overwritten_while_read_is_an_error_not_a_torn_batch(shards):
-    from facevae_dist.data.loader import _BatchRing
-    from facevae_dist.errors import RunError
-
     ring = _BatchRing(workers=1, slots=2, batch_size=2, size=4)
     ticket, images, masks = ring.claim(0, 2)
     images[...] = 7
@@ -194,8 +200,6 @@ def test_a_slot_overwritten_while_read_is_an_error_not_a_torn_batch(shards):
 
 
 def test_no_shared_memory_falls_back_to_the_pipe(shards, monkeypatch):
-    from facevae_dist.data import loader as loader_mod
-
     def no_shm(*args, **kwargs):
         raise RuntimeError("unable to allocate shared memory")
 
@@ -212,8 +216,6 @@ def test_no_shared_memory_falls_back_to_the_pipe(shards, monkeypatch):
 
 def test_small_dev_shm_falls_back_to_the_pipe_before_any_worker_starts(shards, monkeypatch):
     """A container's 64 MB /dev/shm: slots that would take more than half of what is free are not allocated."""
-    from facevae_dist.data import loader as loader_mod
-
     real = os.statvfs
 
     class Tiny:
@@ -233,11 +235,6 @@ def test_small_dev_shm_falls_back_to_the_pipe_before_any_worker_starts(shards, m
 def test_workers_that_cannot_start_fall_back_to_reading_in_the_process(shards, monkeypatch, how):
     """Issue 18 item 9: /dev/shm read-only (or multiprocessing unable to make its locks there) when the loader
     starts its workers: one warning, the same batches read in the training process, never a traceback."""
-    import errno
-    import multiprocessing.synchronize
-
-    from facevae_dist.data import loader as loader_mod
-
     if how == "read-only":
         real = os.access
         monkeypatch.setattr(loader_mod.os, "access",
@@ -281,13 +278,6 @@ def train_shards(tmp_path_factory):
 
 @pytest.mark.parametrize("damage", ["truncated", "deleted", "empty"])
 def test_damaged_shard_with_workers_exits_with_one_line_and_no_orphans(tmp_path, train_shards, damage):
-    import os
-    import shutil
-    import signal
-    import subprocess
-    import sys
-    import time
-
     shards = tmp_path / "s"
     shutil.copytree(train_shards, shards)
     tar = shards / "train" / "shard-000005.tar"
@@ -322,18 +312,11 @@ def test_damaged_shard_with_workers_exits_with_one_line_and_no_orphans(tmp_path,
 
 
 def test_jpeg_decoding_matches_pil_and_falls_back_for_what_simplejpeg_refuses(shards):
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    from facevae_dist.data import loader
-
-    assert loader.simplejpeg is not None  # a dependency: the fast path is the one that runs
+    assert loader_mod.simplejpeg is not None  # a dependency: the fast path is the one that runs
     samples = list(iter_tar(shards / "train" / "shard-000000.tar"))[:3]
     for _, fields in samples:
         got, mask = np.empty((24, 24, 3), np.uint8), np.empty((24, 24), np.uint8)
-        loader.decode_into(fields, "jpg", got, mask)
+        loader_mod.decode_into(fields, "jpg", got, mask)
         with Image.open(io.BytesIO(fields["jpg"])) as im:
             assert np.array_equal(got, np.asarray(im.convert("RGB")))
     rgb = Image.new("RGB", (24, 24), (200, 30, 90))
@@ -342,22 +325,16 @@ def test_jpeg_decoding_matches_pil_and_falls_back_for_what_simplejpeg_refuses(sh
         rgb.convert(mode).save(buf, format="JPEG", quality=95)
         fields = {"jpg": buf.getvalue(), "mask.png": samples[0][1]["mask.png"]}
         got = np.empty((24, 24, 3), np.uint8)
-        loader.decode_into(fields, "jpg", got, np.empty((24, 24), np.uint8))
+        loader_mod.decode_into(fields, "jpg", got, np.empty((24, 24), np.uint8))
         with Image.open(io.BytesIO(fields["jpg"])) as im:
             assert np.array_equal(got, np.asarray(im.convert("RGB"))), mode
     with pytest.raises(Exception):  # a corrupt JPEG still raises (the loader counts it)
-        loader.decode_into({"jpg": b"\xff\xd8 junk", "mask.png": samples[0][1]["mask.png"]}, "jpg",
+        loader_mod.decode_into({"jpg": b"\xff\xd8 junk", "mask.png": samples[0][1]["mask.png"]}, "jpg",
                            np.empty((24, 24, 3), np.uint8), np.empty((24, 24), np.uint8))
 
 
 def test_workers_die_with_a_killed_trainer(tmp_path, train_shards):
     """SIGKILL gives the trainer no chance to stop its workers: the kernel does (PR_SET_PDEATHSIG)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     cmd = [sys.executable, "-m", "facevae_dist", "train", "--shards", str(train_shards), "--run-dir",
            str(tmp_path / "run"), "--max-steps", "100000", "--batch-size", "4", "--val-every", "0", "--sample-every",
            "0", "--workers", "2", "--set", "model.width=0.125", "--set", "model.image_size=36",

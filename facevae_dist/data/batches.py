@@ -178,7 +178,8 @@ class _ResidentSplit:
         index = torch.from_numpy(rows.astype(np.int64))
         return plan, (index.to(self.device) if self.on_device else index), per_batch, messages
 
-    def gather(self, index: torch.Tensor, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(self, index: torch.Tensor, device: torch.device,
+               channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         image = self.images.index_select(0, index).permute(0, 3, 1, 2)  # NHWC rows seen as [B,3,H,W]
         mask = self.masks.index_select(0, index).unsqueeze(1)
@@ -237,7 +238,8 @@ def open_train_batches(data_cfg, *, rank: int, world: int, device: torch.device,
         return _StreamBatches(loader, device, channels_last)
     split = _ResidentSplit(data_cfg, "train", rank=rank, world=world, device=device, on_device=placement == "device",
                            batch_size=data_cfg.batch_size, drop_last=True, shuffle=True, resampled=data_cfg.resampled)
-    info(f"training data: {len(split.cache)} decoded samples held {'on ' + str(device) if placement == 'device' else 'in host memory'} "
+    where = f"on {device}" if placement == "device" else "in host memory"
+    info(f"training data: {len(split.cache)} decoded samples held {where} "
          f"(data.placement={data_cfg.placement} -> {placement})")
     return _ResidentBatches(split, placement, device, channels_last, epoch, batch_in_epoch)
 

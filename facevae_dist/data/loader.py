@@ -255,6 +255,10 @@ class _BatchRing:
     unpickles it (2.6 MB per 144-px batch of 32): about a third of a worker's time per image here. Instead each
     worker decodes straight into its own slots (allocated once, before the workers fork, so their pages stay
     mapped) and sends only (worker, slot, seq); the training process copies the slot out at once.
+    Kept on a measured A/B against the DataLoader's own shared-memory handover (workers returning torch uint8
+    tensors, also when decoded straight into shared tensors): same shards and session, interleaved runs, medians
+    of 9, 144 px, batch 32, 2-core AMD EPYC VM under load: 1 worker 3352 vs 2488 images/s per core (1.35x),
+    2 workers 3111 vs 2254-2324 (1.34-1.38x).
     Why a slot is never overwritten before it is copied: the DataLoader sends a worker a new task only when the
     training process takes a batch, and keeps at most prefetch_factor x workers tasks outstanding, so a worker is
     at most that many batches ahead of the last batch taken, and every batch before that one has been copied.
