@@ -7,15 +7,15 @@ which is what a checkpoint stores. iter_val_batches() gives the same validation 
 Placements (data.placement):
   stream  ShardLoader (loader.py): shards read and decoded every epoch, by DataLoader workers when data.workers > 0.
           Its DataLoader is built ONCE per run, so persistent workers really persist across epochs.
-  host    the split decoded once into a uint8 cache file beside the shards (cache.py), memory-mapped (ranks on a
+  host    the split decoded once into uint8 .npy files beside the shards (cache.py), memory-mapped (ranks on a
           node share one copy in the page cache); each batch is a row gather, no workers, no decoding.
   device  that cache copied to the GPU once per run; batches are gathered there (no host work per batch beyond
           slicing a precomputed index). Each rank holds the whole split: the epoch's global order reshuffles
           which rank gets which sample, so a per-rank part would have to move every epoch. (CelebA train at 144 px is
           13.5 GB: fits beside the model on an 80 or 141 GB GPU; `auto` checks it fits.)
   auto    device on CUDA when the split fits in data.device_memory_fraction of free GPU memory; else host when it
-          fits in that share of available RAM and the cache exists or can be written (folder writable, disk room);
-          else stream. On CPU, host also frees the cores that decoding workers would take from training; building
+          fits in that share of available RAM; either only where a fresh cache exists or can be written (folder
+          writable, disk room: cache.usable_for_placement); else stream, saying why. On CPU, host also frees the cores that decoding workers would take from training; building
           the cache costs about one streamed epoch, once per dataset (every later run and sweep element reuses it).
 Every placement draws THE SAME batches: the resident ones follow the streaming loader's epoch plan (loader.py: one
 permutation seeded by (seed, epoch), cut into equal contiguous parts per rank, same remainder dropped and counted in
