@@ -263,7 +263,8 @@ def _decode_all(jobs: list[tuple], processes: int, lock_fd: int, split: str) -> 
 def _new_npy(path: Path, shape: tuple[int, ...]) -> None:
     """An uninitialised uint8 .npy with its blocks reserved now (a disk that fills later would kill the decoding
     processes with SIGBUS)."""
-    np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)._mmap.close()
+    header_and_size = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    del header_and_size  # unmapped: the decoding processes map it themselves
     with open(path, "rb+") as f:
         if hasattr(os, "posix_fallocate"):
             os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
