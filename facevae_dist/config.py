@@ -11,16 +11,22 @@ CLI flags < --set a.b=value.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+import torch
+
 from facevae_dist.errors import UsageError
 from facevae_dist.fileio import atomic_write_text
+from facevae_dist.hypotheses import resolve_hypothesis
 from facevae_dist.losses import LossConfig
 from facevae_dist.model import ModelConfig
 
@@ -172,8 +178,6 @@ class TrainConfig:
     def from_hypothesis(cls, name: str, **run_fields: Any) -> "TrainConfig":
         """The config of one grid hypothesis (e.g. "ssim+l2/mask+decoder" or "H9"): its mask mode and loss
         terms over the defaults, then `run_fields` (top-level fields, or sections given as dicts)."""
-        from facevae_dist.hypotheses import resolve_hypothesis
-
         hyp = resolve_hypothesis(name)
         cfg = cls()
         cfg.hypothesis = hyp.name
@@ -197,10 +201,6 @@ def resolve_mixed_precision(value: str) -> str:
     without native bf16 are slower still."""
     if value != "auto":
         return value
-    import os
-
-    import torch
-
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
     if launcher in ("no", "bf16", "fp16"):
         return launcher
@@ -214,8 +214,6 @@ def resolve_mixed_precision(value: str) -> str:
 
 def save_toml(cfg: TrainConfig, path: str | Path) -> Path:
     """Write the resolved config as TOML (atomically)."""
-    import tomli_w
-
     path = Path(path)
     atomic_write_text(path, "# facevae-dist training config (resolved); rerun with --config this-file\n"
                       + tomli_w.dumps(cfg.to_dict()))
@@ -350,8 +348,6 @@ def _to_plain(obj: Any) -> Any:
 
 
 def _deepcopy(cfg: TrainConfig) -> TrainConfig:
-    import copy
-
     return copy.deepcopy(cfg)
 
 

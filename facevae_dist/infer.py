@@ -24,9 +24,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from facevae_dist.checkpoint import load_model, open_model
 from facevae_dist.data import imageio
+from facevae_dist.data.masks import labelmap_to_mask
 from facevae_dist.errors import FaceVAEError, UsageError
+from facevae_dist.evaluate import loss_name
 from facevae_dist.fileio import atomic_write_bytes, atomic_write_json
+from facevae_dist.model import CONFIG_FILE, WEIGHTS_FILE, FaceVAE
+from facevae_dist.progress import make_progress
 
 MODE_NOTES = {
     "mask+decoder": "mask+decoder model: the face mask is predicted, no mask input needed; writes *_recon.png, "
@@ -43,14 +48,10 @@ MODE_NOTES = {
 
 def load_any_model(path: str | Path, which: str = "best", device: str | torch.device = "cpu"):
     """A FaceVAE from an exported directory (model.safetensors + config.json) or from a run directory."""
-    from facevae_dist.model import CONFIG_FILE, WEIGHTS_FILE, FaceVAE
-
     path = Path(path)
     if (path / WEIGHTS_FILE).is_file() or (path / CONFIG_FILE).is_file():
         return FaceVAE.from_pretrained(path, map_location=device).eval()
     if (path / "checkpoints").is_dir() or (path / "best").is_dir():
-        from facevae_dist.checkpoint import load_model
-
         return load_model(path, which, map_location=device)[0]
     raise FaceVAEError(f"{path}: neither an exported model (model.safetensors + config.json, from `facevae export`) "
                        "nor a run directory (from `facevae train`)")
@@ -59,9 +60,6 @@ def load_any_model(path: str | Path, which: str = "best", device: str | torch.de
 def export_model(run_dir: str | Path, out_dir: str | Path, which: str = "best") -> Path:
     """Write the chosen checkpoint of `run_dir` as model.safetensors + config.json (FaceVAE.from_pretrained(out))
     plus export.json saying where it came from."""
-    from facevae_dist.checkpoint import open_model
-    from facevae_dist.evaluate import loss_name
-
     loaded = open_model(run_dir, which)
     model, cfg, step = loaded.model, loaded.cfg, loaded.step
     out = model.save_pretrained(out_dir)
@@ -123,8 +121,6 @@ def _composite_u8(recon: np.ndarray, photo: np.ndarray, alpha: np.ndarray, rows:
 
 def _read_given_mask(path: Path, wh: tuple[int, int]) -> np.ndarray:
     """A --masks file (0/255 or any-depth binary mask, or a label map) -> uint8 0/255 at the photo's size."""
-    from facevae_dist.data.masks import labelmap_to_mask
-
     kind, values = imageio.read_mask_or_labels(path)
     mask = labelmap_to_mask(values) if kind == "labels" else values
     im = Image.fromarray(mask.astype(np.uint8) * 255, "L")
@@ -162,8 +158,6 @@ def reconstruct_files(model_dir: str | Path, paths, out_dir: str | Path, *, batc
     Corrupt, non-image and oversized files are reported in `skipped` and the rest are processed.
     Memory stays bounded whatever the photos' size: a batch holds the model-size inputs plus at most
     imageio.MAX_PIXELS of full-size uint8 photos, and each photo's outputs are made and written one at a time."""
-    from facevae_dist.progress import make_progress
-
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: must be >= 1")
     paths = [Path(p) for p in paths]

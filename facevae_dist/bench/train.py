@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 
 import torch
+from rich import box
+from rich.table import Table
+from torch.profiler import ProfilerActivity, profile
 
 from facevae_dist.config import TrainConfig
 from facevae_dist.errors import UsageError
@@ -40,6 +43,7 @@ from facevae_dist.optim import build_optimizer, clip_gradients_
 from facevae_dist.perf import cpu_flags, cpu_has_native_bf16, cpu_model, keep_freed_memory
 from facevae_dist.progress import console, info
 from facevae_dist.runinfo import environment_info
+from facevae_dist.train_step import TrainStep
 
 CONFIG_TOKENS = ("fp32", "bf16", "fp16", "channels_last", "compile")
 # The two models benchmarked: the paper's released configuration and its no-mask counterpart.
@@ -127,7 +131,6 @@ def make_steps(cfg: TrainConfig, device: torch.device):
     """(trainer_step, bare_step, model) for one config: the trainer's TrainStep (under a real Accelerator, as in
     train.py) and the bare loop, each with its own model and optimizer from the same seed. Each returns the loss."""
     from facevae_dist.train import _make_accelerator
-    from facevae_dist.train_step import TrainStep
 
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     accelerator = _make_accelerator(cfg)
@@ -260,8 +263,6 @@ def host_overhead(model_key: str, device: torch.device, *, steps: int = 6, round
                   image_size: int = OVERHEAD_CONFIG["image_size"], width: float = OVERHEAD_CONFIG["width"],
                   batch_size: int = OVERHEAD_CONFIG["batch_size"]) -> dict:
     """The trainer's step vs the bare loop on a small config (see the module docstring)."""
-    from torch.profiler import ProfilerActivity, profile
-
     opts = parse_config(default_configs(device.type)[0], device.type)
     cfg = _train_config(model_key, opts, image_size, width)
     image, mask = _synthetic_batch(batch_size, image_size, device, opts["channels_last"])
@@ -388,9 +389,6 @@ def _best_per_model(rows: list[dict]) -> dict:
 
 
 def _print_table(result: dict) -> None:
-    from rich import box
-    from rich.table import Table
-
     table = Table(title=f"facevae bench train — {result['device_name']}, {result['torch_threads']} torch threads")
     # few, short columns that fit an 80-column terminal uncut (CPU time per step and the rest are in the JSON)
     gpu = result["device"] == "cuda"

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
-
-
-def _limit(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+from facevae_dist.cli.argtypes import positive_int
+from facevae_dist.progress import info
 
 
 def _run(args) -> int:
-    from facevae_dist.curve import learning_curve
-    from facevae_dist.progress import info
+    from facevae_dist.curve import learning_curve  # imports torch: not at `facevae --help` time
 
     res = learning_curve(args.run_dirs, args.out, shards=args.shards, split=args.split, limit=args.limit,
                          device=args.device, lpips_weights=args.lpips_weights, bootstrap=args.bootstrap,
@@ -42,9 +32,9 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (created)")
     p.add_argument("--shards", help="shards directory (default: the one each run was trained on)")
     p.add_argument("--split", default="test", help="split to score (default test)")
-    p.add_argument("--limit", type=_limit, default=300, help="images scored per checkpoint (default 300)")
+    p.add_argument("--limit", type=positive_int, default=300, help="images scored per checkpoint (default 300)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--lpips-weights", metavar="FILE", help="LPIPS weights as safetensors (see `facevae eval`)")
-    p.add_argument("--bootstrap", type=_limit, default=200, help="bootstrap resamples per checkpoint (default 200)")
+    p.add_argument("--bootstrap", type=positive_int, default=200, help="bootstrap resamples per checkpoint (default 200)")
     p.add_argument("--target", type=float, help="draw this face 1-SSIM as a dashed target line")
     p.set_defaults(func=_run, _parser=p)

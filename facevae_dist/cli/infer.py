@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 
 from facevae_dist.errors import FaceVAEError
+from facevae_dist.progress import info
 
 
 def _run_export(args) -> int:
-    from facevae_dist.infer import export_model
-    from facevae_dist.progress import info
+    from facevae_dist.infer import export_model  # imports torch: not at `facevae --help` time
 
     out = export_model(args.run_dir, args.out, args.checkpoint)
     info(f"exported {args.run_dir} ({args.checkpoint}) to {out}; load it with FaceVAE.from_pretrained({str(out)!r})")
@@ -19,7 +19,6 @@ def _run_export(args) -> int:
 
 def _run_reconstruct(args) -> int:
     from facevae_dist.infer import reconstruct_files, write_summary
-    from facevae_dist.progress import info
 
     res = reconstruct_files(args.model, args.images, args.out, batch_size=args.batch_size, masks_dir=args.masks,
                             device=args.device)
@@ -39,7 +38,6 @@ def _run_reconstruct(args) -> int:
 
 def _run_sample(args) -> int:
     from facevae_dist.infer import sample_grid
-    from facevae_dist.progress import info
 
     out = sample_grid(args.model, args.out, n=args.n, seed=args.seed, temperature=args.temperature, device=args.device)
     info(f"wrote {args.n} prior samples to {out}")
@@ -48,7 +46,6 @@ def _run_sample(args) -> int:
 
 def _run_interpolate(args) -> int:
     from facevae_dist.infer import interpolate_images
-    from facevae_dist.progress import info
 
     out = interpolate_images(args.model, args.a, args.b, args.out, steps=args.steps, device=args.device)
     info(f"wrote the latent interpolation {Path(args.a).name} -> {Path(args.b).name} to {out}")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from facevae_dist.errors import UsageError
+from facevae_dist.progress import info
+
 
 def _run(args) -> int:
-    from facevae_dist.progress import info
-    from facevae_dist.report import make_report
-
-    from facevae_dist.errors import UsageError
+    from facevae_dist.report import make_report  # imports torch: not at `facevae --help` time
 
     if args.bootstrap < 100:
         raise UsageError(f"--bootstrap {args.bootstrap}: use at least 100 resamples (default 2000)")
