@@ -163,10 +163,7 @@ def load_scored_model(model_dir: str | Path, which: str, device: torch.device):
         model = FaceVAE.from_pretrained(path, map_location=device).eval()
         meta = {}
         if (path / "export.json").is_file():  # written by `facevae export`: where the weights came from
-            try:
-                meta = json.loads((path / "export.json").read_text())
-            except json.JSONDecodeError as exc:
-                raise FaceVAEError(f"{path / 'export.json'}: not valid JSON ({exc}); re-export the model") from None
+            meta = _read_export_json(path / "export.json")
         return model, {"kind": "export", "hypothesis": meta.get("hypothesis"), "loss": meta.get("loss") or "unknown",
                        "seed": meta.get("seed"), "step": meta.get("step"), "shards": None,
                        "which": meta.get("checkpoint") or "export"}
@@ -180,6 +177,20 @@ def load_scored_model(model_dir: str | Path, which: str, device: torch.device):
     model, cfg, step = loaded.model, loaded.cfg, loaded.step
     return model, {"kind": "run", "hypothesis": cfg.hypothesis or None, "loss": loss_name(cfg.loss.terms),
                    "seed": cfg.seed, "step": step, "shards": cfg.data.shards, "which": loaded.label}
+
+
+def _read_export_json(path: Path) -> dict:
+    """export.json as a dict, or one line naming the file (binary, not JSON, too deeply nested, not an object)."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FaceVAEError(f"{path}: not valid JSON ({exc}); re-export the model (`facevae export`)") from None
+    except RecursionError:  # json nests one Python call per level
+        raise FaceVAEError(f"{path}: JSON nested too deeply; re-export the model (`facevae export`)") from None
+    if not isinstance(meta, dict):
+        raise FaceVAEError(f"{path}: expected a JSON object (what `facevae export` writes), got a "
+                           f"{type(meta).__name__}; re-export the model or delete the file")
+    return meta
 
 
 def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: str = "test",

@@ -43,6 +43,10 @@ _ENCODER_LOW = (256, 256, 512)
 _DECODER_LOW = (256, 256, 256)
 _DECODER_HIGH = (128, 64, 32, 32)
 _MASK_CHANNELS = 32
+# Sane bounds: far above any useful model (width 8 is ~600M parameters, latent 8192 two 8192x8192 layers), far below
+# sizes whose weights overflow a storage allocation (a config.json with width 1e9 must be an error, not a crash).
+MAX_WIDTH = 8.0
+MAX_LATENT_DIM = 8192
 
 
 @dataclass
@@ -70,17 +74,22 @@ class ModelConfig:
             raise UsageError(f"model.mask_mode={self.mask_mode!r} is not one of {', '.join(MASK_MODES)}")
         if self.sampling not in SAMPLINGS:
             raise UsageError(f"model.sampling={self.sampling!r} is not one of {', '.join(SAMPLINGS)}")
-        if not isinstance(self.image_size, int) or self.image_size not in _valid_image_sizes():
+        if (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
+                or self.image_size not in _valid_image_sizes()):
             raise UsageError(f"model.image_size={self.image_size!r} is not supported; use one of "
                              f"{', '.join(map(str, _valid_image_sizes()))} (9 * 2**k, the paper uses 144)")
-        if not (isinstance(self.width, (int, float)) and math.isfinite(self.width) and self.width > 0):
-            raise UsageError(f"model.width={self.width!r} must be a positive number (1.0 = the paper)")
-        if not isinstance(self.latent_dim, int) or self.latent_dim < 1:
-            raise UsageError(f"model.latent_dim={self.latent_dim!r} must be a positive integer (the paper uses 512)")
+        if (isinstance(self.width, bool) or not isinstance(self.width, (int, float)) or not math.isfinite(self.width)
+                or not 0 < self.width <= MAX_WIDTH):
+            raise UsageError(f"model.width={self.width!r} must be a number in (0, {MAX_WIDTH:g}] (1.0 = the paper)")
+        if isinstance(self.latent_dim, bool) or not isinstance(self.latent_dim, int) \
+                or not 1 <= self.latent_dim <= MAX_LATENT_DIM:
+            raise UsageError(f"model.latent_dim={self.latent_dim!r} must be an integer in [1, {MAX_LATENT_DIM}] (the "
+                             "paper uses 512)")
         if not isinstance(self.tf_same_crop, bool):
             raise UsageError(f"model.tf_same_crop={self.tf_same_crop!r} must be true or false")
         lo_hi = self.logvar_clamp
-        if (not isinstance(lo_hi, tuple) or len(lo_hi) != 2 or not all(isinstance(v, (int, float)) for v in lo_hi)
+        if (not isinstance(lo_hi, tuple) or len(lo_hi) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in lo_hi)
                 or not lo_hi[0] < lo_hi[1]):
             raise UsageError(f"model.logvar_clamp={lo_hi!r} must be two numbers (low, high) with low < high")
         return self
@@ -299,10 +308,14 @@ class FaceVAE(nn.Module):
             if not p.is_file():
                 raise FaceVAEError(f"{p}: missing (expected a directory written by FaceVAE.save_pretrained)")
         try:
-            meta = json.loads(cfg_path.read_text())
+            meta = json.loads(cfg_path.read_text(encoding="utf-8"))
             cfg = ModelConfig.from_dict(meta["model"])
-        except (json.JSONDecodeError, KeyError, TypeError, FaceVAEError) as exc:
-            raise FaceVAEError(f"{cfg_path}: not a valid FaceVAE config ({exc})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, FaceVAEError) as exc:
+            raise FaceVAEError(f"{cfg_path}: not a valid FaceVAE config ({exc}); re-export the model "
+                               "(`facevae export RUN_DIR --out DIR`)") from None
+        except RecursionError:  # json nests one Python call per level
+            raise FaceVAEError(f"{cfg_path}: not a valid FaceVAE config (JSON nested too deeply); re-export the "
+                               "model (`facevae export RUN_DIR --out DIR`)") from None
         try:  # shapes from the file header and from a model on the meta device: a mismatching (or huge) config
             with safe_open(str(w_path), "pt") as f:  # is refused before any weights are read or allocated
                 state = {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}

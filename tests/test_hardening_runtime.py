@@ -1,6 +1,7 @@
 """Issue 9, runtime side, end to end through `facevae`: a damaged newest checkpoint, a kill between the renames of
 best/, and what evaluation then reports. Issue 18 item 1: a decoded-cache builder killed mid-build leaves no orphan
-decoder holding the lock, and the next build completes."""
+decoder holding the lock, and the next build completes. Issue 18 item 9 (model directories): a damaged
+config.json or export.json is one line naming the file, never a traceback."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
+from facevae_dist.cli import main
 from facevae_dist.data import cache as cache_mod
+from facevae_dist.model import FaceVAE, ModelConfig
 from test_loader import _live_processes_in_group
 from train_helpers import build_tiny_shards, cli_args, run
 
@@ -103,3 +107,55 @@ def test_a_cache_builder_killed_mid_build_leaves_no_orphan_and_the_next_build_co
     cache = cache_mod.open_cache(own, "train", processes=2)
     assert len(cache) == 96 and cache.corrupt == [] and np.asarray(cache.masks).any()
     assert list(folder.glob(".*.tmp")) == []  # the dead builder's temp files are gone
+
+
+def _exported_model(path):
+    torch.manual_seed(0)
+    return FaceVAE(ModelConfig(image_size=18, width=0.125, latent_dim=8)).eval().save_pretrained(path)
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def _with_model(**fields):
+    def damage(cfg_file):
+        meta = json.loads(cfg_file.read_text())
+        meta["model"].update(fields)
+        cfg_file.write_text(json.dumps(meta))
+    return damage
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda f: f.write_bytes(b'{"format": "\xff\xfe\x00 binary"}'), "not a valid FaceVAE config"),
+    (lambda f: f.write_text("[" * 200_000 + "]" * 200_000), "nested too deeply"),
+    (_with_model(width=1e9), "model.width=1000000000.0 must be a number in (0, 8]"),
+    (_with_model(latent_dim=10**12), "model.latent_dim=1000000000000 must be an integer in [1, 8192]"),
+    (_with_model(latent_dim=1e12), "model.latent_dim=1000000000000.0 must be an integer"),
+    (_with_model(latent_dim=True), "model.latent_dim=True must be an integer"),
+], ids=["non-utf8", "deeply-nested", "width-1e9", "latent-1e12", "latent-1e12-float", "latent-bool"])
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_a_damaged_model_config_json_is_one_line(tmp_path, capsys, damage, expected, command):
+    model = _exported_model(tmp_path / "model")
+    damage(model / "config.json")
+    argv = (["sample", "--model", str(model), "--out", str(tmp_path / "s.png")] if command == "sample"
+            else ["eval", str(model), "--shards", str(tmp_path / "no-shards")])
+    assert main(argv) == 1
+    line = _one_error_line(capsys)
+    assert str(model / "config.json") in line and expected in line, line
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"[1, 2, 3]", "expected a JSON object (what `facevae export` writes), got a list"),
+    (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "not valid JSON"),
+    (b"{" * 100_000, "not valid JSON"),
+    (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "nested too deeply"),
+], ids=["list", "binary", "truncated", "deeply-nested"])
+def test_a_damaged_export_json_is_one_line_in_eval(tmp_path, capsys, content, expected):
+    model = _exported_model(tmp_path / "model")
+    (model / "export.json").write_bytes(content)
+    assert main(["eval", str(model), "--shards", str(tmp_path / "no-shards")]) == 1
+    line = _one_error_line(capsys)
+    assert str(model / "export.json") in line and expected in line, line
