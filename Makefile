@@ -1,6 +1,8 @@
 # Two targets a new user needs (see README "Quick start"); both create .venv on first use and are idempotent.
 #   make demo   build synthetic shards -> train -> evaluate -> report, on CPU, in a few minutes
-#   make test   the whole test suite (CPU only; slow, distributed and Slurm tests included)
+#   make test   the whole test suite (CPU only; slow and distributed tests included). The Slurm tests use a Slurm
+#               that is already up, else skip; FACEVAE_INSTALL_SLURM=1 make test (as root, apt-get) lets them install
+#               and start a local one-node cluster for the session, stopped at the end (CI=true does the same)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0

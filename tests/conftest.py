@@ -1,4 +1,5 @@
-"""Shared fixtures. The `slurm_cluster` fixture starts a real one-node Slurm (slurm/local-cluster/start.sh)."""
+"""Shared fixtures. `slurm_cluster`: a real Slurm, already up, or (CI=true / FACEVAE_INSTALL_SLURM=1) the one-node
+cluster of slurm/local-cluster/start.sh for the session."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 START = REPO / "slurm" / "local-cluster" / "start.sh"
+STOP = REPO / "slurm" / "local-cluster" / "stop.sh"
+INSTALL_ENV = "FACEVAE_INSTALL_SLURM"  # =1: the Slurm tests may install and start the local cluster (root, apt-get)
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
 def _slurm_is_up() -> bool:
@@ -25,24 +32,42 @@ def _slurm_is_up() -> bool:
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster():
-    """A real slurmctld + slurmd (+ slurmdbd, so sacct sees cancelled jobs). As root: the local one-node cluster
-    of slurm/local-cluster/start.sh (installs Slurm on first use; returns at once when it is up; left running,
-    stop it with stop.sh). Otherwise a cluster that is already up. Skips only where Slurm cannot be installed;
-    in CI (CI=true) that is a failure, never a skip."""
-    can_install = os.geteuid() == 0 and (shutil.which("apt-get") or shutil.which("slurmctld"))
-    if can_install:
-        proc = subprocess.run(["bash", str(START)], capture_output=True, text=True, timeout=600)
+def slurm_cluster(tmp_path_factory):
+    """A real slurmctld + slurmd (+ slurmdbd, so sacct sees cancelled jobs).
+
+    A user's `make test` changes nothing on the machine: it uses a Slurm that is already up, else skips these tests
+    with the reason. Only in CI (CI=true) or when asked (FACEVAE_INSTALL_SLURM=1), and as root with apt-get, does it
+    install and start the local one-node cluster of slurm/local-cluster/start.sh; at the end of the session it stops
+    the daemons that start.sh started for it (munged, MariaDB, slurmdbd, slurmctld, slurmd), and none that were
+    already running. In CI a Slurm that cannot be started is a failure, never a skip."""
+    ci = _env_true("CI")
+    if not (ci or _env_true(INSTALL_ENV)):
+        if not _slurm_is_up():
+            pytest.skip(f"no Slurm cluster is up; set {INSTALL_ENV}=1 to let the tests install (apt-get, as root) "
+                        "and start a local one for the session (slurm/local-cluster/start.sh), stopped at the end")
+        yield True
+        return
+    if os.geteuid() != 0 or not (shutil.which("apt-get") or shutil.which("slurmctld")):
+        reason = "starting the local Slurm cluster (slurm/local-cluster/start.sh) needs root and apt-get (Debian/Ubuntu)"
+        if _slurm_is_up():
+            yield True
+            return
+        if ci:
+            pytest.fail(f"the Slurm tests must run in CI, but no cluster is up and {reason}")
+        pytest.skip(f"no Slurm cluster is up and {reason}")
+    started_file = tmp_path_factory.mktemp("slurm") / "started"
+    started_file.touch()
+    try:
+        proc = subprocess.run(["bash", str(START)], capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "STARTED_FILE": str(started_file)})
         if proc.returncode != 0:
             pytest.fail(f"slurm/local-cluster/start.sh failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
                         f"{proc.stderr[-3000:]}")
-    elif not _slurm_is_up():
-        reason = ("no Slurm cluster is up, and starting the local one (slurm/local-cluster/start.sh) needs root and "
-                  "apt-get (Debian/Ubuntu)")
-        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-            pytest.fail(f"the Slurm tests must run in CI, but {reason}")
-        pytest.skip(reason)
-    return True
+        yield True
+    finally:
+        started = started_file.read_text().split()
+        if started:
+            subprocess.run(["bash", str(STOP), *started], capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(autouse=True)

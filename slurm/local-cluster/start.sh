@@ -5,7 +5,10 @@
 #   WITH_ACCOUNTING=1  (default) also run mariadb + slurmdbd so `sacct` works (submitit polls sacct
 #                      to notice jobs that died without writing a result: cancelled, timed out, killed)
 #   WITH_ACCOUNTING=0  no accounting: sacct fails, submitit logs warnings and can hang on such jobs
-#   SKIP_INSTALL=1     do not run apt-get
+#   SKIP_INSTALL=1     do not run apt-get (exit 3, naming them, when packages are missing)
+#   STARTED_FILE=PATH  append the name of each daemon this run starts (munged, mariadb, slurmdbd, slurmctld,
+#                      slurmd), one per line, so a caller can stop exactly those (stop.sh NAME...); daemons
+#                      that were already running are not listed
 #   WAIT_S=60          how long to wait for each daemon / for the node to become idle
 # Needs root and Debian/Ubuntu packages (apt-get). Idempotent: daemons already running are kept, and if the
 # cluster is already up and idle it returns at once. Stop it with slurm/local-cluster/stop.sh.
@@ -15,12 +18,15 @@ set -euo pipefail
 WITH_ACCOUNTING="${WITH_ACCOUNTING:-1}"
 SKIP_INSTALL="${SKIP_INSTALL:-0}"
 WAIT_S="${WAIT_S:-60}"
+STARTED_FILE="${STARTED_FILE:-/dev/null}"
 LOG_DIR=/var/log/slurm
 SPOOL=/var/spool/slurm
 T0=$EPOCHREALTIME
 
 say() { awk -v t0="$T0" -v t1="$EPOCHREALTIME" -v m="$*" 'BEGIN{printf "[local-slurm %6.1fs] %s\n", t1-t0, m}'; }
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+RESTARTED=""   # daemons that ran before this script restarted them: not ours to list as started
+started() { case " $RESTARTED " in *" $1 "*) ;; *) echo "$1" >>"$STARTED_FILE" ;; esac; }
 wait_for() {  # wait_for DESCRIPTION COMMAND...
   local what=$1; shift
   local deadline=$(( $(date +%s) + WAIT_S ))
@@ -44,10 +50,13 @@ if command -v sinfo >/dev/null && [ -f /run/slurmctld.pid ] && kill -0 "$(cat /r
 fi
 
 # ---------------------------------------------------------------- 1. install
+PKGS="munge slurmctld slurmd slurm-client"
+[ "$WITH_ACCOUNTING" = 1 ] && PKGS="$PKGS slurmdbd mariadb-server"
+missing=$(for p in $PKGS; do dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q 'install ok installed' || echo "$p"; done)
+if [ -n "$missing" ] && [ "$SKIP_INSTALL" = 1 ]; then
+  echo "slurm/local-cluster/start.sh: not installed: $(echo $missing) (SKIP_INSTALL=1: nothing installed)" >&2; exit 3
+fi
 if [ "$SKIP_INSTALL" != 1 ]; then
-  PKGS="munge slurmctld slurmd slurm-client"
-  [ "$WITH_ACCOUNTING" = 1 ] && PKGS="$PKGS slurmdbd mariadb-server"
-  missing=$(for p in $PKGS; do dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q 'install ok installed' || echo "$p"; done)
   if [ -n "$missing" ]; then
     apt-get update -qq
     # --no-install-recommends keeps it small; policy-rc.d/no-systemd means nothing is auto-started
@@ -113,6 +122,7 @@ EOF
 if ! cmp -s /etc/slurm/slurm.conf.new /etc/slurm/slurm.conf && alive /run/slurmctld.pid; then
   # the running daemons read an older config; plugins (TaskPlugin, accounting) change only on a restart
   say "slurm.conf changed: restarting slurmctld + slurmd"
+  RESTARTED="slurmctld slurmd"
   pids="$(cat /run/slurmctld.pid) $(cat /run/slurmd.pid 2>/dev/null || true)"
   scontrol shutdown >/dev/null 2>&1 || true
   for _ in $(seq 1 100); do   # exited daemons stay zombies ~1-2 s until PID 1 reaps them
@@ -132,6 +142,7 @@ if ! alive /run/munge/munged.pid; then
   fi
   chown munge:munge /etc/munge/munge.key; chmod 0400 /etc/munge/munge.key
   runuser -u munge -- /usr/sbin/munged   # daemonizes, writes /run/munge/munged.pid
+  started munged
 fi
 wait_for munged sh -c 'munge -n | unmunge'
 say "munged up (pid $(cat /run/munge/munged.pid))"
@@ -144,6 +155,7 @@ if [ "$WITH_ACCOUNTING" = 1 ]; then
     # unix socket only: no TCP port at all
     nohup /usr/sbin/mariadbd --user=mysql --skip-networking >"$LOG_DIR/mariadb.log" 2>&1 &
     echo $! >/run/slurm-local-mariadb.pid
+    started mariadb
   fi
   wait_for mariadb mariadb-admin ping
   mariadb -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurmdbpass';
@@ -164,16 +176,16 @@ StoragePass=slurmdbpass
 StorageLoc=slurm_acct_db
 EOF
   chmod 600 /etc/slurm/slurmdbd.conf   # slurmdbd refuses a world-readable file with a password
-  alive /run/slurmdbd.pid || slurmdbd
+  alive /run/slurmdbd.pid || { slurmdbd; started slurmdbd; }
   wait_for slurmdbd sacctmgr -n list cluster
   say "slurmdbd up (pid $(cat /run/slurmdbd.pid))"
 fi
 
 # ---------------------------------------------------------------- 5. slurmctld + slurmd
-alive /run/slurmctld.pid || slurmctld     # daemonizes; registers the cluster in slurmdbd itself
+alive /run/slurmctld.pid || { slurmctld; started slurmctld; }   # daemonizes; registers the cluster in slurmdbd
 wait_for slurmctld scontrol ping
 say "slurmctld up (pid $(cat /run/slurmctld.pid))"
-alive /run/slurmd.pid || slurmd
+alive /run/slurmd.pid || { slurmd; started slurmd; }
 wait_for "node ${HOST} idle" sh -c "sinfo -h -n ${HOST} -o %T | grep -qx idle"
 say "slurmd up (pid $(cat /run/slurmd.pid)); node idle:"
 sinfo
