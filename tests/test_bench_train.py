@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from facevae_dist.bench.train import (_cpu_flags, clip_grad_norm_per_tensor_, host_overhead, parse_config,
-                                      quick_configs, run_train_bench)
+from facevae_dist.bench.train import (PAPER_TF_REFERENCES, _cpu_flags, clip_grad_norm_per_tensor_, host_overhead,
+                                      paper_tf_reference, parse_config, quick_configs, run_train_bench, vs_paper_tf)
 from facevae_dist.errors import UsageError
 
 torch.set_num_threads(1)
@@ -67,3 +67,40 @@ def test_trainer_step_reads_no_device_scalar_outside_the_optimizer():
     assert trainer["scalar_reads_per_step"] - trainer["scalar_reads_in_optimizer_per_step"] == 0, row
     assert row["targets"]["no_scalar_read_outside_optimizer"] and row["aten_ops_ratio"] <= 1.3, row
     assert trainer["img_s"] > 0 and bare["img_s"] > 0 and bare["aten_ops_per_step"] > 100
+
+
+AMD = PAPER_TF_REFERENCES[0]
+
+
+def test_tf_reference_only_for_the_same_cpu_model_and_flags():
+    """Issue 18 item 10: a 2-core Intel Xeon with AVX-512 and AMX was shown a ratio against a TF figure from an Intel
+    Xeon without them. A reference counts only for the same model name and the same speed flags."""
+    same = ("AMD EPYC", {"fpu", "sse2", "avx2", "avx512f", "avx512_bf16"})  # other flags do not matter
+    assert paper_tf_reference(same) is AMD
+    for other in (("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz", {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}),
+                  ("Intel(R) Xeon(R) CPU @ 2.20GHz", {"avx2", "avx512f"}),
+                  ("AMD EPYC", {"avx2", "avx512f"}),  # same model name, no native bf16
+                  ("AMD EPYC 9654 96-Core Processor", same[1])):  # same flags, another model
+        assert paper_tf_reference(other) is None, other
+    row = {"model": "mask+decoder", "img_s": 9.9, "batch_size": 32, "image_size": 144}
+    assert vs_paper_tf(row, AMD) == 1.1
+    assert vs_paper_tf(row, None) is None and vs_paper_tf({**row, "image_size": 18}, AMD) is None
+
+
+@pytest.mark.parametrize("matched", [True, False])
+def test_bench_prints_a_ratio_only_against_this_cpus_reference(tmp_path, capsys, matched):
+    cpu = ("AMD EPYC", set(AMD["flags"])) if matched else ("Intel(R) Xeon(R) CPU @ 2.20GHz", {"avx2", "avx512f",
+                                                                                             "amx_tile"})
+    result = run_train_bench(tmp_path / "t.json", [2], steps=1, warmup=0, configs=["fp32"], device="cpu",
+                             image_size=18, overhead=False, cpu=cpu)
+    out = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    saved = json.loads((tmp_path / "t.json").read_text())
+    if matched:
+        assert saved["reference_paper_tf"]["cpu_model"] == "AMD EPYC" and saved["paper_tf_references_elsewhere"] == []
+        assert "vs TF" in out and "measured on this CPU model and flags" in out and "not comparable" not in out
+    else:
+        assert saved["reference_paper_tf"] is None and len(saved["paper_tf_references_elsewhere"]) == 2
+        assert "vs TF" not in out and "no ratio is shown" in out
+        for ref in PAPER_TF_REFERENCES:  # listed as documentation, with the machine each came from
+            assert ref["cpu"] in out and f"mask+decoder {ref['img_s']['mask+decoder']:g} img/s" in out, out
+    assert all("vs_paper_tf" not in r for r in result["rows"])  # 18 px rows are never compared
