@@ -16,6 +16,7 @@ its part of the shards and rank 0 gathers the rows (deduplicated by sample key) 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -179,6 +180,18 @@ def load_scored_model(model_dir: str | Path, which: str, device: torch.device):
                    "seed": cfg.seed, "step": step, "shards": cfg.data.shards, "which": loaded.label}
 
 
+def scored_test_set(manifest: dict, split: str, limit: int | None) -> dict:
+    """What an eval scored: the split's shards by content (the sha256 of each shard, in order, as the manifest
+    records them, hashed with the split and image size), the image size, the split, the limit and the regions.
+    Two evals pair image by image only when their fingerprints are equal: shards rebuilt with other images under
+    the same keys, or built at another size, give another fingerprint wherever they are copied."""
+    shards = [s["sha256"] for s in manifest["splits"][split]["shards"]]
+    image_size = int(manifest["image_size"])
+    identity = json.dumps({"split": split, "image_size": image_size, "shards": shards}, sort_keys=True)
+    return {"fingerprint": hashlib.sha256(identity.encode()).hexdigest(), "split": split, "image_size": image_size,
+            "n_shards": len(shards), "limit": limit, "regions": list(REGIONS)}
+
+
 def _read_export_json(path: Path) -> dict:
     """export.json as a dict, or one line naming the file (binary, not JSON, too deeply nested, not an object)."""
     try:
@@ -308,6 +321,7 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
         "n_images": len(ordered),
         "split_size": n_split,
         "limit": limit,
+        "test_set": scored_test_set(manifest, split, limit),  # `facevae report` pairs only evals of one test set
         "corrupt_samples": sorted(all_corrupt),
         "left_out_by_loader": dropped,  # N mod world_size with several ranks (data/loader.py), else 0
         "world_size": world,

@@ -23,11 +23,13 @@ import numpy as np
 
 from facevae_dist.appearance import DEFINITIONS as APPEARANCE_DEFINITIONS
 from facevae_dist.claims import check_claims, claims_markdown
+from facevae_dist.errors import UsageError
 from facevae_dist.evaluate import load_examples
 from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from facevae_dist.groups import COLUMN_KEYS, COLUMNS, LOSS_ORDER, MODE_ORDER, Group, load_groups
 from facevae_dist.metrics import REGIONS
 from facevae_dist.paper_results import SOURCE, paper_result
+from facevae_dist.progress import warn
 from facevae_dist.stats import RESAMPLES, Interval, group_intervals, paired_differences
 
 LOSS_LABELS = {"l1": "l1", "l2": "l2", "ssim": "SSIM", "ssim+l1": "SSIM + l1", "ssim+l2": "SSIM + l2"}
@@ -69,11 +71,43 @@ def _seeds_text(g: Group) -> str:
     return ",".join("?" if s is None else str(s) for s in g.seeds)
 
 
+def check_one_test_set(evs: list[dict]) -> list[str]:
+    """Refuse, in one line naming both evals, to pair evals that scored different test sets (eval's `test_set`
+    fingerprint: the split's shards by content, split and image size); the image size is checked for every eval (old
+    ones record the model's). Evals from before the fingerprint cannot be checked: they are paired by sample key as
+    before, and the returned note (also warned) says which."""
+    def size(ev):
+        return (ev.get("test_set") or {}).get("image_size") or (ev.get("model") or {}).get("image_size")
+
+    fix = "evaluate them on the same shards (`facevae eval DIR --shards DIR`)"
+    first = evs[0]
+    for ev in evs[1:]:
+        if size(ev) != size(first):
+            raise UsageError(f"{first['path']} ({size(first)} px) and {ev['path']} ({size(ev)} px) scored different "
+                             f"test sets and cannot be paired image by image; {fix}")
+    known = [ev for ev in evs if (ev.get("test_set") or {}).get("fingerprint")]
+    for ev in known[1:]:
+        a, b = known[0]["test_set"]["fingerprint"], ev["test_set"]["fingerprint"]
+        if a != b:
+            raise UsageError(f"{known[0]['path']} (shards {known[0]['shards_dir']}, test set {a[:12]}) and {ev['path']} "
+                             f"(shards {ev['shards_dir']}, test set {b[:12]}) scored different images under the same "
+                             f"split (shards rebuilt or other shards) and cannot be paired; {fix}")
+    unknown = [ev["path"] for ev in evs if ev not in known]
+    if not unknown:
+        return []
+    note = (f"{len(unknown)} eval(s) recorded no test-set fingerprint (written before `facevae eval` recorded one): "
+            f"paired by sample key without checking that they scored the same images ({', '.join(unknown)}); re-run "
+            "`facevae eval` on them to check")
+    warn(note)
+    return [note]
+
+
 class Aggregate:
     """Every statistic of one report, computed once (deterministic: seeded bootstrap)."""
 
     def __init__(self, run_dirs, resamples: int = RESAMPLES, seed: int = 0):
         self.groups, self.keys, self.notes = load_groups([Path(d) for d in run_dirs])
+        self.notes += check_one_test_set([r.ev for g in self.groups for r in g.runs])
         self.resamples, self.seed = resamples, seed
         self.regions = [r for r in REGIONS if all(r in g.regions() for g in self.groups)]
         missing = [r for r in REGIONS if r not in self.regions]

@@ -144,3 +144,89 @@ def test_legacy_eval_region_names_are_mapped(tmp_path):
     md = Path(res["table_md"]).read_text()
     assert "(`composite`)" in md and "composite-face" in md  # the missing region is named in a note
     assert "`paper`" not in md
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 18 item 2: the report pairs image by image only evals of one test set (real shards, real evals of exported
+# untrained models: what is checked is what the evals scored, not what the models learned).
+
+def _shards(out: Path, seed: int, size: int) -> Path:
+    from facevae_dist.data.shards import ShardOptions, build_shards
+    from facevae_dist.data.sources import SyntheticSource
+
+    build_shards(SyntheticSource(n=20, seed=seed, split_ratios=(0.6, 0.2, 0.2)), out,
+                 ShardOptions(image_size=size, shard_size=4, image_format="png"))
+    return out
+
+
+def _evaluated(model_dir: Path, hypothesis: str, size: int, shards: Path) -> Path:
+    import torch
+
+    from facevae_dist.model import FaceVAE, ModelConfig
+
+    torch.manual_seed(0)
+    loss, mode = hypothesis.split("/")
+    FaceVAE(ModelConfig(image_size=size, width=0.125, latent_dim=8, mask_mode=mode)).eval().save_pretrained(model_dir)
+    (model_dir / "export.json").write_text(json.dumps({"hypothesis": hypothesis, "seed": 0, "loss": loss}))
+    assert main(["eval", str(model_dir), "--shards", str(shards), "--bootstrap", "100", "--batch-size", "4"]) == 0
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def test_sets(tmp_path_factory):
+    import torch
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("test-sets")
+    a36, b36, a18 = _shards(root / "a36", 0, 36), _shards(root / "b36", 1, 36), _shards(root / "a18", 0, 18)
+    return {"none@a36": _evaluated(root / "none-a36", "l2/none", 36, a36),
+            "mask@a36": _evaluated(root / "mask-a36", "l2/mask+decoder", 36, a36),
+            "mask@b36": _evaluated(root / "mask-b36", "l2/mask+decoder", 36, b36),
+            "mask@a18": _evaluated(root / "mask-a18", "l2/mask+decoder", 18, a18)}
+
+
+def _report_error(runs, out: Path, capsys) -> str:
+    assert main(["report", *map(str, runs), "--out", str(out), "--bootstrap", "100"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_report_pairs_evals_of_the_same_shards(test_sets, tmp_path, capsys):
+    a, b = load_eval(test_sets["none@a36"]), load_eval(test_sets["mask@a36"])
+    assert a["test_set"] == b["test_set"] and len(a["test_set"]["fingerprint"]) == 64
+    assert a["test_set"]["image_size"] == 36 and a["test_set"]["split"] == "test" and a["test_set"]["limit"] is None
+    assert a["test_set"]["regions"] == list(M.REGIONS)
+    capsys.readouterr()
+    assert main(["report", str(test_sets["none@a36"]), str(test_sets["mask@a36"]), "--out", str(tmp_path / "r"),
+                 "--bootstrap", "100"]) == 0
+    claims = json.loads((tmp_path / "r" / "claims.json").read_text())
+    assert claims["n_images"] == 4 and next(c for c in claims["claims"] if c["id"] == "C1")["verdict"] != "not tested"
+    assert "no test-set fingerprint" not in capsys.readouterr().err
+
+
+def test_report_refuses_shards_rebuilt_with_other_images_under_the_same_keys(test_sets, tmp_path, capsys):
+    from facevae_dist.evaluate import load_per_image
+
+    a, b = load_eval(test_sets["none@a36"]), load_eval(test_sets["mask@b36"])
+    assert load_per_image(a)[0] == load_per_image(b)[0]  # the same keys: only the fingerprint tells them apart
+    capsys.readouterr()
+    line = _report_error([test_sets["none@a36"], test_sets["mask@b36"]], tmp_path / "r", capsys)
+    assert a["path"] in line and b["path"] in line and "scored different images" in line, line
+    assert "--shards" in line and not (tmp_path / "r" / "claims.json").exists()
+
+
+def test_report_refuses_evals_at_other_image_sizes(test_sets, tmp_path, capsys):
+    a, b = load_eval(test_sets["none@a36"]), load_eval(test_sets["mask@a18"])
+    capsys.readouterr()
+    line = _report_error([test_sets["none@a36"], test_sets["mask@a18"]], tmp_path / "r", capsys)
+    assert a["path"] in line and b["path"] in line and "(36 px)" in line and "(18 px)" in line, line
+
+
+def test_evals_without_a_fingerprint_are_paired_with_a_note(two_seed_runs, tmp_path, capsys):
+    """metrics.json written before the fingerprint: paired by key as before, and the report says it could not check."""
+    from facevae_dist.report import make_report
+
+    res = make_report(two_seed_runs, tmp_path / "rep", resamples=200, figures="none")
+    note = "4 eval(s) recorded no test-set fingerprint"
+    assert note in Path(res["table_md"]).read_text() and note in capsys.readouterr().err
