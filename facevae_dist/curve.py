@@ -6,7 +6,8 @@ against optimizer steps and against CPU-hours (the trainer's cost counters, chec
 only `keep_last` step checkpoints: train with e.g. `--keep-last 100` to keep a whole curve.
 
 Incremental: each (run, step) evaluation is written to OUT/evals/<run>/step_N/metrics.json and reused when the
-command runs again (e.g. while the runs are still training), so only new checkpoints are scored.
+command runs again (e.g. while the runs are still training) on the same test set (eval's fingerprint of the shards:
+shards rebuilt in between are scored again), so only new checkpoints are scored.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import json
 from pathlib import Path
 
 from facevae_dist import checkpoint as ckpt
-from facevae_dist.errors import UsageError
-from facevae_dist.evaluate import evaluate
+from facevae_dist.data.shards import read_manifest
+from facevae_dist.errors import FaceVAEError, UsageError
+from facevae_dist.evaluate import evaluate, scored_test_set
 from facevae_dist.fileio import atomic_write_json, atomic_write_text
 from facevae_dist.progress import info
 from facevae_dist.report import _panel, _save, _style
@@ -45,10 +47,19 @@ def _score(run_dir: Path, step_dir: Path, target: Path, *, shards, split: str, l
     if target.is_file():
         cached = json.loads(target.read_text())
         if (cached.get("checkpoint", {}).get("step") == ckpt.step_of(step_dir) and cached.get("limit") == limit
-                and cached.get("split") == split):
+                and cached.get("split") == split and (shards is None or str(shards) == cached.get("shards_dir"))
+                and (cached.get("test_set") or {}).get("fingerprint") == _fingerprint(cached.get("shards_dir"), split)):
             return cached
     return evaluate(run_dir, shards, split=split, limit=limit, which=step_dir.name, device=device,
                     lpips_weights=lpips_weights, out=target, bootstrap=bootstrap)
+
+
+def _fingerprint(shards_dir, split: str) -> str | None:
+    """The test-set fingerprint an eval of `split` of `shards_dir` records now (None: unreadable, so not reused)."""
+    try:
+        return scored_test_set(read_manifest(shards_dir), split, None)["fingerprint"]
+    except (FaceVAEError, KeyError, TypeError, OSError):
+        return None
 
 
 def learning_curve(run_dirs: list[str | Path], out: str | Path, *, shards: str | Path | None = None,

@@ -297,6 +297,16 @@ def test_learning_curve_scores_every_kept_checkpoint(runs, shards, tmp_path):
     stamps = [p.stat().st_mtime_ns for p in cached]
     assert main(args) == 0
     assert [p.stat().st_mtime_ns for p in cached] == stamps, "the second call evaluated again"
+    # the shards rebuilt with other images under the same keys (their manifest's hashes change): scored again
+    original = (shards / "manifest.json").read_bytes()
+    try:
+        changed = json.loads(original)
+        changed["splits"]["test"]["shards"][0]["sha256"] = "0" * 64
+        (shards / "manifest.json").write_text(json.dumps(changed))
+        assert main(args) == 0
+        assert all(p.stat().st_mtime_ns != s for p, s in zip(cached, stamps)), "scores of other shards reused"
+    finally:
+        (shards / "manifest.json").write_bytes(original)
 
 
 def test_learning_curve_of_a_directory_without_checkpoints_is_one_line(tmp_path, capsys):
