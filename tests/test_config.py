@@ -68,7 +68,7 @@ def test_bad_overrides_name_the_field(item, match):
 ])
 def test_validation_errors(item, match):
     cfg = apply_overrides(TrainConfig(), [item])
-    with pytest.raises(UsageError, match=match.replace("(", "\\(")):
+    with pytest.raises(UsageError, match=match.replace("(", "\\(").replace("[", "\\[")):
         cfg.validate()
 
 
