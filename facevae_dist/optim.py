@@ -16,7 +16,6 @@ _step_supports_amp_scaling): when it is nonzero, neither the moments, the step c
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Iterable
 
 import torch
@@ -223,32 +222,27 @@ def _one_minus_pow(beta: float, t: list[Tensor]) -> list[Tensor]:
 def clip_gradients_(params_or_grads: Iterable[Tensor], mode: str, value: float) -> None:
     """Clip gradients in place, on the device (no .item()).
 
-    "per-tensor": Keras' `clipnorm` (what the paper's Adam did): each tensor g -> g * c / max(||g||, c).
-    "global": torch's clip_grad_norm_: all gradients scaled by min(1, c / (total_norm + 1e-6)).
-    "none": nothing. Takes parameters (their .grad is clipped) or the gradient tensors themselves.
+    "per-tensor": Keras' `clipnorm` (what the paper's Adam did): each tensor g -> g * c / max(||g||, c); takes
+    parameters (their .grad is clipped) or the gradient tensors themselves.
+    "global": torch.nn.utils.clip_grad_norm_ (foreach, no sync): all gradients scaled by min(1, c / (norm + 1e-6));
+    takes parameters. "none": nothing.
     """
     if mode == "none":
         return
     if mode not in ("per-tensor", "global"):
         raise UsageError(f"optim.clip={mode!r} is not one of per-tensor, global, none")
-    groups = _by_device_and_dtype(_gradients(params_or_grads))
-    if not groups:
+    if mode == "global":
+        torch.nn.utils.clip_grad_norm_(params_or_grads, value, foreach=True)
         return
-    if mode == "per-tensor":
-        for grads in groups.values():
-            factors = torch._foreach_norm(grads)
-            torch._foreach_clamp_min_(factors, value)  # max(||g||, c)
-            torch._foreach_reciprocal_(factors)
-            torch._foreach_mul_(factors, value)  # c / max(||g||, c), <= 1
-            torch._foreach_mul_(grads, factors)
+    grads = _gradients(params_or_grads)
+    if not grads:
         return
-    first = next(iter(groups.values()))[0].device
-    group_norms = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)).float()).to(first)
-                   for g in groups.values()]
-    total = torch.linalg.vector_norm(torch.stack(group_norms))
-    coef = torch.clamp(value / (total + 1e-6), max=1.0)
-    for (device, dtype), grads in groups.items():
-        torch._foreach_mul_(grads, coef.to(device=device, dtype=dtype))
+    for (grouped,), _ in torch.optim.Optimizer._group_tensors_by_device_and_dtype([grads]).values():
+        factors = torch._foreach_norm(grouped)
+        torch._foreach_clamp_min_(factors, value)  # max(||g||, c)
+        torch._foreach_reciprocal_(factors)
+        torch._foreach_mul_(factors, value)  # c / max(||g||, c), <= 1
+        torch._foreach_mul_(grouped, factors)
 
 
 def _gradients(params_or_grads: Iterable[Tensor]) -> list[Tensor]:
@@ -260,10 +254,3 @@ def _gradients(params_or_grads: Iterable[Tensor]) -> list[Tensor]:
         if g is not None:
             out.append(g)
     return out
-
-
-def _by_device_and_dtype(tensors: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
-    for t in tensors:
-        groups[(t.device, t.dtype)].append(t)
-    return dict(groups)
