@@ -12,14 +12,33 @@ BUILD_EPILOG = """\
 sources and the layout each expects under --root:
   synthetic       nothing: procedural CelebA-like portraits with 19-class label maps (--n images, --seed);
                   split 80/10/10 in CelebA's contiguous style (--split-ratios)
-  celeba          img_align_celeba/*.jpg, list_eval_partition.txt ('<image>.jpg <0|1|2>' per line) and a folder of
-                  face-parsing label-map PNGs named like the images: ROOT/mask_faceparsing/ (the paper's) or --masks DIR
+  celeba          CelebA's aligned images, its partition file and a folder of face-parsing label-map PNGs named
+                  like the images. Found under --root (or ROOT/celeba/, torchvision's folder) in these layouts:
+                    img_align_celeba/*.jpg + list_eval_partition.txt           (this project's, the README's)
+                    Img/img_align_celeba/ + Eval/list_eval_partition.txt       (the official share)
+                    img_align_celeba/img_align_celeba/ + list_eval_partition.csv   (the Kaggle copy)
+                    img_align_celeba_png/*.png                                 (the PNG edition)
+                    imgs/                                                      (the authors' code)
+                  or named with --images DIR and --partition FILE. Label maps: ROOT/mask_faceparsing/ (the paper's,
+                  a separate download linked from the authors' repository) or --masks DIR, or --masks auto
+                  (MediaPipe, approximate). Images are expected at 178x218 (aligned CelebA; other sizes warn)
   celebamask-hq   CelebA-HQ-img/<id>.jpg, CelebAMask-HQ-mask-anno/<k>/<id:05d>_<part>.png and
                   CelebA-HQ-to-CelebA-mapping.txt (gives the official split)
   folder          any folder of face photos (recursive); masks from --masks DIR (one PNG per photo at the same
                   relative path: 0/255 mask or 19-class label map) or --masks auto (default: offline MediaPipe
                   face+hair extractor, an optional install: see facevae_dist/data/mediapipe_mask.py); photos where
                   no face is found are skipped and listed; split by --split-ratios over the sorted file list
+
+label maps use face-parsing.PyTorch's numbering, as the paper's masks do: 0 background, 1 skin, 2/3 brows,
+4/5 eyes, 6 glasses, 7/8 ears, 9 earring, 10 nose, 11 mouth, 12/13 lips, 14 neck, 15 necklace, 16 cloth, 17 hair,
+18 hat. Maps made with CelebAMask-HQ's own g_mask.py number them differently (6/7 brows, 13 hair, 14 hat, 17 neck,
+18 cloth, ...): pass --label-scheme celebamask-hq to convert them; a sample of the maps is checked, and maps that
+clearly use the other numbering stop the build with that advice.
+
+split: celeba and celebamask-hq follow CelebA's official partition (162,770 / 19,867 / 19,962 images). The folder
+source cuts its sorted file list into contiguous blocks by --split-ratios (default 0.8,0.1,0.1); for a folder
+holding all of img_align_celeba, --split-ratios 0.80341,0.09806,0.09853 reproduces the official split exactly.
+A split left empty (too few images for its ratio) is warned about.
 
 face mask = label map minus background, ears, earring, neck, necklace and cloth (the paper's definition: hair, hat
 and glasses count as face). Stored as a 1-channel PNG: the 0/1 mask resized like the image (x255), so edges are soft.
@@ -65,7 +84,8 @@ def _build(args) -> int:
         getattr(args, "_explicit_options", set()).discard("resize")
     apply_shards_preset(args, args.preset)  # fills only options not given on the command line
     source = make_source(args.source, root=args.root, masks=args.masks, n=args.n, seed=args.seed,
-                         on_missing_mask=args.on_missing_mask, split_ratios=args.split_ratios)
+                         on_missing_mask=args.on_missing_mask, split_ratios=args.split_ratios, images=args.images,
+                         partition=args.partition, label_scheme=args.label_scheme)
     opts = ShardOptions(image_size=args.image_size, fit=args.fit, resize=args.resize, image_format=args.image_format,
                         jpeg_quality=args.jpeg_quality, shard_size=args.shard_size)
     build_shards(source, args.out or Path("shards") / args.source, opts, workers=args.workers,
@@ -134,12 +154,20 @@ def register(sub) -> None:
     src.add_argument("--source", default="synthetic", choices=["synthetic", "celeba", "celebamask-hq", "folder"],
                      help="where faces come from (default synthetic)")
     src.add_argument("--root", help="dataset root directory (celeba, celebamask-hq, folder)")
-    src.add_argument("--masks", help="celeba: folder of label-map PNGs (default ROOT/mask_faceparsing); "
-                     "folder: 'auto' (default, MediaPipe extractor) or a folder of mask/label-map PNGs")
+    src.add_argument("--masks", help="celeba: folder of label-map PNGs (default ROOT/mask_faceparsing) or 'auto' "
+                     "(MediaPipe extractor); folder: 'auto' (default) or a folder of mask/label-map PNGs")
+    src.add_argument("--images", help="celeba: the folder of aligned images, when it is not found under --root")
+    src.add_argument("--partition", help="celeba: list_eval_partition.txt (or Kaggle's .csv), when it is not found "
+                     "under --root")
+    src.add_argument("--label-scheme", choices=["faceparsing", "celebamask-hq"], default=None,
+                     help="numbering of the label-map PNGs: faceparsing (face-parsing.PyTorch's, the paper's; "
+                     "default) or celebamask-hq (CelebAMask-HQ's g_mask.py: 7 r_brow, 13 hair, 14 hat, 17 neck, "
+                     "18 cloth), converted on reading")
     src.add_argument("--n", type=int, default=2000, help="synthetic: number of images (default 2000)")
     src.add_argument("--seed", type=int, default=0, help="synthetic: generator seed (default 0)")
     src.add_argument("--split-ratios", type=_ratios, default=None, metavar="TRAIN,VAL,TEST",
-                     help="synthetic, folder: split fractions (default 0.8,0.1,0.1)")
+                     help="synthetic, folder: split fractions (default 0.8,0.1,0.1; 0.80341,0.09806,0.09853 "
+                     "reproduces CelebA's official split for a folder holding all of img_align_celeba)")
     src.add_argument("--on-missing-mask", choices=["error", "skip"], default="error",
                      help="an image without a label map: stop with an error naming it (default), or skip it "
                      "(listed in errors.tsv)")

@@ -5,6 +5,11 @@ Label scheme (face-parsing.PyTorch / BiSeNet, 19 classes, the paper's `mask_face
 10 nose, 11 mouth, 12 u_lip, 13 l_lip, 14 neck, 15 neck_l (necklace), 16 cloth, 17 hair, 18 hat.
 The paper's face mask keeps everything except background, ears, earring, neck, necklace and cloth
 (`utils.load_mask`: `~np.isin(label, [0, 7, 8, 9, 14, 15, 16])`), so hair, hat and glasses count as face.
+
+CelebAMask-HQ's own `g_mask.py` numbers the same parts differently (1 skin, 2 nose, 3 eye_g, 4 l_eye, 5 r_eye,
+6 l_brow, 7 r_brow, 8 l_ear, 9 r_ear, 10 mouth, 11 u_lip, 12 l_lip, 13 hair, 14 hat, 15 ear_r, 16 neck_l, 17 neck,
+18 cloth). Such label maps are converted to the scheme above on reading (`--label-scheme celebamask-hq`), and
+`guess_label_scheme` tells the two apart from where hair/hat/neck/cloth sit relative to the skin.
 """
 
 from __future__ import annotations
@@ -22,6 +27,15 @@ FACE_EXCLUDED_LABELS = (0, 7, 8, 9, 14, 15, 16)
 # with label = position + 1 (later parts overwrite earlier ones), which yields the 19-class scheme above.
 CELEBAMASK_HQ_PARTS = ("skin", "l_brow", "r_brow", "l_eye", "r_eye", "eye_g", "l_ear", "r_ear", "ear_r", "nose",
                        "mouth", "u_lip", "l_lip", "neck", "neck_l", "cloth", "hair", "hat")
+
+# CelebAMask-HQ's face_parsing/Data_preprocessing/g_mask.py: label = position + 1.
+GMASK_PARTS = ("skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear", "mouth", "u_lip",
+               "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth")
+LABEL_SCHEMES = ("faceparsing", "celebamask-hq")
+
+_GMASK_TO_FACEPARSING = np.arange(256, dtype=np.uint8)
+for _value, _name in enumerate(GMASK_PARTS, start=1):
+    _GMASK_TO_FACEPARSING[_value] = LABEL_NAMES.index(_name)
 
 _FACE_LUT = np.ones(256, dtype=bool)
 _FACE_LUT[list(FACE_EXCLUDED_LABELS)] = False
@@ -53,3 +67,45 @@ def read_part_mask(path: Path) -> np.ndarray:
     from facevae_dist.data.imageio import binary_mask, read_values
 
     return binary_mask(read_values(path))
+
+
+def to_faceparsing(label: np.ndarray, scheme: str) -> np.ndarray:
+    """A label map in `scheme` (one of LABEL_SCHEMES) -> the same map in face-parsing numbering."""
+    if scheme == "faceparsing":
+        return label
+    if scheme == "celebamask-hq":
+        return _GMASK_TO_FACEPARSING[np.asarray(label, dtype=np.uint8)]
+    raise ValueError(f"unknown label scheme {scheme!r}; choose one of {', '.join(LABEL_SCHEMES)}")
+
+
+# Values whose part lies above the skin's centre in one numbering and below it in the other:
+# face-parsing 13 l_lip (below), 17 hair (above), 18 hat (above); g_mask 13 hair (above), 17 neck, 18 cloth (below).
+_ABOVE_IN_FACEPARSING = {13: False, 17: True, 18: True}
+_MIN_PIXELS = 0.002  # of the map: smaller parts are too few pixels to place reliably
+
+
+def guess_label_scheme(labels: list[np.ndarray]) -> tuple[str | None, str]:
+    """Which numbering a few label maps use, from where values 13, 17, 18 sit relative to the skin (1):
+    returns (scheme, evidence) with scheme None when the maps do not tell (no skin, none of those values, or votes
+    that disagree)."""
+    votes = {"faceparsing": 0, "celebamask-hq": 0}
+    for label in labels:
+        label = np.asarray(label)
+        rows = np.arange(label.shape[0])[:, None]
+        skin = label == 1
+        if skin.sum() < _MIN_PIXELS * label.size:
+            continue
+        skin_row = (rows * skin).sum() / skin.sum()
+        for value, above_in_fp in _ABOVE_IN_FACEPARSING.items():
+            part = label == value
+            if part.sum() < _MIN_PIXELS * label.size:
+                continue
+            above = (rows * part).sum() / part.sum() < skin_row
+            votes["faceparsing" if above == above_in_fp else "celebamask-hq"] += 1
+    evidence = (f"{votes['faceparsing']} vote(s) for face-parsing's numbering, {votes['celebamask-hq']} for "
+                f"CelebAMask-HQ's g_mask.py numbering over {len(labels)} sampled label map(s)")
+    if votes["faceparsing"] and not votes["celebamask-hq"]:
+        return "faceparsing", evidence
+    if votes["celebamask-hq"] and votes["celebamask-hq"] >= 3 * votes["faceparsing"]:
+        return "celebamask-hq", evidence
+    return None, evidence

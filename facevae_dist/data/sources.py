@@ -14,6 +14,7 @@ and register it in SOURCES.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,13 @@ import numpy as np
 from PIL import Image
 
 from facevae_dist.data import imageio, synthetic
-from facevae_dist.data.masks import CELEBAMASK_HQ_PARTS, part_masks_to_labelmap, read_part_mask
+from facevae_dist.data.masks import (CELEBAMASK_HQ_PARTS, LABEL_SCHEMES, guess_label_scheme, part_masks_to_labelmap,
+                                    read_part_mask, to_faceparsing)
 from facevae_dist.errors import DataError, UsageError
+from facevae_dist.progress import info, warn
 
 SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 _PARTITION_CODES = {"0": "train", "1": "val", "2": "test"}
 ON_MISSING_MASK = ("error", "skip")
 
@@ -87,11 +91,42 @@ def _read_rgb(path: Path, source_id: str) -> np.ndarray:
         raise CorruptSample(f"cannot decode {path.name}: {exc.reason}")
 
 
-def _read_label(path: Path) -> np.ndarray:
+def _read_label(path: Path, scheme: str = "faceparsing") -> np.ndarray:
     try:
-        return imageio.values_to_labels(imageio.read_values(path))
+        return to_faceparsing(imageio.values_to_labels(imageio.read_values(path)), scheme)
     except imageio.ImageReadError as exc:
         raise CorruptSample(f"cannot decode mask {path}: {exc.reason}")
+
+
+_SCHEME_FLAG = "--label-scheme"
+_SAMPLED_LABEL_MAPS = 16
+
+
+def _check_label_scheme(paths: list[Path], scheme: str | None, where: Path) -> str:
+    """The numbering to read label maps with: `scheme` if given, else face-parsing's (the paper's), after checking a
+    few evenly spaced maps: maps that clearly use CelebAMask-HQ's g_mask.py numbering stop the build (they would give
+    wrong masks silently), naming the flag that converts them."""
+    step = max(1, len(paths) // _SAMPLED_LABEL_MAPS)
+    labels = []
+    for path in paths[::step][:_SAMPLED_LABEL_MAPS]:
+        try:
+            kind, values = imageio.read_mask_or_labels(path)
+        except imageio.ImageReadError:
+            continue  # a corrupt map is reported by load(), with the sample
+        if kind == "labels":
+            labels.append(values)
+    guess, evidence = guess_label_scheme(labels) if labels else (None, "")
+    if scheme is None:
+        if guess == "celebamask-hq":
+            raise DataError(f"{where}: these label maps use CelebAMask-HQ's g_mask.py numbering (hair 13, hat 14, "
+                            f"neck 17, cloth 18; {evidence}), not face-parsing's that the paper's masks use: pass "
+                            f"{_SCHEME_FLAG} celebamask-hq to convert them ({_SCHEME_FLAG} faceparsing to use them "
+                            "as they are)")
+        return "faceparsing"
+    if guess is not None and guess != scheme:
+        warn(f"{where}: {_SCHEME_FLAG} {scheme} given, but the label maps look like {guess} numbering ({evidence}); "
+             "masks are built as told")
+    return scheme
 
 
 def _require_dir(path: Path, what: str, hint: str) -> None:
@@ -100,16 +135,17 @@ def _require_dir(path: Path, what: str, hint: str) -> None:
 
 
 def parse_partition_file(path: Path) -> dict[str, str]:
-    """CelebA `list_eval_partition.txt`: '<name>.jpg <0|1|2>' per line -> {name: split}."""
+    """CelebA `list_eval_partition.txt` ('<name>.jpg <0|1|2>' per line) or the Kaggle copy's
+    `list_eval_partition.csv` ('image_id,partition' header, then '<name>.jpg,<0|1|2>') -> {name: split}."""
     if not path.is_file():
         raise DataError(f"{path}: partition file not found (expected CelebA's list_eval_partition.txt: "
-                        "lines '<image>.jpg <0|1|2>')")
+                        "lines '<image>.jpg <0|1|2>'; pass --partition FILE if it is elsewhere)")
     result: dict[str, str] = {}
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for lineno, line in enumerate(f, start=1):
-            parts = line.split()
-            if not parts:
-                continue
+            parts = line.replace(",", " ").split()
+            if not parts or (lineno == 1 and parts == ["image_id", "partition"]):
+                continue  # blank line or the Kaggle CSV header
             if len(parts) != 2 or parts[1] not in _PARTITION_CODES:
                 raise DataError(f"{path}:{lineno}: malformed partition line {line.strip()[:80]!r} "
                                 "(expected '<image>.jpg <0|1|2>')")
@@ -175,60 +211,196 @@ def export_synthetic_folder(root: Path, n: int, seed: int = 0, jpeg_quality: int
 
 
 # ------------------------------------------------------------------------------------------------ celeba
+# Where CelebA's aligned images and partition file sit in the layouts people hold, relative to a dataset folder:
+# this project's / the README's, the Kaggle copy (a folder inside a folder of the same name), the official share
+# (Img/, Eval/), the PNG edition, and the authors' code (imgs/). torchvision's `celeba/` folder is searched as a
+# dataset folder under --root too.
+_IMAGE_DIRS = ("img_align_celeba", "img_align_celeba/img_align_celeba", "Img/img_align_celeba",
+               "img_align_celeba_png", "Img/img_align_celeba_png", "imgs")
+_PARTITION_FILES = ("list_eval_partition.txt", "Eval/list_eval_partition.txt", "list_eval_partition.csv")
+_DATASET_DIRS = (".", "celeba")
+ALIGNED_SIZE = (178, 218)  # width, height of img_align_celeba: the size the paper's masks were made for
+MASKS_HINT = ("the paper's face-parsing label maps are not part of CelebA but a separate download (linked from the "
+              "authors' repository, tldrafael/FaceReconstructionWithVAEAndFaceMasks): put them in "
+              "ROOT/mask_faceparsing/ or pass --masks DIR, or pass --masks auto to extract approximate face+hair "
+              "masks offline with MediaPipe")
+
+
+def _has_images(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    with os.scandir(path) as entries:
+        return any(e.name.lower().endswith(IMAGE_SUFFIXES) and not e.name.startswith(".") for e in entries)
+
+
+def _found(root: Path, relpaths: tuple[str, ...], test) -> list[Path]:
+    return [root / d / r for d in _DATASET_DIRS for r in relpaths if test(root / d / r)]
+
+
+def _one(found: list[Path], root: Path, what: str, flag: str) -> Path | None:
+    if len(found) > 1:
+        raise DataError(f"{root}: {what} found in more than one place ({', '.join(str(p) for p in found)}); pass "
+                        f"{flag} to choose one")
+    return found[0] if found else None
+
+
 @dataclass
 class CelebASource(Source):
     root: Path
-    masks: Path | None = None  # default root/mask_faceparsing
+    masks: Path | str | None = None  # a folder of label maps, "auto" (MediaPipe), or None: <dataset>/mask_faceparsing
     on_missing_mask: str = "error"
+    images: Path | None = None  # default: found under root (_IMAGE_DIRS)
+    partition: Path | None = None  # default: found under root (_PARTITION_FILES)
+    label_scheme: str | None = None  # None: face-parsing's, checked on a sample
     name = "celeba"
 
-    def _mask_dir(self) -> Path:
-        return Path(self.masks) if self.masks else Path(self.root) / "mask_faceparsing"
+    def __post_init__(self):
+        self._resolved: tuple[Path, Path, Path | None, str] | None = None
 
-    def plan(self) -> SourcePlan:
+    def _layout(self) -> tuple[Path, Path, Path | None]:
+        """(image folder, partition file, label-map folder or None for --masks auto), found or as given."""
         root = Path(self.root)
         _require_dir(root, "CelebA root", "pass --root DIR holding img_align_celeba/, list_eval_partition.txt and "
                      "mask_faceparsing/")
-        img_dir = root / "img_align_celeba"
-        _require_dir(img_dir, "image folder", "expected CelebA's aligned images in ROOT/img_align_celeba/")
-        mask_dir = self._mask_dir()
-        _require_dir(mask_dir, "label-map folder", "expected face-parsing label-map PNGs named like the images in "
-                     "ROOT/mask_faceparsing/, or pass --masks DIR")
-        partition = parse_partition_file(root / "list_eval_partition.txt")
-        images = set(os.listdir(img_dir))
-        masks = set(os.listdir(mask_dir))
+        if self.images is not None:
+            img_dir = Path(self.images)
+            _require_dir(img_dir, "image folder", "--images must name the folder holding CelebA's aligned images")
+        else:
+            img_dir = _one(_found(root, _IMAGE_DIRS, _has_images), root, "CelebA image folders", "--images DIR")
+            if img_dir is None:
+                raise DataError(f"{root}: no CelebA image folder found (looked for "
+                                f"{', '.join(d + '/' for d in _IMAGE_DIRS)} here and under celeba/); pass --images "
+                                "DIR, or symlink your aligned-image folder as ROOT/img_align_celeba")
+        if self.partition is not None:
+            partition = Path(self.partition)
+        else:
+            partition = _one(_found(root, _PARTITION_FILES, Path.is_file), root, "partition files", "--partition FILE")
+            if partition is None:
+                raise DataError(f"{root}: no list_eval_partition.txt found (looked for {', '.join(_PARTITION_FILES)} "
+                                "here and under celeba/); pass --partition FILE (CelebA's "
+                                "Eval/list_eval_partition.txt)")
+        if self.masks == "auto":
+            return img_dir, partition, None
+        if self.masks:
+            mask_dir = Path(self.masks)
+            _require_dir(mask_dir, "label-map folder", MASKS_HINT.replace("put them in ROOT/mask_faceparsing/ or "
+                                                                          "pass --masks DIR", "check --masks"))
+            return img_dir, partition, mask_dir
+        candidates = [p for p in dict.fromkeys([root / "mask_faceparsing", partition.parent / "mask_faceparsing",
+                                                 img_dir.parent / "mask_faceparsing"]) if p.is_dir()]
+        mask_dir = _one(candidates, root, "mask_faceparsing/ folders", "--masks DIR")
+        if mask_dir is None:
+            raise DataError(f"{root / 'mask_faceparsing'}: label-map folder not found; {MASKS_HINT}")
+        return img_dir, partition, mask_dir
+
+    def plan(self) -> SourcePlan:
+        img_dir, partition_file, mask_dir = self._layout()
+        if mask_dir is None:
+            from facevae_dist.data import mediapipe_mask
+
+            mediapipe_mask.require()
+        partition = parse_partition_file(partition_file)
+        names = set(os.listdir(img_dir))
+        # Files by stem too: the partition file names .jpg also for the PNG edition.
+        images: dict[str, str] = {}
+        for fname in sorted(names):
+            if fname.lower().endswith(IMAGE_SUFFIXES) and not fname.startswith("."):
+                images.setdefault(fname.rsplit(".", 1)[0], fname)
+        masks = set(os.listdir(mask_dir)) if mask_dir is not None else set()
         plan = SourcePlan({s: [] for s in SPLITS})
         for name in sorted(partition):
             split, stem = partition[name], name.rsplit(".", 1)[0]
-            if name not in images:
-                raise DataError(f"{img_dir / name}: listed in list_eval_partition.txt but missing")
-            if f"{stem}.png" not in masks:
+            fname = name if name in names else images.get(stem)
+            if fname is None:
+                raise DataError(f"{img_dir / name}: listed in {partition_file.name} but missing (--images names the "
+                                "image folder)")
+            if mask_dir is not None and f"{stem}.png" not in masks:
                 if self.on_missing_mask == "skip":
                     plan.skipped.append((split, stem, f"no label map {mask_dir / (stem + '.png')}"))
                     continue
-                raise DataError(f"{img_dir / name}: no label map {mask_dir / (stem + '.png')} "
+                raise DataError(f"{img_dir / fname}: no label map {mask_dir / (stem + '.png')} "
                                 "(use --on-missing-mask skip to leave such images out)")
-            plan.items[split].append(Item(stem, split, name))
+            plan.items[split].append(Item(stem, split, fname))
+        items = [it for split in SPLITS for it in plan.items[split]]
+        scheme = "faceparsing"
+        if mask_dir is not None:
+            scheme = _check_label_scheme([mask_dir / f"{it.source_id}.png" for it in items], self.label_scheme,
+                                         mask_dir)
+            _warn_unaligned(img_dir, [it.ref for it in items])
+        self._resolved = (img_dir, partition_file, mask_dir, scheme)
+        if img_dir != Path(self.root) / "img_align_celeba" or partition_file != Path(self.root) / _PARTITION_FILES[0]:
+            info(f"CelebA: images {img_dir}, partition {partition_file}, masks {mask_dir or 'auto (MediaPipe)'}")
         return plan
 
+    def _paths(self) -> tuple[Path, Path, Path | None, str]:
+        if self._resolved is None:  # load() before plan() in this process: resolve the same way
+            img_dir, partition, mask_dir = self._layout()
+            self._resolved = (img_dir, partition, mask_dir, self.label_scheme or "faceparsing")
+        return self._resolved
+
     def load(self, item: Item) -> Record:
-        stem = item.ref.rsplit(".", 1)[0]
-        image = _read_rgb(Path(self.root) / "img_align_celeba" / item.ref, item.source_id)
-        label = _read_label(self._mask_dir() / f"{stem}.png")
+        img_dir, _, mask_dir, scheme = self._paths()
+        image = _read_rgb(img_dir / item.ref, item.source_id)
+        if mask_dir is None:
+            return _auto_mask_record(item, image)
+        label = _read_label(mask_dir / f"{item.source_id}.png", scheme)
         return Record(item.source_id, item.split, image, label=label)
 
     def describe(self) -> dict:
-        return {"name": self.name, "root": str(Path(self.root).resolve()), "masks": str(self._mask_dir().resolve()),
+        img_dir, partition, mask_dir, scheme = self._paths()
+        root = Path(self.root)
+        desc = {"name": self.name, "root": str(root.resolve()),
+                "masks": "auto" if mask_dir is None else str(mask_dir.resolve()),
                 "on_missing_mask": self.on_missing_mask}
+        # Only where they differ from the original layout, so that shards built before these options still resume.
+        if img_dir.resolve() != (root / "img_align_celeba").resolve():
+            desc["images"] = str(img_dir.resolve())
+        if partition.resolve() != (root / _PARTITION_FILES[0]).resolve():
+            desc["partition"] = str(partition.resolve())
+        if scheme != "faceparsing":
+            desc["label_scheme"] = scheme
+        return desc
+
+
+def _warn_unaligned(img_dir: Path, names: list[str]) -> None:
+    """The face-parsing masks were made for aligned 178x218 CelebA images: other sizes (e.g. the in-the-wild set)
+    would get masks that do not match the face. Reads only the image headers."""
+    odd = []
+    for name in names:
+        try:
+            with Image.open(img_dir / name) as im:
+                size = im.size
+        except Exception:
+            continue  # unreadable: load() reports it as a corrupt sample
+        if size != ALIGNED_SIZE:
+            odd.append(f"{name} {size[0]}x{size[1]}")
+    if odd:
+        warn(f"{img_dir}: {len(odd)} of {len(names)} images are not {ALIGNED_SIZE[0]}x{ALIGNED_SIZE[1]} like aligned "
+             f"CelebA ({', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''}): label maps made for the aligned images "
+             "will not match them (use img_align_celeba, not the in-the-wild set; or --masks auto)")
+
+
+def _auto_mask_record(item: Item, image: np.ndarray) -> Record:
+    from facevae_dist.data.mediapipe_mask import extract_face_mask  # optional, heavy: only for --masks auto
+
+    mask = extract_face_mask(image)
+    if mask is None:
+        raise CorruptSample("no face found by the MediaPipe extractor")
+    return Record(item.source_id, item.split, image, mask=mask, meta={"mask": "mediapipe"})
 
 
 # ------------------------------------------------------------------------------------------------ celebamask-hq
+_PART_FILE = re.compile(r"(\d+)_(\w+)\.png")
+
+
 @dataclass
 class CelebAMaskHQSource(Source):
     root: Path
     on_missing_mask: str = "error"
     name = "celebamask-hq"
-    # Official split by the original CelebA index (CelebAMask-HQ's own partition script uses these bounds).
+    # CelebA's official split (list_eval_partition.txt: val from 162771.jpg, test from 182638.jpg) on the mapping's
+    # 0-based orig_idx. CelebAMask-HQ's own g_partition.py compares orig_idx with 162771 and 182638 instead, i.e. it
+    # puts the one image at each boundary (orig_idx 162770, 182637) in the split before; we follow the official file.
     VAL_START, TEST_START = 162770, 182637
 
     def _anno(self) -> Path:
@@ -244,12 +416,20 @@ class CelebAMaskHQSource(Source):
         if not mapping.is_file():
             raise DataError(f"{mapping}: not found (needed for the official train/val/test split)")
         images = set(os.listdir(root / "CelebA-HQ-img"))
-        anno = {}
+        anno, stray = {}, []
         for sub in sorted(os.listdir(self._anno())):
             if (self._anno() / sub).is_dir():
-                for fname in os.listdir(self._anno() / sub):
-                    if fname.endswith(".png"):
-                        anno.setdefault(int(fname.split("_", 1)[0]), sub)
+                for fname in sorted(os.listdir(self._anno() / sub)):
+                    if not fname.endswith(".png"):
+                        continue
+                    match = _PART_FILE.fullmatch(fname)
+                    if match is None or match.group(2) not in CELEBAMASK_HQ_PARTS:
+                        stray.append(f"{sub}/{fname}")  # e.g. macOS ._00000_skin.png, a preview.png
+                        continue
+                    anno.setdefault(int(match.group(1)), sub)
+        if stray:
+            warn(f"{self._anno()}: {len(stray)} PNG file(s) not named <id>_<part>.png ignored "
+                 f"({', '.join(stray[:3])}{', ...' if len(stray) > 3 else ''})")
         plan = SourcePlan({s: [] for s in SPLITS})
         with open(mapping, encoding="utf-8", errors="replace") as f:
             for lineno, line in enumerate(f, start=1):
@@ -301,7 +481,6 @@ class CelebAMaskHQSource(Source):
 
 
 # ------------------------------------------------------------------------------------------------ folder
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
 @dataclass
@@ -315,7 +494,11 @@ class FolderSource(Source):
     masks: str = "auto"  # "auto" or a directory
     on_missing_mask: str = "error"
     split_ratios: tuple[float, float, float] = synthetic.DEFAULT_SPLIT_RATIOS
+    label_scheme: str | None = None  # numbering of label-map PNGs; None: face-parsing's, checked on a sample
     name = "folder"
+
+    def __post_init__(self):
+        self._scheme = self.label_scheme or "faceparsing"
 
     def _images(self) -> list[str]:
         root = Path(self.root)
@@ -356,30 +539,38 @@ class FolderSource(Source):
                 raise DataError(f"{root / name}: no mask {self._mask_path(name)} "
                                 "(use --on-missing-mask skip to leave such images out, or --masks auto)")
             plan.items[split].append(Item(name, split, name))
+        _warn_empty_splits(plan, self.split_ratios, len(names))
+        if self.masks != "auto":
+            items = [it for split in SPLITS for it in plan.items[split]]
+            self._scheme = _check_label_scheme([self._mask_path(it.ref) for it in items], self.label_scheme,
+                                               Path(self.masks))
         return plan
 
     def load(self, item: Item) -> Record:
         image = _read_rgb(Path(self.root) / item.ref, item.source_id)
         if self.masks == "auto":
-            from facevae_dist.data.mediapipe_mask import extract_face_mask
-
-            mask = extract_face_mask(image)
-            if mask is None:
-                raise CorruptSample("no face found by the MediaPipe extractor")
-            return Record(item.source_id, item.split, image, mask=mask, meta={"mask": "mediapipe"})
+            return _auto_mask_record(item, image)
         path = self._mask_path(item.ref)
         try:
             kind, values = imageio.read_mask_or_labels(path)
         except imageio.ImageReadError as exc:
             raise CorruptSample(f"cannot decode mask {path}: {exc.reason}")
-        if kind == "labels":  # a label map (a 0/1 mask reads the same: 1 = skin = face)
-            return Record(item.source_id, item.split, image, label=values)
+        if kind == "labels":  # a label map (a 0/1 mask reads the same: 1 = skin = face, in both numberings)
+            return Record(item.source_id, item.split, image, label=to_faceparsing(values, self._scheme))
         return Record(item.source_id, item.split, image, mask=values)
 
     def describe(self) -> dict:
         return {"name": self.name, "root": str(Path(self.root).resolve()),
                 "masks": "auto" if self.masks == "auto" else str(Path(self.masks).resolve()),
-                "on_missing_mask": self.on_missing_mask, "split_ratios": list(self.split_ratios)}
+                "on_missing_mask": self.on_missing_mask, "split_ratios": list(self.split_ratios),
+                **({"label_scheme": self._scheme} if self._scheme != "faceparsing" else {})}
+
+
+def _warn_empty_splits(plan: SourcePlan, ratios: tuple[float, float, float], n: int) -> None:
+    empty = [s for s, r in zip(SPLITS, ratios) if r > 0 and not plan.items[s]]
+    if empty:
+        warn(f"split {', '.join(empty)} is empty: {n} image(s) at --split-ratios {','.join(f'{r:g}' for r in ratios)} "
+             "leave none for it (add images, or change --split-ratios)")
 
 
 SOURCES = ("synthetic", "celeba", "celebamask-hq", "folder")
@@ -387,21 +578,33 @@ SOURCES = ("synthetic", "celeba", "celebamask-hq", "folder")
 
 def make_source(name: str, *, root: str | Path | None = None, masks: str | Path | None = None, n: int = 2000,
                 seed: int = 0, on_missing_mask: str = "error",
-                split_ratios: tuple[float, float, float] | None = None) -> Source:
+                split_ratios: tuple[float, float, float] | None = None, images: str | Path | None = None,
+                partition: str | Path | None = None, label_scheme: str | None = None) -> Source:
     """Build a source from CLI-level options; raises UsageError for wrong combinations."""
     if on_missing_mask not in ON_MISSING_MASK:
         raise UsageError(f"--on-missing-mask must be one of {ON_MISSING_MASK}, got {on_missing_mask!r}")
+    if label_scheme is not None and label_scheme not in LABEL_SCHEMES:
+        raise UsageError(f"--label-scheme must be one of {', '.join(LABEL_SCHEMES)}, got {label_scheme!r}")
+    if name != "celeba" and (images or partition):
+        raise UsageError("--images and --partition apply to --source celeba")
+    if name in ("synthetic", "celebamask-hq") and label_scheme:
+        raise UsageError(f"--label-scheme applies to label-map PNGs read with --masks DIR (--source {name} makes "
+                         "its own label maps)")
     if name == "synthetic":
         return SyntheticSource(n=n, seed=seed, split_ratios=split_ratios or synthetic.DEFAULT_SPLIT_RATIOS)
     if root is None:
         raise UsageError(f"--source {name} needs --root DIR")
     if name == "celeba":
-        return CelebASource(Path(root), Path(masks) if masks else None, on_missing_mask)
+        if split_ratios:
+            raise UsageError("--split-ratios does not apply to --source celeba (its partition file gives the split)")
+        return CelebASource(Path(root), str(masks) if str(masks) == "auto" else Path(masks) if masks else None,
+                            on_missing_mask, Path(images) if images else None, Path(partition) if partition else None,
+                            label_scheme)
     if name == "folder":
         return FolderSource(Path(root), str(masks) if masks else "auto", on_missing_mask,
-                            split_ratios or synthetic.DEFAULT_SPLIT_RATIOS)
+                            split_ratios or synthetic.DEFAULT_SPLIT_RATIOS, label_scheme)
     if name == "celebamask-hq":
         if masks:
-            raise UsageError("--masks applies to --source celeba (celebamask-hq reads its own part masks)")
+            raise UsageError("--masks applies to --source celeba and folder (celebamask-hq reads its own part masks)")
         return CelebAMaskHQSource(Path(root), on_missing_mask)
     raise UsageError(f"unknown --source {name!r}; choose one of {', '.join(SOURCES)}")

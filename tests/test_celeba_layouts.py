@@ -1,0 +1,214 @@
+"""Issue 18, real datasets: the CelebA layouts people hold (rebuilt in miniature: a few 178x218 images, the partition
+file, label maps), label maps in CelebAMask-HQ's own numbering, stray files in CelebAMask-HQ's part-mask folders,
+where the masks come from, and the warnings for empty splits and images that are not aligned CelebA."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from facevae_dist.cli import main
+from facevae_dist.data import mediapipe_mask, synthetic
+from facevae_dist.data.masks import GMASK_PARTS, LABEL_NAMES, labelmap_to_mask, to_faceparsing
+from facevae_dist.data.sources import CelebASource
+from facevae_dist.data.tario import iter_tar
+
+N = 8  # images 000001..000008: 6 train, 1 val, 1 test
+SPLIT_CODES = ["0"] * 6 + ["1", "2"]
+_TO_GMASK = np.zeros(256, np.uint8)
+_TO_GMASK[[LABEL_NAMES.index(p) for p in GMASK_PARTS]] = np.arange(1, len(GMASK_PARTS) + 1)
+
+
+def write_celeba(images: Path, partition: Path, masks: Path | None, *, ext: str = "jpg", csv: bool = False,
+                 gmask: bool = False, n: int = N) -> None:
+    """Miniature CelebA: aligned-size faces, the partition file (txt, or Kaggle's csv with header and CRLF) and
+    face-parsing label maps (or the same maps in CelebAMask-HQ's g_mask.py numbering)."""
+    images.mkdir(parents=True, exist_ok=True)
+    partition.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["image_id,partition"] if csv else []
+    for i in range(n):
+        face = synthetic.render_face(3, i)
+        stem = f"{i + 1:06d}"
+        Image.fromarray(face.image).save(images / f"{stem}.{ext}")
+        lines.append(f"{stem}.jpg{',' if csv else ' '}{SPLIT_CODES[i]}")
+        if masks is not None:
+            masks.mkdir(parents=True, exist_ok=True)
+            label = _TO_GMASK[face.label] if gmask else face.label
+            Image.fromarray(label).resize((64, 64), Image.NEAREST).save(masks / f"{stem}.png")
+    partition.write_bytes(("\r\n" if csv else "\n").join(lines).encode() + b"\n")
+
+
+LAYOUTS = {  # name -> (images, partition, masks, options), relative to --root
+    "readme": ("img_align_celeba", "list_eval_partition.txt", "mask_faceparsing", {}),
+    "official share": ("Img/img_align_celeba", "Eval/list_eval_partition.txt", "mask_faceparsing", {}),
+    "torchvision": ("celeba/img_align_celeba", "celeba/list_eval_partition.txt", "celeba/mask_faceparsing", {}),
+    "kaggle": ("img_align_celeba/img_align_celeba", "list_eval_partition.csv", "mask_faceparsing", {"csv": True}),
+    "authors": ("imgs", "list_eval_partition.txt", "mask_faceparsing", {}),
+    "png edition": ("img_align_celeba_png", "list_eval_partition.txt", "mask_faceparsing", {"ext": "png"}),
+}
+
+
+def build(root: Path, out: Path, *extra: str) -> int:
+    return main(["--quiet", "shards", "build", "--source", "celeba", "--root", str(root), "--out", str(out),
+                 "--image-size", "16", "--shard-size", "4", *extra])
+
+
+def shard_masks(out: Path) -> dict[str, bytes]:
+    return {json.loads(f["json"])["source_id"]: f["mask.png"]
+            for shard in sorted(out.glob("*/shard-*.tar")) for _, f in iter_tar(shard)}
+
+
+@pytest.fixture(scope="module")
+def reference_masks(tmp_path_factory) -> dict[str, bytes]:
+    root = tmp_path_factory.mktemp("ref")
+    write_celeba(root / "img_align_celeba", root / "list_eval_partition.txt", root / "mask_faceparsing")
+    assert build(root, root / "s") == 0
+    return shard_masks(root / "s")
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_each_real_celeba_layout_builds_shards(tmp_path, capsys, reference_masks, layout):
+    images, partition, masks, options = LAYOUTS[layout]
+    root = tmp_path / "data"
+    write_celeba(root / images, root / partition, root / masks, **options)
+    if layout == "torchvision":  # the rest of torchvision's folder, which must not confuse the search
+        for name in ("identity_CelebA.txt", "list_attr_celeba.txt", "list_bbox_celeba.txt"):
+            (root / "celeba" / name).write_text("x\n")
+    out = tmp_path / "s"
+    assert build(root, out) == 0, capsys.readouterr().err
+    assert json.loads((out / "sizes.json").read_text()) == {"train": 6, "val": 1, "test": 1}
+    assert shard_masks(out) == reference_masks  # the same images got the same masks
+    assert main(["--quiet", "shards", "verify", str(out)]) == 0
+    assert build(root, out) == 0  # and the build resumes as the same dataset
+
+
+def test_ambiguous_or_missing_layout_is_one_line_naming_the_flag(tmp_path, capsys, reference_masks):
+    root = tmp_path / "data"
+    write_celeba(root / "img_align_celeba", root / "list_eval_partition.txt", root / "mask_faceparsing")
+    write_celeba(root / "imgs", root / "other" / "p.txt", None)
+    capsys.readouterr()
+    assert build(root, tmp_path / "s") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "more than one place" in err[0] and "--images DIR" in err[0]
+    assert build(root, tmp_path / "s", "--images", str(root / "imgs")) == 0
+    assert shard_masks(tmp_path / "s") == reference_masks
+    (root / "list_eval_partition.txt").rename(root / "other" / "partition.txt")
+    capsys.readouterr()
+    assert build(root, tmp_path / "s2", "--images", str(root / "imgs")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--partition FILE" in err[0]
+    assert build(root, tmp_path / "s2", "--images", str(root / "imgs"), "--partition",
+                 str(root / "other" / "partition.txt")) == 0
+    (root / "imgs").rename(root / "pictures")
+    (root / "img_align_celeba").rename(root / "photos")
+    capsys.readouterr()
+    assert build(root, tmp_path / "s3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--images DIR" in err[0] and "symlink" in err[0]
+
+
+def test_label_maps_in_celebamask_hq_numbering_are_refused_then_converted_with_the_flag(tmp_path, capsys,
+                                                                                        reference_masks):
+    root = tmp_path / "data"
+    write_celeba(root / "img_align_celeba", root / "list_eval_partition.txt", root / "mask_faceparsing", gmask=True)
+    capsys.readouterr()
+    assert build(root, tmp_path / "s") == 2  # before: exit 0 with wrong masks
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "g_mask.py numbering" in err[0] and "--label-scheme celebamask-hq" in err[0]
+    assert build(root, tmp_path / "s", "--label-scheme", "celebamask-hq") == 0
+    assert shard_masks(tmp_path / "s") == reference_masks
+    # the folder source reads label maps through the same flag
+    photos = tmp_path / "photos"
+    write_celeba(photos, tmp_path / "unused.txt", tmp_path / "gmasks", gmask=True)
+    args = ["--quiet", "shards", "build", "--source", "folder", "--root", str(photos), "--masks",
+            str(tmp_path / "gmasks"), "--split-ratios", "0.75,0.125,0.125", "--image-size", "16", "--shard-size", "4"]
+    assert main([*args, "--out", str(tmp_path / "f")]) == 2
+    assert main([*args, "--out", str(tmp_path / "f"), "--label-scheme", "celebamask-hq"]) == 0
+    assert shard_masks(tmp_path / "f") == {f"{k}.jpg": v for k, v in reference_masks.items()}
+
+
+def test_gmask_numbering_converts_part_by_part():
+    gmask = np.arange(len(GMASK_PARTS) + 1, dtype=np.uint8)[None]
+    converted = to_faceparsing(gmask, "celebamask-hq")[0]
+    assert [LABEL_NAMES[v] for v in converted[1:]] == list(GMASK_PARTS)
+    face = labelmap_to_mask(converted[None])[0]
+    assert {GMASK_PARTS[i - 1] for i in range(1, 19) if not face[i]} == {"l_ear", "r_ear", "ear_r", "neck_l",
+                                                                         "neck", "cloth"}
+
+
+def test_celebamask_hq_stray_pngs_are_skipped_and_listed(tmp_path, capsys):
+    root = tmp_path / "hq"
+    anno = root / "CelebAMask-HQ-mask-anno" / "0"
+    (root / "CelebA-HQ-img").mkdir(parents=True)
+    anno.mkdir(parents=True)
+    lines = ["idx orig_idx orig_file"]
+    for idx in range(3):
+        Image.fromarray(np.full((32, 32, 3), 50 * idx, np.uint8)).save(root / "CelebA-HQ-img" / f"{idx}.jpg")
+        skin = np.zeros((32, 32), np.uint8)
+        skin[8:24, 8:24] = 255
+        Image.fromarray(skin).save(anno / f"{idx:05d}_skin.png")
+        lines.append(f"{idx} {idx * 1000} {idx * 1000 + 1:06d}.jpg")
+    (root / "CelebA-HQ-to-CelebA-mapping.txt").write_text("\n".join(lines) + "\n")
+    (anno / "._00000_skin.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS resource fork
+    (anno / "preview.png").write_bytes((anno / "00000_skin.png").read_bytes())
+    capsys.readouterr()
+    assert main(["--quiet", "shards", "build", "--source", "celebamask-hq", "--root", str(root), "--out",
+                 str(tmp_path / "s"), "--image-size", "16", "--shard-size", "2"]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "2 PNG file(s)" in warnings[0]
+    assert "0/._00000_skin.png" in warnings[0] and "0/preview.png" in warnings[0]
+    assert json.loads((tmp_path / "s" / "sizes.json").read_text())["train"] == 3
+
+
+def test_missing_label_maps_say_where_they_come_from_and_offer_masks_auto(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "data"
+    write_celeba(root / "img_align_celeba", root / "list_eval_partition.txt", None)
+    capsys.readouterr()
+    assert build(root, tmp_path / "s") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mask_faceparsing" in err[0] and "separate download" in err[0]
+    assert "authors' repository" in err[0] and "--masks auto" in err[0]
+    # and --masks auto is accepted for celeba: the official split, masks extracted per image
+    monkeypatch.setattr(mediapipe_mask, "require", lambda: None)
+    plan = CelebASource(root, masks="auto").plan()
+    assert [len(plan.items[s]) for s in ("train", "val", "test")] == [6, 1, 1] and not plan.skipped
+
+
+def test_folder_of_six_photos_warns_about_the_empty_test_split(tmp_path, capsys):
+    photos, masks = tmp_path / "photos", tmp_path / "masks"
+    write_celeba(photos, tmp_path / "unused.txt", masks, n=6)
+    capsys.readouterr()
+    assert main(["--quiet", "shards", "build", "--source", "folder", "--root", str(photos), "--masks", str(masks),
+                 "--out", str(tmp_path / "s"), "--image-size", "16"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "split test is empty" in warnings[0] and "6 image(s)" in warnings[0]
+    assert json.loads((tmp_path / "s" / "sizes.json").read_text()) == {"train": 5, "val": 1, "test": 0}
+
+
+def test_images_that_are_not_aligned_celeba_size_are_counted_in_a_warning(tmp_path, capsys):
+    root = tmp_path / "data"
+    write_celeba(root / "img_align_celeba", root / "list_eval_partition.txt", root / "mask_faceparsing")
+    for stem in ("000002", "000005"):  # in-the-wild photos put in the aligned folder
+        Image.new("RGB", (500, 375), (90, 80, 70)).save(root / "img_align_celeba" / f"{stem}.jpg")
+    capsys.readouterr()
+    assert build(root, tmp_path / "s") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "2 of 8 images are not 178x218" in warnings[0]
+    assert "000002.jpg 500x375" in warnings[0]
+
+
+def test_help_documents_the_numbering_the_flags_and_the_official_split_ratios(capsys):
+    with pytest.raises(SystemExit):
+        main(["shards", "build", "--help"])
+    text = capsys.readouterr().out
+    for needle in ("--label-scheme", "g_mask.py", "17 hair", "--split-ratios 0.80341,0.09806,0.09853", "--images",
+                   "--partition", "Eval/list_eval_partition.txt", "list_eval_partition.csv", "imgs/"):
+        assert needle in text, needle
+    # the documented ratios reproduce CelebA's official partition sizes on its 202,599 images
+    splits = [synthetic.split_for_index(i, 202599, (0.80341, 0.09806, 0.09853)) for i in range(202599)]
+    assert [splits.count(s) for s in ("train", "val", "test")] == [162770, 19867, 19962]
