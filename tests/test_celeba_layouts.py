@@ -13,7 +13,7 @@ from PIL import Image
 
 from facevae_dist.cli import main
 from facevae_dist.data import mediapipe_mask, synthetic
-from facevae_dist.data.masks import GMASK_PARTS, LABEL_NAMES, labelmap_to_mask, to_faceparsing
+from facevae_dist.data.masks import GMASK_PARTS, LABEL_NAMES, guess_label_scheme, labelmap_to_mask, to_faceparsing
 from facevae_dist.data.sources import CelebASource
 from facevae_dist.data.tario import iter_tar
 
@@ -138,6 +138,23 @@ def test_gmask_numbering_converts_part_by_part():
     face = labelmap_to_mask(converted[None])[0]
     assert {GMASK_PARTS[i - 1] for i in range(1, 19) if not face[i]} == {"l_ear", "r_ear", "ear_r", "neck_l",
                                                                          "neck", "cloth"}
+
+
+def test_numbering_guess_is_not_fooled_by_long_hair():
+    fp = np.zeros((64, 64), np.uint8)
+    fp[30:64, 8:56] = 17  # long hair, mostly below the face's centre
+    fp[10:40, 20:44] = 1  # skin
+    fp[32:34, 28:36] = 13  # lower lip
+    fp[40:46, 26:38] = 14  # neck
+    assert guess_label_scheme([fp] * 4)[0] != "celebamask-hq"
+    fp[30:64, 8:56] = 16  # short hair: clothes below, hair on top
+    fp[2:10, 12:52] = 17
+    fp[10:40, 20:44] = 1
+    fp[32:34, 28:36] = 13
+    fp[40:46, 26:38] = 14
+    assert guess_label_scheme([fp] * 4)[0] == "faceparsing"
+    assert guess_label_scheme([_TO_GMASK[fp]] * 4)[0] == "celebamask-hq"  # the same map renumbered
+    assert guess_label_scheme([np.ones((8, 8), np.uint8)])[0] is None  # a 0/1 mask tells nothing
 
 
 def test_celebamask_hq_stray_pngs_are_skipped_and_listed(tmp_path, capsys):

@@ -78,14 +78,15 @@ def to_faceparsing(label: np.ndarray, scheme: str) -> np.ndarray:
     raise ValueError(f"unknown label scheme {scheme!r}; choose one of {', '.join(LABEL_SCHEMES)}")
 
 
-# Values whose part lies above the skin's centre in one numbering and below it in the other:
-# face-parsing 13 l_lip (below), 17 hair (above), 18 hat (above); g_mask 13 hair (above), 17 neck, 18 cloth (below).
-_ABOVE_IN_FACEPARSING = {13: False, 17: True, 18: True}
-_MIN_PIXELS = 0.002  # of the map: smaller parts are too few pixels to place reliably
+# Values whose part lies above the skin's centre in one numbering and below it in the other: face-parsing 13 l_lip,
+# 14 neck (below), 17 hair, 18 hat (above); g_mask 13 hair, 14 hat (above), 17 neck, 18 cloth (below). Long hair can
+# sit low, so one numbering wins only by a clear margin (lips and neck alone outvote it in face-parsing maps).
+_ABOVE_IN_FACEPARSING = {13: False, 14: False, 17: True, 18: True}
+_MIN_PIXELS = 0.0005  # of the map: smaller parts are too few pixels to place reliably
 
 
 def guess_label_scheme(labels: list[np.ndarray]) -> tuple[str | None, str]:
-    """Which numbering a few label maps use, from where values 13, 17, 18 sit relative to the skin (1):
+    """Which numbering a few label maps use, from where values 13, 14, 17, 18 sit relative to the skin (1):
     returns (scheme, evidence) with scheme None when the maps do not tell (no skin, none of those values, or votes
     that disagree)."""
     votes = {"faceparsing": 0, "celebamask-hq": 0}
