@@ -111,6 +111,16 @@ def test_ambiguous_or_missing_layout_is_one_line_naming_the_flag(tmp_path, capsy
     assert len(err) == 1 and "--images DIR" in err[0] and "symlink" in err[0]
 
 
+def test_a_symlink_to_the_same_folder_is_not_ambiguous(tmp_path, reference_masks):
+    root = tmp_path / "data"
+    write_celeba(root / "Img" / "img_align_celeba", root / "Eval" / "list_eval_partition.txt",
+                 root / "celeba" / "mask_faceparsing")
+    (root / "img_align_celeba").symlink_to(root / "Img" / "img_align_celeba")  # what the error advises
+    (root / "mask_faceparsing").symlink_to(root / "celeba" / "mask_faceparsing")
+    assert build(root, tmp_path / "s") == 0
+    assert shard_masks(tmp_path / "s") == reference_masks
+
+
 def test_label_maps_in_celebamask_hq_numbering_are_refused_then_converted_with_the_flag(tmp_path, capsys,
                                                                                         reference_masks):
     root = tmp_path / "data"

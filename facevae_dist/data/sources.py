@@ -238,6 +238,10 @@ def _found(root: Path, relpaths: tuple[str, ...], test) -> list[Path]:
 
 
 def _one(found: list[Path], root: Path, what: str, flag: str) -> Path | None:
+    unique: dict[Path, Path] = {}
+    for path in found:  # a symlink to another candidate is the same place, not a second one
+        unique.setdefault(path.resolve(), path)
+    found = list(unique.values())
     if len(found) > 1:
         raise DataError(f"{root}: {what} found in more than one place ({', '.join(str(p) for p in found)}); pass "
                         f"{flag} to choose one")
@@ -283,11 +287,11 @@ class CelebASource(Source):
             return img_dir, partition, None
         if self.masks:
             mask_dir = Path(self.masks)
-            _require_dir(mask_dir, "label-map folder", MASKS_HINT.replace("put them in ROOT/mask_faceparsing/ or "
-                                                                          "pass --masks DIR", "check --masks"))
+            _require_dir(mask_dir, "label-map folder (--masks)", "check the path, or pass --masks auto to extract "
+                         "approximate face+hair masks offline with MediaPipe")
             return img_dir, partition, mask_dir
-        candidates = [p for p in dict.fromkeys([root / "mask_faceparsing", partition.parent / "mask_faceparsing",
-                                                 img_dir.parent / "mask_faceparsing"]) if p.is_dir()]
+        candidates = [p for p in (root / "mask_faceparsing", partition.parent / "mask_faceparsing",
+                                  img_dir.parent / "mask_faceparsing") if p.is_dir()]
         mask_dir = _one(candidates, root, "mask_faceparsing/ folders", "--masks DIR")
         if mask_dir is None:
             raise DataError(f"{root / 'mask_faceparsing'}: label-map folder not found; {MASKS_HINT}")
