@@ -155,7 +155,7 @@ def track_explicit(parser: argparse.ArgumentParser) -> None:
 def add_preset_argument(parser, *, what: str) -> None:
     parser.add_argument("--preset", choices=PRESETS, default=None,
                         help=f"default: the corrected VAE; paper: the authors' released setup ({what}); "
-                             "--config, flags and --set still win (README: 'Default vs --preset paper')")
+                             "--config, flags and --set still win (docs/training.md: 'Default vs --preset paper')")
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------------

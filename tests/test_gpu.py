@@ -1,5 +1,5 @@
 """GPU checks (marked `gpu`): they run where CUDA is present and skip with a reason elsewhere.
-Run them on a GPU node with the command in README.md, "Verifying on a GPU node"."""
+Run them on a GPU node with the command in docs/performance.md, "Verifying on a GPU node"."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def test_deterministic_resume_is_exact(shards, tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs for a 2-rank NCCL run")
 def test_two_rank_nccl_ddp(shards, tmp_path):
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "facevae_dist.train", *cli_args(shards, tmp_path, "--max-steps", "4", "--ckpt-every", "2",
+         "-m", "facevae_dist", "train", *cli_args(shards, tmp_path, "--max-steps", "4", "--ckpt-every", "2",
                                                "--val-every", "2", "--mixed-precision", "bf16")],
         FACEVAE_INJECT_NAN_STEPS="3")
     summary = json.loads((tmp_path / "summary.json").read_text())
