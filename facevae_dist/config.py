@@ -29,6 +29,7 @@ from facevae_dist.fileio import atomic_write_text
 from facevae_dist.hypotheses import resolve_hypothesis
 from facevae_dist.losses import LossConfig
 from facevae_dist.model import ModelConfig
+from facevae_dist.seeds import check_seed
 
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 CLIP_MODES = ("per-tensor", "global", "none")
@@ -56,6 +57,7 @@ class DataConfig:
         _check_int("data.batch_size", self.batch_size, 1, "e.g. --batch-size 32")
         _check_int("data.workers", self.workers, 0, "e.g. --set data.workers=2")
         _check_int("data.seed", self.seed, 0, "e.g. --seed 0")
+        check_seed("data.seed", self.seed)
         if self.placement not in ("auto", "stream", "host", "device"):
             raise UsageError(f"data.placement={self.placement!r}: use auto, stream, host or device "
                              "(e.g. --set data.placement=host)")
@@ -137,6 +139,7 @@ class TrainConfig:
         if not isinstance(self.run_dir, str) or not self.run_dir:
             raise UsageError("run_dir is empty; pass --run-dir DIR")
         _check_int("seed", self.seed, 0, "e.g. --seed 0")
+        check_seed("seed", self.seed)
         _check_int("max_steps", self.max_steps, 1, "e.g. --max-steps 1000")
         for name in ("val_every", "ckpt_every", "sample_every"):
             _check_int(name, getattr(self, name), 0, f"0 disables it, e.g. --{name.replace('_', '-')} 500")

@@ -32,6 +32,7 @@ from pathlib import Path
 from facevae_dist.errors import FaceVAEError, UsageError
 from facevae_dist.fileio import atomic_write_json
 from facevae_dist.progress import info
+from facevae_dist.seeds import seed_problem
 
 CLUSTERS = ("slurm", "local", "debug")
 MANIFEST = "sweep.json"
@@ -394,16 +395,19 @@ def resolve_grid(grid: str | None, hypotheses: list[str] | None = None) -> list[
 
 
 def parse_seeds(text: str | None) -> list[int] | None:
-    """`--seeds 0,1,2` -> [0, 1, 2] (de-duplicated, in order); None/"" -> None (one run per hypothesis)."""
+    """`--seeds 0,1,2` -> [0, 1, 2]; None/"" -> None (one run per hypothesis). A seed outside 0..2**32-1 or a
+    repeated seed is a UsageError (a repeat would silently run fewer elements than asked)."""
     if not text or not text.strip():
         return None
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        seeds = [-1]
-    if not seeds or min(seeds) < 0:
-        raise UsageError(f"--seeds {text!r}: give comma-separated integers >= 0, e.g. --seeds 0,1,2")
-    return list(dict.fromkeys(seeds))
+    parts = [s.strip() for s in text.split(",") if s.strip()]
+    seeds = [int(s) if s.lstrip("-").isdigit() else s for s in parts]
+    bad = next((p for p in (seed_problem(s) for s in seeds) if p), None) if seeds else "no seed given"
+    if bad:
+        raise UsageError(f"--seeds {text!r}: {bad}; e.g. --seeds 0,1,2")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise UsageError(f"--seeds {text!r}: {', '.join(map(str, repeated))} given more than once; list each seed once")
+    return seeds
 
 
 def element_key(hypothesis: str, seed: int | None) -> str:

@@ -97,7 +97,7 @@ requeue_if_signalled() {
   fi
 }
 
-run_ranks "$PYTHON" -m facevae_dist.train --hypothesis "$NAME" --shards "$SHARDS" --run-dir "$RUN_DIR" "$@"
+run_ranks "$PYTHON" -m facevae_dist train --hypothesis "$NAME" --shards "$SHARDS" --run-dir "$RUN_DIR" "$@"
 rc=$?
 requeue_if_signalled
 [ "$rc" = 0 ] || { echo "$NAME: training failed (exit $rc); see the lines above"; exit "$rc"; }

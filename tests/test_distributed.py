@@ -35,7 +35,7 @@ def _check_ranks_identical(run_dir, step: int, world: int = 2) -> None:
 def test_torchrun_two_process_ddp(shards, tmp_path):
     """2 ranks, 2 micro-batches per step, and a poisoned batch at step 3 that every rank must skip together."""
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "facevae_dist.train",
+         "-m", "facevae_dist", "train",
          *cli_args(shards, tmp_path, "--max-steps", "4", "--ckpt-every", "2", "--val-every", "2",
                    "--grad-accum", "2", "--mixed-precision", "no")], FACEVAE_INJECT_NAN_STEPS="3")
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -50,7 +50,7 @@ def test_torchrun_two_process_ddp(shards, tmp_path):
 
 def test_accelerate_launch_cpu_2proc_profile(shards, tmp_path):
     run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu-2proc.yaml"),
-         "-m", "facevae_dist.train", *cli_args(shards, tmp_path, "--max-steps", "3", "--ckpt-every", "3",
+         "-m", "facevae_dist", "train", *cli_args(shards, tmp_path, "--max-steps", "3", "--ckpt-every", "3",
                                                "--val-every", "0")])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["stopped"] == "finished"
@@ -77,7 +77,7 @@ def test_deepspeed_world1_runs_and_resumes_exactly(shards, tmp_path):
 
 
 def test_deepspeed_config_rejects_auto_and_bad_stage(tmp_path):
-    from facevae_dist.train import _deepspeed_plugin
+    from facevae_dist.distributed import deepspeed_plugin
 
     cfg = TrainConfig(run_dir=str(tmp_path / "r"))
     cfg.optim.clip = "global"
@@ -85,13 +85,13 @@ def test_deepspeed_config_rejects_auto_and_bad_stage(tmp_path):
     (tmp_path / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto",
                                                   "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}))
     with pytest.raises(UsageError, match="train_micro_batch_size_per_gpu, zero_optimization.reduce_bucket_size"):
-        _deepspeed_plugin(cfg)
+        deepspeed_plugin(cfg)
     (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     with pytest.raises(UsageError, match="stage=3"):
-        _deepspeed_plugin(cfg)
+        deepspeed_plugin(cfg)
     for name in ("ds_zero1.json", "ds_zero2.json"):  # the shipped files: explicit numbers, valid for DeepSpeed
         cfg.deepspeed = str(REPO / "launch" / name)
-        plugin, _ = _deepspeed_plugin(cfg)
+        plugin = deepspeed_plugin(cfg)
         from deepspeed.runtime.config import DeepSpeedConfig
 
         DeepSpeedConfig(plugin.deepspeed_config)

@@ -30,7 +30,7 @@ def shards(tmp_path_factory):
 
 
 def test_torchrun_forwards_usr1_to_every_rank_and_the_run_resumes(shards, tmp_path):
-    train = ["-m", "facevae_dist.train", *cli_args(shards, tmp_path, "--ckpt-every", "5", "--val-every", "0",
+    train = ["-m", "facevae_dist", "train", *cli_args(shards, tmp_path, "--ckpt-every", "5", "--val-every", "0",
                                                     "--mixed-precision", "no")]
     proc = subprocess.Popen([*TORCHRUN, *train, "--max-steps", "100000"], cwd=REPO, env=env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

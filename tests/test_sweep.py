@@ -416,3 +416,15 @@ def test_sweep_bad_input_is_one_line(shards, tmp_path, capsys):
                      "--out", str(tmp_path / "s"), "--cluster", "local", *bad]) == 2
         err = capsys.readouterr().err
         assert bad[0] in err and "Traceback" not in err
+
+
+def test_sweep_seeds_out_of_range_or_repeated_are_refused_before_submitting(shards, tmp_path, capsys):
+    """A seed numpy cannot take (>= 2**32) used to be submitted and fail in its element with a traceback (exit 0);
+    a repeated seed was silently dropped. Both are one-line usage errors now, and nothing is submitted."""
+    out = tmp_path / "s"
+    for seeds, words in (("0,4294967296", "0 to 4294967295"), ("0,0", "more than once"), ("1,2,1", "1 given")):
+        assert main(["sweep", "submit", "--hypotheses", "l2/none", "--shards", str(shards), "--out", str(out),
+                     "--cluster", "local", "--seeds", seeds]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "--seeds" in err and len(err.strip().splitlines()) == 1
+        assert not (out / MANIFEST).exists()

@@ -3,6 +3,7 @@ precision/accumulation options, CLI errors, and a recorded loss curve."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,7 +19,9 @@ from safetensors.torch import load_file
 from facevae_dist.checkpoint import latest_checkpoint, load_checkpoint, load_model
 from facevae_dist.errors import RunError
 from facevae_dist.hypotheses import GRIDS
-from facevae_dist.train import INJECT_NAN_ENV, train
+from facevae_dist.seeds import SEED_MAX, derived_seed
+from facevae_dist.train import train
+from facevae_dist.train_parts import INJECT_NAN_ENV
 
 from train_helpers import (REPO, build_fixed_shards, build_tiny_shards, cli_args, env, losses, metrics, run, tiny_config, train_module,
                            wait_for_step)
@@ -184,7 +187,7 @@ def test_bf16_hint_once_per_process_and_only_when_precision_was_left_to_auto(sha
     said = []
     monkeypatch.setattr(train_mod, "info", lambda msg: said.append(msg))
     monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
-    monkeypatch.setattr(train_mod, "_hinted_bf16", False)
+    train_mod._hint_native_bf16.cache_clear()
     train(tiny_config(shards, tmp_path / "chosen", max_steps=1, val_every=0, mixed_precision="no"))
     assert not [m for m in said if "bf16 in hardware" in m]
     for name in ("a", "b"):
@@ -338,9 +341,40 @@ def test_deterministic_flag_runs_and_changes_nothing_on_cpu(shards, tmp_path, mo
     """--deterministic switches torch to deterministic kernels (cuDNN/cuBLAS on GPUs, tests/test_gpu.py); on the CPU,
     where runs are bit-exact anyway, it must run and give the same losses. The global switch is the run's only."""
     seen = []
-    monkeypatch.setattr("facevae_dist.train._init_trackers",
+    monkeypatch.setattr("facevae_dist.train.init_trackers",
                         lambda *a: seen.append(torch.are_deterministic_algorithms_enabled()))
     train(tiny_config(shards, tmp_path / "det", max_steps=2, val_every=2, ckpt_every=0, deterministic=True))
     train(tiny_config(shards, tmp_path / "plain", max_steps=2, val_every=2, ckpt_every=0))
     assert seen == [True, False] and not torch.are_deterministic_algorithms_enabled()
     assert losses(tmp_path / "det") == losses(tmp_path / "plain")
+
+
+def test_a_run_shorter_than_log_every_still_logs_its_last_step(shards, tmp_path):
+    """log_every=10 and 3 steps used to write no training line at all (and nothing to TensorBoard)."""
+    train(tiny_config(shards, tmp_path, max_steps=3, log_every=10, val_every=0, ckpt_every=0))
+    lines = [m for m in metrics(tmp_path) if "loss" in m]
+    assert [m["step"] for m in lines] == [3] and math.isfinite(lines[0]["loss"]) and lines[0]["images_per_s"] > 0
+
+
+def test_seed_outside_numpys_range_is_a_usage_error_before_anything_runs(shards, tmp_path, capsys):
+    """--seed 4294967296 used to start and die in numpy with a traceback; --set seed=... the same."""
+    from facevae_dist.cli import main
+
+    for argv in (["--seed", "4294967296"], ["--seed", "-3"], ["--set", "seed=4294967296"]):
+        with pytest.raises(SystemExit) if argv[0] == "--seed" else contextlib.nullcontext() as exit_:
+            rc = main(["train", *cli_args(shards, tmp_path / "r"), *argv])
+        rc = exit_.value.code if argv[0] == "--seed" else rc
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and "4294967295" in err and "\n" not in err and "Traceback" not in err, argv
+        assert not (tmp_path / "r").exists()
+
+
+def test_largest_seed_trains_and_derived_seeds_stay_in_range(shards, tmp_path):
+    """The old derivations (seed + rank, + 1000 x step on a resume with more ranks) are kept where they fit, so every
+    seed that worked before gives the same streams; beyond 2**32-1 they are hashed instead of crashing numpy."""
+    assert derived_seed(0, 0) == 0 and derived_seed(7, 1) == 8 and derived_seed(7, 1, step=3) == 3008
+    near = [derived_seed(SEED_MAX, rank, step) for rank in (0, 1, 2) for step in (0, 5)]
+    assert near[0] == SEED_MAX and all(0 <= s <= SEED_MAX for s in near) and len(set(near)) == len(near)
+    summary = train(tiny_config(shards, tmp_path, max_steps=2, val_every=0, ckpt_every=0, seed=SEED_MAX,
+                                data={"seed": SEED_MAX}))
+    assert summary["step"] == 2 and all(math.isfinite(m["loss"]) for m in metrics(tmp_path) if "loss" in m)

@@ -111,7 +111,7 @@ def run(cmd: list[str], timeout: float = 900, **env_extra: str) -> subprocess.Co
 
 
 def train_module(*args: str) -> list[str]:
-    return [sys.executable, "-m", "facevae_dist.train", *args]
+    return [sys.executable, "-m", "facevae_dist", "train", *args]
 
 
 def metrics(run_dir: Path) -> list[dict]:

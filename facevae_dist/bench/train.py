@@ -156,10 +156,10 @@ def _train_config(model_key: str, opts: dict, image_size: int, width: float | No
 def make_steps(cfg: TrainConfig, device: torch.device):
     """(trainer_step, bare_step, model) for one config: the trainer's TrainStep (under a real Accelerator, as in
     train.py) and the bare loop, each with its own model and optimizer from the same seed. Each returns the loss."""
-    from facevae_dist.train import _make_accelerator
+    from facevae_dist.distributed import make_accelerator
 
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-    accelerator = _make_accelerator(cfg)
+    accelerator = make_accelerator(cfg)
 
     def build():
         torch.manual_seed(0)

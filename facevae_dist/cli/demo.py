@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def _seeds(text: str) -> tuple[int, ...]:
-    """The sweep's --seeds parser (integers >= 0, repeats dropped); the demo needs at least one."""
+    """The sweep's --seeds parser (integers 0..2**32-1, each once); the demo needs at least one."""
     from facevae_dist.errors import UsageError
     from facevae_dist.sweep import parse_seeds
 

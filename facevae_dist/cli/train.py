@@ -1,5 +1,5 @@
-"""`facevae train` and `python -m facevae_dist.train`: parse arguments into a TrainConfig and call
-facevae_dist.train.train (no training logic here; this module imports train.py, never the reverse)."""
+"""`facevae train` (also what launchers start: `python -m facevae_dist train`): parse arguments into a TrainConfig
+and call facevae_dist.train.train (no training logic here; this module imports train.py, never the reverse)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import json
 import os
 import sys
 
-from facevae_dist.presets import add_preset_argument
+from facevae_dist.config import TrainConfig, apply_dict, apply_overrides, load_toml
+from facevae_dist.errors import FaceVAEError
+from facevae_dist.presets import add_preset_argument, apply_preset
+from facevae_dist.seeds import SEED_MAX, seed_arg
 
 EXAMPLES = """\
 examples:
@@ -16,8 +19,8 @@ examples:
   facevae train --hypothesis ssim/none --shards shards/celeba --mixed-precision no --set optim.clip=global
   facevae train --config runs/h9/config.toml --max-steps 2000           # continue a run for longer
   facevae train --hypothesis H9 --preset paper --shards shards/celeba-paper   # the released code's setup
-  torchrun --standalone --nproc_per_node 2 -m facevae_dist.train --hypothesis H9 --shards shards/synthetic
-  accelerate launch --config_file launch/8gpu-bf16.yaml -m facevae_dist.train --hypothesis H9 --shards ...
+  torchrun --standalone --nproc_per_node 2 -m facevae_dist train --hypothesis H9 --shards shards/synthetic
+  accelerate launch --config_file launch/8gpu-bf16.yaml -m facevae_dist train --hypothesis H9 --shards ...
 
 precedence: defaults < --hypothesis < --preset < --config FILE < flags < --set KEY=VALUE (later wins).
 The resolved config is written to RUN_DIR/config.toml. A run directory with checkpoints is resumed
@@ -27,7 +30,7 @@ exactly where the last checkpoint left off. SIGTERM / SIGUSR1 / SIGUSR2 save a c
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments shared by `facevae train` and `python -m facevae_dist.train` (torchrun / accelerate launch)."""
+    """The arguments of `facevae train`."""
     what = p.add_argument_group("what to train")
     what.add_argument("--hypothesis", metavar="NAME",
                       help="grid hypothesis <loss>/<mask mode>, e.g. ssim+l2/mask+decoder, l1/none, or an alias "
@@ -56,7 +59,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     how.add_argument("--sample-every", type=int, metavar="N",
                      help="write samples/step_N.png (input | recon | predicted mask | true mask) every N steps "
                           "(0 = never; default 500)")
-    how.add_argument("--seed", type=int, metavar="S", help="seeds model init, noise and data order (default 0)")
+    how.add_argument("--seed", type=seed_arg, metavar="S",
+                     help=f"seeds model init, noise and data order: 0..{SEED_MAX} (default 0)")
     how.add_argument("--workers", type=int, metavar="N", help="data loader workers per process (default 2)")
     how.add_argument("--resume", metavar="auto|none|DIR",
                      help="auto (default): continue from the newest complete checkpoint in the run dir if any; "
@@ -97,10 +101,8 @@ _FLAG_FIELDS = {  # argparse dest -> TrainConfig path
 
 
 def config_from_args(args: argparse.Namespace):
-    """defaults < hypothesis < --preset < --config < flags < --set; validated."""
-    from facevae_dist.config import TrainConfig, apply_dict, apply_overrides, load_toml
-    from facevae_dist.presets import apply_preset
-
+    """defaults < hypothesis < --preset < --config < flags < --set; validated. Launched by `accelerate launch` with
+    a DeepSpeed profile (launch/deepspeed-zero2.yaml), the profile's JSON is the default for --deepspeed."""
     cfg = TrainConfig.from_hypothesis(args.hypothesis) if args.hypothesis else TrainConfig()
     cfg = apply_preset(cfg, getattr(args, "preset", None))
     if args.config:
@@ -117,38 +119,39 @@ def config_from_args(args: argparse.Namespace):
         flags.setdefault("data", {})["seed"] = args.seed
     cfg = apply_dict(cfg, flags, source="command line")
     cfg = apply_overrides(cfg, args.overrides)
+    if not cfg.deepspeed:
+        cfg.deepspeed = deepspeed_config_from_env(os.environ)
     return cfg.validate()
 
 
+def deepspeed_config_from_env(environ) -> str:
+    """The DeepSpeed JSON that `accelerate launch --config_file launch/deepspeed-zero2.yaml` names, or ""."""
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    return ""
+
+
 def _run(args: argparse.Namespace) -> int:
+    # torch and Accelerate load here, when training, not at every `facevae` start
     from facevae_dist.train import train
 
-    summary = train(config_from_args(args))
-    if int(os.environ.get("RANK", "0")) == 0:  # under a launcher, rank 0 alone prints
-        print(json.dumps(summary))
-    return 0
-
-
-def launcher_main(argv: list[str] | None = None) -> None:
-    """`python -m facevae_dist.train` (what torchrun / accelerate launch / srun start): the same arguments as
-    `facevae train`; exits with its code."""
-    from facevae_dist.cli import _Parser
-    from facevae_dist.errors import FaceVAEError
-    from facevae_dist.train import __doc__ as train_doc
-
-    parser = _Parser(prog="python -m facevae_dist.train", description=train_doc.split("\n\n")[0])
-    add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        rc = _run(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        _print_summary(train(config_from_args(args)))
+        return 0
+    try:  # under a multi-process launcher: leave without the interpreter's teardown, whatever happened
+        _print_summary(train(config_from_args(args)))
+        rc = 0
     except FaceVAEError as exc:
         if getattr(args, "debug", False):
             raise
-        print(f"facevae train: error: {exc}", file=sys.stderr)
+        print(f"facevae: error: {exc}", file=sys.stderr)
         rc = exc.exit_code
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _exit_without_teardown(rc)
-    sys.exit(rc)
+    _exit_without_teardown(rc)
+
+
+def _print_summary(summary: dict) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:  # under a launcher, rank 0 alone prints
+        print(json.dumps(summary))
 
 
 def _exit_without_teardown(rc: int) -> None:

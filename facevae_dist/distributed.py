@@ -1,0 +1,173 @@
+"""Accelerate and DeepSpeed plumbing for the trainer (and `facevae bench train`): the Accelerator, the DeepSpeed
+plugin built from a launch/ JSON plus the TrainConfig, the environment a one-process DeepSpeed run needs, and the
+collectives the loop uses (broadcast, gather, mean over ranks, DeepSpeed's buffer sync and per-rank optimizer state).
+
+DeepSpeed itself is imported only inside the functions that need it: it is optional and slow to import.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DeepSpeedPlugin, broadcast_object_list, gather_object, set_seed
+
+from facevae_dist.config import TrainConfig
+from facevae_dist.errors import RunError, UsageError
+from facevae_dist.fileio import atomic_write_json
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The run's Accelerator: DDP (gloo on CPU, NCCL on GPU) without Accelerate's precision handling (the step
+    does autocast + GradScaler itself), or DeepSpeed ZeRO from cfg.deepspeed."""
+    # train() may run several times in one process (tests, a debug sweep): start from a clean Accelerate state.
+    # The process group (PartialState) is kept: it belongs to the launcher.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    kwargs = {"gradient_accumulation_steps": cfg.grad_accum, "log_with": _trackers() if cfg.tensorboard else None,
+              "project_dir": cfg.run_dir}
+    if cfg.deepspeed:
+        plugin = deepspeed_plugin(cfg)
+        _ensure_single_process_env()
+        if not torch.cuda.is_available():
+            _skip_deepspeed_shm_jit()
+        return Accelerator(deepspeed_plugin=plugin, mixed_precision="no", **kwargs)
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no", **kwargs)
+
+
+def init_trackers(accelerator: Accelerator, cfg: TrainConfig) -> None:
+    if accelerator.log_with:
+        flat = {f"{k}.{kk}" if isinstance(v, dict) else k: (str(vv) if isinstance(v, dict) else str(v))
+                for k, v in cfg.to_dict().items() for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])}
+        accelerator.init_trackers("tensorboard", config=flat)
+
+
+def _trackers() -> list[str] | None:
+    return ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else None
+
+
+def _skip_deepspeed_shm_jit() -> None:
+    """On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce op at init (30-80 s, needs gcc, toolchain.md §1).
+    It only speeds up intra-node CPU collectives, which gloo does anyway, so mark it unavailable."""
+    import deepspeed.ops  # optional and slow to import: only DeepSpeed runs pay for it
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _ensure_single_process_env() -> None:
+    """DeepSpeed initialises torch.distributed even for one process; a plain `python` run has no launcher env."""
+    if "WORLD_SIZE" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def deepspeed_plugin(cfg: TrainConfig) -> DeepSpeedPlugin:
+    """DeepSpeedPlugin from the JSON (explicit numbers only); the batch, accumulation, clipping, optimizer and
+    precision numbers are filled from the TrainConfig so that there is one source of truth for them."""
+    path = Path(cfg.deepspeed)
+    try:
+        ds = json.loads(path.read_text())
+        ds.pop("_comment", None)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}: not valid JSON ({exc})") from None
+    autos = [k for k, v in _walk(ds) if v == "auto"]
+    if autos:
+        raise UsageError(f"{path}: 'auto' values ({', '.join(autos)}) are not allowed; write explicit numbers")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise UsageError(f"{path}: zero_optimization.stage={stage} is not supported (use 1 or 2)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds["train_batch_size"] = cfg.data.batch_size * cfg.grad_accum * world
+    ds["gradient_clipping"] = cfg.optim.clip_value if cfg.optim.clip == "global" else 0.0
+    opt = ds.setdefault("optimizer", {"type": "Adam", "params": {}})
+    opt.setdefault("params", {}).update(lr=cfg.optim.lr, betas=list(cfg.optim.betas), eps=cfg.optim.eps,
+                                        weight_decay=cfg.optim.weight_decay, torch_adam=True, adam_w_mode=False)
+    # DeepSpeed's bf16 mode casts the whole module, BatchNorm statistics included, which BN cannot run with; keep
+    # fp32 weights in the engine and get bf16 compute from the loop's autocast instead.
+    ds["bf16"] = {"enabled": False}
+    ds["fp16"] = {"enabled": False}
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(cfg.run_dir) / "deepspeed.json", ds)  # what actually ran
+    return DeepSpeedPlugin(hf_ds_config=ds)
+
+
+def _walk(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+# ---- collectives ------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    set_seed(seed)
+
+
+def broadcast_object(accelerator: Accelerator, value):
+    """Rank 0's `value` on every rank."""
+    return value if accelerator.num_processes == 1 else broadcast_object_list([value])[0]
+
+
+def gather_objects(accelerator: Accelerator, value) -> list:
+    """Every rank's `value`, in rank order."""
+    return [value] if accelerator.num_processes == 1 else gather_object([value])
+
+
+def mean_over_ranks(accelerator: Accelerator, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Loss terms averaged over ranks, "loss" first (one host read)."""
+    keys = sorted(terms, key=lambda k: (k != "loss", k))
+    t = torch.stack([terms[k].float() for k in keys])
+    if accelerator.num_processes > 1:
+        t = accelerator.reduce(t, "mean")
+    return dict(zip(keys, t.tolist()))
+
+
+def sync_buffers_for_deepspeed(raw_model: torch.nn.Module, use_ds: bool, world: int) -> None:
+    """DeepSpeed, unlike DDP, does not broadcast buffers: make rank 0's BN statistics everyone's before they are
+    validated or saved (the checkpoint's weights digest covers parameters only)."""
+    if use_ds and world > 1:
+        for b in raw_model.buffers():
+            torch.distributed.broadcast(b, src=0)
+
+
+# ---- DeepSpeed optimizer state: saved per rank, read back with weights_only=True and a 3-type allow-list -------
+
+
+def _deepspeed_safe_types() -> list:
+    # optional and slow to import: only DeepSpeed runs pay for it
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def save_deepspeed_optimizer(engine, directory: Path, rank: int) -> None:
+    torch.save(engine.optimizer.state_dict(), directory / f"ds_optimizer_rank{rank}.pt")
+
+
+def load_deepspeed_optimizer(engine, path: Path, rank: int, world: int) -> None:
+    """ZeRO 1/2 state of this rank. Not DeepSpeed's load_checkpoint: it unpickles with weights_only=False."""
+    file = Path(path) / f"ds_optimizer_rank{rank}.pt"
+    if not file.is_file():
+        raise RunError(f"{file}: missing; a DeepSpeed checkpoint resumes only with the same number of processes "
+                       "(or start a new run dir)")
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_types()):
+            sd = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RunError(f"{file}: unreadable DeepSpeed optimizer state ({type(exc).__name__}: {exc})") from None
+    # rigid (non-elastic) ZeRO checkpoints read only their own rank's entry; fp32 master weights come from it
+    engine.optimizer.load_state_dict([sd] * world, load_optimizer_states=True, load_from_fp32_weights=True)
