@@ -22,15 +22,23 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.numpy import save as save_safetensors
 
 from facevae_dist import appearance
+from facevae_dist.checkpoint import open_model
+from facevae_dist.data.loader import make_loader, read_manifest, read_sizes, to_float
 from facevae_dist.errors import DataError, FaceVAEError, UsageError
 from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from facevae_dist.metrics import LEGACY_REGIONS, METRICS, REGIONS, MetricSettings, MetricSuite, composite, load_lpips
+from facevae_dist.model import CONFIG_FILE, WEIGHTS_FILE, FaceVAE
+from facevae_dist.progress import make_progress
 
 EVAL_DIR = "eval"
 METRICS_FILE = "metrics.json"
@@ -83,8 +91,6 @@ def bootstrap_summary(values: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, 
 def _dist_setup(device: torch.device) -> tuple[int, int, bool]:
     """(rank, world_size, we_initialised). Uses an existing process group, or creates one from the launcher's
     environment (RANK/WORLD_SIZE/MASTER_ADDR set by torchrun or accelerate launch)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), False
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -102,8 +108,6 @@ def close_process_group(settle_s: float = 1.0) -> None:
     after a collective, the group can deadlock (seen on a loaded machine). Sleeping first releases the GIL so the
     workers finish; a mitigation, since torch exposes no way to wait for them (the trainer and the launcher exit
     avoid destroying the group at all)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         time.sleep(settle_s)
         dist.destroy_process_group()
@@ -112,8 +116,6 @@ def close_process_group(settle_s: float = 1.0) -> None:
 def _gather(obj, world_size: int) -> list:
     if world_size == 1:
         return [obj]
-    import torch.distributed as dist
-
     out = [None] * world_size
     dist.all_gather_object(out, obj)
     return out
@@ -132,8 +134,6 @@ def _pick_device(device: str | None) -> torch.device:
 
 def check_split(shards_dir: str | Path, split: str) -> int:
     """Number of images in `split`; one clear error for a missing shards dir, an unknown or an empty split."""
-    from facevae_dist.data.loader import read_sizes
-
     shards_dir = Path(shards_dir)
     if not shards_dir.is_dir():
         raise DataError(f"{shards_dir}: no such shards directory (build one with `facevae shards build`)")
@@ -156,9 +156,6 @@ def loss_name(terms) -> str:
 def load_scored_model(model_dir: str | Path, which: str, device: torch.device):
     """(model, facts) from a run directory or an exported model directory. facts: hypothesis, loss, seed, step,
     default shards, kind ("run" | "export") and the checkpoint label."""
-    from facevae_dist.checkpoint import open_model
-    from facevae_dist.model import CONFIG_FILE, WEIGHTS_FILE, FaceVAE
-
     path = Path(model_dir)
     if (path / WEIGHTS_FILE).is_file() and (path / CONFIG_FILE).is_file() and not (path / "checkpoints").is_dir():
         model = FaceVAE.from_pretrained(path, map_location=device).eval()
@@ -213,9 +210,6 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
     """Evaluate one checkpoint of `run_dir` (or an exported model directory) on `split`; writes
     <run_dir>/eval/metrics.json (or `out`) on rank 0 and returns the result dict (on every rank). `shards_dir`
     defaults to the run's training shards (an exported model has none: --shards is required)."""
-    from facevae_dist.data.loader import make_loader, read_manifest, to_float
-    from facevae_dist.progress import make_progress
-
     if limit is not None and limit < 1:
         raise UsageError(f"--limit {limit}: must be a positive number of images")
     if batch_size < 1:
@@ -223,21 +217,9 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
     run_dir = Path(run_dir)
     dev = _pick_device(device)
     model, facts = load_scored_model(run_dir, which, dev)
-    if shards_dir is None and facts["shards"] is None:
-        raise UsageError(f"{run_dir} is an exported model (no training run to take shards from): pass --shards DIR")
-    shards_dir = Path(shards_dir if shards_dir is not None else facts["shards"])
-    n_split = check_split(shards_dir, split)
-    manifest = read_manifest(shards_dir)
-    image_size = int(manifest["image_size"])
-    if image_size != model.cfg.image_size:
-        raise UsageError(f"{shards_dir} holds {image_size}px images but the checkpoint of {run_dir} was trained at "
-                         f"{model.cfg.image_size}px (model.image_size); evaluate on shards built at that size "
-                         f"(`facevae shards build --image-size {model.cfg.image_size}`)")
-    mode = model.cfg.mask_mode
-    lpips = load_lpips(lpips_weights, device=dev)
-    settings = MetricSettings()
-    suite = MetricSuite(lpips, settings)
-    hair_masks = appearance.HairMasks(shards_dir, manifest, split)
+    shards_dir, manifest, n_split = _matching_shards(run_dir, shards_dir, facts, split, model.cfg.image_size)
+    scorer = _Scorer(model, MetricSuite(load_lpips(lpips_weights, device=dev), MetricSettings()),
+                     appearance.HairMasks(shards_dir, manifest, split), dev, n_examples)
 
     rank, world, we_init = _dist_setup(dev)
     try:
@@ -245,66 +227,25 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
         # padded by repeats (deduplicated by key below): every image once, the same ones in every run.
         loader = make_loader(shards_dir, split, batch_size, rank=rank, world_size=world, workers=workers, seed=seed,
                              epoch=0, resampled=False, drop_last=False, shuffle=False, pad=True)
-        corrupt: list[str] = []
-        rank_limit = None if limit is None else math.ceil(limit / world)
-        keys: list[str] = []
-        rows: list[np.ndarray] = []  # [B, regions*metrics] per batch
-        examples: dict[str, dict[str, np.ndarray]] = {}
-        columns = ([f"{r}.{m}" for r in REGIONS for m in METRICS]
-                   + [f"{APPEARANCE}.{m}" for m in appearance.MEASURES])
         t0 = time.perf_counter()
         total = n_split if limit is None else min(limit, n_split)
-        with make_progress() as progress:
-            task = progress.add_task(f"eval {run_dir.name} [{split}]", total=total)
-            for batch in loader:
-                image, mask = to_float(batch, dev)
-                batch_keys = list(batch["key"])
-                # The loader fills a corrupt sample's slot with a copy of another sample of the batch (same key):
-                # the copy is scored once (rows are deduplicated by key) and the corrupt sample is reported.
-                corrupt += list(batch.get("corrupt") or [])
-                if rank_limit is not None and len(keys) + len(batch_keys) > rank_limit:
-                    keep = rank_limit - len(keys)
-                    image, mask, batch_keys = image[:keep], mask[:keep], batch_keys[:keep]
-                rec = model.reconstruct(image, mask if mode == "mask" else None)
-                scores = suite.score_regions(image, mask, rec.recon_raw, rec.mask_pred, mode)
-                looks = appearance.score(rec.recon_raw, image, mask, hair_masks.batch(batch_keys, dev))
-                rows.append(torch.stack([scores[r][m] for r in REGIONS for m in METRICS]
-                                        + [looks[m] for m in appearance.MEASURES], 1).cpu().numpy())
-                keys += batch_keys
-                _keep_examples(examples, batch_keys, image, mask, rec, mode, n_examples)
-                progress.advance(task, len(batch_keys) * world)
-                if rank_limit is not None and len(keys) >= rank_limit:
-                    break
+        part = scorer.run(loader, None if limit is None else math.ceil(limit / world), world,
+                          f"eval {run_dir.name} [{split}]", total)
         seconds = time.perf_counter() - t0
-        gathered = _gather((keys, np.concatenate(rows) if rows else np.zeros((0, len(columns))), examples, corrupt,
-                            loader.dropped_samples), world)
+        gathered = _gather(part, world)
     finally:
         if we_init:  # a group we created is ours to close (after the gather every rank is past its collectives)
             close_process_group()
 
     # Rank 0 and the others alike build the result (cheap); only rank 0 writes.
-    by_key: dict[str, np.ndarray] = {}
-    all_examples: dict[str, dict[str, np.ndarray]] = {}
-    all_corrupt: list[str] = []
-    for k, vals, ex, bad, _ in gathered:
-        for key, row in zip(k, vals):
-            by_key.setdefault(key, row)  # a key seen twice (a corrupt sample's stand-in) counts once
-        all_examples.update(ex)
-        all_corrupt += bad
-    dropped = gathered[0][4] if limit is None else 0
-    ordered = sorted(by_key)
-    if limit is not None:
-        ordered = ordered[:limit]
+    ordered, values, examples, corrupt, dropped = _merge(gathered, limit)
     if not ordered:
         raise DataError(f"split {split!r} of {shards_dir}: the loader yielded no images")
-    values = np.stack([by_key[k] for k in ordered])
-    summary = bootstrap_summary(values, resamples=bootstrap, seed=seed)
     metrics = {r: {} for r in (*REGIONS, APPEARANCE)}
-    for col, s in zip(columns, summary):
+    for col, summary in zip(COLUMNS, bootstrap_summary(values, resamples=bootstrap, seed=seed)):
         region, metric = col.split(".")
-        metrics[region][metric] = s
-    example_keys = sorted(all_examples)[:n_examples]
-
+        metrics[region][metric] = summary
+    example_keys = sorted(examples)[:n_examples]
     result = {
         "format": FORMAT,
         "run_dir": str(run_dir),
@@ -313,7 +254,7 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
         "hypothesis": facts["hypothesis"],
         "seed": facts["seed"],  # the training seed: `facevae report` groups runs by (hypothesis, seed)
         "loss": facts["loss"],
-        "mask_mode": mode,
+        "mask_mode": model.cfg.mask_mode,
         "model": model.cfg.to_dict(),
         "checkpoint": {"which": facts["which"], "step": facts["step"]},
         "split": split,
@@ -322,12 +263,12 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
         "split_size": n_split,
         "limit": limit,
         "test_set": scored_test_set(manifest, split, limit),  # `facevae report` pairs only evals of one test set
-        "corrupt_samples": sorted(all_corrupt),
+        "corrupt_samples": sorted(corrupt),
         "left_out_by_loader": dropped,  # N mod world_size with several ranks (data/loader.py), else 0
         "world_size": world,
         "device": str(dev),
-        "settings": {**settings.to_dict(image_size=image_size), "lpips_weights": lpips.source,
-                     "face_region": "ground-truth mask >= 0.5",
+        "settings": {**scorer.suite.settings.to_dict(image_size=model.cfg.image_size),
+                     "lpips_weights": scorer.suite.lpips.source, "face_region": "ground-truth mask >= 0.5",
                      "latent": "z = mu (no sampling), as the paper's testing code",
                      "bootstrap": {"resamples": bootstrap, "ci": 0.95, "method": "percentile, paired across metrics",
                                    "seed": seed}},
@@ -335,18 +276,94 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
         "metrics": {r: metrics[r] for r in REGIONS},
         APPEARANCE: {"measures": metrics[APPEARANCE], "definitions": dict(appearance.DEFINITIONS),
                      "region": "raw decoder output, GT face pixels (hair: hair pixels of the label map)",
-                     "hair_labels": hair_masks.why_not or "re-rendered by the synthetic generator"},
+                     "hair_labels": scorer.hair_masks.why_not or "re-rendered by the synthetic generator"},
         "examples": {"file": EXAMPLES_FILE, "keys": example_keys},
         "seconds": round(seconds, 3),
         "images_per_s": round(len(ordered) / seconds, 2) if seconds > 0 else None,
     }
     if rank == 0:
         out_path = Path(out) if out is not None else run_dir / EVAL_DIR / METRICS_FILE
-        _write_per_image(out_path.parent / PER_IMAGE_FILE, ordered, columns, values)
-        _write_examples(out_path.parent / EXAMPLES_FILE, example_keys, all_examples)
+        _write_per_image(out_path.parent / PER_IMAGE_FILE, ordered, COLUMNS, values)
+        _write_examples(out_path.parent / EXAMPLES_FILE, example_keys, examples)
         atomic_write_json(out_path, result)  # last: its presence means the eval is complete
         result["path"] = str(out_path)
     return result
+
+
+def _matching_shards(run_dir: Path, shards_dir, facts: dict, split: str, image_size: int):
+    """(shards_dir, manifest, images in split): the given shards, or the run's own; one line if the split is
+    missing or the images are not the size the model was trained at."""
+    if shards_dir is None and facts["shards"] is None:
+        raise UsageError(f"{run_dir} is an exported model (no training run to take shards from): pass --shards DIR")
+    shards_dir = Path(shards_dir if shards_dir is not None else facts["shards"])
+    n_split = check_split(shards_dir, split)
+    manifest = read_manifest(shards_dir)
+    if int(manifest["image_size"]) != image_size:
+        raise UsageError(f"{shards_dir} holds {manifest['image_size']}px images but the checkpoint of {run_dir} was "
+                         f"trained at {image_size}px (model.image_size); evaluate on shards built at that size "
+                         f"(`facevae shards build --image-size {image_size}`)")
+    return shards_dir, manifest, n_split
+
+
+# The per-image score columns: every metric in every region, then the appearance measures.
+COLUMNS = [f"{r}.{m}" for r in REGIONS for m in METRICS] + [f"{APPEARANCE}.{m}" for m in appearance.MEASURES]
+
+
+@dataclass
+class _Scorer:
+    """Scores this rank's part of a split batch by batch: one row of COLUMNS per image, a few kept examples."""
+    model: torch.nn.Module
+    suite: MetricSuite
+    hair_masks: appearance.HairMasks
+    device: torch.device
+    n_examples: int
+
+    def run(self, loader, rank_limit: int | None, world: int, label: str, total: int) -> tuple:
+        """(keys, rows [n, len(COLUMNS)], examples, corrupt keys, samples the loader left out)."""
+        mode = self.model.cfg.mask_mode
+        keys: list[str] = []
+        rows: list[np.ndarray] = []
+        examples: dict[str, dict[str, np.ndarray]] = {}
+        corrupt: list[str] = []
+        with make_progress() as progress:
+            task = progress.add_task(label, total=total)
+            for batch in loader:
+                image, mask = to_float(batch, self.device)
+                batch_keys = list(batch["key"])
+                # The loader fills a corrupt sample's slot with a copy of another sample of the batch (same key):
+                # the copy is scored once (rows are deduplicated by key) and the corrupt sample is reported.
+                corrupt += list(batch.get("corrupt") or [])
+                if rank_limit is not None and len(keys) + len(batch_keys) > rank_limit:
+                    keep = rank_limit - len(keys)
+                    image, mask, batch_keys = image[:keep], mask[:keep], batch_keys[:keep]
+                rec = self.model.reconstruct(image, mask if mode == "mask" else None)
+                scores = self.suite.score_regions(image, mask, rec.recon_raw, rec.mask_pred, mode)
+                looks = appearance.score(rec.recon_raw, image, mask, self.hair_masks.batch(batch_keys, self.device))
+                rows.append(torch.stack([scores[r][m] for r in REGIONS for m in METRICS]
+                                        + [looks[m] for m in appearance.MEASURES], 1).cpu().numpy())
+                keys += batch_keys
+                _keep_examples(examples, batch_keys, image, mask, rec, mode, self.n_examples)
+                progress.advance(task, len(batch_keys) * world)
+                if rank_limit is not None and len(keys) >= rank_limit:
+                    break
+        values = np.concatenate(rows) if rows else np.zeros((0, len(COLUMNS)))
+        return keys, values, examples, corrupt, loader.dropped_samples
+
+
+def _merge(gathered: list[tuple], limit: int | None) -> tuple:
+    """Every rank's part -> (sorted keys, values [n, len(COLUMNS)], examples, corrupt keys, left out)."""
+    by_key: dict[str, np.ndarray] = {}
+    examples: dict[str, dict[str, np.ndarray]] = {}
+    corrupt: list[str] = []
+    for k, vals, ex, bad, _ in gathered:
+        for key, row in zip(k, vals):
+            by_key.setdefault(key, row)  # a key seen twice (a corrupt sample's stand-in) counts once
+        examples.update(ex)
+        corrupt += bad
+    dropped = gathered[0][4] if limit is None else 0
+    ordered = sorted(by_key)[:limit] if limit is not None else sorted(by_key)
+    values = np.stack([by_key[k] for k in ordered]) if ordered else np.zeros((0, len(COLUMNS)))
+    return ordered, values, examples, corrupt, dropped
 
 
 def _keep_examples(store: dict, keys: list[str], image, mask, out, mode: str, n: int) -> None:
@@ -373,13 +390,11 @@ def _write_per_image(path: Path, keys: list[str], columns: list[str], values: np
 
 
 def _write_examples(path: Path, keys: list[str], examples: dict) -> None:
-    from safetensors.numpy import save
-
     tensors = {}
     for field in ("input", "gt_mask", "recon_raw", "composite", "mask_pred"):
         if keys and all(field in examples[k] for k in keys):
             tensors[field] = np.stack([examples[k][field] for k in keys])
-    atomic_write_bytes(path, save(tensors, metadata={"keys": json.dumps(keys), "format": FORMAT}))
+    atomic_write_bytes(path, save_safetensors(tensors, metadata={"keys": json.dumps(keys), "format": FORMAT}))
 
 
 def load_eval(run_dir: str | Path) -> dict:
@@ -439,8 +454,6 @@ def load_per_image(eval_json: dict) -> tuple[list[str], dict[str, np.ndarray]]:
 
 def load_examples(eval_json: dict) -> tuple[list[str], dict[str, np.ndarray]]:
     """(keys, {field: uint8 [K,C,H,W]}) of an eval's examples file ({} if it is missing)."""
-    from safetensors import safe_open
-
     path = Path(eval_json["path"]).parent / eval_json.get("examples", {}).get("file", EXAMPLES_FILE)
     if not path.is_file():
         return [], {}
