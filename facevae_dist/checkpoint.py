@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import hashlib
 import io
 import json
 import math
@@ -35,10 +37,13 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from facevae_dist.config import TrainConfig, load_toml, save_toml
 from facevae_dist.errors import FaceVAEError, RunError, UsageError
 from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from facevae_dist.model import FaceVAE
 from facevae_dist.progress import info, warn
 
 CHECKPOINTS = "checkpoints"
@@ -113,8 +118,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def weights_digest(model: torch.nn.Module) -> str:
     """sha256 of all trainable parameters' bytes: equal on every rank iff DDP kept them in sync (BN running
     statistics are excluded: each rank updates them from its own batch)."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         h.update(name.encode())
@@ -332,8 +335,6 @@ class RunDirLock:
         self.fd: int | None = None
 
     def __enter__(self) -> "RunDirLock":
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -394,9 +395,6 @@ class Restored:
 
 def load_checkpoint(path: str | Path, rank: int = 0) -> Restored:
     """Everything rank `rank` needs to resume; a damaged file -> RunError naming it (one line)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not is_complete(path):
         raise RunError(f"{path}: incomplete checkpoint (no {META_FILE}); delete it or pick another with --resume")
@@ -514,8 +512,6 @@ class LoadedModel:
 def open_model(run_dir: str | Path, which: str = "best", map_location: str | torch.device = "cpu") -> LoadedModel:
     """The model of a run's checkpoint (`which`: best | latest | step_<n> | a directory) with where it came from.
     A missing, damaged or mismatching file -> one-line FaceVAEError naming it."""
-    from facevae_dist.model import FaceVAE
-
     path = resolve_which(run_dir, which)
     meta = read_meta(path)  # before the weights: cheap, and names the file if damaged
     model = FaceVAE.from_pretrained(path, map_location=map_location).eval()

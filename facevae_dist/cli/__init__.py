@@ -8,7 +8,10 @@ import importlib
 import os
 import sys
 
+import facevae_dist
+from facevae_dist import progress
 from facevae_dist.errors import FaceVAEError
+from facevae_dist.runinfo import git_revision
 
 # Stage order = the pipeline's flow: data -> model/train -> evaluate -> report -> sweep.
 # A module listed here that does not exist yet is simply skipped, so stages can land one by one.
@@ -39,9 +42,6 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        import facevae_dist
-        from facevae_dist.runinfo import git_revision
-
         rev = git_revision()
         print(f"facevae {facevae_dist.__version__}" + (f" (git {rev})" if rev else ""))
         parser.exit(0)
@@ -92,8 +92,6 @@ def main(argv: list[str] | None = None) -> int:
         # `facevae` or `facevae shards` alone: show the relevant help.
         (getattr(args, "_parser", None) or parser).print_help()
         return 2
-    from facevae_dist import progress
-
     progress.set_quiet(args.quiet)
     if args.quiet:
         os.environ["FACEVAE_QUIET"] = "1"  # child processes (workers, launched ranks) inherit it
