@@ -34,6 +34,7 @@ import dataclasses
 import functools
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -89,8 +90,9 @@ def _check_inputs(cfg: TrainConfig) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--run-dir {run_dir} is an existing file, not a directory; pass a directory path")
     if cfg.deepspeed and cfg.grad_accum > 1:
-        raise UsageError(f"grad_accum={cfg.grad_accum} with DeepSpeed is refused: a skipped non-finite step would leave "
-                         "its accumulated gradients in the engine; use --grad-accum 1 (raise --batch-size instead)")
+        raise UsageError(f"grad_accum={cfg.grad_accum} with DeepSpeed is refused: a skipped non-finite step would "
+                         "leave its accumulated gradients in the engine; use --grad-accum 1 (raise --batch-size "
+                         "instead)")
     image_size = int(read_manifest(cfg.data.shards).get("image_size", cfg.model.image_size))
     if image_size != cfg.model.image_size:
         raise UsageError(f"{cfg.data.shards} holds {image_size}px images but model.image_size="
@@ -406,3 +408,9 @@ def _summary(run: _Run, stopped: str, signal_name: str | None, images: int, wall
     if run.is_main:
         atomic_write_json(Path(run.cfg.run_dir) / "summary.json", summary)
     return summary
+
+
+if __name__ == "__main__":  # the old launcher entry: say what replaced it, rather than exit 0 having trained nothing
+    print("python -m facevae_dist.train is gone: launch `python -m facevae_dist train ...` (same arguments)",
+          file=sys.stderr)
+    sys.exit(2)

@@ -4,6 +4,7 @@ and the DeepSpeed world-size-1 path through Accelerate (the only DeepSpeed setti
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -95,3 +96,29 @@ def test_deepspeed_config_rejects_auto_and_bad_stage(tmp_path):
         from deepspeed.runtime.config import DeepSpeedConfig
 
         DeepSpeedConfig(plugin.deepspeed_config)
+
+
+def test_deepspeed_launch_profile_is_read_by_the_command_line_not_by_train(monkeypatch, tmp_path):
+    """`accelerate launch --config_file launch/deepspeed-zero2.yaml` sets ACCELERATE_USE_DEEPSPEED and the JSON's
+    path: the command line turns that into --deepspeed (an explicit flag wins); train() reads no environment."""
+    from facevae_dist.cli import build_parser
+    from facevae_dist.cli.train import config_from_args
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(REPO / "launch" / "ds_zero2.json"))
+    parse = build_parser().parse_args
+    base = ["train", "--run-dir", str(tmp_path), "--set", "optim.clip=global", "--set", "optim.eps_form=torch"]
+    assert config_from_args(parse(base)).deepspeed == str(REPO / "launch" / "ds_zero2.json")
+    other = str(REPO / "launch" / "ds_zero1.json")
+    assert config_from_args(parse([*base, "--deepspeed", other])).deepspeed == other
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    assert not config_from_args(parse(base)).deepspeed
+    assert "ACCELERATE_USE_DEEPSPEED" not in (REPO / "facevae_dist" / "train.py").read_text()
+
+
+def test_old_module_entry_fails_saying_what_replaced_it():
+    """`python -m facevae_dist.train` is gone (train.py no longer imports its own command line); a launcher script
+    still using it gets exit 2 and the new form, not exit 0 having trained nothing."""
+    proc = subprocess.run([sys.executable, "-m", "facevae_dist.train", "--hypothesis", "H9"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "python -m facevae_dist train" in proc.stderr
