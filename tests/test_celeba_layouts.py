@@ -5,12 +5,14 @@ where the masks come from, and the warnings for empty splits and images that are
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from facevae_dist import progress
 from facevae_dist.cli import main
 from facevae_dist.data import mediapipe_mask, synthetic
 from facevae_dist.data.masks import GMASK_PARTS, LABEL_NAMES, guess_label_scheme, labelmap_to_mask, to_faceparsing
@@ -66,7 +68,17 @@ def shard_masks(out: Path) -> dict[str, bytes]:
 def reference_masks(tmp_path_factory) -> dict[str, bytes]:
     root = tmp_path_factory.mktemp("ref")
     write_celeba(root / "img_align_celeba", root / "list_eval_partition.txt", root / "mask_faceparsing")
-    assert build(root, root / "s") == 0
+    # `--quiet` in-process sets the quiet flag and FACEVAE_QUIET; conftest's per-test restore runs inside this
+    # module-scoped fixture, so restore them here or every later test of the session runs quiet
+    saved_env, saved_flag = os.environ.get("FACEVAE_QUIET"), progress.is_quiet()
+    try:
+        assert build(root, root / "s") == 0
+    finally:
+        if saved_env is None:
+            os.environ.pop("FACEVAE_QUIET", None)
+        else:
+            os.environ["FACEVAE_QUIET"] = saved_env
+        progress.set_quiet(saved_flag)
     return shard_masks(root / "s")
 
 
