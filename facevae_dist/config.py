@@ -38,7 +38,7 @@ EPS_FORMS = ("keras", "torch")  # facevae_dist.optim: where Adam adds eps (Keras
 
 @dataclass
 class DataConfig:
-    """Where the shards are and how they are read (facevae_dist.data.loader.make_loader)."""
+    """Where the shards are and how they are read (facevae_dist.data.loader.ShardLoader)."""
 
     shards: str = "shards/synthetic"  # a directory written by `facevae shards build`
     batch_size: int = 32  # per process and per micro-step (the paper: 32 on one GPU)

@@ -33,7 +33,7 @@ from safetensors.numpy import save as save_safetensors
 
 from facevae_dist import appearance
 from facevae_dist.checkpoint import open_model
-from facevae_dist.data.loader import make_loader, read_manifest, read_sizes, to_float
+from facevae_dist.data.loader import ShardLoader, read_manifest, read_sizes, to_float
 from facevae_dist.errors import DataError, FaceVAEError, UsageError
 from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from facevae_dist.metrics import LEGACY_REGIONS, METRICS, REGIONS, MetricSettings, MetricSuite, composite, load_lpips
@@ -225,7 +225,7 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
     try:
         # Fixed order (no shuffle), no dropped partial batch, and with several ranks the N mod world remainder
         # padded by repeats (deduplicated by key below): every image once, the same ones in every run.
-        loader = make_loader(shards_dir, split, batch_size, rank=rank, world_size=world, workers=workers, seed=seed,
+        loader = ShardLoader(shards_dir, split, batch_size, rank=rank, world_size=world, workers=workers, seed=seed,
                              epoch=0, resampled=False, drop_last=False, shuffle=False, pad=True)
         t0 = time.perf_counter()
         total = n_split if limit is None else min(limit, n_split)

@@ -7,7 +7,6 @@ a sweep's elements, a demo's runs and exported models handed over by someone els
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 

@@ -12,7 +12,7 @@ The returned terms are the *weighted* contributions, so `loss == sum of the term
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
-import math
 import os
 import pickle
 from dataclasses import asdict, dataclass

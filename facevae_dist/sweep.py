@@ -502,8 +502,6 @@ def submit_sweep(out: str | Path, shards: str | Path, *, grid: str | None = None
     """Submit the unfinished (hypothesis, seed) elements of the grid as one job array; returns the manifest.
     Rerunning skips the finished ones and those still queued/running, and resubmits the rest (which resume from
     their checkpoints)."""
-    import submitit
-
     if cluster not in CLUSTERS:
         raise UsageError(f"--cluster {cluster!r}: choose one of {', '.join(CLUSTERS)}")
     slurm = (slurm or SlurmOptions()).validate()
@@ -524,6 +522,38 @@ def submit_sweep(out: str | Path, shards: str | Path, *, grid: str | None = None
     elements = manifest["elements"] = _elements(manifest)
     manifest.pop("hypotheses", None)  # an older manifest's name for the same table
 
+    todo = _elements_to_submit(configs, elements, cluster)
+    if not todo:
+        info("nothing to submit: every element is finished or still queued/running")
+        atomic_write_json(out / MANIFEST, manifest)
+        return manifest
+
+    code_dir = snapshot_code(out)
+    executor = _make_executor(cluster, out / "logs", slurm, code_dir, name=f"facevae-{out.name}")
+    k = slurm.elements_per_gpu
+    groups = [todo[i:i + k] for i in range(0, len(todo), k)]  # one array element each
+    tasks = [HypothesisTask(configs[key], eval_split, eval_limit) for key in todo]
+    if k > 1:
+        tasks = [ElementGroup(tasks[i:i + k]) for i in range(0, len(tasks), k)]
+    # batch() = one job array; each element's function is the task itself, so submitit finds its checkpoint()
+    # (map_array(fn, args) would hide it behind fn)
+    with _job_environment(code_dir, cluster, slurm.cpus_per_task), executor.batch():
+        jobs = [executor.submit(task) for task in tasks]
+
+    _record_submission(manifest, configs, groups, jobs, cluster=cluster, code_dir=code_dir, slurm=slurm, seeds=seeds,
+                       overrides=overrides, eval_split=eval_split, eval_limit=eval_limit)
+    manifest.update(shards=str(shards.resolve()), grid=grid, out=str(out))
+    atomic_write_json(out / MANIFEST, manifest)
+    info(f"submitted {len(todo)} run(s) as {len(jobs)} element(s) of job array {jobs[0].job_id.split('_')[0]} on "
+         f"{cluster}; watch with: facevae sweep status {out}")
+    if wait:
+        wait_for_jobs(jobs)
+    return manifest
+
+
+def _elements_to_submit(configs: dict, elements: dict, cluster: str) -> list[str]:
+    """The keys of the elements to (re)submit: not finished, not queued or running on Slurm, not alive here. Adds a
+    manifest entry for each new element."""
     todo = []
     for key, cfg in configs.items():
         run_dir = Path(cfg["run_dir"])
@@ -542,35 +572,28 @@ def submit_sweep(out: str | Path, shards: str | Path, *, grid: str | None = None
             info(f"skip {key}: still running here as pid {owner}")
             continue
         todo.append(key)
-    if not todo:
-        info("nothing to submit: every element is finished or still queued/running")
-        atomic_write_json(out / MANIFEST, manifest)
-        return manifest
+    return todo
 
-    code_dir = snapshot_code(out)
-    executor = _make_executor(cluster, out / "logs", slurm, code_dir, name=f"facevae-{out.name}")
-    k = slurm.elements_per_gpu
-    groups = [todo[i:i + k] for i in range(0, len(todo), k)]  # one array element each
-    tasks = [HypothesisTask(configs[key], eval_split, eval_limit) for key in todo]
-    if k > 1:
-        tasks = [ElementGroup(tasks[i:i + k]) for i in range(0, len(tasks), k)]
-    # local jobs inherit this process's environment: put the snapshot first there too (debug runs in this process
-    # and imports the live package). Jobs start in the submitting directory, and `python -m submitit...` puts that
-    # directory first on sys.path, so a submission from the checkout would import the live package: submit from
-    # the snapshot directory instead (every path in the element configs is absolute).
+
+@contextlib.contextmanager
+def _job_environment(code_dir: Path, cluster: str, cpus_per_task: int):
+    """The environment the jobs are submitted from. Local jobs inherit this process's environment: the snapshot
+    goes first on PYTHONPATH (debug runs in this process and imports the live package). Jobs start in the submitting
+    directory, and `python -m submitit...` puts that directory first on sys.path, so a submission from the checkout
+    would import the live package: submit from the snapshot directory instead (every path in the element configs is
+    absolute). Restores the environment afterwards; a failed submission is one line."""
+    import submitit
+
     old_path, old_threads = os.environ.get("PYTHONPATH"), os.environ.get("OMP_NUM_THREADS")
     os.environ["PYTHONPATH"] = str(code_dir) + (os.pathsep + old_path if old_path else "")
     if cluster == "local" and old_threads is None:
         # what the Slurm jobs get from slurm_setup: a local element uses its --cpus-per-task cores, not every core
         # (four 2-thread elements on 2 cores would each fight the others for them)
-        os.environ["OMP_NUM_THREADS"] = str(slurm.cpus_per_task)
+        os.environ["OMP_NUM_THREADS"] = str(cpus_per_task)
     try:
         # clean_env: submitting from inside an allocation must not hand its SLURM_* variables to the new jobs
         with contextlib.chdir(code_dir), submitit.helpers.clean_env():
-            # batch() = one job array; each element's function is the task itself, so submitit finds its
-            # checkpoint() (map_array(fn, args) would hide it behind fn)
-            with executor.batch():
-                jobs = [executor.submit(task) for task in tasks]
+            yield
     except submitit.core.utils.FailedJobError as exc:
         raise FaceVAEError(f"submission failed: {str(exc).strip().splitlines()[-1]}") from None
     finally:
@@ -581,25 +604,22 @@ def submit_sweep(out: str | Path, shards: str | Path, *, grid: str | None = None
         if old_threads is None:
             os.environ.pop("OMP_NUM_THREADS", None)
 
+
+def _record_submission(manifest: dict, configs: dict, groups: list[list[str]], jobs, *, cluster: str, code_dir: Path,
+                       slurm: SlurmOptions, seeds, overrides, eval_split: str, eval_limit) -> None:
+    """Each submitted element's job id, array index and log paths into the manifest, and the submission itself."""
+    elements = manifest["elements"]
     submission = {"time": time.time(), "cluster": cluster, "code": str(code_dir), "slurm": asdict(slurm),
                   "seeds": seeds, "overrides": overrides or [], "eval_split": eval_split, "eval_limit": eval_limit,
                   "elements": {}}
     for index, (group, job) in enumerate(zip(groups, jobs)):
         for task_index, key in enumerate(group):
-            paths = job.task(task_index).paths if k > 1 else job.paths
-            entry = elements[key]
-            entry.update(cluster=cluster, array_index=index, task=task_index, log_out=str(paths.stdout),
-                         log_err=str(paths.stderr), max_steps=configs[key]["max_steps"])
-            entry["job_ids"].append(job.job_id)
+            paths = job.task(task_index).paths if slurm.elements_per_gpu > 1 else job.paths
+            elements[key].update(cluster=cluster, array_index=index, task=task_index, log_out=str(paths.stdout),
+                                 log_err=str(paths.stderr), max_steps=configs[key]["max_steps"])
+            elements[key]["job_ids"].append(job.job_id)
         submission["elements"][str(index)] = {"elements": group, "job_id": job.job_id}
     manifest["submissions"].append(submission)
-    manifest.update(shards=str(shards.resolve()), grid=grid, out=str(out))
-    atomic_write_json(out / MANIFEST, manifest)
-    info(f"submitted {len(todo)} run(s) as {len(jobs)} element(s) of job array {jobs[0].job_id.split('_')[0]} on "
-         f"{cluster}; watch with: facevae sweep status {out}")
-    if wait:
-        wait_for_jobs(jobs)
-    return manifest
 
 
 def wait_for_jobs(jobs) -> None:

@@ -6,7 +6,7 @@ import torch
 
 from facevae_dist.config import DataConfig
 from facevae_dist.data.batches import _ResidentSplit, iter_val_batches, open_train_batches
-from facevae_dist.data.loader import make_loader, to_float, u8_to_float
+from facevae_dist.data.loader import ShardLoader, to_float, u8_to_float
 from facevae_dist.data.shards import ShardOptions, build_shards
 from facevae_dist.data.sources import SyntheticSource
 
@@ -48,7 +48,7 @@ def test_epochs_roll_over_on_one_loader_with_the_streaming_order(shards, placeme
         if placement == "stream":
             assert batches._loader._dataloader is dataloader  # workers persisted across epochs
         for epoch in (0, 1):  # the same batches as a fresh loader of that epoch
-            ref = make_loader(shards, "train", 8, rank=1, world_size=2, seed=3, epoch=epoch)
+            ref = ShardLoader(shards, "train", 8, rank=1, world_size=2, seed=3, epoch=epoch)
             for (image, mask), b in zip(got[5 * epoch:5 * epoch + 5], ref):
                 assert torch.equal(image, u8_to_float(b["image"], "cpu")) and torch.equal(mask, u8_to_float(b["mask"], "cpu"))
         assert batches.corrupt_count == 0

@@ -20,7 +20,7 @@ from facevae_dist.data import batches as batches_mod
 from facevae_dist.data import cache as cache_mod
 from facevae_dist.data.batches import iter_val_batches, open_train_batches
 from facevae_dist.data.cache import cache_paths, open_cache
-from facevae_dist.data.loader import decode_into, make_loader
+from facevae_dist.data.loader import ShardLoader, decode_into
 from facevae_dist.data.shards import ShardOptions, build_shards
 from facevae_dist.data.sources import SyntheticSource
 from facevae_dist.data.tario import iter_tar, write_tar
@@ -224,7 +224,7 @@ def test_corrupt_sample_is_counted_and_replaced_like_the_loader(own_shards):
         cache.corrupt_rows.tolist()
     host = open_train_batches(data_cfg(own_shards), rank=0, world=1, device=CPU, epoch=0, batch_in_epoch=0,
                               channels_last=False)
-    stream = make_loader(own_shards, "train", 8, seed=3)
+    stream = ShardLoader(own_shards, "train", 8, seed=3)
     with pytest.warns(UserWarning, match=bad_key):
         ref = list(stream)
     with pytest.warns(UserWarning, match=bad_key):

@@ -11,7 +11,7 @@ from facevae_dist.checkpoint import (CheckpointManager, TrainState, latest_check
                                      load_checkpoint, load_model, load_pt, resolve_resume, rng_state, set_rng_state)
 from facevae_dist.config import TrainConfig
 from facevae_dist.errors import FaceVAEError, RunError, UsageError
-from facevae_dist.model import FaceVAE, ModelConfig
+from facevae_dist.model import FaceVAE
 
 
 def _setup(tmp_path):

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from facevae_dist.data import loader as loader_mod
-from facevae_dist.data import make_loader, read_sizes, to_float
+from facevae_dist.data import ShardLoader, read_sizes, to_float
 from facevae_dist.data.loader import _BatchRing
 from facevae_dist.data.shards import ShardOptions, build_shards, read_manifest
 from facevae_dist.data.sources import SyntheticSource
@@ -44,7 +44,7 @@ def epoch_keys(loader):
 def test_exactly_once_across_two_ranks_and_two_workers(shards):
     all_keys = []
     for rank in (0, 1):
-        loader = make_loader(shards, "train", 8, rank=rank, world_size=2, workers=2, seed=1)
+        loader = ShardLoader(shards, "train", 8, rank=rank, world_size=2, workers=2, seed=1)
         batches = list(loader)
         assert len(batches) == len(loader) == 5  # 40 samples per rank
         for b in batches:
@@ -60,7 +60,7 @@ def test_equal_batch_counts_with_uneven_shards_and_counted_remainder(shards):
     # batch 6: 40 per rank -> 6 batches of 6 on every rank; 2 x 4 samples dropped this epoch, and counted.
     keys, lengths = [], []
     for rank in (0, 1):
-        loader = make_loader(shards, "train", 6, rank=rank, world_size=2, workers=2, seed=0)
+        loader = ShardLoader(shards, "train", 6, rank=rank, world_size=2, workers=2, seed=0)
         got = list(loader)
         lengths.append((len(loader), len(got)))
         keys += [k for b in got for k in b["key"]]
@@ -68,7 +68,7 @@ def test_equal_batch_counts_with_uneven_shards_and_counted_remainder(shards):
     assert lengths == [(6, 6), (6, 6)]
     assert len(keys) == 72 and len(set(keys)) == 72
     # drop_last=False with one rank: every sample exactly once, last batch short.
-    loader = make_loader(shards, "train", 6, drop_last=False, shuffle=False)
+    loader = ShardLoader(shards, "train", 6, drop_last=False, shuffle=False)
     got = list(loader)
     assert [len(b["key"]) for b in got][-1] == 2 and loader.dropped_samples == 0
     assert epoch_keys(loader) == [f"train-{i:08d}" for i in range(80)]
@@ -76,35 +76,35 @@ def test_equal_batch_counts_with_uneven_shards_and_counted_remainder(shards):
 
 def test_three_ranks_never_hang(shards):
     # 80 samples over 3 ranks: 26 each (2 left out), 3 batches of 8 on every rank.
-    counts = [len(list(make_loader(shards, "train", 8, rank=r, world_size=3, seed=4))) for r in range(3)]
+    counts = [len(list(ShardLoader(shards, "train", 8, rank=r, world_size=3, seed=4))) for r in range(3)]
     assert counts == [3, 3, 3]
 
 
 def test_determinism_by_seed_and_epoch_independent_of_workers(shards):
-    a = epoch_keys(make_loader(shards, "train", 8, seed=3, workers=0))
-    b = epoch_keys(make_loader(shards, "train", 8, seed=3, workers=2))
+    a = epoch_keys(ShardLoader(shards, "train", 8, seed=3, workers=0))
+    b = epoch_keys(ShardLoader(shards, "train", 8, seed=3, workers=2))
     assert a == b  # worker count changes nothing
-    assert a != epoch_keys(make_loader(shards, "train", 8, seed=4))
-    loader = make_loader(shards, "train", 8, seed=3)
+    assert a != epoch_keys(ShardLoader(shards, "train", 8, seed=4))
+    loader = ShardLoader(shards, "train", 8, seed=3)
     loader.set_epoch(1)
     e1 = epoch_keys(loader)
     assert e1 != a and sorted(e1) == sorted(a)  # reshuffled each epoch, same samples
-    first = next(iter(make_loader(shards, "train", 8, seed=3)))
-    again = next(iter(make_loader(shards, "train", 8, seed=3)))
+    first = next(iter(ShardLoader(shards, "train", 8, seed=3)))
+    again = next(iter(ShardLoader(shards, "train", 8, seed=3)))
     assert torch.equal(first["image"], again["image"]) and torch.equal(first["mask"], again["mask"])
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_mid_epoch_gives_the_same_tail(shards, workers):
-    full = [b["key"] for b in make_loader(shards, "train", 8, rank=1, world_size=2, seed=5, epoch=2, workers=workers)]
-    resumed = make_loader(shards, "train", 8, rank=1, world_size=2, seed=5, epoch=2, start_batch=3, workers=workers)
+    full = [b["key"] for b in ShardLoader(shards, "train", 8, rank=1, world_size=2, seed=5, epoch=2, workers=workers)]
+    resumed = ShardLoader(shards, "train", 8, rank=1, world_size=2, seed=5, epoch=2, start_batch=3, workers=workers)
     assert len(resumed) == len(full)  # len is the whole epoch
     assert [b["key"] for b in resumed] == full[3:]
     assert [b["key"] for b in resumed] == full  # the next pass is a whole epoch again
 
 
 def test_resampled_mode(shards):
-    loaders = [make_loader(shards, "train", 8, rank=r, world_size=2, resampled=True, seed=0) for r in (0, 1)]
+    loaders = [ShardLoader(shards, "train", 8, rank=r, world_size=2, resampled=True, seed=0) for r in (0, 1)]
     counts = [len(list(loader)) for loader in loaders]
     assert counts == [len(loaders[0])] * 2 == [5, 5]
     keys = epoch_keys(loaders[0])
@@ -115,11 +115,11 @@ def test_resampled_mode(shards):
 
 def test_too_few_shards_for_ranks_times_workers(shards):
     with pytest.raises(DataError, match=r"2 shard\(s\) for 2 rank\(s\) x 2 worker\(s\); need at least 4"):
-        make_loader(shards, "val", 2, world_size=2, workers=2)
+        ShardLoader(shards, "val", 2, world_size=2, workers=2)
 
 
 def test_to_float_and_sizes(shards):
-    batch = next(iter(make_loader(shards, "val", 4)))
+    batch = next(iter(ShardLoader(shards, "val", 4)))
     image, mask = to_float(batch, "cpu", channels_last=True)
     assert image.dtype == mask.dtype == torch.float32 and image.is_contiguous(memory_format=torch.channels_last)
     assert 0 <= image.min() and image.max() <= 1 and mask.shape == (4, 1, 24, 24)
@@ -135,7 +135,7 @@ def test_corrupt_sample_is_reported_and_counted(tmp_path, shards):
     samples = list(iter_tar(tar))
     samples[2][1]["jpg"] = b"\xff\xd8 not a jpeg"
     write_tar(tar, samples)
-    loader = make_loader(out, "test", 5, shuffle=False)
+    loader = ShardLoader(out, "test", 5, shuffle=False)
     with pytest.warns(UserWarning, match="test-00000002"):
         batches = list(loader)
     assert loader.corrupt_count == 1
@@ -145,8 +145,8 @@ def test_corrupt_sample_is_reported_and_counted(tmp_path, shards):
 
 
 def test_persistent_workers_follow_set_epoch_and_resume(shards):
-    reference = make_loader(shards, "train", 8, seed=6)
-    loader = make_loader(shards, "train", 8, seed=6, workers=2)
+    reference = ShardLoader(shards, "train", 8, seed=6)
+    loader = ShardLoader(shards, "train", 8, seed=6, workers=2)
     assert epoch_keys(loader) == epoch_keys(reference)
     loader.set_epoch(3, start_batch=2)
     reference.set_epoch(3)
@@ -169,8 +169,8 @@ def test_workers_hand_batches_over_shared_slots_bit_for_bit(shards, prefetch):
     """Workers decode into shared slots (loader._BatchRing) and send only a ticket; with as few slots as the
     DataLoader's flow control allows, across epochs and after an epoch abandoned half-way (its prefetched batches
     are dropped by the DataLoader, their slots reused), every batch equals the one read without workers."""
-    reference = make_loader(shards, "train", 8, seed=7)
-    loader = make_loader(shards, "train", 8, seed=7, workers=2, prefetch_factor=prefetch)
+    reference = ShardLoader(shards, "train", 8, seed=7)
+    loader = ShardLoader(shards, "train", 8, seed=7, workers=2, prefetch_factor=prefetch)
     try:
         _same(_pixels(loader), _pixels(reference))
         assert loader._dataset.ring is not None and loader._dataset.ring.slots == 2 * prefetch + 1
@@ -204,12 +204,12 @@ def test_no_shared_memory_falls_back_to_the_pipe(shards, monkeypatch):
         raise RuntimeError("unable to allocate shared memory")
 
     monkeypatch.setattr(loader_mod._BatchRing, "__init__", no_shm)
-    loader = make_loader(shards, "train", 8, seed=7, workers=2)
+    loader = ShardLoader(shards, "train", 8, seed=7, workers=2)
     try:
         with pytest.warns(UserWarning, match="no shared memory"):
             got = _pixels(loader)
         assert loader._dataset.ring is None
-        _same(got, _pixels(make_loader(shards, "train", 8, seed=7)))
+        _same(got, _pixels(ShardLoader(shards, "train", 8, seed=7)))
     finally:
         loader.close()
 
@@ -222,11 +222,11 @@ def test_small_dev_shm_falls_back_to_the_pipe_before_any_worker_starts(shards, m
         f_bavail, f_frsize = 16, 4096  # 64 KB free
 
     monkeypatch.setattr(loader_mod.os, "statvfs", lambda path: Tiny() if path == "/dev/shm" else real(path))
-    loader = make_loader(shards, "train", 8, seed=7, workers=2)
+    loader = ShardLoader(shards, "train", 8, seed=7, workers=2)
     try:
         with pytest.warns(UserWarning, match="/dev/shm has 0 MB free"):
             keys = epoch_keys(loader)
-        assert loader._dataset.ring is None and keys == epoch_keys(make_loader(shards, "train", 8, seed=7))
+        assert loader._dataset.ring is None and keys == epoch_keys(ShardLoader(shards, "train", 8, seed=7))
     finally:
         loader.close()
 
@@ -244,13 +244,13 @@ def test_workers_that_cannot_start_fall_back_to_reading_in_the_process(shards, m
             raise OSError(errno.EROFS, "Read-only file system")
 
         monkeypatch.setattr(multiprocessing.synchronize.SemLock, "__init__", no_semaphore)
-    loader = make_loader(shards, "train", 8, seed=7, workers=2)
+    loader = ShardLoader(shards, "train", 8, seed=7, workers=2)
     try:
         with pytest.warns(UserWarning, match=r"worker process\(es\) cannot start .*check /dev/shm"):
             got = _pixels(loader)
         assert loader.workers == 0 and loader._dataloader is None
         monkeypatch.undo()
-        _same(got, _pixels(make_loader(shards, "train", 8, seed=7)))
+        _same(got, _pixels(ShardLoader(shards, "train", 8, seed=7)))
         _same(_pixels(loader), got)  # the next epoch too, without a second warning
     finally:
         loader.close()
@@ -362,9 +362,9 @@ def test_eval_padding_gives_every_sample_to_some_rank_with_equal_counts(shards):
     # rank reads ceil(80/3) = 27, the last one wrapping round to the first samples, and the union is every sample.
     per_rank, keys = [], []
     for rank in range(3):
-        plain = make_loader(shards, "train", 8, rank=rank, world_size=3, drop_last=False, shuffle=False)
+        plain = ShardLoader(shards, "train", 8, rank=rank, world_size=3, drop_last=False, shuffle=False)
         assert plain.dropped_samples == 2
-        loader = make_loader(shards, "train", 8, rank=rank, world_size=3, drop_last=False, shuffle=False, pad=True)
+        loader = ShardLoader(shards, "train", 8, rank=rank, world_size=3, drop_last=False, shuffle=False, pad=True)
         got = epoch_keys(loader)
         per_rank.append(len(got))
         keys += got

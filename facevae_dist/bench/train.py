@@ -123,11 +123,6 @@ def parse_config(text: str, device: str) -> dict:
     return {"amp": amp, "channels_last": "channels_last" in tokens, "compile": "compile" in tokens}
 
 
-def clip_grad_norm_per_tensor_(params, max_norm: float) -> None:
-    """Keras `clipnorm`: each gradient tensor separately to L2 norm <= max_norm (g * c / max(|g|, c))."""
-    clip_gradients_(params, "per-tensor", max_norm)
-
-
 def _synthetic_batch(batch_size: int, size: int, device: torch.device, channels_last: bool):
     g = torch.Generator().manual_seed(0)
     image = torch.rand(batch_size, 3, size, size, generator=g)

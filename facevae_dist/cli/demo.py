@@ -60,7 +60,7 @@ def _run(args) -> int:
         for line in summary_lines(summary["report"]["claims"]):
             console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
         console.print("A few CPU minutes at 36 px give colour blobs, not faces: these verdicts are about this tiny "
-                      "profile, not the paper's setting (README: 'What the demo shows').", markup=False)
+                      "profile, not the paper's setting (docs/evaluation.md: 'Example: the demo's report').", markup=False)
     return 0
 
 

@@ -543,10 +543,3 @@ class ShardLoader:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RunError(f"{self.shards_dir}/{self.split}: data loader worker failed ({first}); "
                            "rerun with --workers 0 to see the error in the main process") from exc
-
-
-def make_loader(shards_dir, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1, workers: int = 0,
-                seed: int = 0, epoch: int = 0, resampled: bool = False, start_batch: int = 0,
-                drop_last: bool = True, **kwargs) -> ShardLoader:
-    return ShardLoader(shards_dir, split, batch_size, rank=rank, world_size=world_size, workers=workers, seed=seed,
-                       epoch=epoch, resampled=resampled, start_batch=start_batch, drop_last=drop_last, **kwargs)
