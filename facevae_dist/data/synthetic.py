@@ -252,7 +252,15 @@ def _draw_face(rng: np.random.Generator, image: Image.Image, label: Image.Image)
                 p.ellipse(cx + a * 1.05 * math.cos(ang), cy - b * 0.3 + b * 0.9 * math.sin(ang),
                           a * 0.22, a * 0.22, _shade(hair, rng.uniform(0.8, 1.2)), 17, n=12)
 
-    # Brows, eyes, nose, mouth.
+    eyes = _draw_features(p, rng, cx, cy, a, b, s, skin, hair)
+    _draw_accessories(p, rng, cx, cy, a, b, s, eyes)
+    return cx, cy, a, angle
+
+
+def _draw_features(p: _FacePainter, rng: np.random.Generator, cx: float, cy: float, a: float, b: float, s: float,
+                   skin: np.ndarray, hair: np.ndarray) -> tuple[float, float, float, float]:
+    """Brows, eyes, nose and mouth; returns the eyes' (dx, y, rx, ry) for the glasses. The order of the rng draws is
+    part of the dataset: keep it."""
     eye_dx, eye_y = a * rng.uniform(0.36, 0.46), cy - b * rng.uniform(0.08, 0.18)
     eye_rx, eye_ry = a * rng.uniform(0.15, 0.2), b * rng.uniform(0.05, 0.08)
     brow_col = _shade(hair, 0.8)
@@ -280,7 +288,13 @@ def _draw_face(rng: np.random.Generator, image: Image.Image, label: Image.Image)
               _shade(lip, 1.1), 13)
     if rng.random() < 0.35:  # open mouth: the inner mouth class
         p.ellipse(cx, mouth_y + smile * 0.3, mw * 0.55, b * 0.025 + abs(smile) * 0.3, (60, 15, 20), 11, n=16)
+    return eye_dx, eye_y, eye_rx, eye_ry
 
+
+def _draw_accessories(p: _FacePainter, rng: np.random.Generator, cx: float, cy: float, a: float, b: float, s: float,
+                      eyes: tuple[float, float, float, float]) -> None:
+    """Glasses (a quarter of the faces) and a hat (15%), drawn last, over the features."""
+    eye_dx, eye_y, eye_rx, eye_ry = eyes
     if rng.random() < 0.25:  # glasses
         frame = rng.uniform(0, 120, 3) if rng.random() < 0.7 else rng.uniform(150, 230, 3)
         sun = rng.random() < 0.3
@@ -300,7 +314,6 @@ def _draw_face(rng: np.random.Generator, image: Image.Image, label: Image.Image)
         p.ellipse(cx, brim_y, a * 1.2, b * 0.7, hat, 18, start=math.pi, end=2 * math.pi, n=20)
         p.polygon(np.array([[cx - a * 1.5, brim_y], [cx + a * 1.5, brim_y], [cx + a * 1.45, brim_y + b * 0.1],
                             [cx - a * 1.45, brim_y + b * 0.1]]), _shade(hat, 0.8), 18)
-    return cx, cy, a, angle
 
 
 def render_face(seed: int, index: int, width: int = DEFAULT_WIDTH, height: int = DEFAULT_HEIGHT) -> SyntheticFace:
