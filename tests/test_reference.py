@@ -1,6 +1,8 @@
 """The committed reference experiment (docs/reference/): its exported models, re-evaluated by `facevae eval` on
 faces generated afresh here (a generator seed no training or test face came from), reproduce the recorded scores,
-and the mask+decoder models meet the target the experiment was run for (face-pixel 1-SSIM <= 0.40)."""
+and the l2 mask+decoder models meet the target the experiment was first run for (face-pixel 1-SSIM <= 0.40).
+Every model is checked on the first CHECK fresh faces when results.json records that subset (the whole grid's
+twenty models on all 300 would take minutes of CI)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ from facevae_dist.cli import main
 REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "reference"
 RESULTS = json.loads((REFERENCE / "results.json").read_text())
 FRESH = RESULTS["fresh_faces"]  # how the fresh faces are generated, and each model's score on them
+CHECK = FRESH.get("check_first")  # None: every model on all FRESH["n"] faces
+EXPECTED = FRESH["face_1-ssim_first"] if CHECK else FRESH["face_1-ssim"]
+PAPER10 = {f"{loss}/{mode}" for loss in ("l1", "l2", "ssim", "ssim+l1", "ssim+l2") for mode in ("none", "mask+decoder")}
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +33,10 @@ def fresh_shards(tmp_path_factory) -> Path:
 
 def test_every_documented_model_is_committed():
     names = sorted(p.name for p in (REFERENCE / "models").iterdir() if p.is_dir())
-    assert names == sorted(FRESH["face_1-ssim"]) and len(names) >= 4
+    assert names == sorted(FRESH["face_1-ssim"]) == sorted(EXPECTED) and len(names) >= 4
     for name in names:  # the exported files, small enough to live in git
         assert (REFERENCE / "models" / name / "model.safetensors").stat().st_size < 8 * 2**20
-        assert json.loads((REFERENCE / "models" / name / "export.json").read_text())["hypothesis"] in (
-            "l2/none", "l2/mask+decoder")
+        assert json.loads((REFERENCE / "models" / name / "export.json").read_text())["hypothesis"] in PAPER10
 
 
 @pytest.fixture
@@ -44,15 +48,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("name", sorted(FRESH["face_1-ssim"]))
+@pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_reference_model_reproduces_on_fresh_faces(name, fresh_shards, tmp_path, one_thread):
     out = tmp_path / "metrics.json"
+    limit = ["--limit", str(CHECK)] if CHECK else []
     assert main(["-q", "eval", str(REFERENCE / "models" / name), "--shards", str(fresh_shards), "--device", "cpu",
-                 "--bootstrap", "200", "--out", str(out)]) == 0
+                 "--bootstrap", "200", "--out", str(out), *limit]) == 0
     result = json.loads(out.read_text())
     face = 1 - result["metrics"]["face"]["ssim"]["mean"]
-    assert result["n_images"] == FRESH["n"]
-    assert face == pytest.approx(FRESH["face_1-ssim"][name], abs=2e-3), "the committed model no longer scores " \
+    assert result["n_images"] == (CHECK or FRESH["n"])
+    assert face == pytest.approx(EXPECTED[name], abs=2e-3), "the committed model no longer scores " \
         "what docs/reference/results.json records"
-    if result["mask_mode"] == "mask+decoder":
+    if result["hypothesis"] == "l2/mask+decoder":
         assert face <= RESULTS["target_face_1-ssim"]
