@@ -270,7 +270,7 @@ def _c10(by, keys, resamples, seed) -> dict:
         d = paired_differences(blur[(loss, N)], blur[(loss, M)], resamples=resamples, seed=seed)[0]
         comps.append(_record(f"loss {loss}", Comparison((loss, M), (loss, N), "hair blur"), d, None))
     skipped = [loss for loss in LOSSES if loss not in losses]
-    scope = "every loss" if not skipped else f"losses {', '.join(losses)} (not run: {', '.join(skipped)})"
+    scope = "every loss" if not skipped else f"losses {', '.join(losses)} (not run both ways: {', '.join(skipped)})"
     return _worded("C10", "hair", comps, scope)
 
 

@@ -98,7 +98,7 @@ def test_worded_claims_contradicted_and_untestable(tmp_path):
     claims = {c["id"]: c for c in make_report(no_ssim, tmp_path / "r2", resamples=300, figures="none")["claims"]}
     assert claims["C9"]["verdict"] == "not tested" and "ssim/none" in claims["C9"]["needs"]
     assert claims["C12"]["verdict"] == "not tested"
-    assert claims["C10"]["verdict"] == "supported" and "not run: ssim" in claims["C10"]["scope"]
+    assert claims["C10"]["verdict"] == "supported" and "not run both ways: ssim" in claims["C10"]["scope"]
 
 
 def test_bold_only_where_the_best_interval_separates():
