@@ -203,6 +203,22 @@ def _read_export_json(path: Path) -> dict:
     return meta
 
 
+def _settings(scorer: _Scorer, image_size: int, bootstrap: int, seed: int) -> dict:
+    """How the scores were made (metrics.json's "settings"): metric settings, weights, region, latent, bootstrap."""
+    return {**scorer.suite.settings.to_dict(image_size=image_size),
+            "lpips_weights": scorer.suite.lpips.source, "face_region": "ground-truth mask >= 0.5",
+            "latent": "z = mu (no sampling), as the paper's testing code",
+            "bootstrap": {"resamples": bootstrap, "ci": 0.95, "method": "percentile, paired across metrics",
+                          "seed": seed}}
+
+
+def _appearance_block(scorer: _Scorer, measures: dict) -> dict:
+    """The colour and hair measures (C9, C10) with their definitions and where the hair labels came from."""
+    return {"measures": measures, "definitions": dict(appearance.DEFINITIONS),
+            "region": "raw decoder output, GT face pixels (hair: hair pixels of the label map)",
+            "hair_labels": scorer.hair_masks.why_not or "re-rendered by the synthetic generator"}
+
+
 def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: str = "test",
              limit: int | None = None, which: str = "best", *, batch_size: int = 64, workers: int = 0,
              device: str | None = None, lpips_weights: str | Path | None = None, out: str | Path | None = None,
@@ -267,16 +283,10 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
         "left_out_by_loader": dropped,  # N mod world_size with several ranks (data/loader.py), else 0
         "world_size": world,
         "device": str(dev),
-        "settings": {**scorer.suite.settings.to_dict(image_size=model.cfg.image_size),
-                     "lpips_weights": scorer.suite.lpips.source, "face_region": "ground-truth mask >= 0.5",
-                     "latent": "z = mu (no sampling), as the paper's testing code",
-                     "bootstrap": {"resamples": bootstrap, "ci": 0.95, "method": "percentile, paired across metrics",
-                                   "seed": seed}},
+        "settings": _settings(scorer, model.cfg.image_size, bootstrap, seed),
         "regions": dict(REGIONS),
         "metrics": {r: metrics[r] for r in REGIONS},
-        APPEARANCE: {"measures": metrics[APPEARANCE], "definitions": dict(appearance.DEFINITIONS),
-                     "region": "raw decoder output, GT face pixels (hair: hair pixels of the label map)",
-                     "hair_labels": scorer.hair_masks.why_not or "re-rendered by the synthetic generator"},
+        APPEARANCE: _appearance_block(scorer, metrics[APPEARANCE]),
         "examples": {"file": EXAMPLES_FILE, "keys": example_keys},
         "seconds": round(seconds, 3),
         "images_per_s": round(len(ordered) / seconds, 2) if seconds > 0 else None,

@@ -171,42 +171,8 @@ def _run(tmp: Path, n: int, workers: list[int], seed: int, image_size: int) -> d
 
     resident, cache_build = _measure_resident(tmp / "shards", seed)
 
-    info("writing the per-file (paper) layout...")
-    export_synthetic_folder(tmp / "celeba", n=n, seed=seed)
-    partition = parse_partition_file(tmp / "celeba" / "list_eval_partition.txt")
-    names = [name for name, split in sorted(partition.items()) if split == "train"]
-    per_file_loader = torch.utils.data.DataLoader(_PerFileDataset(tmp / "celeba", names, image_size),
-                                                  batch_size=BATCH_SIZE, num_workers=0, drop_last=True)
-    _time_epoch(per_file_loader)
-    count, seconds = _best_of(lambda: _time_epoch(per_file_loader), REPEATS)
-    per_file = {"images": count, "seconds": round(seconds, 4), "images_per_s": round(count / seconds, 1),
-                "workers": 0}
-    info(f"per-file (paper) loading: {count / seconds:.0f} images/s")
-
-    manifest = read_manifest(tmp / "shards")
-    stored = [fields for shard in manifest["splits"]["train"]["shards"]
-              for _, fields in iter_tar(tmp / "shards" / shard["path"])]
-    ext = manifest["image_ext"]
-    image_buf = np.empty((image_size, image_size, 3), np.uint8)
-    mask_buf = np.empty((image_size, image_size), np.uint8)
-
-    def decode_all() -> int:  # the loader's own decoder (simplejpeg for JPEG, PIL for PNG), nothing around it
-        for fields in stored:
-            decode_into(fields, ext, image_buf, mask_buf)
-        return len(stored)
-
-    def decode_all_pil() -> int:
-        for fields in stored:
-            with Image.open(io.BytesIO(fields[ext])) as im:
-                np.asarray(im.convert("RGB"))
-            with Image.open(io.BytesIO(fields["mask.png"])) as im:
-                np.asarray(im)
-        return len(stored)
-
-    raw = _best_rates(decode_all)
-    raw["pil_images_per_s_per_core"] = _best_rates(decode_all_pil)["images_per_s_per_core"]
-    info(f"raw decode limit: {raw['images_per_s']:.0f} images/s ({raw['pil_images_per_s_per_core']:.0f} per core "
-         "with PIL alone)")
+    per_file = _measure_per_file(tmp, n, seed, image_size)
+    raw = _measure_raw_decode(tmp / "shards", image_size)
 
     build = {"images": n, "seconds": round(build_s, 3), "images_per_s": round(n / build_s, 1), "processes": 1,
              "render_ms_per_image": round(render_per_image * 1e3, 3)}
@@ -229,6 +195,51 @@ def _run(tmp: Path, n: int, workers: list[int], seed: int, image_size: int) -> d
             "train_images": n_train, "build": build, "read": read, "per_file": per_file, "raw_decode": raw,
             "cache_build": cache_build, "side_by_side": side_by_side,
             "ratios": ratios, "targets": TARGETS, "targets_met": checks}
+
+
+def _measure_per_file(tmp: Path, n: int, seed: int, image_size: int) -> dict:
+    """The paper's way: one JPEG file per image, read and resized by a plain DataLoader."""
+    info("writing the per-file (paper) layout...")
+    export_synthetic_folder(tmp / "celeba", n=n, seed=seed)
+    partition = parse_partition_file(tmp / "celeba" / "list_eval_partition.txt")
+    names = [name for name, split in sorted(partition.items()) if split == "train"]
+    per_file_loader = torch.utils.data.DataLoader(_PerFileDataset(tmp / "celeba", names, image_size),
+                                                  batch_size=BATCH_SIZE, num_workers=0, drop_last=True)
+    _time_epoch(per_file_loader)
+    count, seconds = _best_of(lambda: _time_epoch(per_file_loader), REPEATS)
+    per_file = {"images": count, "seconds": round(seconds, 4), "images_per_s": round(count / seconds, 1),
+                "workers": 0}
+    info(f"per-file (paper) loading: {count / seconds:.0f} images/s")
+    return per_file
+
+
+def _measure_raw_decode(shards: Path, image_size: int) -> dict:
+    """The decoder alone on the stored train samples: the ceiling any loader can reach per core."""
+    manifest = read_manifest(shards)
+    stored = [fields for shard in manifest["splits"]["train"]["shards"]
+              for _, fields in iter_tar(shards / shard["path"])]
+    ext = manifest["image_ext"]
+    image_buf = np.empty((image_size, image_size, 3), np.uint8)
+    mask_buf = np.empty((image_size, image_size), np.uint8)
+
+    def decode_all() -> int:  # the loader's own decoder (simplejpeg for JPEG, PIL for PNG), nothing around it
+        for fields in stored:
+            decode_into(fields, ext, image_buf, mask_buf)
+        return len(stored)
+
+    def decode_all_pil() -> int:
+        for fields in stored:
+            with Image.open(io.BytesIO(fields[ext])) as im:
+                np.asarray(im.convert("RGB"))
+            with Image.open(io.BytesIO(fields["mask.png"])) as im:
+                np.asarray(im)
+        return len(stored)
+
+    raw = _best_rates(decode_all)
+    raw["pil_images_per_s_per_core"] = _best_rates(decode_all_pil)["images_per_s_per_core"]
+    info(f"raw decode limit: {raw['images_per_s']:.0f} images/s ({raw['pil_images_per_s_per_core']:.0f} per core "
+         "with PIL alone)")
+    return raw
 
 
 def _measure_resident(shards: Path, seed: int) -> tuple[dict, dict]:
