@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -33,6 +34,8 @@ from facevae_dist.errors import FaceVAEError, UsageError
 from facevae_dist.fileio import atomic_write_json
 from facevae_dist.progress import info
 from facevae_dist.seeds import seed_problem
+
+RENDEZVOUS_PORTS = (20000, 32767)  # below Linux's default ephemeral range (ip_local_port_range 32768-60999)
 
 CLUSTERS = ("slurm", "local", "debug")
 MANIFEST = "sweep.json"
@@ -126,6 +129,7 @@ class HypothesisTask:
             # Accelerate reads like torchrun's. Every rank keeps all GPUs visible and uses cuda:LOCAL_RANK.
             # overwrite: stale RANK/MASTER_* inherited from the submitting shell must not win over this job's ranks
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+            os.environ["MASTER_PORT"] = str(rendezvous_port(env.job_id, "train"))
         return self.run(rank=env.global_rank, world=env.num_tasks, job_id=env.job_id, hostname=env.hostname)
 
     def run(self, *, rank: int, world: int, job_id: str, hostname: str, requeue: bool = True) -> dict:
@@ -178,7 +182,7 @@ class HypothesisTask:
             if world > 1:
                 # train() leaves the process group open and evaluate() reuses it; should none be open, evaluate()
                 # opens a new one, on its own port (not the training rendezvous' store).
-                os.environ["MASTER_PORT"] = str(_eval_port(job_id, int(os.environ["MASTER_PORT"])))
+                os.environ["MASTER_PORT"] = str(rendezvous_port(job_id, "eval"))
             result = evaluate(self.run_dir, self.config["data"]["shards"], split=self.eval_split,
                               limit=self.eval_limit)
             if world > 1:  # the element's process exits next: close the group (not at interpreter teardown)
@@ -335,12 +339,13 @@ def _pid_alive(element: dict) -> bool | None:
     return stat[0] != "Z" and (element.get("pid_start") in (None, stat[19]))  # a zombie or a reused pid: dead
 
 
-def _eval_port(job_id: str, train_port: int) -> int:
-    """A rendezvous port for the evaluation's process group: the same on every rank, never the training one."""
-    import random
-
-    port = random.Random(f"{job_id}-eval").randint(20000, 60000)
-    return port if port != train_port else port + 1
+def rendezvous_port(job_id: str, purpose: str) -> int:
+    """The rendezvous port of an element's process group ("train" or "eval"): the same on every rank (derived from
+    the job id), different for the two purposes, and below 32768. Linux takes the local ports of outgoing
+    connections from 32768-60999; submitit's default (20000-60000) overlaps that range, and a connection holding
+    the port failed a 2-rank run with EADDRINUSE on a loaded machine."""
+    ports = random.Random(job_id).sample(range(RENDEZVOUS_PORTS[0], RENDEZVOUS_PORTS[1] + 1), 2)
+    return ports[0] if purpose == "train" else ports[1]
 
 
 def _latest_checkpoint_step(run_dir: Path) -> int:

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from facevae_dist.cli import main
-from facevae_dist.sweep import MANIFEST, SlurmOptions, slurm_state, submit_sweep, sweep_status
+from facevae_dist.sweep import (MANIFEST, RENDEZVOUS_PORTS, SlurmOptions, rendezvous_port, slurm_state, submit_sweep,
+                                sweep_status)
 
 pytestmark = [pytest.mark.slow]
 
@@ -104,6 +105,21 @@ def _job_id(sweep_dir: Path, key: str) -> str:
 def _train_steps(run: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
             if "loss" in line and '"split"' not in line]
+
+
+def test_rendezvous_ports_agree_across_ranks_and_avoid_the_ephemeral_range():
+    """Every rank derives the same port from the job id; train and eval differ; none is in Linux's ephemeral range
+    (where an outgoing connection can hold it: a 2-rank element once failed with EADDRINUSE)."""
+    low, high = 32768, 60999  # Linux's default ip_local_port_range
+    seen = set()
+    for job_id in ("1", "26405_0", "26405_1", "999999", "12_3"):
+        train, ev = rendezvous_port(job_id, "train"), rendezvous_port(job_id, "eval")
+        assert train == rendezvous_port(job_id, "train") and ev == rendezvous_port(job_id, "eval")
+        assert train != ev
+        for port in (train, ev):
+            assert RENDEZVOUS_PORTS[0] <= port <= RENDEZVOUS_PORTS[1] and not low <= port <= high
+        seen.add(train)
+    assert len(seen) > 1  # elements of one array do not all share a port
 
 
 @pytest.mark.slurm
