@@ -57,6 +57,19 @@ def test_worded_claims_on_a_constructed_grid(tmp_path):
     claims = {c["id"]: c for c in out["claims"]}
     assert [c["id"] for c in out["claims"]] == [f"C{i}" for i in range(1, 13)]
     assert claims["C3"]["verdict"] == "supported"  # ssim+l2/mask+decoder is built to be best everywhere
+    # C1-C8 on a grid whose answers are known by construction (LOSS_SHIFT, MASK_SHIFT: the same on every metric)
+    verdicts = {cid: claims[cid]["verdict"] for cid in ("C1", "C2", "C4", "C5", "C6", "C7", "C8")}
+    assert verdicts == {"C1": "supported",  # the mask helps every l_n loss
+                        "C2": "contradicted",  # the mask helps SSIM a little, on 1-SSIM and 1-MS-SSIM too
+                        "C4": "contradicted",  # without a mask SSIM+l2 is best everywhere, not SSIM / SSIM+l1
+                        "C5": "contradicted",  # with the mask l2 (0.09) is worse than SSIM (0.08)
+                        "C6": "supported",  # without the mask l2 (0.15) is worse than SSIM (0.085)
+                        "C7": "contradicted",  # l2 beats l1 everywhere, also where the paper has l1 better
+                        "C8": "contradicted"}  # without the mask SSIM+l2 beats SSIM+l1
+    results = {(c["part"], c["metric"]): c["result"] for c in claims["C2"]["comparisons"]}
+    assert results[("SSIM", "1-ssim")] == "contradicted" and results[("SSIM", "lpips")] == "supported"
+    assert {c["result"] for c in claims["C7"]["comparisons"] if c["part"] == "with mask"} == {"supported"}
+    assert {c["result"] for c in claims["C8"]["comparisons"] if c["part"] == "without mask"} == {"contradicted"}
     assert claims["C9"]["verdict"] == "supported" and claims["C9"]["region"] == "face"
     assert len(claims["C9"]["comparisons"]) == 4  # SSIM+l1, SSIM+l2 vs SSIM, with and without the mask
     for comp in claims["C9"]["comparisons"]:
