@@ -23,7 +23,7 @@ from facevae_dist.errors import FaceVAEError, UsageError
 from facevae_dist.evaluate import evaluate, scored_test_set
 from facevae_dist.fileio import atomic_write_json, atomic_write_text
 from facevae_dist.progress import info
-from facevae_dist.report import _panel, _save, _style
+from facevae_dist.report import LOSS_LABELS, MODE_COLORS, MODE_LABELS, _panel, _save, _style
 
 CURVE_CSV = "curve.csv"
 CURVE_JSON = "curve.json"
@@ -102,6 +102,14 @@ def learning_curve(run_dirs: list[str | Path], out: str | Path, *, shards: str |
              f"{last['face_1-ssim']:.4f}")
     if not rows:
         raise UsageError("no run has a complete step checkpoint to score yet")
+    return write_curve(rows, out, {"split": split, "limit": limit, "shards": str(shards) if shards else None},
+                       target)
+
+
+def write_curve(rows: list[dict], out: str | Path, meta: dict, target: float | None) -> dict:
+    """OUT/curve.csv, curve.json (`meta` beside the rows) and learning_curve.png from scored rows (FIELDS); also
+    used to draw runs scored earlier, whose run directories are gone, beside new ones (docs/reference)."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n")
@@ -110,16 +118,89 @@ def learning_curve(run_dirs: list[str | Path], out: str | Path, *, shards: str |
         writer.writerow({k: ("" if row[k] is None else (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]))
                          for k in FIELDS})
     atomic_write_text(out / CURVE_CSV, buf.getvalue())
-    atomic_write_json(out / CURVE_JSON, {"split": split, "limit": limit, "shards": str(shards) if shards else None,
-                                         "metric": "1-SSIM of the raw decoder output on ground-truth face pixels",
-                                         "target": target, "rows": rows})
+    metric = "1-SSIM of the raw decoder output on ground-truth face pixels"
+    atomic_write_json(out / CURVE_JSON, {**meta, "metric": metric, "target": target, "rows": rows})
     _plot(rows, out / CURVE_PNG, target)
     return {"rows": rows, "csv": str(out / CURVE_CSV), "png": str(out / CURVE_PNG)}
 
 
+def _loss_and_mode(hypothesis) -> tuple[str, str]:
+    loss, _, mode = str(hypothesis).partition("/")
+    return loss, mode
+
+
 def _plot(rows: list[dict], path: Path, target: float | None) -> None:
+    """One panel per axis for a few runs; a grid of several losses gets a column per loss instead (twenty lines on
+    one panel cannot be read)."""
+    losses = sorted(dict.fromkeys(_loss_and_mode(r["hypothesis"])[0] for r in rows),
+                    key=lambda loss: (list(LOSS_LABELS).index(loss) if loss in LOSS_LABELS else len(LOSS_LABELS), loss))
+    if len(losses) > 1:
+        _plot_by_loss(rows, losses, path, target)
+    else:
+        _plot_runs(rows, path, target)
+
+
+def _plot_by_loss(rows: list[dict], losses: list[str], path: Path, target: float | None) -> None:
+    """Columns: losses; rows: vs optimizer steps and vs CPU-hours; colour: mask mode (as in the report's figures);
+    line style: seed. Shared axes, so that losses compare across columns."""
     import matplotlib.pyplot as plt  # lazy: matplotlib adds ~0.5 s to every CLI start
+    from matplotlib.lines import Line2D
+
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    seeds = list(dict.fromkeys(str(r["seed"]) for r in rows))
+    modes = list(dict.fromkeys(_loss_and_mode(r["hypothesis"])[1] for r in rows))
+    with plt.rc_context(_style()):
+        fig, axes = plt.subplots(2, len(losses), figsize=(2.6 * len(losses) + 0.8, 6.0), sharey=True,
+                                 sharex="row", squeeze=False)
+        for run in runs:
+            pts = sorted((r for r in rows if r["run"] == run), key=lambda r: r["step"])
+            loss, mode = _loss_and_mode(pts[0]["hypothesis"])
+            col = losses.index(loss)
+            kw = dict(color=MODE_COLORS.get(mode, "#777777"), marker="o", markersize=2, linewidth=1.1,
+                      linestyle=["-", "--", ":", "-."][seeds.index(str(pts[0]["seed"])) % 4])
+            axes[0, col].plot([p["step"] for p in pts], [p["face_1-ssim"] for p in pts], **kw)
+            cpu = [(p["cpu_hours"], p["face_1-ssim"]) for p in pts if p["cpu_hours"] is not None]
+            if cpu:
+                axes[1, col].plot(*zip(*cpu), **kw)
+        for col, loss in enumerate(losses):
+            axes[0, col].set_title(LOSS_LABELS.get(loss, loss))
+            for row, xlabel in enumerate(("optimizer steps", "CPU-hours")):
+                ax = axes[row, col]
+                _panel(ax)
+                ax.set_xlabel(xlabel)
+                if target is not None:
+                    ax.axhline(target, color="#555555", linewidth=0.8, linestyle=(0, (4, 3)))
+        _log_steps(axes[0, 0], rows)  # shared x: one call sets every column
+        axes[0, 0].set_ylabel("face-pixel 1-SSIM (raw output)\nlower is better")
+        axes[1, 0].set_ylabel("face-pixel 1-SSIM (raw output)\nlower is better")
+        handles = [Line2D([], [], color=MODE_COLORS.get(m, "#777777"), label=f"mask: {MODE_LABELS.get(m, m)}")
+                   for m in modes]
+        handles += [Line2D([], [], color="#333333", linestyle=["-", "--", ":", "-."][i % 4], label=f"seed {s}")
+                    for i, s in enumerate(seeds)]
+        if target is not None:
+            handles.append(Line2D([], [], color="#555555", linewidth=0.8, linestyle=(0, (4, 3)),
+                                  label=f"target {target:g}"))
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=8)
+        fig.suptitle("Learning curves per loss: vs optimizer steps (top) and vs compute (bottom)",
+                     fontweight="bold", fontsize=10)
+        fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+        _save(fig, path)
+
+
+def _log_steps(ax, rows: list[dict]) -> None:
+    """Steps on a log axis with round ticks (1k, 2k, 5k, ...) inside the range of the rows."""
     from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v >= 1000 else f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    lo, hi = min(r["step"] for r in rows), max(r["step"] for r in rows)
+    ax.set_xticks([t for t in (100, 200, 500, 1000, 2000, 5000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000)
+                   if lo <= t <= hi] or [lo, hi])
+
+
+def _plot_runs(rows: list[dict], path: Path, target: float | None) -> None:
+    import matplotlib.pyplot as plt  # lazy: matplotlib adds ~0.5 s to every CLI start
 
     with plt.rc_context(_style()):
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
@@ -152,12 +233,7 @@ def _plot(rows: list[dict], path: Path, target: float | None) -> None:
                 ax.axhline(target, color="#555555", linewidth=0.8, linestyle=(0, (4, 3)))
                 ax.text(ax.get_xlim()[1], target, f" target {target:g}", va="bottom", ha="right", fontsize=8,
                         color="#555555")
-        axes[0].set_xscale("log")
-        axes[0].xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v >= 1000 else f"{v:g}"))
-        axes[0].xaxis.set_minor_formatter(NullFormatter())
-        lo, hi = min(r["step"] for r in rows), max(r["step"] for r in rows)
-        axes[0].set_xticks([t for t in (100, 200, 500, 1000, 2000, 5000, 10_000, 20_000, 50_000, 100_000,
-                                        200_000, 500_000) if lo <= t <= hi] or [lo, hi])
+        _log_steps(axes[0], rows)
         axes[0].set_ylabel("face-pixel 1-SSIM (raw output)\nlower is better")
         axes[0].set_title("Learning curve vs steps (band: 95% interval over images)")
         axes[1].set_title("Learning curve vs compute")

@@ -309,6 +309,32 @@ def test_learning_curve_scores_every_kept_checkpoint(runs, shards, tmp_path):
         (shards / "manifest.json").write_bytes(original)
 
 
+def test_curve_of_several_losses_gets_a_column_per_loss(tmp_path):
+    """write_curve (also used by docs/reference/grid-report.sh to draw earlier-scored runs beside new ones): the
+    rows go to the CSV and JSON unchanged, and a grid of several losses is drawn as a column per loss over two rows
+    (steps, CPU-hours) instead of every run on one panel."""
+    from facevae_dist.curve import FIELDS, write_curve
+
+    def rows(hyp):
+        return [{"run": f"{hyp.replace('/', '--')}--seed-{s}", "hypothesis": hyp, "seed": s, "step": step,
+                 "samples_seen": 32 * step, "train_hours": step / 1e4, "cpu_hours": step / 2e4, "n_images": 4,
+                 "face_1-ssim": 0.6 - step / 1e5, "face_1-ssim_lo": 0.55 - step / 1e5,
+                 "face_1-ssim_hi": 0.65 - step / 1e5, "face_lpips": 0.3, "composite_1-ssim": 0.2}
+                for s in (0, 1) for step in (1000, 2000, 4000)]
+
+    grid = [r for h in ("ssim+l2/none", "l1/mask+decoder", "l1/none") for r in rows(h)]
+    write_curve(grid, tmp_path / "grid", {"split": "test", "limit": 4, "shards": None}, 0.4)
+    written = list(csv.DictReader((tmp_path / "grid" / "curve.csv").open()))
+    assert [(r["run"], int(r["step"])) for r in written] == [(r["run"], r["step"]) for r in grid]
+    assert list(written[0]) == list(FIELDS)
+    assert json.loads((tmp_path / "grid" / "curve.json").read_text())["rows"] == grid
+    write_curve(rows("l2/none"), tmp_path / "one", {"split": "test", "limit": 4, "shards": None}, None)
+    with Image.open(tmp_path / "grid" / "learning_curve.png") as by_loss, \
+            Image.open(tmp_path / "one" / "learning_curve.png") as one:
+        assert by_loss.size[1] > 1.4 * one.size[1], "several losses: two rows of panels"
+        assert one.size[0] > 1000
+
+
 def test_learning_curve_of_a_directory_without_checkpoints_is_one_line(tmp_path, capsys):
     assert main(["curve", str(tmp_path), "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err

@@ -38,9 +38,17 @@ done
 # 3. learning curves of the new runs (every kept checkpoint on the first 300 test faces; cached between reruns;
 #    CURVES=0 skips them)
 if [ ${#RUNS[@]} -gt 0 ] && [ "${CURVES:-1}" != 0 ]; then
-  OMP_NUM_THREADS=2 facevae -q curve "${RUNS[@]}" --out "$GRID/curve" --device cpu --target 0.40
-  mkdir -p "$REF/curve/grid"
-  cp "$GRID/curve/curve.csv" "$GRID/curve/curve.json" "$GRID/curve/learning_curve.png" "$REF/curve/grid/"
+  OMP_NUM_THREADS=1 facevae -q curve "${RUNS[@]}" --out "$GRID/curve" --device cpu --target 0.40
+  # curve/grid/: these runs with the four l2 runs of curve/ beside them (the l2 run directories are gone; their
+  # rows were scored by the same protocol on the same 300 test faces of the same shards)
+  python - "$GRID/curve/curve.json" "$REF/curve/curve.json" "$REF/curve/grid" <<'PY'
+import json, sys
+from facevae_dist.curve import write_curve
+new, l2 = (json.load(open(p)) for p in sys.argv[1:3])
+assert (new["split"], new["limit"]) == (l2["split"], l2["limit"]), "the l2 curve was scored on other faces"
+write_curve(l2["rows"] + new["rows"], sys.argv[3], {"split": new["split"], "limit": new["limit"],
+            "shards": new["shards"], "scored_earlier": "the l2 rows: docs/reference/curve/curve.json"}, new["target"])
+PY
 fi
 
 # 4. the report over every scored model
