@@ -20,8 +20,17 @@ def _version(pkg: str) -> str | None:
         return None
 
 
+# A code snapshot (sweep.snapshot_code) is a copy outside any git tree: it carries its source's revision in this file
+REVISION_FILE = "GIT_REVISION"
+
+
 def git_revision(path: str | os.PathLike | None = None) -> str | None:
-    """The git commit of the source tree this package runs from (with '-dirty' if modified), or None."""
+    """The git commit of the source tree this package runs from (with '-dirty' if modified), or None. Without
+    `path`: this package's tree, or, for a sweep's code snapshot, the revision its REVISION_FILE recorded."""
+    if path is None:
+        recorded = Path(__file__).resolve().parent / REVISION_FILE
+        if recorded.is_file():  # first: a snapshot kept inside a checkout must not report the checkout's HEAD
+            return recorded.read_text().strip() or None
     src = Path(path) if path else Path(__file__).resolve().parent.parent
     try:
         rev = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)

@@ -31,8 +31,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from facevae_dist.errors import FaceVAEError, UsageError
-from facevae_dist.fileio import atomic_write_json
+from facevae_dist.fileio import atomic_write_json, atomic_write_text
 from facevae_dist.progress import info
+from facevae_dist.runinfo import REVISION_FILE, git_revision
 from facevae_dist.seeds import seed_problem
 
 RENDEZVOUS_PORTS = (20000, 32767)  # below Linux's default ephemeral range (ip_local_port_range 32768-60999)
@@ -472,6 +473,9 @@ def snapshot_code(out: Path) -> Path:
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp / "facevae_dist", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    revision = git_revision(src.parent)  # the copy is outside git: its runs record the revision it was taken from
+    if revision:
+        atomic_write_text(tmp / "facevae_dist" / REVISION_FILE, revision + "\n")
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)

@@ -368,6 +368,11 @@ def test_local_cluster_runs_the_same_grid_without_slurm(shards, tmp_path):
     # each local element ran with its --cpus-per-task threads, as a Slurm job would
     if "OMP_NUM_THREADS" not in os.environ:
         assert json.loads((out / "l2--none" / "env.json").read_text())["torch_threads"] == 1
+    # the element imported the code snapshot, a copy outside git: its run still records the commit it came from
+    from facevae_dist.runinfo import git_revision
+
+    if git_revision() is not None:
+        assert json.loads((out / "l2--none" / "env.json").read_text())["git_revision"] == git_revision()
     metrics = out / "l2--mask+decoder" / "eval" / "metrics.json"
     assert metrics.is_file()
 
