@@ -357,7 +357,7 @@ def _mask_effect_figure(agg: Aggregate, path: Path) -> bool:
                     ax.plot(x[i] + (len(regions) / 2 + 0.2) * step, pb[key] - pa[key], "D", markersize=5,
                             markerfacecolor="white", markeredgecolor="black", markeredgewidth=0.9)
             ax.set_title(title)
-            ax.set_xticks(x, [LOSS_LABELS.get(l, l) for l in losses])
+            ax.set_xticks(x, [LOSS_LABELS.get(l, l).replace(" + ", "\n+ ") for l in losses])  # five fit side by side
             ax.set_xlim(-0.7, len(losses) - 0.3)
             ax.tick_params(axis="x", length=0)
         handles = [Line2D([], [], marker="o", color=REGION_COLORS[r], linestyle="none", label=f"{r}")
@@ -409,7 +409,7 @@ def _bar_chart(agg: Aggregate, region: str, path: Path) -> None:
                                 markeredgecolor="black", markeredgewidth=0.9, linestyle="none", zorder=5)
                         top = max(top, paper[key])
             ax.set_title(title)
-            ax.set_xticks(x, [LOSS_LABELS.get(l, l) for l in losses])
+            ax.set_xticks(x, [LOSS_LABELS.get(l, l).replace(" + ", "\n+ ") for l in losses])  # five fit side by side
             ax.set_xlim(-0.6, len(losses) - 0.4)
             ax.set_ylim(0, top * 1.12 if top > 0 else 1)
             ax.tick_params(axis="x", length=0)
@@ -461,7 +461,7 @@ def _appearance_figure(agg: Aggregate, path: Path) -> bool:
             if measure == "da":
                 ax.axhline(0.0, color="#222222", linewidth=0.8)
             ax.set_title(title, fontsize=9)
-            ax.set_xticks(x, [LOSS_LABELS.get(l, l) for l in losses])
+            ax.set_xticks(x, [LOSS_LABELS.get(l, l).replace(" + ", "\n+ ") for l in losses])  # five fit side by side
             ax.tick_params(axis="x", length=0)
         handles = [Patch(color=MODE_COLORS.get(m, "#777777"), label=f"mask: {MODE_LABELS.get(m, m)}") for m in modes]
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
