@@ -23,11 +23,13 @@ from facevae_dist.errors import FaceVAEError, UsageError
 from facevae_dist.evaluate import evaluate, scored_test_set
 from facevae_dist.fileio import atomic_write_json, atomic_write_text
 from facevae_dist.progress import info
+from facevae_dist.groups import LOSS_ORDER, MODE_ORDER, in_order
 from facevae_dist.report import LOSS_LABELS, MODE_COLORS, MODE_LABELS, _panel, _save, _style
 
 CURVE_CSV = "curve.csv"
 CURVE_JSON = "curve.json"
 CURVE_PNG = "learning_curve.png"
+SEED_STYLES = ("-", "--", ":", "-.")  # line style per seed; colour tells hypotheses (or mask modes) apart
 FIELDS = ("run", "hypothesis", "seed", "step", "samples_seen", "train_hours", "cpu_hours", "n_images",
           "face_1-ssim", "face_1-ssim_lo", "face_1-ssim_hi", "face_lpips", "composite_1-ssim")
 
@@ -132,8 +134,7 @@ def _loss_and_mode(hypothesis) -> tuple[str, str]:
 def _plot(rows: list[dict], path: Path, target: float | None) -> None:
     """One panel per axis for a few runs; a grid of several losses gets a column per loss instead (twenty lines on
     one panel cannot be read)."""
-    losses = sorted(dict.fromkeys(_loss_and_mode(r["hypothesis"])[0] for r in rows),
-                    key=lambda loss: (list(LOSS_LABELS).index(loss) if loss in LOSS_LABELS else len(LOSS_LABELS), loss))
+    losses = in_order((_loss_and_mode(r["hypothesis"])[0] for r in rows), LOSS_ORDER)
     if len(losses) > 1:
         _plot_by_loss(rows, losses, path, target)
     else:
@@ -148,7 +149,7 @@ def _plot_by_loss(rows: list[dict], losses: list[str], path: Path, target: float
 
     runs = list(dict.fromkeys(r["run"] for r in rows))
     seeds = list(dict.fromkeys(str(r["seed"]) for r in rows))
-    modes = list(dict.fromkeys(_loss_and_mode(r["hypothesis"])[1] for r in rows))
+    modes = in_order((_loss_and_mode(r["hypothesis"])[1] for r in rows), MODE_ORDER)
     with plt.rc_context(_style()):
         fig, axes = plt.subplots(2, len(losses), figsize=(2.6 * len(losses) + 0.8, 6.0), sharey=True,
                                  sharex="row", squeeze=False)
@@ -157,7 +158,7 @@ def _plot_by_loss(rows: list[dict], losses: list[str], path: Path, target: float
             loss, mode = _loss_and_mode(pts[0]["hypothesis"])
             col = losses.index(loss)
             kw = dict(color=MODE_COLORS.get(mode, "#777777"), marker="o", markersize=2, linewidth=1.1,
-                      linestyle=["-", "--", ":", "-."][seeds.index(str(pts[0]["seed"])) % 4])
+                      linestyle=SEED_STYLES[seeds.index(str(pts[0]["seed"])) % len(SEED_STYLES)])
             axes[0, col].plot([p["step"] for p in pts], [p["face_1-ssim"] for p in pts], **kw)
             cpu = [(p["cpu_hours"], p["face_1-ssim"]) for p in pts if p["cpu_hours"] is not None]
             if cpu:
@@ -175,7 +176,7 @@ def _plot_by_loss(rows: list[dict], losses: list[str], path: Path, target: float
         axes[1, 0].set_ylabel("face-pixel 1-SSIM (raw output)\nlower is better")
         handles = [Line2D([], [], color=MODE_COLORS.get(m, "#777777"), label=f"mask: {MODE_LABELS.get(m, m)}")
                    for m in modes]
-        handles += [Line2D([], [], color="#333333", linestyle=["-", "--", ":", "-."][i % 4], label=f"seed {s}")
+        handles += [Line2D([], [], color="#333333", linestyle=SEED_STYLES[i % len(SEED_STYLES)], label=f"seed {s}")
                     for i, s in enumerate(seeds)]
         if target is not None:
             handles.append(Line2D([], [], color="#555555", linewidth=0.8, linestyle=(0, (4, 3)),
@@ -217,7 +218,7 @@ def _plot_runs(rows: list[dict], path: Path, target: float | None) -> None:
             hyp = str(first[run]["hypothesis"])
             seeds = list(dict.fromkeys(str(first[x]["seed"]) for x in runs if str(first[x]["hypothesis"]) == hyp))
             colour = palette[(i if by_run else hyps.index(hyp)) % len(palette)]
-            style = "-" if by_run else ["-", "--", ":", "-."][seeds.index(str(first[run]["seed"])) % 4]
+            style = "-" if by_run else SEED_STYLES[seeds.index(str(first[run]["seed"])) % len(SEED_STYLES)]
             kw = dict(color=colour, linestyle=style, marker="o", markersize=3, label=names[run])
             steps = [p["step"] for p in pts]
             axes[0].plot(steps, [p["face_1-ssim"] for p in pts], **kw)

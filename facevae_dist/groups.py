@@ -88,6 +88,12 @@ class Group:
         return out
 
 
+def in_order(present, order: tuple[str, ...]) -> list[str]:
+    """The `present` losses (or mask modes) in the grid's `order`, any others after them, sorted."""
+    present = set(present)
+    return [x for x in order if x in present] + sorted(present - set(order))
+
+
 def _order(g: Group):
     li = LOSS_ORDER.index(g.loss) if g.loss in LOSS_ORDER else len(LOSS_ORDER)
     mi = MODE_ORDER.index(g.mask_mode) if g.mask_mode in MODE_ORDER else len(MODE_ORDER)

@@ -25,7 +25,7 @@ from facevae_dist.claims import check_claims, claims_markdown
 from facevae_dist.errors import UsageError
 from facevae_dist.evaluate import load_examples
 from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
-from facevae_dist.groups import COLUMN_KEYS, COLUMNS, LOSS_ORDER, MODE_ORDER, Group, load_groups
+from facevae_dist.groups import COLUMN_KEYS, COLUMNS, LOSS_ORDER, MODE_ORDER, Group, in_order, load_groups
 from facevae_dist.metrics import REGIONS
 from facevae_dist.paper_results import SOURCE, paper_result
 from facevae_dist.progress import warn
@@ -314,6 +314,11 @@ def _save(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _loss_tick(loss: str) -> str:
+    """A loss's name under a group of bars, "SSIM + l1" on two lines so that five fit side by side."""
+    return LOSS_LABELS.get(loss, loss).replace(" + ", "\n+ ")
+
+
 def _panel(ax) -> None:
     ax.set_facecolor("#F4F4F4")
     ax.grid(axis="y", color="white", linewidth=1.0)
@@ -357,7 +362,7 @@ def _mask_effect_figure(agg: Aggregate, path: Path) -> bool:
                     ax.plot(x[i] + (len(regions) / 2 + 0.2) * step, pb[key] - pa[key], "D", markersize=5,
                             markerfacecolor="white", markeredgecolor="black", markeredgewidth=0.9)
             ax.set_title(title)
-            ax.set_xticks(x, [LOSS_LABELS.get(l, l).replace(" + ", "\n+ ") for l in losses])  # five fit side by side
+            ax.set_xticks(x, [_loss_tick(l) for l in losses])
             ax.set_xlim(-0.7, len(losses) - 0.3)
             ax.tick_params(axis="x", length=0)
         handles = [Line2D([], [], marker="o", color=REGION_COLORS[r], linestyle="none", label=f"{r}")
@@ -379,10 +384,8 @@ def _bar_chart(agg: Aggregate, region: str, path: Path) -> None:
     from matplotlib.patches import Patch
 
     groups = agg.groups
-    losses = [l for l in LOSS_ORDER if any(g.loss == l for g in groups)] + \
-        sorted({g.loss for g in groups} - set(LOSS_ORDER))
-    modes = [m for m in MODE_ORDER if any(g.mask_mode == m for g in groups)] + \
-        sorted({g.mask_mode for g in groups} - set(MODE_ORDER))
+    losses = in_order((g.loss for g in groups), LOSS_ORDER)
+    modes = in_order((g.mask_mode for g in groups), MODE_ORDER)
     with plt.rc_context(_style()):
         fig, axes = plt.subplots(2, 3, figsize=(11.5, 6.4), constrained_layout=True)
         width = min(0.8 / max(len(modes), 1), 0.3)
@@ -409,7 +412,7 @@ def _bar_chart(agg: Aggregate, region: str, path: Path) -> None:
                                 markeredgecolor="black", markeredgewidth=0.9, linestyle="none", zorder=5)
                         top = max(top, paper[key])
             ax.set_title(title)
-            ax.set_xticks(x, [LOSS_LABELS.get(l, l).replace(" + ", "\n+ ") for l in losses])  # five fit side by side
+            ax.set_xticks(x, [_loss_tick(l) for l in losses])
             ax.set_xlim(-0.6, len(losses) - 0.4)
             ax.set_ylim(0, top * 1.12 if top > 0 else 1)
             ax.tick_params(axis="x", length=0)
@@ -432,8 +435,7 @@ def _appearance_figure(agg: Aggregate, path: Path) -> bool:
     from matplotlib.patches import Patch
 
     groups = [g for g in agg.groups if g.hypothesis in agg.looks]
-    losses = [l for l in LOSS_ORDER if any(g.loss == l for g in groups)] + \
-        sorted({g.loss for g in groups} - set(LOSS_ORDER))
+    losses = in_order((g.loss for g in groups), LOSS_ORDER)
     modes = [m for m in MODE_ORDER if any(g.mask_mode == m for g in groups)]
     panels = (("colour_shift", "Colour cast on face pixels (CIELAB; lower: truer colour)"),
               ("da", "Mean a* shift on face pixels (+: toward magenta/red)"),
@@ -461,7 +463,7 @@ def _appearance_figure(agg: Aggregate, path: Path) -> bool:
             if measure == "da":
                 ax.axhline(0.0, color="#222222", linewidth=0.8)
             ax.set_title(title, fontsize=9)
-            ax.set_xticks(x, [LOSS_LABELS.get(l, l).replace(" + ", "\n+ ") for l in losses])  # five fit side by side
+            ax.set_xticks(x, [_loss_tick(l) for l in losses])
             ax.tick_params(axis="x", length=0)
         handles = [Patch(color=MODE_COLORS.get(m, "#777777"), label=f"mask: {MODE_LABELS.get(m, m)}") for m in modes]
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
