@@ -1,8 +1,9 @@
 """Training configuration: small validated dataclasses, TOML load/save and `a.b=value` overrides.
 
-One TrainConfig says everything a run needs: where the data is (DataConfig), the network (ModelConfig, beside the
-model), the loss (LossConfig, beside the losses), the optimizer (OptimConfig) and the run's own fields (steps,
-intervals, precision, checkpointing). The resolved config is written to `<run_dir>/config.toml` and into every
+One TrainConfig says everything a run needs: where the data is (DataConfig), the network (ModelConfig, built by
+facevae_dist.model), the loss (LossConfig, computed by facevae_dist.losses), the optimizer (OptimConfig) and the run's
+own fields (steps, intervals, precision, checkpointing). This module imports no torch: the command line, `sweep
+submit` and `sweep status` read configs without paying for it. The resolved config is written to `<run_dir>/config.toml` and into every
 checkpoint, so a run can always be rebuilt from its directory.
 
 Precedence (later wins): dataclass defaults < hypothesis < --preset (facevae_dist.presets) < --config FILE.toml <
@@ -14,26 +15,29 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 import tomllib
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import tomli_w
-import torch
 
 from facevae_dist.errors import UsageError
 from facevae_dist.fileio import atomic_write_text
-from facevae_dist.hypotheses import resolve_hypothesis
-from facevae_dist.losses import LossConfig
-from facevae_dist.model import ModelConfig
+from facevae_dist.hypotheses import MASK_MODES, resolve_hypothesis
 from facevae_dist.seeds import check_seed
 
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+SAMPLINGS = ("standard", "paper")  # z = mu + eps * exp(logvar / 2), or the released code's z = mu + eps * s
+IMAGE_SIZES = (144, 72, 36, 18, 9)  # 9 * 2**k: each of the model's four high-resolution stages halves the size
+IMAGE_TERMS = ("l1", "l2", "ssim")  # facevae_dist.losses
+# Sane bounds: far above any useful model (width 8 is ~600M parameters, latent 8192 two 8192x8192 layers), far below
+# sizes whose weights overflow a storage allocation (a config.json with width 1e9 must be an error, not a crash).
+MAX_WIDTH = 8.0
+MAX_LATENT_DIM = 8192
 CLIP_MODES = ("per-tensor", "global", "none")
-EPS_FORMS = ("keras", "torch")  # facevae_dist.optim: where Adam adds eps (Keras' "epsilon hat" vs torch.optim.Adam)
+EPS_FORMS = ("keras", "torch")  # facevae_dist.train.optim: where Adam adds eps (Keras' "epsilon hat" vs torch.optim.Adam)
 
 
 @dataclass
@@ -66,6 +70,120 @@ class DataConfig:
             raise UsageError(f"data.device_memory_fraction={self.device_memory_fraction!r}: must be in (0, 1], "
                              "e.g. --set data.device_memory_fraction=0.5")
         return self
+
+
+@dataclass
+class ModelConfig:
+    """Architecture switches. Defaults are the paper's full model with the correct (standard) sampling."""
+
+    image_size: int = 144
+    width: float = 1.0  # channel multiplier (1.0 = the paper); tests use e.g. 0.125
+    latent_dim: int = 512
+    mask_mode: str = "mask+decoder"  # "none" | "mask" | "mask+decoder"
+    sampling: str = "standard"  # "standard" | "paper" (the released code's z = mu + eps * s)
+    logvar_clamp: tuple[float, float] = (-30.0, 20.0)
+    # Stride-2 'same' transposed convs: TF keeps the first 2n rows/cols of the full 2n+1 output, PyTorch's
+    # padding=1/output_padding=1 the last 2n: a 1-px phase shift of the same layer and parameters, irrelevant
+    # when training from scratch. True = TF's exact numerics (needed only to load Keras weights), but the odd
+    # 2n+1 intermediate is 1.5-10x slower on CPU (bf16 worst), so the default is PyTorch's form.
+    tf_same_crop: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.logvar_clamp, list):
+            self.logvar_clamp = tuple(self.logvar_clamp)
+
+    def validate(self) -> "ModelConfig":
+        if self.mask_mode not in MASK_MODES:
+            raise UsageError(f"model.mask_mode={self.mask_mode!r} is not one of {', '.join(MASK_MODES)}")
+        if self.sampling not in SAMPLINGS:
+            raise UsageError(f"model.sampling={self.sampling!r} is not one of {', '.join(SAMPLINGS)}")
+        if (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
+                or self.image_size not in IMAGE_SIZES):
+            raise UsageError(f"model.image_size={self.image_size!r} is not supported; use one of "
+                             f"{', '.join(map(str, IMAGE_SIZES))} (9 * 2**k, the paper uses 144)")
+        if (isinstance(self.width, bool) or not isinstance(self.width, (int, float)) or not math.isfinite(self.width)
+                or not 0 < self.width <= MAX_WIDTH):
+            raise UsageError(f"model.width={self.width!r} must be a number in (0, {MAX_WIDTH:g}] (1.0 = the paper)")
+        if isinstance(self.latent_dim, bool) or not isinstance(self.latent_dim, int) \
+                or not 1 <= self.latent_dim <= MAX_LATENT_DIM:
+            raise UsageError(f"model.latent_dim={self.latent_dim!r} must be an integer in [1, {MAX_LATENT_DIM}] (the "
+                             "paper uses 512)")
+        if not isinstance(self.tf_same_crop, bool):
+            raise UsageError(f"model.tf_same_crop={self.tf_same_crop!r} must be true or false")
+        lo_hi = self.logvar_clamp
+        if (not isinstance(lo_hi, tuple) or len(lo_hi) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in lo_hi)
+                or not lo_hi[0] < lo_hi[1]):
+            raise UsageError(f"model.logvar_clamp={lo_hi!r} must be two numbers (low, high) with low < high")
+        return self
+
+    @property
+    def has_mask_decoder(self) -> bool:
+        return self.mask_mode == "mask+decoder"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["logvar_clamp"] = list(self.logvar_clamp)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UsageError(f"unknown model config field(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**d).validate()
+
+
+@dataclass
+class LossConfig:
+    """Which image terms are on and every weight; defaults are the paper's (SSIM + l1, its released config)."""
+
+    terms: tuple[str, ...] = ("ssim", "l1")
+    w_l1: float = 4.0
+    w_l2: float = 100.0
+    w_ssim: float = 1.0
+    ssim_window: int = 9
+    ssim_sigma: float = 1.5
+    kl_factor: float = 1e-3
+    w_bce: float = 1.0
+    w_dice: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.terms, (list, str)):
+            self.terms = (self.terms,) if isinstance(self.terms, str) else tuple(self.terms)
+
+    def validate(self) -> "LossConfig":
+        if not self.terms:
+            raise UsageError(f"loss.terms is empty; choose one or more of {', '.join(IMAGE_TERMS)}")
+        bad = [t for t in self.terms if t not in IMAGE_TERMS]
+        if bad:
+            raise UsageError(f"loss.terms has unknown term(s) {', '.join(map(repr, bad))}; "
+                             f"valid: {', '.join(IMAGE_TERMS)}")
+        if len(set(self.terms)) != len(self.terms):
+            raise UsageError(f"loss.terms={list(self.terms)} repeats a term")
+        for name in ("w_l1", "w_l2", "w_ssim", "kl_factor", "w_bce", "w_dice", "ssim_sigma"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise UsageError(f"loss.{name}={v!r} must be a finite number >= 0")
+        if self.ssim_sigma <= 0:
+            raise UsageError(f"loss.ssim_sigma={self.ssim_sigma!r} must be > 0")
+        if not isinstance(self.ssim_window, int) or self.ssim_window < 1 or self.ssim_window % 2 == 0:
+            raise UsageError(f"loss.ssim_window={self.ssim_window!r} must be a positive odd integer (the paper: 9)")
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["terms"] = list(self.terms)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LossConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UsageError(f"unknown loss config field(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**d).validate()
 
 
 @dataclass
@@ -195,21 +313,6 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "TrainConfig":
         return apply_dict(cls(), d, source=source)
-
-
-def resolve_mixed_precision(value: str) -> str:
-    """"auto" -> the launcher's choice (`accelerate launch` exports its profile's mixed_precision), else "bf16" on
-    CUDA GPUs that support it, else "no". CPUs get fp32: on this project's 2-core Xeon (avx512_bf16) the trainer
-    measured 12.7 img/s fp32 vs 10.0 img/s bf16 autocast (both channels_last, paper model, batch 32), and CPUs
-    without native bf16 are slower still."""
-    if value != "auto":
-        return value
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
-    if launcher in ("no", "bf16", "fp16"):
-        return launcher
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
 
 
 # ---- TOML ---------------------------------------------------------------------------------------------------------

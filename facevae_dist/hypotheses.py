@@ -1,7 +1,8 @@
-"""The hypothesis grid: {l1, l2, ssim, ssim+l1, ssim+l2} x {none, mask, mask+decoder} = 15 named runs.
+"""The grid's vocabulary, once: {l1, l2, ssim, ssim+l1, ssim+l2} x {none, mask, mask+decoder} = 15 named runs.
 
-The single definition used by train, sweep and report. Names are "<loss>/<mask_mode>"; the paper's H-numbers are
-aliases where the README pins them down (H1, H5, H6, H9; the others cannot be assigned, paper.md §4.1).
+The single definition used by config, train, sweep and report: losses, mask modes, their labels and display order,
+the named grids and the default. Imports no torch. Names are "<loss>/<mask_mode>"; the paper's H-numbers are aliases
+where the paper pins them down (H1, H5, H6, H9; the others cannot be assigned: docs/paper.md).
 The paper ran 10 hypotheses: 5 losses x {without mask = "none", with mask = "mask+decoder"} (grid `paper10`, the
 default sweep). "mask" (GT-mask compositing without the mask decoder) is our ablation, not the paper's; `paper15` =
 paper10 + those 5 ablations.
@@ -12,18 +13,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from facevae_dist.errors import UsageError
-from facevae_dist.losses import LossConfig
-from facevae_dist.model import MASK_MODES, ModelConfig
-from facevae_dist.paper_results import paper_result
 
-LOSSES: dict[str, tuple[str, ...]] = {
+MASK_MODES = ("none", "mask", "mask+decoder")  # in display order
+LOSSES: dict[str, tuple[str, ...]] = {  # name -> image loss terms (LossConfig.terms), in display order
     "l1": ("l1",),
     "l2": ("l2",),
     "ssim": ("ssim",),
     "ssim+l1": ("ssim", "l1"),
     "ssim+l2": ("ssim", "l2"),
 }
-_LOSS_LABELS = {"l1": "l1", "l2": "l2", "ssim": "SSIM", "ssim+l1": "SSIM + l1", "ssim+l2": "SSIM + l2"}
+LOSS_ORDER = tuple(LOSSES)
+MODE_ORDER = MASK_MODES
+LOSS_LABELS = {"l1": "l1", "l2": "l2", "ssim": "SSIM", "ssim+l1": "SSIM + l1", "ssim+l2": "SSIM + l2"}
+MODE_LABELS = {"none": "no", "mask": "GT mask only (ablation)", "mask+decoder": "yes (mask decoder)"}
 _ALIASES = {"ssim+l1/none": ("H1",), "ssim/none": ("H5",), "ssim/mask+decoder": ("H6",),
             "ssim+l2/mask+decoder": ("H9",)}
 
@@ -50,16 +52,6 @@ class Hypothesis:
         """The LossConfig fields this hypothesis fixes."""
         return {"terms": self.loss_terms}
 
-    def model_config(self, **overrides) -> ModelConfig:
-        return ModelConfig(**{**overrides, **self.model_overrides()}).validate()
-
-    def loss_config(self, **overrides) -> LossConfig:
-        return LossConfig(**{**overrides, **self.loss_overrides()}).validate()
-
-    def paper_result(self) -> dict[str, float] | None:
-        """The paper's published metrics for this run (paper_results.METRICS), or None."""
-        return paper_result(self.loss, self.mask_mode)
-
 
 def _build() -> dict[str, Hypothesis]:
     grid = {}
@@ -69,7 +61,7 @@ def _build() -> dict[str, Hypothesis]:
             aliases = _ALIASES.get(name, ())
             label = None
             if mode != "mask":
-                label = f"{_LOSS_LABELS[loss]}, {'w/ mask' if mode == 'mask+decoder' else 'w/o mask'}"
+                label = f"{LOSS_LABELS[loss]}, {'w/ mask' if mode == 'mask+decoder' else 'w/o mask'}"
                 if aliases:
                     label += f" ({', '.join(aliases)})"
             grid[name] = Hypothesis(name, loss, terms, mode, aliases, label)
@@ -103,7 +95,18 @@ def resolve_hypothesis(name_or_alias: str) -> Hypothesis:
     return h
 
 
-def resolve_grid(name: str) -> list[Hypothesis]:
-    if name not in GRIDS:
-        raise UsageError(f"unknown grid {name!r}; valid: {', '.join(GRIDS)}")
-    return [HYPOTHESES[n] for n in GRIDS[name]]
+def resolve_grid(grid: str | None = None, hypotheses: list[str] | None = None) -> list[Hypothesis]:
+    """The hypotheses to run: an explicit list of names or aliases (de-duplicated, in order), else the named grid
+    (None: DEFAULT_GRID)."""
+    if hypotheses:
+        return list({h.name: h for h in map(resolve_hypothesis, hypotheses)}.values())
+    grid = grid or DEFAULT_GRID
+    if grid not in GRIDS:
+        raise UsageError(f"unknown grid {grid!r}; valid: {', '.join(GRIDS)}")
+    return [HYPOTHESES[n] for n in GRIDS[grid]]
+
+
+def in_order(present, order: tuple[str, ...]) -> list[str]:
+    """The `present` losses (or mask modes) in the grid's `order`, any others after them, sorted."""
+    present = set(present)
+    return [x for x in order if x in present] + sorted(present - set(order))

@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from facevae_dist.checkpoint import load_model, open_model
 from facevae_dist.data import imageio
 from facevae_dist.data.masks import labelmap_to_mask
 from facevae_dist.errors import FaceVAEError, UsageError
-from facevae_dist.evaluate import loss_name
+from facevae_dist.evaluate.scoring import loss_name
 from facevae_dist.fileio import atomic_write_bytes, atomic_write_json
 from facevae_dist.model import CONFIG_FILE, WEIGHTS_FILE, FaceVAE
 from facevae_dist.progress import make_progress
+from facevae_dist.train.checkpoint import load_model, open_model
 
 MODE_NOTES = {
     "mask+decoder": "mask+decoder model: the face mask is predicted, no mask input needed; writes *_recon.png, "

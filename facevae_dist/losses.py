@@ -11,67 +11,13 @@ The returned terms are the *weighted* contributions, so `loss == sum of the term
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, fields
-
 import torch
 import torch.nn.functional as F
 
+from facevae_dist.config import LossConfig  # the config lives on the torch-free ground floor
 from facevae_dist.errors import UsageError
 
-IMAGE_TERMS = ("l1", "l2", "ssim")
 _KERAS_EPS = 1e-7
-
-
-@dataclass
-class LossConfig:
-    """Which image terms are on and every weight; defaults are the paper's (SSIM + l1, its released config)."""
-
-    terms: tuple[str, ...] = ("ssim", "l1")
-    w_l1: float = 4.0
-    w_l2: float = 100.0
-    w_ssim: float = 1.0
-    ssim_window: int = 9
-    ssim_sigma: float = 1.5
-    kl_factor: float = 1e-3
-    w_bce: float = 1.0
-    w_dice: float = 1.0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.terms, (list, str)):
-            self.terms = (self.terms,) if isinstance(self.terms, str) else tuple(self.terms)
-
-    def validate(self) -> "LossConfig":
-        if not self.terms:
-            raise UsageError(f"loss.terms is empty; choose one or more of {', '.join(IMAGE_TERMS)}")
-        bad = [t for t in self.terms if t not in IMAGE_TERMS]
-        if bad:
-            raise UsageError(f"loss.terms has unknown term(s) {', '.join(map(repr, bad))}; "
-                             f"valid: {', '.join(IMAGE_TERMS)}")
-        if len(set(self.terms)) != len(self.terms):
-            raise UsageError(f"loss.terms={list(self.terms)} repeats a term")
-        for name in ("w_l1", "w_l2", "w_ssim", "kl_factor", "w_bce", "w_dice", "ssim_sigma"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise UsageError(f"loss.{name}={v!r} must be a finite number >= 0")
-        if self.ssim_sigma <= 0:
-            raise UsageError(f"loss.ssim_sigma={self.ssim_sigma!r} must be > 0")
-        if not isinstance(self.ssim_window, int) or self.ssim_window < 1 or self.ssim_window % 2 == 0:
-            raise UsageError(f"loss.ssim_window={self.ssim_window!r} must be a positive odd integer (the paper: 9)")
-        return self
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["terms"] = list(self.terms)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LossConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UsageError(f"unknown loss config field(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**d).validate()
 
 
 # ---- SSIM (TF 2.x tf.image.ssim semantics) ------------------------------------------------------------------

@@ -18,102 +18,32 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from facevae_dist.config import IMAGE_SIZES, ModelConfig  # the config lives on the torch-free ground floor
 from facevae_dist.errors import FaceVAEError, UsageError
 from facevae_dist.fileio import atomic_write_bytes, atomic_write_json
 
-MASK_MODES = ("none", "mask", "mask+decoder")
-SAMPLINGS = ("standard", "paper")
+__all__ = ["FaceVAE", "ModelConfig", "VAEOutput", "composite"]
+
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 _FORMAT = "facevae-dist/FaceVAE"
 
 # Encoder stages above 9x9 resolution: (channels, conv blocks), each followed by a 2x2 max-pool.
 _ENCODER_HIGH = ((32, 2), (64, 2), (128, 2), (256, 2))
+assert len(IMAGE_SIZES) == len(_ENCODER_HIGH) + 1  # each high stage halves the size: 144 -> ... -> 9
 # The fixed tail 9 -> 4 -> 2 -> 1: one conv block then a max-pool each.
 _ENCODER_LOW = (256, 256, 512)
 # Image decoder: channels of (ConvT, ConvBlock) stages 1->2->4->9, then the stages above 9x9.
 _DECODER_LOW = (256, 256, 256)
 _DECODER_HIGH = (128, 64, 32, 32)
 _MASK_CHANNELS = 32
-# Sane bounds: far above any useful model (width 8 is ~600M parameters, latent 8192 two 8192x8192 layers), far below
-# sizes whose weights overflow a storage allocation (a config.json with width 1e9 must be an error, not a crash).
-MAX_WIDTH = 8.0
-MAX_LATENT_DIM = 8192
-
-
-@dataclass
-class ModelConfig:
-    """Architecture switches. Defaults are the paper's full model with the correct (standard) sampling."""
-
-    image_size: int = 144
-    width: float = 1.0  # channel multiplier (1.0 = the paper); tests use e.g. 0.125
-    latent_dim: int = 512
-    mask_mode: str = "mask+decoder"  # "none" | "mask" | "mask+decoder"
-    sampling: str = "standard"  # "standard" | "paper" (the released code's z = mu + eps * s)
-    logvar_clamp: tuple[float, float] = (-30.0, 20.0)
-    # Stride-2 'same' transposed convs: TF keeps the first 2n rows/cols of the full 2n+1 output, PyTorch's
-    # padding=1/output_padding=1 the last 2n: a 1-px phase shift of the same layer and parameters, irrelevant
-    # when training from scratch. True = TF's exact numerics (needed only to load Keras weights), but the odd
-    # 2n+1 intermediate is 1.5-10x slower on CPU (bf16 worst), so the default is PyTorch's form.
-    tf_same_crop: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.logvar_clamp, list):
-            self.logvar_clamp = tuple(self.logvar_clamp)
-
-    def validate(self) -> "ModelConfig":
-        if self.mask_mode not in MASK_MODES:
-            raise UsageError(f"model.mask_mode={self.mask_mode!r} is not one of {', '.join(MASK_MODES)}")
-        if self.sampling not in SAMPLINGS:
-            raise UsageError(f"model.sampling={self.sampling!r} is not one of {', '.join(SAMPLINGS)}")
-        if (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
-                or self.image_size not in _valid_image_sizes()):
-            raise UsageError(f"model.image_size={self.image_size!r} is not supported; use one of "
-                             f"{', '.join(map(str, _valid_image_sizes()))} (9 * 2**k, the paper uses 144)")
-        if (isinstance(self.width, bool) or not isinstance(self.width, (int, float)) or not math.isfinite(self.width)
-                or not 0 < self.width <= MAX_WIDTH):
-            raise UsageError(f"model.width={self.width!r} must be a number in (0, {MAX_WIDTH:g}] (1.0 = the paper)")
-        if isinstance(self.latent_dim, bool) or not isinstance(self.latent_dim, int) \
-                or not 1 <= self.latent_dim <= MAX_LATENT_DIM:
-            raise UsageError(f"model.latent_dim={self.latent_dim!r} must be an integer in [1, {MAX_LATENT_DIM}] (the "
-                             "paper uses 512)")
-        if not isinstance(self.tf_same_crop, bool):
-            raise UsageError(f"model.tf_same_crop={self.tf_same_crop!r} must be true or false")
-        lo_hi = self.logvar_clamp
-        if (not isinstance(lo_hi, tuple) or len(lo_hi) != 2
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in lo_hi)
-                or not lo_hi[0] < lo_hi[1]):
-            raise UsageError(f"model.logvar_clamp={lo_hi!r} must be two numbers (low, high) with low < high")
-        return self
-
-    @property
-    def has_mask_decoder(self) -> bool:
-        return self.mask_mode == "mask+decoder"
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["logvar_clamp"] = list(self.logvar_clamp)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UsageError(f"unknown model config field(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**d).validate()
-
-
-def _valid_image_sizes() -> tuple[int, ...]:
-    return tuple(9 * 2**k for k in range(len(_ENCODER_HIGH), -1, -1))
 
 
 @dataclass

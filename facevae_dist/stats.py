@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 RESAMPLES = 2000
+IMAGE_RESAMPLES = 1000  # image_summary: one run's interval over its test images (facevae eval)
 CI = 0.95
 
 
@@ -142,3 +143,34 @@ def group_interval(values, **kw) -> Interval:
 def paired_difference(a, b, **kw) -> Interval:
     return paired_differences(np.asarray(a, dtype=np.float64)[..., None], np.asarray(b, dtype=np.float64)[..., None],
                               **kw)[0]
+
+
+def image_summary(values: np.ndarray, resamples: int = IMAGE_RESAMPLES, seed: int = 0,
+                      ci: float = 0.95) -> list[dict]:
+    """One run (one seed): mean and percentile-bootstrap CI over images for each column of values [n, k]; NaNs (e.g. no face pixels) are left out
+    of the means and counted. The same resampled image sets serve every column (paired resampling)."""
+    values = np.asarray(values, dtype=np.float64)
+    n, k = values.shape
+    valid = ~np.isnan(values)
+    filled = np.where(valid, values, 0.0)
+    rng = np.random.default_rng(seed)
+    boot = np.empty((resamples, k))
+    chunk = max(1, min(resamples, 2_000_000 // max(n, 1)))
+    for start in range(0, resamples, chunk):
+        m = min(chunk, resamples - start)
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=m).astype(np.float64)  # [m, n]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            boot[start:start + m] = (counts @ filled) / (counts @ valid.astype(np.float64))
+    lo, hi = (1 - ci) / 2 * 100, (1 + ci) / 2 * 100
+    out = []
+    for j in range(k):
+        col = values[valid[:, j], j]
+        b = boot[:, j][~np.isnan(boot[:, j])]
+        out.append({
+            "mean": float(col.mean()) if col.size else None,
+            "std": float(col.std(ddof=1)) if col.size > 1 else None,
+            "ci95": [float(np.percentile(b, lo)), float(np.percentile(b, hi))] if b.size else None,
+            "n": int(col.size),
+            "n_undefined": int(n - col.size),
+        })
+    return out

@@ -59,7 +59,7 @@ echo "$NAME -> $RUN_DIR (job ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}, run $
 
 # Rendezvous of this element's ranks: the first node, a port from the job id (array elements differ), in
 # 20000-32767: below Linux's ephemeral range (32768-60999), where an outgoing connection could hold it (as
-# facevae_dist/sweep.py:rendezvous_port does for the submitit path).
+# facevae_dist/sweep/submit.py:rendezvous_port does for the submitit path).
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 export MASTER_ADDR
 export MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 12768 ))

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from facevae_dist import appearance
 from facevae_dist.data import synthetic
 from facevae_dist.data.shards import ShardOptions, build_shards
 from facevae_dist.data.sources import SyntheticSource
+from facevae_dist.evaluate import appearance
 
 
 def _faces(n=4, size=36, seed=0):

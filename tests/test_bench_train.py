@@ -5,10 +5,18 @@ import json
 import pytest
 import torch
 
-from facevae_dist.bench.train import (PAPER_TF_REFERENCES, _cpu_flags, host_overhead, paper_tf_reference,
-                                      parse_config, quick_configs, run_train_bench, vs_paper_tf)
+from facevae_dist.bench.train import (
+    PAPER_TF_REFERENCES,
+    _cpu_flags,
+    host_overhead,
+    paper_tf_reference,
+    parse_config,
+    quick_configs,
+    run_train_bench,
+    vs_paper_tf,
+)
 from facevae_dist.errors import UsageError
-from facevae_dist.optim import clip_gradients_
+from facevae_dist.train.optim import clip_gradients_
 
 torch.set_num_threads(1)
 

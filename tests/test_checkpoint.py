@@ -7,11 +7,21 @@ import numpy as np
 import pytest
 import torch
 
-from facevae_dist.checkpoint import (CheckpointManager, TrainState, latest_checkpoint, list_checkpoints,
-                                     load_checkpoint, load_model, load_pt, resolve_resume, rng_state, set_rng_state)
 from facevae_dist.config import TrainConfig
 from facevae_dist.errors import FaceVAEError, RunError, UsageError
 from facevae_dist.model import FaceVAE
+from facevae_dist.train.checkpoint import (
+    CheckpointManager,
+    TrainState,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_model,
+    load_pt,
+    resolve_resume,
+    rng_state,
+    set_rng_state,
+)
 
 
 def _setup(tmp_path):
@@ -241,7 +251,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_one(tmp_path, monkeypa
 
 
 def test_kill_between_the_renames_of_best_is_recovered(tmp_path, capsys):
-    from facevae_dist.checkpoint import remove_stale_temps, resolve_which
+    from facevae_dist.train.checkpoint import remove_stale_temps, resolve_which
 
     cfg, model, opt = _setup(tmp_path)
     mgr = CheckpointManager(tmp_path, every=2, keep_last=2)
@@ -266,7 +276,7 @@ def test_kill_between_the_renames_of_best_is_recovered(tmp_path, capsys):
 
 
 def test_best_absent_is_not_labelled_best(tmp_path, capsys):
-    from facevae_dist.checkpoint import checkpoint_label, resolve_which
+    from facevae_dist.train.checkpoint import checkpoint_label, resolve_which
 
     cfg, model, opt = _setup(tmp_path)
     _save(CheckpointManager(tmp_path, every=2, keep_last=2), cfg, model, opt, 2)

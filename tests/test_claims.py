@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from facevae_dist.claims import CLAIMS, Comparison, _judge, _verdict
-from facevae_dist.paper_results import paper_result
+from facevae_dist.report.claims import CLAIMS, Comparison, _judge, _verdict
+from facevae_dist.report.paper import paper_result
 from facevae_dist.stats import Interval
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from facevae_dist.config import (TrainConfig, apply_overrides, load_toml, parse_value, save_toml)
+from facevae_dist.config import TrainConfig, apply_overrides, load_toml, parse_value, save_toml
 from facevae_dist.errors import UsageError
 
 

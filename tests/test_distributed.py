@@ -10,12 +10,11 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import REPO, build_tiny_shards, cli_args, losses, metrics, run, train_module
 
-from facevae_dist.checkpoint import load_model, weights_digest
 from facevae_dist.config import TrainConfig
 from facevae_dist.errors import UsageError
-
-from train_helpers import REPO, build_tiny_shards, cli_args, losses, metrics, run, train_module
+from facevae_dist.train.checkpoint import load_model, weights_digest
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -78,7 +77,7 @@ def test_deepspeed_world1_runs_and_resumes_exactly(shards, tmp_path):
 
 
 def test_deepspeed_config_rejects_auto_and_bad_stage(tmp_path):
-    from facevae_dist.distributed import deepspeed_plugin
+    from facevae_dist.train.distributed import deepspeed_plugin
 
     cfg = TrainConfig(run_dir=str(tmp_path / "r"))
     cfg.optim.clip = "global"

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from facevae_dist import metrics as M
 from facevae_dist.cli import main
-from facevae_dist.evaluate import bootstrap_summary
+from facevae_dist.evaluate import metrics as M
+from facevae_dist.stats import image_summary
 
 SIZE = 36  # the smallest size at which every metric (LPIPS needs >= 31 px) is defined
 TINY_MODEL = {"image_size": SIZE, "width": 0.125, "latent_dim": 16}
@@ -40,7 +40,7 @@ def shards(tmp_path_factory) -> Path:
 def runs(shards, tmp_path_factory) -> dict[str, Path]:
     """Two real training runs of the paper's question: l2 without and with the face mask."""
     from facevae_dist.config import TrainConfig
-    from facevae_dist.train import train
+    from facevae_dist.train.loop import train
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("runs")
@@ -61,13 +61,13 @@ def test_bootstrap_summary_intervals_and_undefined_values():
     rng = np.random.default_rng(1)
     v = rng.normal(0.5, 0.1, (400, 2))
     v[:50, 1] = np.nan
-    a, b = bootstrap_summary(v, resamples=500, seed=0)
+    a, b = image_summary(v, resamples=500, seed=0)
     assert a["n"] == 400 and a["n_undefined"] == 0 and b["n"] == 350 and b["n_undefined"] == 50
     half = 1.96 * 0.1 / np.sqrt(400)
     assert a["ci95"][0] < a["mean"] < a["ci95"][1]
     assert a["ci95"][1] - a["ci95"][0] == pytest.approx(2 * half, rel=0.2)
     assert b["mean"] == pytest.approx(np.nanmean(v[:, 1]))
-    assert bootstrap_summary(v, resamples=500, seed=0) == [a, b]  # deterministic by seed
+    assert image_summary(v, resamples=500, seed=0) == [a, b]  # deterministic by seed
 
 
 @pytest.mark.slow
@@ -313,7 +313,7 @@ def test_curve_of_several_losses_gets_a_column_per_loss(tmp_path):
     """write_curve (also used by docs/reference/grid-report.sh to draw earlier-scored runs beside new ones): the
     rows go to the CSV and JSON unchanged, and a grid of several losses is drawn as a column per loss over two rows
     (steps, CPU-hours) instead of every run on one panel."""
-    from facevae_dist.curve import FIELDS, write_curve
+    from facevae_dist.report.curves import FIELDS, write_curve
 
     def rows(hyp):
         return [{"run": f"{hyp.replace('/', '--')}--seed-{s}", "hypothesis": hyp, "seed": s, "step": step,

@@ -9,10 +9,9 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from facevae_dist.train import train
-
 from train_helpers import build_tiny_shards, cli_args, losses, metrics, run, tiny_config
+
+from facevae_dist.train.loop import train
 
 pytestmark = [
     pytest.mark.gpu,

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from facevae_dist.claims import LOSSES
-from facevae_dist.evaluate import PER_IMAGE_FILE
-from facevae_dist.report import make_report, separated_best
-from facevae_dist.stats import Interval, difference_of_differences
 from test_report import N_IMAGES, scores_for, write_eval
+
+from facevae_dist.evaluate.scoring import PER_IMAGE_FILE
+from facevae_dist.report.build import make_report
+from facevae_dist.report.claims import LOSSES
+from facevae_dist.report.tables import separated_best
+from facevae_dist.stats import Interval, difference_of_differences
 
 # mask effect per loss on the six columns (negative: the mask helps); the l_n losses gain most, SSIM almost nothing
 MASK_SHIFT = {"l1": -0.06, "l2": -0.06, "ssim": -0.005, "ssim+l1": -0.03, "ssim+l2": -0.03}

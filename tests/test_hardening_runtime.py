@@ -16,12 +16,12 @@ import time
 import numpy as np
 import pytest
 import torch
+from test_loader import _live_processes_in_group
+from train_helpers import build_tiny_shards, cli_args, run
 
 from facevae_dist.cli import main
 from facevae_dist.data import cache as cache_mod
 from facevae_dist.model import FaceVAE, ModelConfig
-from test_loader import _live_processes_in_group
-from train_helpers import build_tiny_shards, cli_args, run
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,10 @@ paper's table."""
 
 import pytest
 
+from facevae_dist.config import TrainConfig
 from facevae_dist.errors import UsageError
 from facevae_dist.hypotheses import DEFAULT_GRID, GRIDS, HYPOTHESES, resolve_grid, resolve_hypothesis
-from facevae_dist.paper_results import METRICS, PAPER_RESULTS, paper_result
+from facevae_dist.report.paper import METRICS, PAPER_RESULTS, paper_result
 
 
 def test_fifteen_unique_names_and_aliases():
@@ -39,34 +40,33 @@ def test_bad_name_lists_valid_ones():
 
 
 def test_grids():
-    # the paper ran 10: each loss without the mask and with mask + decoder (paper.md §4.1), the default sweep
+    # the paper ran 10: each loss without the mask and with mask + decoder (docs/paper.md), the default sweep
     paper10 = GRIDS["paper10"]
     assert DEFAULT_GRID == "paper10"
     assert sorted((HYPOTHESES[n].loss, HYPOTHESES[n].mask_mode) for n in paper10) == sorted(
         (loss, mode) for loss in ("l1", "l2", "ssim", "ssim+l1", "ssim+l2") for mode in ("none", "mask+decoder"))
-    assert all(HYPOTHESES[n].paper_result() is not None and HYPOTHESES[n].paper_label for n in paper10)
+    assert all(paper_result(HYPOTHESES[n].loss, HYPOTHESES[n].mask_mode) is not None and HYPOTHESES[n].paper_label for n in paper10)
     # paper15 = paper10 first, then our 5 GT-mask-without-decoder ablations, which the paper has no result for
     assert GRIDS["paper15"][:10] == paper10 and sorted(GRIDS["paper15"]) == sorted(HYPOTHESES)
-    assert all(HYPOTHESES[n].mask_mode == "mask" and HYPOTHESES[n].paper_result() is None
+    assert all(HYPOTHESES[n].mask_mode == "mask" and paper_result(HYPOTHESES[n].loss, HYPOTHESES[n].mask_mode) is None
                and HYPOTHESES[n].paper_label is None for n in GRIDS["paper15"][10:])
     assert [h.aliases[0] for h in resolve_grid("named4")] == ["H5", "H6", "H1", "H9"]
 
 
 def test_config_pieces():
     h = resolve_hypothesis("l2/mask")
-    mc = h.model_config(width=0.25, mask_mode="none")  # the hypothesis wins over a conflicting override
-    assert mc.mask_mode == "mask" and mc.width == 0.25
-    lc = h.loss_config(w_l2=50.0)
-    assert lc.terms == ("l2",) and lc.w_l2 == 50.0
+    cfg = TrainConfig.from_hypothesis("l2/mask", model={"width": 0.25}, loss={"w_l2": 50.0})
+    assert cfg.model.mask_mode == "mask" and cfg.model.width == 0.25
+    assert cfg.loss.terms == ("l2",) and cfg.loss.w_l2 == 50.0
     assert h.model_overrides() == {"mask_mode": "mask"} and h.loss_overrides() == {"terms": ("l2",)}
 
 
 def test_paper_results_table():
     assert len(PAPER_RESULTS) == 10 and all(list(r) == list(METRICS) for r in PAPER_RESULTS.values())
-    h9 = resolve_hypothesis("H9").paper_result()
+    h9 = paper_result("ssim+l2", "mask+decoder")
     for metric in METRICS:  # claim C3: H9 is the best of all ten runs on every metric
         assert h9[metric] == min(r[metric] for r in PAPER_RESULTS.values())
-    assert resolve_hypothesis("H5").paper_result()["1-ssim"] == 0.314
-    assert resolve_hypothesis("ssim/mask").paper_result() is None
-    assert sum(h.paper_result() is not None for h in HYPOTHESES.values()) == 10
+    assert paper_result("ssim", "none")["1-ssim"] == 0.314
+    assert paper_result("ssim", "mask") is None
+    assert sum(paper_result(h.loss, h.mask_mode) is not None for h in HYPOTHESES.values()) == 10
     assert paper_result("l1", "none")["10*l2"] == 0.826

@@ -13,7 +13,6 @@ import sys
 import time
 
 import pytest
-
 from train_helpers import REPO, build_tiny_shards, cli_args, env, metrics, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]

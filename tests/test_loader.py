@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from facevae_dist.data import loader as loader_mod
 from facevae_dist.data import ShardLoader, read_sizes, to_float
+from facevae_dist.data import loader as loader_mod
 from facevae_dist.data.loader import _BatchRing
 from facevae_dist.data.shards import ShardOptions, build_shards, read_manifest
 from facevae_dist.data.sources import SyntheticSource

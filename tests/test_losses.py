@@ -9,8 +9,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from pytorch_msssim import ssim as msssim_ssim
 
 from facevae_dist.errors import UsageError
-from facevae_dist.losses import (LossConfig, compute_losses, dice_loss, gaussian_window, keras_bce, kl_divergence,
-                                 ssim)
+from facevae_dist.losses import LossConfig, compute_losses, dice_loss, gaussian_window, keras_bce, kl_divergence, ssim
 from facevae_dist.model import FaceVAE, ModelConfig, VAEOutput
 
 torch.set_num_threads(1)

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from facevae_dist import metrics as M
 from facevae_dist.errors import FaceVAEError
+from facevae_dist.evaluate import metrics as M
 
 DATA = Path(__file__).parent / "data" / "lpips_calibration"
 # The official `lpips` package (AlexNet, v0.1) on TID2013 pairs shipped with pyiqa 0.1.16 (ResultsCalibra/),

@@ -1,4 +1,4 @@
-"""facevae_dist.optim: Keras-form Adam against a float64 reference written from the update rule, torch form against
+"""facevae_dist.train.optim: Keras-form Adam against a float64 reference written from the update rule, torch form against
 torch.optim.Adam, the device-side skip, bit-exact resume, GradScaler, and Keras-style clipping."""
 
 import copy
@@ -10,7 +10,7 @@ import torch
 
 from facevae_dist.config import OptimConfig
 from facevae_dist.errors import UsageError
-from facevae_dist.optim import Adam, build_optimizer, clip_gradients_
+from facevae_dist.train.optim import Adam, build_optimizer, clip_gradients_
 
 SHAPES = [(8, 3, 3, 3), (8,), (16, 8), (4,)]
 # per-tensor gradient scales: most far above the 1e-3 clip (clipped), one below it (left alone) with per-element

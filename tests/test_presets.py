@@ -122,11 +122,12 @@ def test_shards_build_preset_fills_only_what_was_not_given():
 
 
 def test_sweep_submit_preset(tmp_path):
-    from facevae_dist.sweep import element_configs, resolve_grid
+    from facevae_dist.hypotheses import resolve_grid
+    from facevae_dist.sweep.submit import element_configs
 
     args = build_parser().parse_args(["sweep", "submit", "--preset", "paper", "--shards", "s", "--out", "o"])
     assert args.grid == "paper10" and args.preset == "paper"
-    names = resolve_grid(args.grid)
+    names = [h.name for h in resolve_grid(args.grid)]
     assert len(names) == 10
     overrides, warnings = sweep_overrides("paper", ["max_steps=20"], world_size=1)
     assert warnings == ["--preset paper, but overridden: max_steps=20 (paper: 400000)"]

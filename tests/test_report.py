@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facevae_dist import metrics as M
 from facevae_dist.cli import main
-from facevae_dist.evaluate import FORMAT, PER_IMAGE_FILE, load_eval
+from facevae_dist.evaluate import metrics as M
+from facevae_dist.evaluate.scoring import FORMAT, PER_IMAGE_FILE, load_eval
 
 N_IMAGES = 60
 KEYS = [f"test-{i:06d}" for i in range(N_IMAGES)]
@@ -70,7 +70,7 @@ def two_seed_runs(tmp_path) -> list[Path]:
 
 
 def test_report_groups_seeds_and_supports_a_real_mask_effect(two_seed_runs, tmp_path):
-    from facevae_dist.report import make_report
+    from facevae_dist.report.build import make_report
 
     out = tmp_path / "report"
     make_report(two_seed_runs, out, figures="effect")  # the CLI and every figure: test_evaluate's end-to-end test
@@ -110,7 +110,7 @@ def test_no_effect_is_inconclusive_and_the_wrong_direction_contradicts(tmp_path)
     base = rng.uniform(0.4, 0.8, N_IMAGES)
     runs = [write_eval(tmp_path / f"{h}-{s}", f"l2/{h}", s, scores_for(rng, base, 0.0, noise=0.05))
             for h in ("none", "mask+decoder") for s in (0, 1)]
-    from facevae_dist.report import make_report
+    from facevae_dist.report.build import make_report
 
     c1 = next(c for c in make_report(runs, tmp_path / "r1", resamples=500, figures="none")["claims"] if c["id"] == "C1")
     assert c1["verdict"] == "inconclusive"
@@ -138,7 +138,7 @@ def test_legacy_eval_region_names_are_mapped(tmp_path):
     ev = load_eval(run)
     assert set(ev["metrics"]) == {"whole", "face", "composite"} and ev["seed"] is None
     assert "'paper' read as 'composite'" in ev["legacy"]
-    from facevae_dist.report import make_report
+    from facevae_dist.report.build import make_report
 
     res = make_report([run], tmp_path / "rep", resamples=200, figures="none")
     md = Path(res["table_md"]).read_text()
@@ -206,7 +206,7 @@ def test_report_pairs_evals_of_the_same_shards(test_sets, tmp_path, capsys):
 
 
 def test_report_refuses_shards_rebuilt_with_other_images_under_the_same_keys(test_sets, tmp_path, capsys):
-    from facevae_dist.evaluate import load_per_image
+    from facevae_dist.evaluate.scoring import load_per_image
 
     a, b = load_eval(test_sets["none@a36"]), load_eval(test_sets["mask@b36"])
     assert load_per_image(a)[0] == load_per_image(b)[0]  # the same keys: only the fingerprint tells them apart
@@ -225,7 +225,7 @@ def test_report_refuses_evals_at_other_image_sizes(test_sets, tmp_path, capsys):
 
 def test_evals_without_a_fingerprint_are_paired_with_a_note(two_seed_runs, tmp_path, capsys):
     """metrics.json written before the fingerprint: paired by key as before, and the report says it could not check."""
-    from facevae_dist.report import make_report
+    from facevae_dist.report.build import make_report
 
     res = make_report(two_seed_runs, tmp_path / "rep", resamples=200, figures="none")
     note = "4 eval(s) recorded no test-set fingerprint"

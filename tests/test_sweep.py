@@ -20,8 +20,10 @@ from pathlib import Path
 import pytest
 
 from facevae_dist.cli import main
-from facevae_dist.sweep import (MANIFEST, RENDEZVOUS_PORTS, SlurmOptions, rendezvous_port, slurm_state, submit_sweep,
-                                sweep_status)
+from facevae_dist.sweep.element import RENDEZVOUS_PORTS, rendezvous_port
+from facevae_dist.sweep.records import MANIFEST, slurm_state
+from facevae_dist.sweep.status import sweep_status
+from facevae_dist.sweep.submit import SlurmOptions, submit_sweep
 
 pytestmark = [pytest.mark.slow]
 
@@ -209,7 +211,7 @@ def test_seeds_and_runs_sharing_an_element(slurm_cluster, shards, tmp_path, caps
     assert main(["sweep", "status", str(out)]) == 0
     capsys.readouterr()
 
-    import facevae_dist.report as report
+    import facevae_dist.report.build as report
 
     seen, real = [], report.make_report
     monkeypatch.setattr(report, "make_report",
@@ -228,7 +230,7 @@ def test_two_rank_element_submitted_from_inside_an_allocation(slurm_cluster, sha
     clean_env); its element runs 2 ranks (tasks_per_node=2) wired by submitit into one DDP run over gloo."""
     out = tmp_path / "sweep"
     script = (
-        "import sys; from facevae_dist.sweep import SlurmOptions, submit_sweep; "
+        "import sys; from facevae_dist.sweep.submit import SlurmOptions, submit_sweep; "
         "submit_sweep(sys.argv[1], sys.argv[2], hypotheses=['l2/mask'], cluster='slurm', eval_limit=8, "
         "slurm=SlurmOptions(tasks_per_node=2, cpus_per_task=1, timeout_min=20, signal_delay_s=5), "
         "overrides=sys.argv[3:])")
@@ -380,7 +382,7 @@ def test_local_cluster_runs_the_same_grid_without_slurm(shards, tmp_path):
     import submitit
 
     from facevae_dist.config import load_toml
-    from facevae_dist.sweep import HypothesisTask
+    from facevae_dist.sweep.element import HypothesisTask
 
     before = metrics.stat().st_mtime_ns
     task = HypothesisTask(load_toml(out / "l2--mask+decoder" / "config.toml").to_dict())
@@ -409,7 +411,7 @@ def test_status_shows_a_killed_local_job_as_killed(shards, tmp_path):
     assert len(json.loads((out / "sweep.json").read_text())["submissions"]) == submissions
     # and a duplicate copy that starts anyway (an array task started twice) does nothing
     from facevae_dist.config import load_toml
-    from facevae_dist.sweep import HypothesisTask
+    from facevae_dist.sweep.element import HypothesisTask
 
     dup = HypothesisTask(load_toml(out / "l2--none" / "config.toml").to_dict())
     result = dup.run(rank=0, world=1, job_id="dup", hostname="here")

@@ -3,8 +3,13 @@
 import numpy as np
 
 from facevae_dist.data import synthetic
-from facevae_dist.data.masks import (CELEBAMASK_HQ_PARTS, FACE_EXCLUDED_LABELS, NUM_LABELS, labelmap_to_mask,
-                                     part_masks_to_labelmap)
+from facevae_dist.data.masks import (
+    CELEBAMASK_HQ_PARTS,
+    FACE_EXCLUDED_LABELS,
+    NUM_LABELS,
+    labelmap_to_mask,
+    part_masks_to_labelmap,
+)
 from facevae_dist.data.sources import SyntheticSource, parse_partition_file
 
 

@@ -15,16 +15,26 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import (
+    REPO,
+    build_fixed_shards,
+    build_tiny_shards,
+    cli_args,
+    env,
+    losses,
+    metrics,
+    run,
+    tiny_config,
+    train_module,
+    wait_for_step,
+)
 
-from facevae_dist.checkpoint import latest_checkpoint, load_checkpoint, load_model
 from facevae_dist.errors import RunError
 from facevae_dist.hypotheses import GRIDS
 from facevae_dist.seeds import SEED_MAX, derived_seed
-from facevae_dist.train import train
-from facevae_dist.train_parts import INJECT_NAN_ENV
-
-from train_helpers import (REPO, build_fixed_shards, build_tiny_shards, cli_args, env, losses, metrics, run, tiny_config, train_module,
-                           wait_for_step)
+from facevae_dist.train.checkpoint import latest_checkpoint, load_checkpoint, load_model
+from facevae_dist.train.loop import train
+from facevae_dist.train.monitor import INJECT_NAN_ENV
 
 ASSET = REPO / "tests" / "assets" / "losses" / "tiny_h9_fp32.json"
 
@@ -182,7 +192,7 @@ def test_compiled_run_resumes_exactly(shards, tmp_path):
 
 
 def test_bf16_hint_once_per_process_and_only_when_precision_was_left_to_auto(shards, tmp_path, monkeypatch):
-    import facevae_dist.train as train_mod
+    import facevae_dist.train.loop as train_mod
 
     said = []
     monkeypatch.setattr(train_mod, "info", lambda msg: said.append(msg))
@@ -197,7 +207,7 @@ def test_bf16_hint_once_per_process_and_only_when_precision_was_left_to_auto(sha
 
 def test_resume_auto_reads_the_checkpoint_once(shards, tmp_path, monkeypatch):
     """--resume auto reads the newest checkpoint whole to check that it loads; the trainer reuses that read."""
-    import facevae_dist.checkpoint as ckpt_mod
+    import facevae_dist.train.checkpoint as ckpt_mod
 
     train(tiny_config(shards, tmp_path, max_steps=2, val_every=0))
     reads, real = [], ckpt_mod.load_checkpoint
@@ -248,7 +258,7 @@ def test_second_trainer_on_same_run_dir_is_refused_and_stale_temps_removed(shard
 
     cfg = tiny_config(shards, tmp_path, max_steps=2, val_every=0)
     (tmp_path / "checkpoints" / ".tmp-step_7").mkdir(parents=True)  # left by a save that was killed
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from facevae_dist.checkpoint import RunDirLock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from facevae_dist.train.checkpoint import RunDirLock\n"
                                f"with RunDirLock({str(tmp_path)!r}):\n    print('locked', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -341,7 +351,7 @@ def test_deterministic_flag_runs_and_changes_nothing_on_cpu(shards, tmp_path, mo
     """--deterministic switches torch to deterministic kernels (cuDNN/cuBLAS on GPUs, tests/test_gpu.py); on the CPU,
     where runs are bit-exact anyway, it must run and give the same losses. The global switch is the run's only."""
     seen = []
-    monkeypatch.setattr("facevae_dist.train.init_trackers",
+    monkeypatch.setattr("facevae_dist.train.loop.init_trackers",
                         lambda *a: seen.append(torch.are_deterministic_algorithms_enabled()))
     train(tiny_config(shards, tmp_path / "det", max_steps=2, val_every=2, ckpt_every=0, deterministic=True))
     train(tiny_config(shards, tmp_path / "plain", max_steps=2, val_every=2, ckpt_every=0))

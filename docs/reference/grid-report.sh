@@ -43,7 +43,7 @@ if [ ${#RUNS[@]} -gt 0 ] && [ "${CURVES:-1}" != 0 ]; then
   # rows were scored by the same protocol on the same 300 test faces of the same shards)
   python - "$GRID/curve/curve.json" "$REF/curve/curve.json" "$REF/curve/grid" <<'PY'
 import json, sys
-from facevae_dist.curve import write_curve
+from facevae_dist.report.curves import write_curve
 new, l2 = (json.load(open(p)) for p in sys.argv[1:3])
 assert (new["split"], new["limit"]) == (l2["split"], l2["limit"]), "the l2 curve was scored on other faces"
 write_curve(l2["rows"] + new["rows"], sys.argv[3], {"split": new["split"], "limit": new["limit"],

@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-
 from rich.table import Table
 
 from facevae_dist.config import DataConfig

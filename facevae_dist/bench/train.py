@@ -42,11 +42,11 @@ from facevae_dist.fileio import atomic_write_json
 from facevae_dist.hypotheses import resolve_hypothesis
 from facevae_dist.losses import compute_losses
 from facevae_dist.model import FaceVAE
-from facevae_dist.optim import build_optimizer, clip_gradients_
 from facevae_dist.perf import cpu_flags, cpu_has_native_bf16, cpu_model, keep_freed_memory
 from facevae_dist.progress import console, info
 from facevae_dist.runinfo import environment_info
-from facevae_dist.train_step import TrainStep
+from facevae_dist.train.optim import build_optimizer, clip_gradients_
+from facevae_dist.train.step import TrainStep
 
 CONFIG_TOKENS = ("fp32", "bf16", "fp16", "channels_last", "compile")
 # The two models benchmarked: the paper's released configuration and its no-mask counterpart.
@@ -151,7 +151,7 @@ def _train_config(model_key: str, opts: dict, image_size: int, width: float | No
 def make_steps(cfg: TrainConfig, device: torch.device):
     """(trainer_step, bare_step, model) for one config: the trainer's TrainStep (under a real Accelerator, as in
     train.py) and the bare loop, each with its own model and optimizer from the same seed. Each returns the loss."""
-    from facevae_dist.distributed import make_accelerator
+    from facevae_dist.train.distributed import make_accelerator
 
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     accelerator = make_accelerator(cfg)

@@ -7,7 +7,7 @@ from facevae_dist.progress import info
 
 
 def _run(args) -> int:
-    from facevae_dist.curve import learning_curve  # imports torch: not at `facevae --help` time
+    from facevae_dist.report.curves import learning_curve  # imports torch: not at `facevae --help` time
 
     res = learning_curve(args.run_dirs, args.out, shards=args.shards, split=args.split, limit=args.limit,
                          device=args.device, lpips_weights=args.lpips_weights, bootstrap=args.bootstrap,

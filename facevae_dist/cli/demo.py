@@ -8,7 +8,7 @@ from pathlib import Path
 def _seeds(text: str) -> tuple[int, ...]:
     """The sweep's --seeds parser (integers 0..2**32-1, each once); the demo needs at least one."""
     from facevae_dist.errors import UsageError
-    from facevae_dist.sweep import parse_seeds
+    from facevae_dist.sweep.submit import parse_seeds
 
     seeds = parse_seeds(text)
     if not seeds:
@@ -28,11 +28,10 @@ def _section(lines: list[str], heading_prefix: str) -> list[str]:
 
 
 def _run(args) -> int:
-    from facevae_dist.claims import summary_lines
-    from facevae_dist.pipeline import DemoOptions, run_demo
-    from facevae_dist.progress import console, is_quiet
-
+    from facevae_dist.demo import DemoOptions, run_demo
     from facevae_dist.errors import UsageError
+    from facevae_dist.progress import console, is_quiet
+    from facevae_dist.report.claims import summary_lines
 
     if args.bootstrap < 100:
         raise UsageError(f"--bootstrap {args.bootstrap}: use at least 100 resamples (default 2000)")

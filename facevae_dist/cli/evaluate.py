@@ -9,7 +9,7 @@ from facevae_dist.progress import info
 
 
 def _run_eval(args) -> int:
-    from facevae_dist.evaluate import evaluate  # imports torch: not at `facevae --help` time
+    from facevae_dist.evaluate.scoring import evaluate  # imports torch: not at `facevae --help` time
 
     res = evaluate(args.run_dir, args.shards, split=args.split, limit=args.limit, which=args.checkpoint,
                    batch_size=args.batch_size, workers=args.workers, device=args.device,
@@ -29,7 +29,7 @@ def _run_eval(args) -> int:
 
 
 def _run_lpips_export(args) -> int:
-    from facevae_dist.metrics import export_lpips_weights  # imports torch: not at `facevae --help` time
+    from facevae_dist.evaluate.metrics import export_lpips_weights  # imports torch: not at `facevae --help` time
 
     out = export_lpips_weights(Path(args.out), args.weights)
     info(f"wrote LPIPS (AlexNet, v0.1) weights to {out}; use them with --lpips-weights {out} or "

@@ -7,7 +7,7 @@ from facevae_dist.progress import info
 
 
 def _run(args) -> int:
-    from facevae_dist.report import make_report  # imports torch: not at `facevae --help` time
+    from facevae_dist.report.build import make_report  # imports torch: not at `facevae --help` time
 
     if args.bootstrap < 100:
         raise UsageError(f"--bootstrap {args.bootstrap}: use at least 100 resamples (default 2000)")

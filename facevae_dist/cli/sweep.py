@@ -34,7 +34,7 @@ examples:
 def _submit(args) -> int:
     from facevae_dist.presets import sweep_overrides
     from facevae_dist.progress import info
-    from facevae_dist.sweep import SlurmOptions, parse_seeds, submit_sweep
+    from facevae_dist.sweep.submit import SlurmOptions, parse_seeds, submit_sweep
 
     slurm = SlurmOptions(partition=args.partition, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                          tasks_per_node=args.tasks_per_node,
@@ -70,7 +70,7 @@ def _status(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from facevae_dist.sweep import sweep_status
+    from facevae_dist.sweep.status import sweep_status
 
     rows = sweep_status(args.sweep_dir)
     if args.json:
@@ -97,7 +97,7 @@ def _status(args) -> int:
 
 def _collect(args) -> int:
     from facevae_dist.progress import info
-    from facevae_dist.sweep import collect_sweep
+    from facevae_dist.sweep.status import collect_sweep
 
     result = collect_sweep(args.sweep_dir, args.out)
     info(f"report: {result['table_md']}")

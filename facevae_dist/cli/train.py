@@ -1,5 +1,5 @@
 """`facevae train` (also what launchers start: `python -m facevae_dist train`): parse arguments into a TrainConfig
-and call facevae_dist.train.train (no training logic here; this module imports train.py, never the reverse)."""
+and call facevae_dist.train.loop.train (no training logic here; this module imports train.py, never the reverse)."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def deepspeed_config_from_env(environ) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     # torch and Accelerate load here, when training, not at every `facevae` start
-    from facevae_dist.train import train
+    from facevae_dist.train.loop import train
 
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         _print_summary(train(config_from_args(args)))

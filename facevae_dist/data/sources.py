@@ -23,8 +23,14 @@ import numpy as np
 from PIL import Image
 
 from facevae_dist.data import imageio, synthetic
-from facevae_dist.data.masks import (CELEBAMASK_HQ_PARTS, LABEL_SCHEMES, guess_label_scheme, part_masks_to_labelmap,
-                                    read_part_mask, to_faceparsing)
+from facevae_dist.data.masks import (
+    CELEBAMASK_HQ_PARTS,
+    LABEL_SCHEMES,
+    guess_label_scheme,
+    part_masks_to_labelmap,
+    read_part_mask,
+    to_faceparsing,
+)
 from facevae_dist.errors import DataError, UsageError
 from facevae_dist.progress import info, warn
 

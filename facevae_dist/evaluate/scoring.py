@@ -27,18 +27,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.numpy import save as save_safetensors
 
-from facevae_dist import appearance
-from facevae_dist.checkpoint import open_model
 from facevae_dist.data.loader import ShardLoader, read_manifest, read_sizes, to_float
 from facevae_dist.errors import DataError, FaceVAEError, UsageError
+from facevae_dist.evaluate import appearance
+from facevae_dist.evaluate.metrics import (
+    LEGACY_REGIONS,
+    METRICS,
+    REGIONS,
+    MetricSettings,
+    MetricSuite,
+    composite_alpha,
+    load_lpips,
+)
 from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
-from facevae_dist.metrics import LEGACY_REGIONS, METRICS, REGIONS, MetricSettings, MetricSuite, composite, load_lpips
-from facevae_dist.model import CONFIG_FILE, WEIGHTS_FILE, FaceVAE
+from facevae_dist.model import CONFIG_FILE, WEIGHTS_FILE, FaceVAE, composite
 from facevae_dist.progress import make_progress
+from facevae_dist.stats import IMAGE_RESAMPLES, image_summary
+from facevae_dist.train.checkpoint import open_model
+from facevae_dist.train.distributed import close_process_group, gather_from_ranks, join_process_group
 
 EVAL_DIR = "eval"
 METRICS_FILE = "metrics.json"
@@ -48,77 +57,6 @@ FORMAT = "facevae-dist/eval-v2"
 LEGACY_FORMATS = ("facevae-dist/eval-v1",)  # region `paper` (now `composite`), no `composite-face`, no seed
 N_EXAMPLES = 8
 APPEARANCE = "appearance"  # per-image colour and hair measures (appearance.py): not a region, a block of its own
-BOOTSTRAP_RESAMPLES = 1000
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Statistics
-
-def bootstrap_summary(values: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
-                      ci: float = 0.95) -> list[dict]:
-    """Mean and percentile-bootstrap CI for each column of values [n, k]; NaNs (e.g. no face pixels) are left out
-    of the means and counted. The same resampled image sets serve every column (paired resampling)."""
-    values = np.asarray(values, dtype=np.float64)
-    n, k = values.shape
-    valid = ~np.isnan(values)
-    filled = np.where(valid, values, 0.0)
-    rng = np.random.default_rng(seed)
-    boot = np.empty((resamples, k))
-    chunk = max(1, min(resamples, 2_000_000 // max(n, 1)))
-    for start in range(0, resamples, chunk):
-        m = min(chunk, resamples - start)
-        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=m).astype(np.float64)  # [m, n]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            boot[start:start + m] = (counts @ filled) / (counts @ valid.astype(np.float64))
-    lo, hi = (1 - ci) / 2 * 100, (1 + ci) / 2 * 100
-    out = []
-    for j in range(k):
-        col = values[valid[:, j], j]
-        b = boot[:, j][~np.isnan(boot[:, j])]
-        out.append({
-            "mean": float(col.mean()) if col.size else None,
-            "std": float(col.std(ddof=1)) if col.size > 1 else None,
-            "ci95": [float(np.percentile(b, lo)), float(np.percentile(b, hi))] if b.size else None,
-            "n": int(col.size),
-            "n_undefined": int(n - col.size),
-        })
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Distributed helpers (no-ops in one process)
-
-def _dist_setup(device: torch.device) -> tuple[int, int, bool]:
-    """(rank, world_size, we_initialised). Uses an existing process group, or creates one from the launcher's
-    environment (RANK/WORLD_SIZE/MASTER_ADDR set by torchrun or accelerate launch)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # all_gather_object over NCCL uses the current device
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return dist.get_rank(), dist.get_world_size(), True
-    return 0, 1, False
-
-
-def close_process_group(settle_s: float = 1.0) -> None:
-    """Destroy the default process group, if any. A gloo group's destructor joins its worker threads while holding
-    the GIL, and a worker that is still releasing the tensors of the last collective needs the GIL: destroyed right
-    after a collective, the group can deadlock (seen on a loaded machine). Sleeping first releases the GIL so the
-    workers finish; a mitigation, since torch exposes no way to wait for them (the trainer and the launcher exit
-    avoid destroying the group at all)."""
-    if dist.is_available() and dist.is_initialized():
-        time.sleep(settle_s)
-        dist.destroy_process_group()
-
-
-def _gather(obj, world_size: int) -> list:
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -222,7 +160,7 @@ def _appearance_block(scorer: _Scorer, measures: dict) -> dict:
 def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: str = "test",
              limit: int | None = None, which: str = "best", *, batch_size: int = 64, workers: int = 0,
              device: str | None = None, lpips_weights: str | Path | None = None, out: str | Path | None = None,
-             bootstrap: int = BOOTSTRAP_RESAMPLES, seed: int = 0, n_examples: int = N_EXAMPLES) -> dict:
+             bootstrap: int = IMAGE_RESAMPLES, seed: int = 0, n_examples: int = N_EXAMPLES) -> dict:
     """Evaluate one checkpoint of `run_dir` (or an exported model directory) on `split`; writes
     <run_dir>/eval/metrics.json (or `out`) on rank 0 and returns the result dict (on every rank). `shards_dir`
     defaults to the run's training shards (an exported model has none: --shards is required)."""
@@ -237,7 +175,7 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
     scorer = _Scorer(model, MetricSuite(load_lpips(lpips_weights, device=dev), MetricSettings()),
                      appearance.HairMasks(shards_dir, manifest, split), dev, n_examples)
 
-    rank, world, we_init = _dist_setup(dev)
+    rank, world, we_init = join_process_group(dev)
     try:
         # Fixed order (no shuffle), no dropped partial batch, and with several ranks the N mod world remainder
         # padded by repeats (deduplicated by key below): every image once, the same ones in every run.
@@ -248,7 +186,7 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
         part = scorer.run(loader, None if limit is None else math.ceil(limit / world), world,
                           f"eval {run_dir.name} [{split}]", total)
         seconds = time.perf_counter() - t0
-        gathered = _gather(part, world)
+        gathered = gather_from_ranks(part, world)
     finally:
         if we_init:  # a group we created is ours to close (after the gather every rank is past its collectives)
             close_process_group()
@@ -258,7 +196,7 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
     if not ordered:
         raise DataError(f"split {split!r} of {shards_dir}: the loader yielded no images")
     metrics = {r: {} for r in (*REGIONS, APPEARANCE)}
-    for col, summary in zip(COLUMNS, bootstrap_summary(values, resamples=bootstrap, seed=seed)):
+    for col, summary in zip(COLUMNS, image_summary(values, resamples=bootstrap, seed=seed)):
         region, metric = col.split(".")
         metrics[region][metric] = summary
     example_keys = sorted(examples)[:n_examples]
@@ -378,7 +316,7 @@ def _merge(gathered: list[tuple], limit: int | None) -> tuple:
 
 def _keep_examples(store: dict, keys: list[str], image, mask, out, mode: str, n: int) -> None:
     """Keep the reconstructions of the n smallest keys seen (the same keys in every run of the same shards)."""
-    comp = composite(image, mask, out.recon_raw, out.mask_pred, mode)
+    comp = composite(out.recon_raw, image, composite_alpha(mask, out.mask_pred, mode))
     for i, key in enumerate(keys):
         if len(store) >= n and key >= max(store):
             continue

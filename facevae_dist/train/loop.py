@@ -34,7 +34,6 @@ import dataclasses
 import functools
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -42,25 +41,35 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DummyOptim
 
-from facevae_dist import checkpoint as ckpt
 from facevae_dist import presets
-from facevae_dist.config import TrainConfig, load_toml, resolve_mixed_precision, save_toml
+from facevae_dist.config import TrainConfig, load_toml, save_toml
 from facevae_dist.data.batches import open_train_batches
 from facevae_dist.data.shards import read_manifest
-from facevae_dist.distributed import (broadcast_object, gather_objects, init_trackers, load_deepspeed_optimizer,
-                                      make_accelerator, mean_over_ranks, save_deepspeed_optimizer, seed_everything,
-                                      sync_buffers_for_deepspeed)
 from facevae_dist.errors import UsageError
 from facevae_dist.fileio import atomic_write_json
 from facevae_dist.model import FaceVAE
-from facevae_dist.optim import build_optimizer
 from facevae_dist.perf import cpu_has_native_bf16, keep_freed_memory
 from facevae_dist.progress import info, make_progress
 from facevae_dist.runinfo import environment_info
-from facevae_dist.sample_grid import write_sample_grid
 from facevae_dist.seeds import derived_seed
-from facevae_dist.train_parts import BadSteps, CostClock, Metrics, StopSignal, Throughput, Validator, poisoned_steps
-from facevae_dist.train_step import TrainStep
+from facevae_dist.train import checkpoint as ckpt
+from facevae_dist.train.distributed import (
+    broadcast_object,
+    gather_objects,
+    init_trackers,
+    load_deepspeed_optimizer,
+    make_accelerator,
+    mean_over_ranks,
+    resolve_mixed_precision,
+    save_deepspeed_optimizer,
+    seed_everything,
+    sync_buffers_for_deepspeed,
+)
+from facevae_dist.train.monitor import BadSteps, CostClock, Metrics, StopSignal, Throughput, poisoned_steps
+from facevae_dist.train.optim import build_optimizer
+from facevae_dist.train.samples import write_sample_grid
+from facevae_dist.train.step import TrainStep
+from facevae_dist.train.validation import Validator
 
 # What a resumed run may not change: it would mix two experiments in one run dir (and in best/).
 TRAINED_FIELDS = ("hypothesis", "seed", "loss", "model", "optim.eps_form")
@@ -408,9 +417,3 @@ def _summary(run: _Run, stopped: str, signal_name: str | None, images: int, wall
     if run.is_main:
         atomic_write_json(Path(run.cfg.run_dir) / "summary.json", summary)
     return summary
-
-
-if __name__ == "__main__":  # the old launcher entry: say what replaced it, rather than exit 0 having trained nothing
-    print("python -m facevae_dist.train is gone: launch `python -m facevae_dist train ...` (same arguments)",
-          file=sys.stderr)
-    sys.exit(2)

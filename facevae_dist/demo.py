@@ -48,10 +48,10 @@ def run_demo(opts: DemoOptions) -> dict:
     from facevae_dist.data.shards import ShardOptions, build_shards, shards_info
     from facevae_dist.data.sources import make_source
     from facevae_dist.errors import RunError, UsageError
-    from facevae_dist.evaluate import evaluate
+    from facevae_dist.evaluate.scoring import evaluate
     from facevae_dist.hypotheses import resolve_hypothesis
-    from facevae_dist.report import make_report
-    from facevae_dist.train import train
+    from facevae_dist.report.build import make_report
+    from facevae_dist.train.loop import train
 
     if not opts.seeds or len(set(opts.seeds)) != len(opts.seeds):
         raise UsageError(f"--seeds {','.join(map(str, opts.seeds))}: give distinct seeds, e.g. --seeds 0,1")

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from facevae_dist.groups import COLUMN_KEYS, Group
-from facevae_dist.paper_results import paper_result
+from facevae_dist.report.paper import paper_result
+from facevae_dist.report.results import COLUMN_KEYS, Group
 from facevae_dist.stats import Interval, difference_of_differences, paired_differences
 
 N, M = "none", "mask+decoder"

@@ -38,6 +38,7 @@ from torch import nn
 
 from facevae_dist.errors import FaceVAEError
 from facevae_dist.fileio import atomic_write_bytes
+from facevae_dist.model import composite
 
 METRICS = ("ssim", "ms_ssim", "lpips", "vif", "l1", "l2", "rmse", "psnr")
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -337,7 +338,7 @@ class LPIPS(nn.Module):
     def unit_taps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The 5 feature maps of x, each scaled to unit length along channels (reusable as a cached target)."""
         if self.source is None:
-            raise FaceVAEError("LPIPS module has no weights loaded; build it with facevae_dist.metrics.load_lpips()")
+            raise FaceVAEError("LPIPS module has no weights loaded; build it with facevae_dist.evaluate.metrics.load_lpips()")
         return [t / (t.pow(2).sum(1, keepdim=True).sqrt() + 1e-10) for t in self._taps(x.float())]
 
     def layer_maps(self, x: torch.Tensor, y: torch.Tensor, y_taps: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -546,15 +547,14 @@ class MetricSuite:
             # The input's LPIPS features serve both comparisons (raw output and composite).
             taps = self.lpips.unit_taps(image) if min(image.shape[-2:]) >= LPIPS_MIN_SIZE else None
             whole, face_scores = self.compute(recon_raw, image, [None, face], taps)
-            comp = composite(image, gt_mask, recon_raw, mask_pred, mask_mode)
+            comp = composite(recon_raw, image, composite_alpha(gt_mask, mask_pred, mask_mode))
             composite_all, composite_face = self.compute(comp, image, [None, face], taps)
         return {"face": face_scores, "composite-face": composite_face, "composite": composite_all, "whole": whole}
 
 
-def composite(image: torch.Tensor, gt_mask: torch.Tensor, recon_raw: torch.Tensor, mask_pred: torch.Tensor | None,
-              mask_mode: str) -> torch.Tensor:
-    """The output on the input's background: alpha = the predicted soft mask (mask+decoder models, as the authors'
-    testing code) or the binary GT mask (models that cannot predict one)."""
-    face = (gt_mask.float() >= FACE_THRESHOLD).float()
-    alpha = mask_pred.float() if (mask_mode == "mask+decoder" and mask_pred is not None) else face
-    return recon_raw.float() * alpha + image.float() * (1.0 - alpha)
+def composite_alpha(gt_mask: torch.Tensor, mask_pred: torch.Tensor | None, mask_mode: str) -> torch.Tensor:
+    """The mask an output is pasted through (model.composite): the predicted soft mask for mask+decoder models, as
+    the authors' testing code, or the binary GT mask for models that cannot predict one."""
+    if mask_mode == "mask+decoder" and mask_pred is not None:
+        return mask_pred.float()
+    return (gt_mask.float() >= FACE_THRESHOLD).float()

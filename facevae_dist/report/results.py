@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from facevae_dist.errors import UsageError
-from facevae_dist.evaluate import load_eval, load_per_image
-from facevae_dist.metrics import REGIONS
+from facevae_dist.evaluate.metrics import REGIONS
+from facevae_dist.evaluate.scoring import load_eval, load_per_image
+from facevae_dist.hypotheses import LOSS_ORDER, MODE_ORDER
 
 # The paper's six columns: (key, Markdown header, our metric, transform). All lower is better.
 COLUMNS = (
@@ -24,8 +25,6 @@ COLUMNS = (
     ("10*l2", "10·RMSE (paper: 10·l2)", "rmse", "times10"),
 )
 COLUMN_KEYS = tuple(c[0] for c in COLUMNS)
-LOSS_ORDER = ("l1", "l2", "ssim", "ssim+l1", "ssim+l2")
-MODE_ORDER = ("none", "mask", "mask+decoder")
 
 
 def transform(values: np.ndarray, how: str) -> np.ndarray:
@@ -86,12 +85,6 @@ class Group:
             for c, (_, _, metric, how) in enumerate(COLUMNS):
                 out[i, :, c] = transform(run.scores[f"{region}.{metric}"][rows], how)
         return out
-
-
-def in_order(present, order: tuple[str, ...]) -> list[str]:
-    """The `present` losses (or mask modes) in the grid's `order`, any others after them, sorted."""
-    present = set(present)
-    return [x for x in order if x in present] + sorted(present - set(order))
 
 
 def _order(g: Group):

@@ -6,7 +6,7 @@ step: backward over the micro-batches, a non-finite check, clipping, the optimiz
 guard. Whether the step is skipped is decided ON THE DEVICE, as GradScaler does with `found_inf`:
 
 - `bad` = any micro-batch loss non-finite, all-reduced over ranks as a tensor (every rank skips together);
-- the optimizer takes it as `found_inf` (facevae_dist.optim.Adam: moments, step count and weights unchanged);
+- the optimizer takes it as `found_inf` (facevae_dist.train.optim.Adam: moments, step count and weights unchanged);
 - BatchNorm running statistics are snapshotted and conditionally restored with foreach ops (no per-buffer Python);
 - nothing calls .item(): the caller reads `bad` only at log steps (train.py's _BadSteps).
 
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from facevae_dist.losses import compute_losses
-from facevae_dist.optim import clip_gradients_
+from facevae_dist.train.optim import clip_gradients_
 
 
 def forward_losses(model, image: Tensor, mask: Tensor, *, loss_cfg, model_cfg, amp_dtype) -> dict[str, Tensor]:

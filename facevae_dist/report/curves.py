@@ -17,14 +17,14 @@ import io
 import json
 from pathlib import Path
 
-from facevae_dist import checkpoint as ckpt
 from facevae_dist.data.shards import read_manifest
 from facevae_dist.errors import FaceVAEError, UsageError
-from facevae_dist.evaluate import evaluate, scored_test_set
+from facevae_dist.evaluate.scoring import evaluate, scored_test_set
 from facevae_dist.fileio import atomic_write_json, atomic_write_text
+from facevae_dist.hypotheses import LOSS_LABELS, LOSS_ORDER, MODE_LABELS, MODE_ORDER, in_order
 from facevae_dist.progress import info
-from facevae_dist.groups import LOSS_ORDER, MODE_ORDER, in_order
-from facevae_dist.report import LOSS_LABELS, MODE_COLORS, MODE_LABELS, _panel, _save, _style
+from facevae_dist.report.figures import MODE_COLORS, figure_style, panel_style, save_figure
+from facevae_dist.train import checkpoint as ckpt
 
 CURVE_CSV = "curve.csv"
 CURVE_JSON = "curve.json"
@@ -150,7 +150,7 @@ def _plot_by_loss(rows: list[dict], losses: list[str], path: Path, target: float
     runs = list(dict.fromkeys(r["run"] for r in rows))
     seeds = list(dict.fromkeys(str(r["seed"]) for r in rows))
     modes = in_order((_loss_and_mode(r["hypothesis"])[1] for r in rows), MODE_ORDER)
-    with plt.rc_context(_style()):
+    with plt.rc_context(figure_style()):
         fig, axes = plt.subplots(2, len(losses), figsize=(2.6 * len(losses) + 0.8, 6.0), sharey=True,
                                  sharex="row", squeeze=False)
         for run in runs:
@@ -167,7 +167,7 @@ def _plot_by_loss(rows: list[dict], losses: list[str], path: Path, target: float
             axes[0, col].set_title(LOSS_LABELS.get(loss, loss))
             for row, xlabel in enumerate(("optimizer steps", "CPU-hours")):
                 ax = axes[row, col]
-                _panel(ax)
+                panel_style(ax)
                 ax.set_xlabel(xlabel)
                 if target is not None:
                     ax.axhline(target, color="#555555", linewidth=0.8, linestyle=(0, (4, 3)))
@@ -185,7 +185,7 @@ def _plot_by_loss(rows: list[dict], losses: list[str], path: Path, target: float
         fig.suptitle("Learning curves per loss: vs optimizer steps (top) and vs compute (bottom)",
                      fontweight="bold", fontsize=10)
         fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-        _save(fig, path)
+        save_figure(fig, path)
 
 
 def _log_steps(ax, rows: list[dict]) -> None:
@@ -203,7 +203,7 @@ def _log_steps(ax, rows: list[dict]) -> None:
 def _plot_runs(rows: list[dict], path: Path, target: float | None) -> None:
     import matplotlib.pyplot as plt  # lazy: matplotlib adds ~0.5 s to every CLI start
 
-    with plt.rc_context(_style()):
+    with plt.rc_context(figure_style()):
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
         runs = list(dict.fromkeys(r["run"] for r in rows))
         first = {run: next(r for r in rows if r["run"] == run) for run in runs}
@@ -228,7 +228,7 @@ def _plot_runs(rows: list[dict], path: Path, target: float | None) -> None:
             if cpu:
                 axes[1].plot(*zip(*cpu), **kw)
         for ax, xlabel in zip(axes, ("optimizer steps", "CPU-hours (all threads, all ranks)")):
-            _panel(ax)
+            panel_style(ax)
             ax.set_xlabel(xlabel)
             if target is not None:
                 ax.axhline(target, color="#555555", linewidth=0.8, linestyle=(0, (4, 3)))
@@ -243,4 +243,4 @@ def _plot_runs(rows: list[dict], path: Path, target: float | None) -> None:
                          transform=axes[1].transAxes, ha="center", va="center", fontsize=8, color="#555555")
         axes[0].legend(fontsize=7, frameon=False)
         fig.tight_layout()
-        _save(fig, path)
+        save_figure(fig, path)

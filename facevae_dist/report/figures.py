@@ -1,0 +1,244 @@
+"""The report's figures (matplotlib, imported lazily: it adds about half a second to every start): the mask effect,
+bar charts per region, colour and hair measures, example reconstructions; the shared style the learning curves use
+too."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from facevae_dist.evaluate.scoring import load_examples
+from facevae_dist.fileio import atomic_write_bytes
+from facevae_dist.hypotheses import LOSS_LABELS, LOSS_ORDER, MODE_LABELS, MODE_ORDER, in_order
+from facevae_dist.report.paper import paper_result
+from facevae_dist.report.results import COLUMNS
+from facevae_dist.report.tables import REGION_TITLES, Aggregate
+
+MODE_COLORS = {"none": "#E07B54", "mask": "#9DA9B5", "mask+decoder": "#2F7F8C"}
+REGION_COLORS = {"face": "#2F7F8C", "composite-face": "#7FB7BE", "composite": "#E07B54", "whole": "#8C6BB1"}
+PAPER_MARKER_LABEL = "paper (CelebA, protocol unknown)"
+
+
+def figure_style():
+    import matplotlib  # lazy, like every matplotlib import here: it adds ~0.5 s to every CLI start
+
+    matplotlib.use("Agg")
+    return {"font.family": "DejaVu Sans", "font.size": 9, "axes.titlesize": 10, "axes.titleweight": "bold",
+            "axes.edgecolor": "#444444", "axes.linewidth": 0.6}
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=150)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def loss_tick(loss: str) -> str:
+    """A loss's name under a group of bars, "SSIM + l1" on two lines so that five fit side by side."""
+    return LOSS_LABELS.get(loss, loss).replace(" + ", "\n+ ")
+
+
+def panel_style(ax) -> None:
+    ax.set_facecolor("#F4F4F4")
+    ax.grid(axis="y", color="white", linewidth=1.0)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def mask_effect_figure(agg: Aggregate, path: Path) -> bool:
+    """One panel per metric: the paired mask effect per loss, one marker per region with its 95% interval, the
+    per-seed values as small dots and the paper's difference as an open diamond. Below zero: the mask helps."""
+    if not agg.effects:
+        return False
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    losses = list(agg.effects)
+    regions = [r for r in ("face", "composite-face", "composite") if r in agg.regions]
+    with plt.rc_context(figure_style()):
+        fig, axes = plt.subplots(2, 3, figsize=(11.5, 6.6), constrained_layout=True)
+        x = np.arange(len(losses))
+        step = min(0.22, 0.8 / max(len(regions), 1))
+        for ax, (key, title, _, _) in zip(axes.flat, COLUMNS):
+            panel_style(ax)
+            ax.axhline(0, color="#222222", linewidth=0.8)
+            for j, region in enumerate(regions):
+                off = (j - (len(regions) - 1) / 2) * step
+                for i, loss in enumerate(losses):
+                    iv = agg.effects[loss][region][key]
+                    if iv.mean is None:
+                        continue
+                    ax.errorbar(x[i] + off, iv.mean, yerr=[[iv.mean - iv.lo], [iv.hi - iv.mean]], fmt="o",
+                                color=REGION_COLORS[region], markersize=5, capsize=3, elinewidth=1.2)
+                    if iv.per_seed:
+                        ax.plot([x[i] + off + step * 0.3] * len(iv.per_seed), iv.per_seed, ".", color="#555555",
+                                markersize=3)
+            for i, loss in enumerate(losses):
+                pa, pb = (paper_result(loss, m) for m in ("none", "mask+decoder")) if loss in LOSS_ORDER \
+                    else (None, None)
+                if pa and pb:
+                    ax.plot(x[i] + (len(regions) / 2 + 0.2) * step, pb[key] - pa[key], "D", markersize=5,
+                            markerfacecolor="white", markeredgecolor="black", markeredgewidth=0.9)
+            ax.set_title(title)
+            ax.set_xticks(x, [loss_tick(l) for l in losses])
+            ax.set_xlim(-0.7, len(losses) - 0.3)
+            ax.tick_params(axis="x", length=0)
+        handles = [Line2D([], [], marker="o", color=REGION_COLORS[r], linestyle="none", label=f"{r}")
+                   for r in regions]
+        handles += [Line2D([], [], marker=".", color="#555555", linestyle="none", label="single seed"),
+                    Line2D([], [], marker="D", markerfacecolor="white", markeredgecolor="black", linestyle="none",
+                           label=PAPER_MARKER_LABEL)]
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
+        fig.suptitle(f"Mask effect: mask+decoder minus no mask, paired per image (below 0 = the mask helps)\n"
+                     f"{len(agg.keys)} test images, {agg.seeds_note}; bars: 95% hierarchical bootstrap over seeds "
+                     "and images", fontsize=10)
+        save_figure(fig, path)
+    return True
+
+
+def bar_chart(agg: Aggregate, region: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    groups = agg.groups
+    losses = in_order((g.loss for g in groups), LOSS_ORDER)
+    modes = in_order((g.mask_mode for g in groups), MODE_ORDER)
+    with plt.rc_context(figure_style()):
+        fig, axes = plt.subplots(2, 3, figsize=(11.5, 6.4), constrained_layout=True)
+        width = min(0.8 / max(len(modes), 1), 0.3)
+        x = np.arange(len(losses))
+        for ax, (key, title, _, _) in zip(axes.flat, COLUMNS):
+            panel_style(ax)
+            top = 0.0
+            for j, mode in enumerate(modes):
+                off = (j - (len(modes) - 1) / 2) * width
+                for i, loss in enumerate(losses):
+                    g = next((g for g in groups if g.loss == loss and g.mask_mode == mode), None)
+                    if g is None:
+                        continue
+                    iv = agg.tables[(g.hypothesis, region)][key]
+                    if iv.mean is None:
+                        continue
+                    ax.bar(x[i] + off, iv.mean, width * 0.92, color=MODE_COLORS.get(mode, "#777777"),
+                           yerr=[[max(iv.mean - iv.lo, 0)], [max(iv.hi - iv.mean, 0)]], capsize=2,
+                           error_kw={"elinewidth": 0.8, "ecolor": "#222222"})
+                    top = max(top, iv.hi)
+                    paper = paper_result(loss, mode) if loss in LOSS_ORDER else None
+                    if paper is not None:
+                        ax.plot(x[i] + off, paper[key], marker="D", markersize=4.5, markerfacecolor="white",
+                                markeredgecolor="black", markeredgewidth=0.9, linestyle="none", zorder=5)
+                        top = max(top, paper[key])
+            ax.set_title(title)
+            ax.set_xticks(x, [loss_tick(l) for l in losses])
+            ax.set_xlim(-0.6, len(losses) - 0.4)
+            ax.set_ylim(0, top * 1.12 if top > 0 else 1)
+            ax.tick_params(axis="x", length=0)
+        handles = [Patch(color=MODE_COLORS.get(m, "#777777"), label=f"mask: {MODE_LABELS.get(m, m)}") for m in modes]
+        handles.append(Line2D([], [], marker="D", markersize=5, markerfacecolor="white", markeredgecolor="black",
+                              linestyle="none", label=PAPER_MARKER_LABEL))
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False,
+                   title="training loss on the x axis", title_fontsize=8)
+        fig.suptitle(f"Region `{region}`: {REGION_TITLES[region].lower()}\nn = {len(agg.keys)}, {agg.seeds_note} "
+                     "(lower is better; bars: mean over seeds, 95% hierarchical bootstrap)", fontsize=10)
+        save_figure(fig, path)
+
+
+def appearance_figure(agg: Aggregate, path: Path) -> bool:
+    """Colour cast, signed a* shift and hair sharpness per hypothesis: bars grouped by loss, the mask variants side
+    by side, 95% intervals, the single seeds as dots."""
+    if not agg.looks:
+        return False
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    groups = [g for g in agg.groups if g.hypothesis in agg.looks]
+    losses = in_order((g.loss for g in groups), LOSS_ORDER)
+    modes = [m for m in MODE_ORDER if any(g.mask_mode == m for g in groups)]
+    panels = (("colour_shift", "Colour cast on face pixels (CIELAB; lower: truer colour)"),
+              ("da", "Mean a* shift on face pixels (+: toward magenta/red)"),
+              ("hair_sharpness", "Hair sharpness (reconstruction / input; 1 = as sharp)"))
+    with plt.rc_context(figure_style()):
+        fig, axes = plt.subplots(1, 3, figsize=(12.5, 3.9), constrained_layout=True)
+        width = min(0.8 / max(len(modes), 1), 0.3)
+        x = np.arange(len(losses))
+        for ax, (measure, title) in zip(axes, panels):
+            panel_style(ax)
+            for j, mode in enumerate(modes):
+                off = (j - (len(modes) - 1) / 2) * width
+                for i, loss in enumerate(losses):
+                    g = next((g for g in groups if g.loss == loss and g.mask_mode == mode), None)
+                    iv = agg.looks[g.hypothesis][measure] if g else None
+                    if iv is None or iv.mean is None:
+                        continue
+                    ax.bar(x[i] + off, iv.mean, width * 0.92, color=MODE_COLORS.get(mode, "#777777"),
+                           yerr=[[max(iv.mean - iv.lo, 0)], [max(iv.hi - iv.mean, 0)]], capsize=2,
+                           error_kw={"elinewidth": 0.8, "ecolor": "#222222"})
+                    if iv.per_seed:
+                        ax.plot([x[i] + off] * len(iv.per_seed), iv.per_seed, ".", color="#333333", markersize=3)
+            if measure == "hair_sharpness":
+                ax.axhline(1.0, color="#222222", linewidth=0.8, linestyle="--")
+            if measure == "da":
+                ax.axhline(0.0, color="#222222", linewidth=0.8)
+            ax.set_title(title, fontsize=9)
+            ax.set_xticks(x, [loss_tick(l) for l in losses])
+            ax.tick_params(axis="x", length=0)
+        handles = [Patch(color=MODE_COLORS.get(m, "#777777"), label=f"mask: {MODE_LABELS.get(m, m)}") for m in modes]
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
+        fig.suptitle(f"Colour and hair (the paper's C9 and C10), raw output; n = {len(agg.keys)}, {agg.seeds_note}; "
+                     "bars: mean over seeds, 95% hierarchical bootstrap; dots: single seeds", fontsize=10)
+        save_figure(fig, path)
+    return True
+
+
+def comparison_figure(agg: Aggregate, field: str, path: Path, max_images: int = 6) -> bool:
+    """Grid: one row per test image, input first, then each run's output (every seed; same keys everywhere)."""
+    import matplotlib.pyplot as plt
+
+    runs = [(g, r) for g in agg.groups for r in g.runs]
+    if len(runs) > 12:  # a big grid: the first seed of each hypothesis
+        runs = [(g, g.runs[0]) for g in agg.groups]
+    loaded = [load_examples(r.ev) for _, r in runs]
+    if any(not keys for keys, _ in loaded):
+        return False
+    common = sorted(set.intersection(*(set(k) for k, _ in loaded)))[:max_images]
+    if not common:
+        return False
+
+    def img(keys, tensors, name, key):
+        a = tensors[name][keys.index(key)]
+        return np.repeat(a, 3, 0).transpose(1, 2, 0) if a.shape[0] == 1 else a.transpose(1, 2, 0)
+
+    cols = 1 + len(runs)
+    fig, axes = plt.subplots(len(common), cols, figsize=(max(1.45 * cols, 5.0), 1.55 * len(common) + 0.8),
+                             squeeze=False)
+    for i, key in enumerate(common):
+        keys0, t0 = loaded[0]
+        axes[i, 0].imshow(img(keys0, t0, "input", key))
+        for j, (keys, tensors) in enumerate(loaded, start=1):
+            name = field if field in tensors else "recon_raw"
+            axes[i, j].imshow(img(keys, tensors, name, key))
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_visible(False)
+        axes[i, 0].set_ylabel(key, fontsize=6)
+    axes[0, 0].set_title("input", fontsize=8, fontweight="bold")
+    for j, (g, r) in enumerate(runs, start=1):
+        axes[0, j].set_title(f"{LOSS_LABELS.get(g.loss, g.loss)}\nmask: {MODE_LABELS.get(g.mask_mode, g.mask_mode)}"
+                             f"\nseed {r.seed}", fontsize=6.5)
+    # two short lines: one long line ran off both edges of a 4-run figure
+    what = ("composite: the output pasted onto the input's own background\n(alpha: the predicted mask for "
+            "mask-decoder models, the GT mask otherwise)" if field == "composite"
+            else "raw decoder output (what the model itself reconstructs)")
+    fig.suptitle(f"The same {agg.groups[0].runs[0].ev['split']} images through every run\n{what}", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return True

@@ -1,0 +1,335 @@
+"""Submitting the hypothesis grid as one Slurm job array (submitit): one requeueable element per (hypothesis, seed).
+
+    submit_sweep()  resolve the grid x seeds -> one TrainConfig per element -> snapshot the code -> one job array
+    element.py      what runs on a node: one (hypothesis, seed) trains then evaluates, and requeues on preemption
+    status.py       `sweep status` (state, step, loss, images/s, ETA per element) and `sweep collect` (the report)
+    records.py      the manifest, each element's record, Slurm's state of a job
+
+Layout of SWEEP_DIR:
+    sweep.json             manifest: element -> hypothesis, seed, run dir, every submission's job ids (atomic JSON)
+    code/<stamp>/          the facevae_dist package as it was at submit time (first on the jobs' PYTHONPATH)
+    logs/                  submitit's folder: <jobid>_<index>_<task>_log.{out,err}
+    <hypothesis-slug>/     the run directory (config.toml, checkpoints/, metrics.jsonl, eval/) + element.json;
+                           with --seeds: <hypothesis-slug>/seed-<s>/ per seed
+    report/                `facevae sweep collect`
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from facevae_dist.errors import FaceVAEError, UsageError
+from facevae_dist.fileio import atomic_write_json, atomic_write_text
+from facevae_dist.hypotheses import resolve_grid
+from facevae_dist.progress import info
+from facevae_dist.runinfo import REVISION_FILE, git_revision
+from facevae_dist.seeds import seed_problem
+from facevae_dist.sweep.element import ElementGroup, HypothesisTask
+from facevae_dist.sweep.records import (
+    ACTIVE_STATES,
+    MANIFEST,
+    is_finished,
+    live_owner,
+    manifest_elements,
+    read_json,
+    slurm_state,
+)
+
+CLUSTERS = ("slurm", "local", "debug")
+
+
+@dataclass
+
+class SlurmOptions:
+    """Resources of ONE array element. Ranks inside an element: nodes x tasks_per_node, all training one run; or,
+    with elements_per_gpu K > 1, K independent single-rank runs (K Slurm tasks) sharing one GPU (or the CPUs)."""
+
+    partition: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0 = CPU; otherwise one task (rank) per GPU
+    tasks_per_node: int | None = None  # ranks per node; None = one per GPU (1 on CPU); >1 on CPU = gloo ranks
+    cpus_per_task: int = 2
+    mem_gb: float | None = None
+    timeout_min: int = 24 * 60
+    array_parallelism: int = 15  # elements running at once
+    signal_delay_s: int = 120  # preemption signal this long before the time limit: room for a step + checkpoint
+    max_num_timeout: int = 30  # requeues after time limits (preemptions do not count)
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    elements_per_gpu: int = 1  # runs sharing one element's GPU: a batch-32 run uses a fraction of an H100
+
+    def validate(self) -> "SlurmOptions":
+        for name in ("nodes", "cpus_per_task", "timeout_min", "array_parallelism"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        if self.gpus_per_node < 0:
+            raise UsageError(f"--gpus-per-node {self.gpus_per_node}: must be >= 0")
+        if self.tasks_per_node is not None and self.tasks_per_node < 1:
+            raise UsageError(f"--tasks-per-node {self.tasks_per_node}: must be >= 1")
+        if self.tasks_per_node and self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
+            raise UsageError(f"--tasks-per-node {self.tasks_per_node} with --gpus-per-node {self.gpus_per_node}: "
+                             "the trainer runs one rank per GPU; leave --tasks-per-node out")
+        if self.signal_delay_s < 0 or self.max_num_timeout < 0:
+            raise UsageError("--signal-delay-s and --max-num-timeout must be >= 0")
+        if self.elements_per_gpu < 1:
+            raise UsageError(f"--elements-per-gpu {self.elements_per_gpu}: must be >= 1")
+        if self.elements_per_gpu > 1 and (self.nodes > 1 or self.gpus_per_node > 1 or self.tasks_per_node):
+            raise UsageError(f"--elements-per-gpu {self.elements_per_gpu}: each shared run has one rank on one GPU; "
+                             "use it with --nodes 1, --gpus-per-node 0 or 1 and no --tasks-per-node")
+        return self
+
+    @property
+    def ranks_per_node(self) -> int:
+        """Slurm tasks per node: the ranks of one run, or the K runs sharing the element (elements_per_gpu)."""
+        if self.elements_per_gpu > 1:
+            return self.elements_per_gpu
+        return self.tasks_per_node or max(1, self.gpus_per_node)
+
+    def srun_args(self) -> list[str]:
+        """Slurm 22.05-23.02 do not pass the job's --cpus-per-task to srun's steps: without it every rank (and its
+        data workers) may be bound to one core. --kill-on-bad-exit: a rank that dies ends its peers at once instead
+        of leaving them in a collective until the process-group timeout; not for shared elements, whose runs are
+        independent (one failing must not end the others)."""
+        args = [f"--cpus-per-task={self.cpus_per_task}"]
+        if self.elements_per_gpu == 1:
+            args.append("--kill-on-bad-exit=1")
+        return args
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    """`--seeds 0,1,2` -> [0, 1, 2]; None/"" -> None (one run per hypothesis). A seed outside 0..2**32-1 or a
+    repeated seed is a UsageError (a repeat would silently run fewer elements than asked)."""
+    if not text or not text.strip():
+        return None
+    parts = [s.strip() for s in text.split(",") if s.strip()]
+    seeds = [int(s) if s.lstrip("-").isdigit() else s for s in parts]
+    bad = next((p for p in (seed_problem(s) for s in seeds) if p), None) if seeds else "no seed given"
+    if bad:
+        raise UsageError(f"--seeds {text!r}: {bad}; e.g. --seeds 0,1,2")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise UsageError(f"--seeds {text!r}: {', '.join(map(str, repeated))} given more than once; list each seed once")
+    return seeds
+
+
+def element_key(hypothesis: str, seed: int | None) -> str:
+    """The manifest's name of one element: the hypothesis, plus the seed when the sweep runs several."""
+    return hypothesis if seed is None else f"{hypothesis} seed={seed}"
+
+
+def element_configs(names: list[str], shards: str | Path, out: Path, overrides: list[str],
+                    seeds: list[int] | None = None) -> dict[str, dict]:
+    """One resolved, validated TrainConfig (as a dict) per (hypothesis, seed), keyed by element_key. Run dirs:
+    SWEEP_DIR/<slug> without seeds, SWEEP_DIR/<slug>/seed-<s> with them. A seed sets both the model's seed
+    (init, sampling noise) and the data order's: seeds are independent repeats of the whole run."""
+    from facevae_dist.config import TrainConfig, apply_overrides
+    from facevae_dist.hypotheses import resolve_hypothesis
+
+    configs = {}
+    for name in names:
+        hyp = resolve_hypothesis(name)
+        for seed in seeds or [None]:
+            run_dir = out / hyp.slug if seed is None else out / hyp.slug / f"seed-{seed}"
+            cfg = TrainConfig.from_hypothesis(name, run_dir=str(run_dir.resolve()),
+                                              data={"shards": str(Path(shards).resolve())})
+            cfg = apply_overrides(cfg, overrides)
+            # the grid fixes these per element: an override must not silently turn the grid into copies of one run
+            cfg.model.mask_mode = hyp.mask_mode
+            cfg.loss.terms = hyp.loss_terms
+            if seed is not None:
+                cfg.seed = cfg.data.seed = seed
+            cfg.resume = "auto"
+            if cfg.deepspeed:  # jobs start in the code snapshot directory: relative paths would not resolve there
+                cfg.deepspeed = str(Path(cfg.deepspeed).resolve())
+            configs[element_key(name, seed)] = cfg.validate().to_dict()
+    return configs
+
+
+def snapshot_code(out: Path) -> Path:
+    """Copy the facevae_dist package into SWEEP_DIR/code/<stamp>/ so edits made while the sweep runs do not change
+    the running or requeued jobs (they import from the snapshot: it is first on their PYTHONPATH)."""
+    import facevae_dist
+
+    src = Path(facevae_dist.__file__).resolve().parent
+    dest = out / "code" / time.strftime("%Y%m%d-%H%M%S")
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp / "facevae_dist", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    revision = git_revision(src.parent)  # the copy is outside git: its runs record the revision it was taken from
+    if revision:
+        atomic_write_text(tmp / "facevae_dist" / REVISION_FILE, revision + "\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest
+
+
+def _make_executor(cluster: str, folder: Path, slurm: SlurmOptions, code_dir: Path, name: str):
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster, slurm_max_num_timeout=slurm.max_num_timeout)
+    params = dict(name=name, timeout_min=slurm.timeout_min, nodes=slurm.nodes, tasks_per_node=slurm.ranks_per_node,
+                  cpus_per_task=slurm.cpus_per_task)
+    if slurm.gpus_per_node:
+        params["gpus_per_node"] = slurm.gpus_per_node
+    if slurm.mem_gb:
+        params["mem_gb"] = slurm.mem_gb
+    if cluster == "slurm":
+        params.update(slurm_array_parallelism=slurm.array_parallelism, slurm_signal_delay_s=slurm.signal_delay_s,
+                      slurm_srun_args=slurm.srun_args(),
+                      slurm_setup=[f"export PYTHONPATH={code_dir}${{PYTHONPATH:+:$PYTHONPATH}}",
+                                   "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}"])
+        for key in ("partition", "account", "qos", "constraint"):
+            if getattr(slurm, key):
+                params[f"slurm_{key}"] = getattr(slurm, key)
+    executor.update_parameters(**params)
+    return executor
+
+
+def submit_sweep(out: str | Path, shards: str | Path, *, grid: str | None = None,
+                 hypotheses: list[str] | None = None, seeds: list[int] | None = None, cluster: str = "slurm",
+                 slurm: SlurmOptions | None = None, overrides: list[str] | None = None, eval_split: str = "test",
+                 eval_limit: int | None = None, wait: bool = False) -> dict:
+    """Submit the unfinished (hypothesis, seed) elements of the grid as one job array; returns the manifest.
+    Rerunning skips the finished ones and those still queued/running, and resubmits the rest (which resume from
+    their checkpoints)."""
+    if cluster not in CLUSTERS:
+        raise UsageError(f"--cluster {cluster!r}: choose one of {', '.join(CLUSTERS)}")
+    slurm = (slurm or SlurmOptions()).validate()
+    if slurm.elements_per_gpu > 1 and cluster == "debug":
+        raise UsageError("--elements-per-gpu > 1 runs one process per run: use --cluster slurm or local")
+    out = Path(out).resolve()
+    shards = Path(shards)
+    if not (shards / "manifest.json").is_file():
+        raise UsageError(f"--shards {shards}: no manifest.json there; build shards first "
+                         "(facevae shards build --source ... --out DIR)")
+    if cluster == "slurm" and shutil.which("sbatch") is None:
+        raise UsageError("--cluster slurm: `sbatch` is not on PATH; run on a Slurm login node, use --cluster local, "
+                         "or start a one-node cluster with slurm/local-cluster/start.sh")
+    names = [h.name for h in resolve_grid(grid, hypotheses)]
+    configs = element_configs(names, shards, out, overrides or [], seeds)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = read_json(out / MANIFEST) or {"created": time.time(), "elements": {}, "submissions": []}
+    elements = manifest["elements"] = manifest_elements(manifest)
+    manifest.pop("hypotheses", None)  # an older manifest's name for the same table
+
+    todo = _elements_to_submit(configs, elements, cluster)
+    if not todo:
+        info("nothing to submit: every element is finished or still queued/running")
+        atomic_write_json(out / MANIFEST, manifest)
+        return manifest
+
+    code_dir = snapshot_code(out)
+    executor = _make_executor(cluster, out / "logs", slurm, code_dir, name=f"facevae-{out.name}")
+    k = slurm.elements_per_gpu
+    groups = [todo[i:i + k] for i in range(0, len(todo), k)]  # one array element each
+    tasks = [HypothesisTask(configs[key], eval_split, eval_limit) for key in todo]
+    if k > 1:
+        tasks = [ElementGroup(tasks[i:i + k]) for i in range(0, len(tasks), k)]
+    # batch() = one job array; each element's function is the task itself, so submitit finds its checkpoint()
+    # (map_array(fn, args) would hide it behind fn)
+    with _job_environment(code_dir, cluster, slurm.cpus_per_task), executor.batch():
+        jobs = [executor.submit(task) for task in tasks]
+
+    _record_submission(manifest, configs, groups, jobs, cluster=cluster, code_dir=code_dir, slurm=slurm, seeds=seeds,
+                       overrides=overrides, eval_split=eval_split, eval_limit=eval_limit)
+    manifest.update(shards=str(shards.resolve()), grid=grid, out=str(out))
+    atomic_write_json(out / MANIFEST, manifest)
+    info(f"submitted {len(todo)} run(s) as {len(jobs)} element(s) of job array {jobs[0].job_id.split('_')[0]} on "
+         f"{cluster}; watch with: facevae sweep status {out}")
+    if wait:
+        wait_for_jobs(jobs)
+    return manifest
+
+
+def _elements_to_submit(configs: dict, elements: dict, cluster: str) -> list[str]:
+    """The keys of the elements to (re)submit: not finished, not queued or running on Slurm, not alive here. Adds a
+    manifest entry for each new element."""
+    todo = []
+    for key, cfg in configs.items():
+        run_dir = Path(cfg["run_dir"])
+        entry = elements.setdefault(key, {"hypothesis": cfg["hypothesis"], "seed": cfg["seed"],
+                                          "slug": run_dir.name, "run_dir": str(run_dir), "job_ids": []})
+        if is_finished(run_dir):
+            info(f"skip {key}: finished ({run_dir / 'eval' / 'metrics.json'})")
+            continue
+        last = entry["job_ids"][-1] if entry["job_ids"] else None
+        state = slurm_state(last) if last and entry.get("cluster") == "slurm" == cluster else ""
+        if state in ACTIVE_STATES:
+            info(f"skip {key}: job {last} is still {state}")
+            continue
+        owner = live_owner(run_dir)
+        if owner is not None:  # a local job (or one on this node) still at it: a second copy would only fail
+            info(f"skip {key}: still running here as pid {owner}")
+            continue
+        todo.append(key)
+    return todo
+
+
+@contextlib.contextmanager
+
+def _job_environment(code_dir: Path, cluster: str, cpus_per_task: int):
+    """The environment the jobs are submitted from. Local jobs inherit this process's environment: the snapshot
+    goes first on PYTHONPATH (debug runs in this process and imports the live package). Jobs start in the submitting
+    directory, and `python -m submitit...` puts that directory first on sys.path, so a submission from the checkout
+    would import the live package: submit from the snapshot directory instead (every path in the element configs is
+    absolute). Restores the environment afterwards; a failed submission is one line."""
+    import submitit
+
+    old_path, old_threads = os.environ.get("PYTHONPATH"), os.environ.get("OMP_NUM_THREADS")
+    os.environ["PYTHONPATH"] = str(code_dir) + (os.pathsep + old_path if old_path else "")
+    if cluster == "local" and old_threads is None:
+        # what the Slurm jobs get from slurm_setup: a local element uses its --cpus-per-task cores, not every core
+        # (four 2-thread elements on 2 cores would each fight the others for them)
+        os.environ["OMP_NUM_THREADS"] = str(cpus_per_task)
+    try:
+        # clean_env: submitting from inside an allocation must not hand its SLURM_* variables to the new jobs
+        with contextlib.chdir(code_dir), submitit.helpers.clean_env():
+            yield
+    except submitit.core.utils.FailedJobError as exc:
+        raise FaceVAEError(f"submission failed: {str(exc).strip().splitlines()[-1]}") from None
+    finally:
+        if old_path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old_path
+        if old_threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+
+
+def _record_submission(manifest: dict, configs: dict, groups: list[list[str]], jobs, *, cluster: str, code_dir: Path,
+                       slurm: SlurmOptions, seeds, overrides, eval_split: str, eval_limit) -> None:
+    """Each submitted element's job id, array index and log paths into the manifest, and the submission itself."""
+    elements = manifest["elements"]
+    submission = {"time": time.time(), "cluster": cluster, "code": str(code_dir), "slurm": asdict(slurm),
+                  "seeds": seeds, "overrides": overrides or [], "eval_split": eval_split, "eval_limit": eval_limit,
+                  "elements": {}}
+    for index, (group, job) in enumerate(zip(groups, jobs)):
+        for task_index, key in enumerate(group):
+            paths = job.task(task_index).paths if slurm.elements_per_gpu > 1 else job.paths
+            elements[key].update(cluster=cluster, array_index=index, task=task_index, log_out=str(paths.stdout),
+                                 log_err=str(paths.stderr), max_steps=configs[key]["max_steps"])
+            elements[key]["job_ids"].append(job.job_id)
+        submission["elements"][str(index)] = {"elements": group, "job_id": job.job_id}
+    manifest["submissions"].append(submission)
+
+
+def wait_for_jobs(jobs) -> None:
+    """Block until every job ends (a failed element does not stop the wait for the others)."""
+    from facevae_dist.progress import make_progress
+
+    with make_progress() as progress:
+        bar = progress.add_task("sweep", total=len(jobs))
+        pending = list(jobs)
+        while pending:
+            for job in list(pending):
+                if job.done():
+                    pending.remove(job)
+                    progress.advance(bar)
+            time.sleep(2)
