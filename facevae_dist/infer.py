@@ -87,16 +87,26 @@ def to_tensor(im: Image.Image, size: int | None = None) -> torch.Tensor:
     return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
 
 
+# What `sample` and `interpolate` write, by the suffix of --out (the bytes must be what the name says).
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
 def to_png(t: torch.Tensor) -> bytes:
     """[C,H,W] (C = 1 or 3) float in [0,1] -> PNG bytes."""
+    return to_image_bytes(t, "PNG")
+
+
+def to_image_bytes(t: torch.Tensor, image_format: str) -> bytes:
+    """[C,H,W] (C = 1 or 3) float in [0,1] -> the bytes of an image file in `image_format` (PIL's name)."""
     a = (t.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    return _png(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0))
+    return _png(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0), image_format)
 
 
-def _png(a: np.ndarray) -> bytes:
-    """uint8 HxW or HxWx3 -> PNG bytes."""
+def _png(a: np.ndarray, image_format: str = "PNG") -> bytes:
+    """uint8 HxW or HxWx3 -> PNG bytes (or another PIL format)."""
     buf = io.BytesIO()
-    Image.fromarray(a, "L" if a.ndim == 2 else "RGB").save(buf, format="PNG")
+    extra = {"quality": 95} if image_format == "JPEG" else {}
+    Image.fromarray(a, "L" if a.ndim == 2 else "RGB").save(buf, format=image_format, **extra)
     return buf.getvalue()
 
 
@@ -243,13 +253,14 @@ def _grid(tiles: torch.Tensor, ncol: int, pad: int = 2) -> torch.Tensor:
 @torch.no_grad()
 def sample_grid(model_dir: str | Path, out: str | Path, *, n: int = 16, seed: int = 0, temperature: float = 1.0,
                 device: str | None = None) -> Path:
-    """Decode n prior samples z ~ N(0, temperature^2 I) into one PNG grid. Mask+decoder models show the face on
-    mid grey through their predicted mask (their background was never trained: it carries no signal)."""
+    """Decode n prior samples z ~ N(0, temperature^2 I) into one image grid (PNG or JPEG, as the suffix of `out`
+    says). Mask+decoder models show the face on mid grey through their predicted mask (their background was never
+    trained: it carries no signal)."""
     if n < 1:
         raise UsageError(f"--n {n}: must be >= 1")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise UsageError(f"--temperature {temperature}: must be a finite number >= 0 (1 = the prior itself)")
-    _check_out_file(Path(out))
+    image_format = _out_file_format(Path(out))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_any_model(model_dir, device=dev)
     g = torch.Generator().manual_seed(seed)
@@ -259,18 +270,18 @@ def sample_grid(model_dir: str | Path, out: str | Path, *, n: int = 16, seed: in
         m = model.mask_decoder(z).float()
         tiles = tiles * m + 0.5 * (1 - m)
     out = Path(out)
-    atomic_write_bytes(out, to_png(_grid(tiles.cpu(), ncol=min(n, 8))))
+    atomic_write_bytes(out, to_image_bytes(_grid(tiles.cpu(), ncol=min(n, 8)), image_format))
     return out
 
 
 @torch.no_grad()
 def interpolate_images(model_dir: str | Path, a: str | Path, b: str | Path, out: str | Path, *, steps: int = 8,
                        device: str | None = None) -> Path:
-    """Encode two photos (z = mu), decode `steps` points on the line between them; one PNG row:
+    """Encode two photos (z = mu), decode `steps` points on the line between them; one image row:
     photo a, the interpolation, photo b. Mask+decoder models composite each frame onto the cross-faded inputs."""
     if steps < 2:
         raise UsageError(f"--steps {steps}: must be >= 2")
-    _check_out_file(Path(out))
+    image_format = _out_file_format(Path(out))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_any_model(model_dir, device=dev)
     size = model.cfg.image_size
@@ -285,13 +296,20 @@ def interpolate_images(model_dir: str | Path, a: str | Path, b: str | Path, out:
         frames = frames * m + background * (1 - m)
     row = torch.cat([x[0:1], frames, x[1:2]]).cpu()
     out = Path(out)
-    atomic_write_bytes(out, to_png(_grid(row, ncol=row.shape[0])))
+    atomic_write_bytes(out, to_image_bytes(_grid(row, ncol=row.shape[0]), image_format))
     return out
 
 
-def _check_out_file(out: Path) -> None:
+def _out_file_format(out: Path) -> str:
+    """The image format --out names by its suffix (PNG or JPEG); a directory or another suffix is refused, so a
+    file never holds bytes of a format other than the one its name says."""
     if out.is_dir():
         raise UsageError(f"--out {out}: is a directory; give the PNG file to write, e.g. {out / 'grid.png'}")
+    image_format = IMAGE_FORMATS.get(out.suffix.lower())
+    if image_format is None:
+        raise UsageError(f"--out {out}: unknown image suffix {out.suffix or '(none)'!r}; name a "
+                         f"{', '.join(IMAGE_FORMATS)} file, e.g. {out.with_suffix('.png')}")
+    return image_format
 
 
 def write_summary(result: ReconstructResult, out_dir: str | Path) -> Path:

@@ -132,6 +132,24 @@ def test_bad_temperature_and_out_file_are_one_line_errors(tmp_path, capsys):
         assert len(err) == 1 and "is a directory" in err[0]
 
 
+def test_sample_and_interpolate_write_the_format_the_suffix_names(tmp_path, capsys):
+    """--out x.jpg is a JPEG file (it used to hold PNG bytes); an unknown suffix is a one-line usage error and
+    writes nothing."""
+    model = _save_model(tmp_path / "model")
+    for name, fmt in (("s.jpg", "JPEG"), ("s.JPEG", "JPEG"), ("s.png", "PNG")):
+        assert main(["sample", "--model", str(model), "--out", str(tmp_path / name), "--n", "2"]) == 0
+        assert Image.open(tmp_path / name).format == fmt
+    assert main(["interpolate", "--model", str(model), str(_photo()), str(_photo()), "--steps", "2",
+                 "--out", str(tmp_path / "i.jpg")]) == 0
+    assert Image.open(tmp_path / "i.jpg").format == "JPEG"
+    capsys.readouterr()
+    for name in ("s.gif", "grid"):
+        assert main(["sample", "--model", str(model), "--out", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and name in err[0] and ".png" in err[0]
+        assert not (tmp_path / name).exists()
+
+
 def test_reconstruct_memory_stays_bounded_for_huge_photos(tmp_path):
     """Two 3000x3000 PNGs in one batch: the old code held each as a full-size float tensor (108 MB each, plus
     full-size float outputs); now photos are uint8 and outputs are made one photo at a time. Peak RSS above the

@@ -451,3 +451,28 @@ def test_sweep_seeds_out_of_range_or_repeated_are_refused_before_submitting(shar
         err = capsys.readouterr().err
         assert words in err and "--seeds" in err and len(err.strip().splitlines()) == 1
         assert not (out / MANIFEST).exists()
+
+
+def test_empty_seeds_or_hypotheses_are_usage_errors_not_defaults(shards, tmp_path, capsys):
+    """`--seeds ""` used to mean one run per hypothesis, `0,,1` dropped the empty item, and `--hypotheses ""` (an
+    unset shell variable) submitted the whole grid: each is a one-line usage error now, and nothing is submitted."""
+    from facevae_dist.sweep.submit import parse_hypotheses, parse_seeds
+
+    assert parse_seeds(None) is None and parse_seeds(" 0, 1 ") == [0, 1]
+    assert parse_hypotheses(None) is None and parse_hypotheses("l2/none,H9") == ["l2/none", "H9"]
+    out = tmp_path / "s"
+    for flag, value in (("--seeds", ""), ("--seeds", " "), ("--seeds", "0,,1"), ("--seeds", "0,"),
+                        ("--hypotheses", ""), ("--hypotheses", "l2/none,,H9")):
+        argv = ["sweep", "submit", "--shards", str(shards), "--out", str(out), "--cluster", "local", flag, value]
+        if flag == "--seeds":
+            argv += ["--hypotheses", "l2/none"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and flag in err[0] and "empty" in err[0], err
+        assert not (out / MANIFEST).exists()
+    for value in ("", "0,,1"):  # the demo shares the parser
+        assert main(["demo", "--root", str(tmp_path / "demo"), "--seeds", value]) == 2
+        assert "--seeds" in capsys.readouterr().err
+    assert main(["demo", "--root", str(tmp_path / "demo"), "--hypotheses", ""]) == 2
+    assert "--hypotheses" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -6,14 +6,10 @@ from pathlib import Path
 
 
 def _seeds(text: str) -> tuple[int, ...]:
-    """The sweep's --seeds parser (integers 0..2**32-1, each once); the demo needs at least one."""
-    from facevae_dist.errors import UsageError
+    """The sweep's --seeds parser (integers 0..2**32-1, each once, none empty)."""
     from facevae_dist.sweep.submit import parse_seeds
 
-    seeds = parse_seeds(text)
-    if not seeds:
-        raise UsageError("--seeds: expected at least one seed, e.g. --seeds 0,1")
-    return tuple(seeds)
+    return tuple(parse_seeds(text))
 
 
 def _section(lines: list[str], heading_prefix: str) -> list[str]:
@@ -32,10 +28,11 @@ def _run(args) -> int:
     from facevae_dist.errors import UsageError
     from facevae_dist.progress import console, is_quiet
     from facevae_dist.report.claims import summary_lines
+    from facevae_dist.sweep.submit import parse_hypotheses
 
     if args.bootstrap < 100:
         raise UsageError(f"--bootstrap {args.bootstrap}: use at least 100 resamples (default 2000)")
-    opts = DemoOptions(root=Path(args.root), n=args.n, hypotheses=tuple(h for h in args.hypotheses.split(",") if h),
+    opts = DemoOptions(root=Path(args.root), n=args.n, hypotheses=tuple(parse_hypotheses(args.hypotheses)),
                        seeds=_seeds(args.seeds), steps=args.steps, batch_size=args.batch_size,
                        image_size=args.image_size, width=args.width, lr=args.lr, workers=args.workers, eval_limit=args.eval_limit,
                        resamples=args.bootstrap, overrides=args.set or [])

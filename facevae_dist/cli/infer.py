@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from facevae_dist.cli.argtypes import add_device_argument, bounded_int, positive_int
 from facevae_dist.errors import FaceVAEError
 from facevae_dist.progress import info
 
@@ -55,7 +56,7 @@ def _run_interpolate(args) -> int:
 def _model_arg(p) -> None:
     p.add_argument("--model", required=True, metavar="DIR",
                    help="an exported model directory (`facevae export`) or a run directory (its best checkpoint)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    add_device_argument(p)
 
 
 def register(sub) -> None:
@@ -86,7 +87,7 @@ def register(sub) -> None:
                         description="Decode random latent vectors into a PNG grid. For mask+decoder models each "
                         "sample is shown through its predicted mask on grey (their background is untrained).")
     _model_arg(sp)
-    sp.add_argument("--out", default="samples.png", help="PNG to write (default samples.png)")
+    sp.add_argument("--out", default="samples.png", help="image to write: .png or .jpg by its suffix (default samples.png)")
     sp.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--temperature", type=float, default=1.0, help="prior standard deviation scale (default 1)")
@@ -98,6 +99,6 @@ def register(sub) -> None:
     _model_arg(ip)
     ip.add_argument("a", help="first image")
     ip.add_argument("b", help="second image")
-    ip.add_argument("--out", default="interpolation.png", help="PNG to write (default interpolation.png)")
+    ip.add_argument("--out", default="interpolation.png", help="image to write: .png or .jpg by its suffix (default interpolation.png)")
     ip.add_argument("--steps", type=int, default=8, help="interpolation frames (default 8)")
     ip.set_defaults(func=_run_interpolate, _parser=ip)

@@ -34,7 +34,7 @@ examples:
 def _submit(args) -> int:
     from facevae_dist.presets import sweep_overrides
     from facevae_dist.progress import info
-    from facevae_dist.sweep.submit import SlurmOptions, parse_seeds, submit_sweep
+    from facevae_dist.sweep.submit import SlurmOptions, parse_hypotheses, parse_seeds, submit_sweep
 
     slurm = SlurmOptions(partition=args.partition, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                          tasks_per_node=args.tasks_per_node,
@@ -42,12 +42,13 @@ def _submit(args) -> int:
                          array_parallelism=args.array_parallelism, signal_delay_s=args.signal_delay_s,
                          max_num_timeout=args.max_num_timeout, account=args.account, qos=args.qos,
                          constraint=args.constraint, elements_per_gpu=args.elements_per_gpu)
-    hyps = [h for h in (args.hypotheses or "").split(",") if h.strip()]
+    hyps = parse_hypotheses(args.hypotheses)
+    seeds = parse_seeds(args.seeds)
     world = 1 if getattr(slurm, "elements_per_gpu", 1) > 1 else slurm.nodes * slurm.ranks_per_node  # ranks per run
     overrides, warnings = sweep_overrides(args.preset, args.set or [], world)
     for line in warnings:
         info(line)
-    submit_sweep(args.out, args.shards, grid=args.grid, hypotheses=hyps or None, seeds=parse_seeds(args.seeds),
+    submit_sweep(args.out, args.shards, grid=args.grid, hypotheses=hyps, seeds=seeds,
                  cluster=args.cluster, slurm=slurm, overrides=overrides, eval_split=args.eval_split,
                  eval_limit=args.eval_limit, wait=args.wait)
     if args.wait:

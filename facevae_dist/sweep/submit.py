@@ -102,20 +102,40 @@ class SlurmOptions:
         return args
 
 
+def _comma_list(flag: str, text: str, example: str) -> list[str]:
+    """The items of a comma-separated flag value; an empty value or an empty item (`""`, `0,,1`, an unset shell
+    variable) is a UsageError: a flag given empty must not quietly mean "the default"."""
+    parts = [s.strip() for s in text.split(",")]
+    if not any(parts):
+        raise UsageError(f"{flag} {text!r}: empty; leave {flag} out for the default, or give e.g. {flag} {example}")
+    if not all(parts):
+        raise UsageError(f"{flag} {text!r}: an empty item between commas; e.g. {flag} {example}")
+    return parts
+
+
 def parse_seeds(text: str | None) -> list[int] | None:
-    """`--seeds 0,1,2` -> [0, 1, 2]; None/"" -> None (one run per hypothesis). A seed outside 0..2**32-1 or a
-    repeated seed is a UsageError (a repeat would silently run fewer elements than asked)."""
-    if not text or not text.strip():
+    """`--seeds 0,1,2` -> [0, 1, 2]; None (the flag left out) -> None (one run per hypothesis). An empty value or
+    item, a seed outside 0..2**32-1 or a repeated seed is a UsageError (a repeat would silently run fewer elements
+    than asked)."""
+    if text is None:
         return None
-    parts = [s.strip() for s in text.split(",") if s.strip()]
+    parts = _comma_list("--seeds", text, "0,1,2")
     seeds = [int(s) if s.lstrip("-").isdigit() else s for s in parts]
-    bad = next((p for p in (seed_problem(s) for s in seeds) if p), None) if seeds else "no seed given"
+    bad = next((p for p in (seed_problem(s) for s in seeds) if p), None)
     if bad:
         raise UsageError(f"--seeds {text!r}: {bad}; e.g. --seeds 0,1,2")
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})
     if repeated:
         raise UsageError(f"--seeds {text!r}: {', '.join(map(str, repeated))} given more than once; list each seed once")
     return seeds
+
+
+def parse_hypotheses(text: str | None) -> list[str] | None:
+    """`--hypotheses l2/none,H9` -> ["l2/none", "H9"]; None (the flag left out) -> None (the grid). Given but empty
+    (an unset shell variable) is a UsageError, not the whole grid."""
+    if text is None:
+        return None
+    return _comma_list("--hypotheses", text, "l2/none,l2/mask+decoder")
 
 
 def element_key(hypothesis: str, seed: int | None) -> str:
