@@ -15,8 +15,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from facevae_dist.config import TrainConfig, apply_overrides
+from facevae_dist.data.shards import ShardOptions, build_shards, shards_info
+from facevae_dist.data.sources import make_source
+from facevae_dist.errors import RunError, UsageError
+from facevae_dist.evaluate.scoring import evaluate
 from facevae_dist.fileio import atomic_write_json
+from facevae_dist.hypotheses import resolve_hypothesis
 from facevae_dist.progress import info
+from facevae_dist.report.build import make_report
+from facevae_dist.train.loop import train
 
 # The paper's question in its simplest form: the same loss with and without the face mask.
 DEMO_HYPOTHESES = ("l2/none", "l2/mask+decoder")
@@ -30,7 +38,7 @@ class DemoOptions:
     seeds: tuple[int, ...] = (0, 1)  # two seeds per hypothesis: intervals across seeds, not one lucky run
     steps: int = 600
     batch_size: int = 32
-    image_size: int = 36  # small images learn fastest per CPU second (measured curve: README, issue 8)
+    image_size: int = 36  # small images learn fastest per CPU second (docs/reference: the learning curves)
     width: float = 0.25  # channel multiplier (1.0 = the paper's network)
     lr: float = 2e-3
     workers: int = 2
@@ -44,14 +52,6 @@ def demo_run_dir(root: Path, hypothesis_slug: str, seed: int) -> Path:
 
 
 def run_demo(opts: DemoOptions) -> dict:
-    from facevae_dist.config import TrainConfig, apply_overrides
-    from facevae_dist.data.shards import ShardOptions, build_shards, shards_info
-    from facevae_dist.data.sources import make_source
-    from facevae_dist.errors import RunError, UsageError
-    from facevae_dist.evaluate.scoring import evaluate
-    from facevae_dist.hypotheses import resolve_hypothesis
-    from facevae_dist.report.build import make_report
-    from facevae_dist.train.loop import train
 
     if not opts.seeds or len(set(opts.seeds)) != len(opts.seeds):
         raise UsageError(f"--seeds {','.join(map(str, opts.seeds))}: give distinct seeds, e.g. --seeds 0,1")

@@ -5,7 +5,8 @@ models the composite's background error is exactly 0, so the effective weight sc
 SSIM is TF's `tf.image.ssim` (9x9 Gaussian, sigma 1.5, VALID window, per channel); KL is a mean over batch and
 latent dims; BCE is Keras' clipped BCE; Dice is batch-global with squared denominators.
 
-Every term is computed in fp32 with autocast off: bf16 SSIM statistics are badly wrong (toolchain.md §5).
+Every term is computed in fp32 with autocast off: bf16 SSIM statistics are badly wrong (the
+variance terms are small differences of large means, which bf16's 8-bit mantissa cannot hold).
 The returned terms are the *weighted* contributions, so `loss == sum of the terms` (as the paper's logs).
 """
 

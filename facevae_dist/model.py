@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
 from torch import nn
 
 from facevae_dist.config import IMAGE_SIZES, ModelConfig  # the config lives on the torch-free ground floor
@@ -217,7 +219,6 @@ class FaceVAE(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write model.safetensors + config.json (each atomically) into `directory`."""
-        from safetensors.torch import save
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -229,8 +230,6 @@ class FaceVAE(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "FaceVAE":
         """Load a directory written by save_pretrained. Refuses weights that do not match config.json."""
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
 
         directory = Path(directory)
         cfg_path, w_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE

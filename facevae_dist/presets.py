@@ -1,7 +1,7 @@
 """`--preset paper`: the authors' released setup in one flag, for `shards build`, `train` and `sweep submit`.
 
 The default stays the corrected VAE (standard sampling, mean-z validation, the project's short schedule). The
-paper preset is what the released Keras code did (paper.md §1-§3): its sampling bug, Keras' Adam (eps outside the
+paper preset is what the released Keras code did (docs/paper.md): its sampling bug, Keras' Adam (eps outside the
 bias correction) with lr 1e-4, eps 1e-7 and per-tensor clipnorm 1e-3, validation that samples z like the Keras
 Lambda layer, epochs of 4000 steps x batch 32 with 700 validation batches each and the best-by-validation
 checkpoint, 100 epochs, fp32, one process; shards squashed with cv2-style INTER_LINEAR and stored losslessly; and

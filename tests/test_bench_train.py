@@ -82,7 +82,7 @@ AMD = PAPER_TF_REFERENCES[0]
 
 
 def test_tf_reference_only_for_the_same_cpu_model_and_flags():
-    """Issue 18 item 10: a 2-core Intel Xeon with AVX-512 and AMX was shown a ratio against a TF figure from an Intel
+    """A 2-core Intel Xeon with AVX-512 and AMX was shown a ratio against a TF figure from an Intel
     Xeon without them. A reference counts only for the same model name and the same speed flags."""
     same = ("AMD EPYC", {"fpu", "sse2", "avx2", "avx512f", "avx512_bf16"})  # other flags do not matter
     assert paper_tf_reference(same) is AMD

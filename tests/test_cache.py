@@ -166,7 +166,7 @@ def test_an_edited_cache_is_rebuilt_never_mapped_wrong(own_shards, tamper):
 
 
 def test_a_stale_cache_in_a_read_only_folder_streams_under_auto_and_is_one_line_under_host(own_shards, monkeypatch):
-    """Issue 18 item 9: placement=auto with a stale cache it cannot rebuild (read-only shards folder) streams."""
+    """placement=auto with a stale cache it cannot rebuild (read-only shards folder) streams."""
     paths = cache_paths(own_shards, "train")
     open_cache(own_shards, "train", processes=1)
     _edit_meta(paths, lambda m: m.update(count=81))  # stale

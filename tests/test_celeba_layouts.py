@@ -1,4 +1,4 @@
-"""Issue 18, real datasets: the CelebA layouts people hold (rebuilt in miniature: a few 178x218 images, the partition
+"""Real datasets: the CelebA layouts people hold (rebuilt in miniature: a few 178x218 images, the partition
 file, label maps), label maps in CelebAMask-HQ's own numbering, stray files in CelebAMask-HQ's part-mask folders,
 where the masks come from, and the warnings for empty splits and images that are not aligned CelebA."""
 

@@ -133,7 +133,7 @@ def test_pickled_objects_are_refused(tmp_path):
     assert set(load_pt(tmp_path / "rng.pt")) >= {"python", "numpy", "torch"}
 
 
-# ---- hardening (issue 9): damaged checkpoints, disk full, killed renames -------------------------------------------
+# ---- damaged checkpoints, disk full, killed renames -------------------------------------------
 
 
 def _truncate(path, keep=0.5):

@@ -62,7 +62,7 @@ def test_bad_overrides_name_the_field(item, match):
     ("loss.terms=ssim,l3", "unknown term"),
     ("resume=/no/such/dir", "neither 'auto', 'none' nor a checkpoint directory"),
     ("deepspeed=/no/such.json", "no such file"),
-    # sizes whose weights would overflow a storage allocation (issue 18 item 9): bounded, naming the field
+    # sizes whose weights would overflow a storage allocation: bounded, naming the field
     ("model.width=1e9", "model.width=1000000000.0 must be a number in (0, 8]"),
     ("model.latent_dim=1000000000000", "model.latent_dim=1000000000000 must be an integer in [1, 8192]"),
 ])

@@ -1,7 +1,7 @@
-"""Issue 9, runtime side, end to end through `facevae`: a damaged newest checkpoint, a kill between the renames of
-best/, and what evaluation then reports. Issue 18 item 1: a decoded-cache builder killed mid-build leaves no orphan
-decoder holding the lock, and the next build completes. Issue 18 item 9 (model directories): a damaged
-config.json or export.json is one line naming the file, never a traceback."""
+"""Recovery after a crash, end to end through `facevae`: a damaged newest checkpoint, a kill between the renames of
+best/, and what evaluation then reports; a decoded-cache builder killed mid-build leaves no orphan decoder holding
+the lock, and the next build completes; a damaged model config.json or export.json is one line naming the file,
+never a traceback."""
 
 from __future__ import annotations
 

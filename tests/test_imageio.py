@@ -1,5 +1,5 @@
 """Every read of a user image (shards build sources, reconstruct): EXIF orientation applied, 16-bit images and masks
-converted by value, decode size bounded (issue 9 items 3, 4, 8)."""
+converted by value, decode size bounded."""
 
 from __future__ import annotations
 

@@ -233,7 +233,7 @@ def test_small_dev_shm_falls_back_to_the_pipe_before_any_worker_starts(shards, m
 
 @pytest.mark.parametrize("how", ["read-only", "no semaphores"])
 def test_workers_that_cannot_start_fall_back_to_reading_in_the_process(shards, monkeypatch, how):
-    """Issue 18 item 9: /dev/shm read-only (or multiprocessing unable to make its locks there) when the loader
+    """/dev/shm read-only (or multiprocessing unable to make its locks there) when the loader
     starts its workers: one warning, the same batches read in the training process, never a traceback."""
     if how == "read-only":
         real = os.access

@@ -19,7 +19,7 @@ from facevae_dist.evaluate import metrics as M
 
 DATA = Path(__file__).parent / "data" / "lpips_calibration"
 # The official `lpips` package (AlexNet, v0.1) on TID2013 pairs shipped with pyiqa 0.1.16 (ResultsCalibra/),
-# pyiqa's published "LPIPS(org)" row (reference/facedata.md section 3).
+# pyiqa's published "LPIPS(org)" row.
 LPIPS_PUBLISHED = {"I03": 0.7237, "I04": 0.2572, "I06": 0.0508, "I08": 0.0521, "I19": 0.4253}
 
 

@@ -14,7 +14,7 @@ from facevae_dist.train.optim import Adam, build_optimizer, clip_gradients_
 
 SHAPES = [(8, 3, 3, 3), (8,), (16, 8), (4,)]
 # per-tensor gradient scales: most far above the 1e-3 clip (clipped), one below it (left alone) with per-element
-# gradients ~1e-6, the size of eps, where the Keras and torch forms part (issue 8 §1)
+# gradients ~1e-6, the size of eps, where the Keras and torch forms part
 SCALES = [1.0, 3e-2, 1e-6, 10.0]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -82,7 +82,7 @@ def test_keras_form_matches_float64_reference(device, capturable):
     for r, o in zip(ref, ours32):  # float32 weights (each step rounds them to ~6e-8): the weights to 1e-6
         np.testing.assert_allclose(o, r, rtol=1e-6, atol=1e-9)
 
-    # and the two forms really differ here: tiny clipped gradients are the size of eps (issue 8 §1)
+    # and the two forms really differ here: tiny clipped gradients are the size of eps
     torch_form = _run_torch(lambda p: Adam(p, lr=1e-4, eps=1e-7, eps_form="torch"), w0, noise, torch.float64,
                             device=device)
     ratio = np.abs(torch_form[2] - w0[2]).mean() / np.abs(ref[2] - w0[2]).mean()

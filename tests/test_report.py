@@ -147,7 +147,7 @@ def test_legacy_eval_region_names_are_mapped(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Issue 18 item 2: the report pairs image by image only evals of one test set (real shards, real evals of exported
+# The report pairs image by image only evals of one test set (real shards, real evals of exported
 # untrained models: what is checked is what the evals scored, not what the models learned).
 
 def _shards(out: Path, seed: int, size: int) -> Path:

@@ -1,4 +1,4 @@
-"""The paper's preprocessing (issue 8 §2): cv2.resize INTER_LINEAR reproduced without OpenCV, within 1/255 per
+"""The paper's preprocessing: cv2.resize INTER_LINEAR reproduced without OpenCV, within 1/255 per
 pixel, and `shards build --resize cv2 --image-format png` storing exactly that, readable by the loader."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """`facevae shards build|verify|info` on real tar files: determinism across worker counts, resume, verify, and
-every bad input from issue 2 (one-line error, exit code 2, or skipped + counted + listed)."""
+every bad input (one-line error, exit code 2, or skipped + counted + listed)."""
 
 import json
 import os

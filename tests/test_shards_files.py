@@ -1,4 +1,4 @@
-"""Issue 9 data-path hardening, one test per class of problem: written files follow the umask, --overwrite removes
+"""What a shards build writes and reads back, one test per class of problem: written files follow the umask, --overwrite removes
 only what a build wrote, resume repairs a damaged same-size shard, malformed manifests are one-line errors, shard
 paths stay inside the shards folder, a directory named like an image is listed as skipped."""
 

@@ -273,7 +273,7 @@ def test_second_trainer_on_same_run_dir_is_refused_and_stale_temps_removed(shard
 
 
 def test_resume_refuses_a_changed_experiment_but_not_run_length(shards, tmp_path):
-    """Issue 9 item 5: a run dir must not mix what is trained; run-length knobs may change on resume."""
+    """A run dir must not mix what is trained; run-length knobs may change on resume."""
     from facevae_dist.errors import UsageError
 
     train(tiny_config(shards, tmp_path, max_steps=2, val_every=0))

@@ -15,7 +15,7 @@ Measured in one run on the same synthetic images:
                what one core can do at most
 Per core: images_per_s_per_core = images / CPU seconds of every process involved (main + DataLoader workers, from
 /proc), i.e. the rate of one fully busy core. Unlike images/s it hardly moves when other work shares the machine.
-Targets: issue 2: read with 1 worker >= 3x per_file and >= 80% of raw_decode; build >= 500 images/s per core.
+Targets: read with 1 worker >= 3x per_file and >= 80% of raw_decode; build >= 500 images/s per core.
 Host >= 20,000 images/s per core including the float conversion, with torch alone (eight GPUs at 13,000 images/s
 each then need about five cores; on a GPU the batch is converted on the device); streaming >= 2,000 per core.
 """

@@ -45,6 +45,7 @@ from facevae_dist.model import FaceVAE
 from facevae_dist.perf import cpu_flags, cpu_has_native_bf16, cpu_model, keep_freed_memory
 from facevae_dist.progress import console, info
 from facevae_dist.runinfo import environment_info
+from facevae_dist.train.distributed import make_accelerator
 from facevae_dist.train.optim import build_optimizer, clip_gradients_
 from facevae_dist.train.step import TrainStep
 
@@ -61,7 +62,7 @@ PAPER_TF_REFERENCES = (
      "flags": ("avx2", "avx512_bf16", "avx512f"), "img_s": {"none": 12.5, "mask+decoder": 9.0},
      "source": "TF 2.15.1 measured beside this bench on 2026-12-03, median of 3 runs of 5 timed steps"},
     {"cpu": "Intel Xeon, 2 cores (no native bf16)", "cpu_model": None, "flags": None,
-     "img_s": {"none": 16.0, "mask+decoder": 13.0}, "source": "TF 2.15, issue 3 (exact model and flags not recorded)"},
+     "img_s": {"none": 16.0, "mask+decoder": 13.0}, "source": "TF 2.15 (exact model and flags not recorded)"},
 )
 CLIP_NORM = 1e-3
 FULL_CONFIGS = ("fp32", "bf16", "channels_last", "channels_last+bf16", "compile")
@@ -151,7 +152,6 @@ def _train_config(model_key: str, opts: dict, image_size: int, width: float | No
 def make_steps(cfg: TrainConfig, device: torch.device):
     """(trainer_step, bare_step, model) for one config: the trainer's TrainStep (under a real Accelerator, as in
     train.py) and the bare loop, each with its own model and optimizer from the same seed. Each returns the loss."""
-    from facevae_dist.train.distributed import make_accelerator
 
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     accelerator = make_accelerator(cfg)

@@ -9,7 +9,7 @@ import os
 import sys
 
 from facevae_dist.config import TrainConfig, apply_dict, apply_overrides, load_toml
-from facevae_dist.errors import FaceVAEError
+from facevae_dist.errors import FaceVAEError, from_os_error
 from facevae_dist.presets import add_preset_argument, apply_preset
 from facevae_dist.seeds import SEED_MAX, seed_arg
 
@@ -133,6 +133,7 @@ def deepspeed_config_from_env(environ) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     # torch and Accelerate load here, when training, not at every `facevae` start
+    from facevae_dist.cli import user_paths
     from facevae_dist.train.loop import train
 
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -141,11 +142,12 @@ def _run(args: argparse.Namespace) -> int:
     try:  # under a multi-process launcher: leave without the interpreter's teardown, whatever happened
         _print_summary(train(config_from_args(args)))
         rc = 0
-    except FaceVAEError as exc:
+    except (FaceVAEError, OSError) as exc:
         if getattr(args, "debug", False):
             raise
-        print(f"facevae: error: {exc}", file=sys.stderr)
-        rc = exc.exit_code
+        error = from_os_error(exc, user_paths(args)) if isinstance(exc, OSError) else exc
+        print(f"facevae: error: {error}", file=sys.stderr)
+        rc = error.exit_code
     _exit_without_teardown(rc)
 
 
@@ -156,7 +158,7 @@ def _print_summary(summary: dict) -> None:
 
 def _exit_without_teardown(rc: int) -> None:
     """Under a multi-process launcher, gloo's threads occasionally abort the interpreter during teardown
-    ("terminate called without an active exception", SIGABRT; toolchain.md §2), after every file is written, and
+    ("terminate called without an active exception", SIGABRT), after every file is written, and
     the launcher then reports the whole run as failed. Everything is saved by now: leave without that teardown, and
     without destroy_process_group(): destroying a gloo group joins its worker threads while holding the GIL, and a
     worker still releasing the tensors of the last collective needs the GIL (a deadlock seen under load)."""

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from facevae_dist.data.imageio import binary_mask, read_values
+
 LABEL_NAMES = ("background", "skin", "l_brow", "r_brow", "l_eye", "r_eye", "eye_g", "l_ear", "r_ear", "ear_r",
                "nose", "mouth", "u_lip", "l_lip", "neck", "neck_l", "cloth", "hair", "hat")
 NUM_LABELS = len(LABEL_NAMES)
@@ -64,7 +66,6 @@ def part_masks_to_labelmap(parts: dict[str, np.ndarray | None], shape: tuple[int
 
 def read_part_mask(path: Path) -> np.ndarray:
     """One CelebAMask-HQ part PNG (white on black, sometimes RGB, any bit depth) -> bool HxW."""
-    from facevae_dist.data.imageio import binary_mask, read_values
 
     return binary_mask(read_values(path))
 

@@ -1,4 +1,4 @@
-"""Offline face(+hair) masks for raw photos with MediaPipe's bundled models (facedata.md §2.3, recipe A).
+"""Offline face(+hair) masks for raw photos with MediaPipe's bundled models (no download).
 
 The paper's mask model (BiSeNet face-parsing) cannot be installed offline; this approximates its class union
 (skin, brows, eyes, glasses, nose, mouth, lips, hair; not ears, neck, clothes, background):

@@ -23,6 +23,7 @@ import shlex
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from importlib.metadata import version
 from multiprocessing import get_context
 from pathlib import Path, PurePosixPath
 
@@ -30,10 +31,12 @@ import numpy as np
 from PIL import Image
 
 from facevae_dist.data.masks import FACE_EXCLUDED_LABELS
+from facevae_dist.data.resize import resize_linear
 from facevae_dist.data.sources import SPLITS, CorruptSample, Item, Record, Source
 from facevae_dist.data.tario import iter_tar, write_tar
 from facevae_dist.errors import DataError, UsageError
-from facevae_dist.fileio import atomic_write_json, atomic_write_text, sha256_file
+from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from facevae_dist.progress import info, make_progress
 
 FORMAT = "facevae-shards"
 FORMAT_VERSION = 1
@@ -81,7 +84,6 @@ def resolve_shard_size(n_train: int) -> int:
 
 def package_version() -> str:
     try:
-        from importlib.metadata import version
 
         return version("facevae-dist")
     except Exception:
@@ -112,7 +114,6 @@ def _resized(record: Record, opts: ShardOptions) -> tuple[np.ndarray, np.ndarray
     sx, sy = face.shape[1] / record.image.shape[1], face.shape[0] / record.image.shape[0]
     mask_box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
     if opts.resize == "cv2":
-        from facevae_dist.data.resize import resize_linear
 
         image = resize_linear(_crop(record.image, box), size)
         # the paper resizes the 0/1 mask as float (cv2 float path) and keeps it soft; stored as 0..255
@@ -305,7 +306,6 @@ def build_shards(source: Source, out: str | os.PathLike, opts: ShardOptions | No
                  overwrite: bool = False) -> dict:
     """Build (or resume building) shards of `source` into `out`; returns the manifest dict.
     Output bytes depend only on (source, opts), never on `workers` or on interruptions."""
-    from facevae_dist.progress import info, make_progress
 
     opts = opts or ShardOptions()
     opts.validate()
@@ -448,12 +448,12 @@ def _validate_manifest(m: dict, path: Path) -> None:
     _expect(path, "package_version", m.get("package_version"), isinstance(m.get("package_version"), str), "a string")
     splits = m.get("splits")
     _expect(path, "splits", splits, isinstance(splits, dict) and bool(splits), "an object of splits")
-    for split, info in splits.items():
+    for split, split_info in splits.items():
         field = f"splits.{split}"
-        _expect(path, field, info, isinstance(info, dict), "an object with count and shards")
-        _expect(path, f"{field}.count", info.get("count"), _is_int(info.get("count")) and info["count"] >= 0,
+        _expect(path, field, split_info, isinstance(split_info, dict), "an object with count and shards")
+        _expect(path, f"{field}.count", split_info.get("count"), _is_int(split_info.get("count")) and split_info["count"] >= 0,
                 "a count >= 0")
-        shards = info.get("shards")
+        shards = split_info.get("shards")
         _expect(path, f"{field}.shards", shards, isinstance(shards, list), "a list of shards")
         for i, shard in enumerate(shards):
             sf = f"{field}.shards[{i}]"
@@ -469,15 +469,15 @@ def _validate_manifest(m: dict, path: Path) -> None:
                 raise _manifest_error(path, f"{sf}.path", f"{shard['path']!r} is not a plain relative path inside "
                                       "the shards folder (absolute paths and '..' are refused)")
         total = sum(s["count"] for s in shards)
-        if total != info["count"]:
-            raise _manifest_error(path, f"{field}.count", f"says {info['count']} but its shards hold {total}")
+        if total != split_info["count"]:
+            raise _manifest_error(path, f"{field}.count", f"says {split_info['count']} but its shards hold {total}")
 
 
 def _check_counts_against_stats(shards_dir: Path, manifest: dict, path: Path) -> None:
     """Each shard's manifest count against the stats file written with the tar (cheap: no tar is read). A lower
     manifest count would otherwise silently train on part of a shard."""
-    for info in manifest["splits"].values():
-        for shard in info["shards"]:
+    for split_info in manifest["splits"].values():
+        for shard in split_info["shards"]:
             stats_path = shards_dir / (shard["path"][:-4] + ".stats.json" if shard["path"].endswith(".tar")
                                        else shard["path"] + ".stats.json")
             try:
@@ -505,7 +505,6 @@ def decode_sample(fields: dict[str, bytes], image_ext: str) -> tuple[np.ndarray,
 
 def verify_shards(shards_dir: str | os.PathLike) -> dict:
     """Re-read every shard: sha256, counts, keys, and decode every sample. Returns a report dict with "ok"."""
-    from facevae_dist.progress import make_progress
 
     shards_dir = Path(shards_dir)
     manifest = read_manifest(shards_dir, check_counts=False)  # counts are checked below, by reading every tar
@@ -613,6 +612,5 @@ def write_contact_sheet(tiles: list[np.ndarray], path: Path, cols: int = 8) -> N
         sheet[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = tile
     buf = io.BytesIO()
     Image.fromarray(sheet).save(buf, format="PNG")
-    from facevae_dist.fileio import atomic_write_bytes
 
     atomic_write_bytes(path, buf.getvalue())

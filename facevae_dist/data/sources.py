@@ -27,6 +27,7 @@ from facevae_dist.data.masks import (
     CELEBAMASK_HQ_PARTS,
     LABEL_SCHEMES,
     guess_label_scheme,
+    labelmap_to_mask,
     part_masks_to_labelmap,
     read_part_mask,
     to_faceparsing,
@@ -61,7 +62,6 @@ class Record:
     meta: dict = field(default_factory=dict)
 
     def face_mask(self) -> np.ndarray:
-        from facevae_dist.data.masks import labelmap_to_mask
 
         if self.mask is not None:
             return self.mask

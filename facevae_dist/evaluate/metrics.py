@@ -490,7 +490,7 @@ def export_lpips_weights(out: str | Path, weights: str | Path | None = None) -> 
 # ---------------------------------------------------------------------------------------------------------------
 # All metrics at once, and the evaluation regions
 
-# Regions are named by what they score. Which pixels the paper scored is not published (paper.md §4.3), so none of
+# Regions are named by what they score. Which pixels the paper scored is not published (docs/paper.md), so none of
 # these claims to be "the paper's": `composite` is the most likely candidate, and it is listed beside the others.
 REGIONS = {
     "face": "raw decoder output vs the input, ground-truth face pixels only (GT mask >= 0.5)",

@@ -1,7 +1,7 @@
 """The paper's published test-set metrics (Toledo & Antonelo 2021), for the report to show beside ours.
 
 Read off the authors' bar charts (cache/results_*.png) to 3 decimals; every reading fell within +-0.0002 of a
-3-decimal value, so these should equal the paper's table up to rounding (paper.md §4.2-4.3). All lower-is-better.
+3-decimal value, so these should equal the paper's table up to rounding (docs/paper.md). All lower-is-better.
 "mask: yes" in the paper = the full model (mask decoder + GT-mask compositing in training, predicted-mask
 compositing at test), i.e. our mask_mode "mask+decoder"; our "mask" mode has no counterpart in the paper.
 How the paper computed them (window, LPIPS net, VIF implementation, pixels evaluated) is not known; "10*l2" is most
@@ -31,7 +31,7 @@ PAPER_RESULTS: dict[tuple[str, bool], dict[str, float]] = {
 }
 
 SOURCE = ("Toledo & Antonelo 2021, test-set metrics read off the authors' result charts "
-          "(reference/paper.md §4.2); evaluation protocol not published")
+          "(docs/paper.md); evaluation protocol not published")
 
 
 def paper_result(loss: str, mask_mode: str) -> dict[str, float] | None:

@@ -34,7 +34,7 @@ PROTOCOL_NOTE = (
     "GT-mask composites, against 0.311 in its test table, so no region here is known to be its protocol.")
 L2_NOTE = ("10·RMSE is reported where the paper writes \"10·l2\": the paper's 10·l2 exceeds its 10·l1 in every row, "
            "which a per-pixel MSE of [0,1] images cannot do, and its l2/l1 ratio (1.38-1.45) matches RMSE/MAE "
-           "(reference/paper.md §4.3). Our MSE is in the per-run evals (metric l2).")
+           "(docs/paper.md). Our MSE is in the per-run evals (metric l2).")
 
 
 def _fmt(v: float | None, digits: int = 4) -> str:

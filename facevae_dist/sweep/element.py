@@ -14,6 +14,8 @@ import time
 import traceback
 from pathlib import Path
 
+import submitit
+
 from facevae_dist.fileio import atomic_write_json
 from facevae_dist.sweep.records import (
     ELEMENT_FILE,
@@ -42,7 +44,6 @@ class HypothesisTask:
         return Path(self.config["run_dir"])
 
     def __call__(self) -> dict:
-        import submitit
 
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
@@ -126,7 +127,6 @@ class HypothesisTask:
     def checkpoint(self, *args, **kwargs):
         """Called by submitit on preemption/time limit: the trainer has saved (or saves at the next step boundary);
         the same task resumes from the run directory's latest checkpoint (resume=auto)."""
-        import submitit
 
         return submitit.helpers.DelayedSubmission(type(self)(self.config, self.eval_split, self.eval_limit))
 
@@ -151,7 +151,6 @@ class ElementGroup:
         self.members = members
 
     def __call__(self) -> dict:
-        import submitit
 
         env = submitit.JobEnvironment()
         # each run is a world of one: no launcher variables may reach Accelerate (a LOCAL_RANK, or an MPI-style
@@ -203,7 +202,6 @@ class ElementGroup:
         return seen["signal"]
 
     def checkpoint(self, *args, **kwargs):
-        import submitit
 
         return submitit.helpers.DelayedSubmission(type(self)([m.checkpoint().function for m in self.members]))
 

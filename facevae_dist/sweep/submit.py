@@ -23,10 +23,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import submitit
+
+import facevae_dist
+from facevae_dist.config import TrainConfig, apply_overrides
 from facevae_dist.errors import FaceVAEError, UsageError
 from facevae_dist.fileio import atomic_write_json, atomic_write_text
-from facevae_dist.hypotheses import resolve_grid
-from facevae_dist.progress import info
+from facevae_dist.hypotheses import resolve_grid, resolve_hypothesis
+from facevae_dist.progress import info, make_progress
 from facevae_dist.runinfo import REVISION_FILE, git_revision
 from facevae_dist.seeds import seed_problem
 from facevae_dist.sweep.element import ElementGroup, HypothesisTask
@@ -148,8 +152,6 @@ def element_configs(names: list[str], shards: str | Path, out: Path, overrides: 
     """One resolved, validated TrainConfig (as a dict) per (hypothesis, seed), keyed by element_key. Run dirs:
     SWEEP_DIR/<slug> without seeds, SWEEP_DIR/<slug>/seed-<s> with them. A seed sets both the model's seed
     (init, sampling noise) and the data order's: seeds are independent repeats of the whole run."""
-    from facevae_dist.config import TrainConfig, apply_overrides
-    from facevae_dist.hypotheses import resolve_hypothesis
 
     configs = {}
     for name in names:
@@ -174,7 +176,6 @@ def element_configs(names: list[str], shards: str | Path, out: Path, overrides: 
 def snapshot_code(out: Path) -> Path:
     """Copy the facevae_dist package into SWEEP_DIR/code/<stamp>/ so edits made while the sweep runs do not change
     the running or requeued jobs (they import from the snapshot: it is first on their PYTHONPATH)."""
-    import facevae_dist
 
     src = Path(facevae_dist.__file__).resolve().parent
     dest = out / "code" / time.strftime("%Y%m%d-%H%M%S")
@@ -191,7 +192,6 @@ def snapshot_code(out: Path) -> Path:
 
 
 def _make_executor(cluster: str, folder: Path, slurm: SlurmOptions, code_dir: Path, name: str):
-    import submitit
 
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster, slurm_max_num_timeout=slurm.max_num_timeout)
     params = dict(name=name, timeout_min=slurm.timeout_min, nodes=slurm.nodes, tasks_per_node=slurm.ranks_per_node,
@@ -300,7 +300,6 @@ def _job_environment(code_dir: Path, cluster: str, cpus_per_task: int):
     directory, and `python -m submitit...` puts that directory first on sys.path, so a submission from the checkout
     would import the live package: submit from the snapshot directory instead (every path in the element configs is
     absolute). Restores the environment afterwards; a failed submission is one line."""
-    import submitit
 
     old_path, old_threads = os.environ.get("PYTHONPATH"), os.environ.get("OMP_NUM_THREADS")
     os.environ["PYTHONPATH"] = str(code_dir) + (os.pathsep + old_path if old_path else "")
@@ -342,7 +341,6 @@ def _record_submission(manifest: dict, configs: dict, groups: list[list[str]], j
 
 def wait_for_jobs(jobs) -> None:
     """Block until every job ends (a failed element does not stop the wait for the others)."""
-    from facevae_dist.progress import make_progress
 
     with make_progress() as progress:
         bar = progress.add_task("sweep", total=len(jobs))

@@ -69,7 +69,7 @@ def _trackers() -> list[str] | None:
 
 
 def _skip_deepspeed_shm_jit() -> None:
-    """On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce op at init (30-80 s, needs gcc, toolchain.md §1).
+    """On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce op at init (tens of seconds, needs a compiler).
     It only speeds up intra-node CPU collectives, which gloo does anyway, so mark it unavailable."""
     import deepspeed.ops  # optional and slow to import: only DeepSpeed runs pay for it
 

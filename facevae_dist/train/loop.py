@@ -2,8 +2,8 @@
 
 Distributed through Accelerate: plain DDP (gloo on CPU via Accelerator(cpu=True), NCCL on GPU) or DeepSpeed ZeRO
 1/2 from a JSON in launch/. Only the model goes through accelerator.prepare: the batches come from
-data/batches.py, which already splits by rank (Accelerate's dispatcher would drop or duplicate samples,
-toolchain.md §4), and the optimizer stays ours so that it can skip a step on the device (train_step.py).
+data/batches.py, which already splits by rank (Accelerate's dispatcher would drop or duplicate samples of an
+iterable dataset to even out the ranks), and the optimizer stays ours so that it can skip a step on the device (train_step.py).
 
 Mixed precision is done by the step with torch.autocast + GradScaler (fp16 only) rather than by Accelerate, because
 Accelerate silently runs fp16 as fp32 on CPU; the losses are fp32 under autocast anyway (losses.py).

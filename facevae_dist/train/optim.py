@@ -5,7 +5,7 @@ Keras Adam puts epsilon outside the bias correction (the "epsilon hat" form of K
 torch.optim.Adam adds it to the bias-corrected sqrt(v):
     torch:  w -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 With the paper's per-tensor clip at 1e-3 the per-element gradients are ~1e-7..1e-6, the size of eps = 1e-7, so the
-two forms take steps several times apart (issue 8 §1). `eps_form` picks one; "keras" is the paper's.
+two forms take steps several times apart. `eps_form` picks one; "keras" is the paper's.
 
 The step is sync-free on accelerators: the step count lives in a tensor (like torch's capturable Adam), and a step
 can be skipped on the device (`step(found_inf=t)`, or the `found_inf` GradScaler hands optimizers that set
