@@ -36,6 +36,10 @@ IMAGE_TERMS = ("l1", "l2", "ssim")  # facevae_dist.losses
 # sizes whose weights overflow a storage allocation (a config.json with width 1e9 must be an error, not a crash).
 MAX_WIDTH = 8.0
 MAX_LATENT_DIM = 8192
+# Counts that size one decoder batch and one PNG (`facevae sample --n`, `interpolate --steps`): a typo such as 1e8
+# is a usage line, not a 200 GB allocation.
+MAX_SAMPLES = 256
+MAX_INTERPOLATION_STEPS = 256
 CLIP_MODES = ("per-tensor", "global", "none")
 EPS_FORMS = ("keras", "torch")  # facevae_dist.train.optim: where Adam adds eps (Keras' "epsilon hat" vs torch.optim.Adam)
 
@@ -85,7 +89,7 @@ class ModelConfig:
     # Stride-2 'same' transposed convs: TF keeps the first 2n rows/cols of the full 2n+1 output, PyTorch's
     # padding=1/output_padding=1 the last 2n: a 1-px phase shift of the same layer and parameters, irrelevant
     # when training from scratch. True = TF's exact numerics (needed only to load Keras weights), but the odd
-    # 2n+1 intermediate is 1.5-10x slower on CPU (bf16 worst), so the default is PyTorch's form.
+    # 2n+1 intermediate is much slower on CPU (docs/performance.md), so the default is PyTorch's form.
     tf_same_crop: bool = False
 
     def __post_init__(self) -> None:
@@ -239,7 +243,7 @@ class TrainConfig:
     # resolved once at start (resolve_mixed_precision) and recorded resolved in config.toml
     mixed_precision: str = "auto"  # "auto" | "no" | "bf16" | "fp16" (fp16 uses loss scaling)
     grad_accum: int = 1
-    channels_last: bool = True  # NHWC convolutions: ~1.4x faster on CPU, and on GPUs with tensor cores
+    channels_last: bool = True  # NHWC convolutions: faster on CPU (oneDNN) and on GPUs with tensor cores
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode: "default" | "reduce-overhead" (CUDA graphs) | "max-autotune"
     deterministic: bool = False  # cuDNN/cuBLAS deterministic algorithms (bit-exact GPU resume); else cudnn.benchmark

@@ -57,6 +57,6 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_has_native_bf16() -> bool:
-    """bf16 dot products in hardware (AVX-512 BF16 or AMX): there bf16 autocast trains ~1.6x faster than fp32
-    (`facevae bench train`); elsewhere it is emulated and slower."""
+    """bf16 dot products in hardware (AVX-512 BF16 or AMX): there bf16 autocast trains faster than fp32 (measure with
+    `facevae bench train`); elsewhere it is emulated and slower."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())

@@ -144,8 +144,8 @@ def to_float(batch: dict, device, channels_last: bool = False) -> tuple[torch.Te
 def decode_into(fields: dict[str, bytes], image_ext: str, image_out: np.ndarray, mask_out: np.ndarray) -> None:
     """Decode one sample's image and mask.png into uint8 arrays [H,W,3] and [H,W]; raises if either is unreadable
     or has the wrong size (the caller counts it as corrupt). Shared by the loader and the decoded-split cache.
-    JPEGs go through simplejpeg (libjpeg-turbo like PIL, same default DCT and upsampling: identical pixels, about
-    2.5x PIL's rate here); PIL takes what it refuses (e.g. CMYK), so the set of readable samples is PIL's."""
+    JPEGs go through simplejpeg (libjpeg-turbo like PIL, same default DCT and upsampling: identical pixels, at a
+    higher rate: docs/performance.md); PIL takes what it refuses (e.g. CMYK), so the set of readable samples is PIL's."""
     if image_ext == "jpg" and simplejpeg is not None:
         try:  # only YCbCr/gray: libjpeg-turbo's own CMYK/YCCK -> RGB differs from PIL's
             if simplejpeg.decode_jpeg_header(fields["jpg"])[2] in ("YCbCr", "Gray"):
@@ -256,9 +256,7 @@ class _BatchRing:
     worker decodes straight into its own slots (allocated once, before the workers fork, so their pages stay
     mapped) and sends only (worker, slot, seq); the training process copies the slot out at once.
     Kept on a measured A/B against the DataLoader's own shared-memory handover (workers returning torch uint8
-    tensors, also when decoded straight into shared tensors): same shards and session, interleaved runs, medians
-    of 9, 144 px, batch 32, 2-core AMD EPYC VM under load: 1 worker 3352 vs 2488 images/s per core (1.35x),
-    2 workers 3111 vs 2254-2324 (1.34-1.38x).
+    tensors, also when decoded straight into shared tensors): docs/performance.md, "Data throughput".
     Why a slot is never overwritten before it is copied: the DataLoader sends a worker a new task only when the
     training process takes a batch, and keeps at most prefetch_factor x workers tasks outstanding, so a worker is
     at most that many batches ahead of the last batch taken, and every batch before that one has been copied.
