@@ -43,7 +43,6 @@ class DemoOptions:
     lr: float = 2e-3
     workers: int = 2
     eval_limit: int | None = None
-    resamples: int = 2000  # bootstrap resamples of the report
     overrides: list[str] = field(default_factory=list)  # --set a.b=value for every run
 
 
@@ -92,7 +91,7 @@ def run_demo(opts: DemoOptions) -> dict:
         evaluate(run_dir, shards, split="test", limit=opts.eval_limit)
 
     info(f"[bold]4/4[/] report -> {reports}")
-    result = make_report(run_dirs, reports, resamples=opts.resamples)
+    result = make_report(run_dirs, reports)
     summary = {"shards": str(shards), "runs": [str(r) for r in run_dirs], "report": result,
                "profile": {"image_size": opts.image_size, "width": opts.width, "lr": opts.lr,
                            "batch_size": opts.batch_size, "steps": opts.steps, "seeds": list(opts.seeds)},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from facevae_dist.report.claims import CLAIMS, Comparison, _judge, _verdict
+from facevae_dist.report.claims import CLAIMS, ONE_SEED, Comparison, _verdict, judge
 from facevae_dist.report.paper import paper_result
 from facevae_dist.stats import Interval
 
@@ -30,21 +30,33 @@ def test_claim_ids_and_parts():
     assert len(CLAIMS[2].parts[0].comparisons) == 54  # C3: H9 against 9 runs on 6 metrics
 
 
-def _iv(mean, lo, hi, seeds=(-1.0, -1.0)):
-    return Interval(mean, lo, hi, len(seeds), 100, tuple(seeds))
+def _iv(mean, lo, hi, p, seeds=(-1.0, -1.0)):
+    return Interval(mean, lo, hi, len(seeds), 100, tuple(seeds), p=p)
 
 
 def test_judging_rules():
     better = Comparison(("l2", "mask+decoder"), ("l2", "none"), "1-ssim")
     no_worse = Comparison(("l2", "mask+decoder"), ("ssim", "mask+decoder"), "1-ssim", "no_worse")
-    assert _judge(better, _iv(-0.05, -0.07, -0.03, (-0.04, -0.06))) == "supported"
-    assert _judge(better, _iv(-0.05, -0.07, -0.03, (-0.04, 0.01))) == "inconclusive"  # a seed disagrees
-    assert _judge(better, _iv(-0.01, -0.03, 0.01)) == "inconclusive"  # the interval holds 0
-    assert _judge(better, _iv(0.05, 0.03, 0.07, (0.04, 0.06))) == "contradicted"
-    assert _judge(better, Interval(None, None, None, 2, 0, ())) == "inconclusive"  # undefined (e.g. LPIPS < 31 px)
-    assert _judge(no_worse, _iv(0.0, -0.01, 0.01)) == "not contradicted"
-    assert _judge(no_worse, _iv(0.05, 0.03, 0.07, (0.04, 0.06))) == "contradicted"
+    assert judge([better], [_iv(-0.05, -0.07, -0.03, 1e-4, (-0.04, -0.06))]) == ["supported"]
+    # the seeds need not agree: the interval already carries their spread
+    assert judge([better], [_iv(-0.05, -0.07, -0.03, 1e-4, (-0.04, 0.01))]) == ["supported"]
+    assert judge([better], [_iv(-0.01, -0.03, 0.01, 0.3)]) == ["inconclusive"]  # the interval holds 0
+    assert judge([better], [_iv(0.05, 0.03, 0.07, 1e-4, (0.04, 0.06))]) == ["contradicted"]
+    assert judge([better], [Interval(None, None, None, 2, 0, ())]) == ["inconclusive"]  # undefined (LPIPS < 31 px)
+    one = Interval(-0.05, None, None, 1, 100, (-0.05,), one_seed=True)
+    assert judge([better], [one]) == [ONE_SEED]
+    assert judge([no_worse], [_iv(0.0, -0.01, 0.01, 1.0)]) == ["not contradicted"]
+    assert judge([no_worse], [_iv(0.05, 0.03, 0.07, 1e-4, (0.04, 0.06))]) == ["contradicted"]
+    # contradicting takes a Holm correction over the claim's comparisons: p = 0.03 alone contradicts, but not as
+    # one of two (0.03 > 0.05 / 2); supporting needs every interval below 0 and no correction
+    worse = _iv(0.05, 0.002, 0.098, 0.03)
+    assert judge([better], [worse]) == ["contradicted"]
+    assert judge([better, better], [worse, worse]) == ["inconclusive", "inconclusive"]
+    assert judge([better, better], [worse, _iv(0.05, 0.03, 0.07, 0.001)]) == ["contradicted", "contradicted"]
+    below = _iv(-0.05, -0.098, -0.002, 0.03)
+    assert judge([better, better], [below, below]) == ["supported", "supported"]
     assert _verdict(["supported", "not contradicted"]) == "supported"
     assert _verdict(["not contradicted"]) == "inconclusive"  # "no worse" alone cannot support a claim
     assert _verdict(["supported", "inconclusive"]) == "inconclusive"
     assert _verdict(["supported", "contradicted"]) == "contradicted"
+    assert _verdict(["supported", ONE_SEED]) == ONE_SEED

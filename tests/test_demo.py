@@ -9,7 +9,7 @@ from facevae_dist.cli import main
 pytestmark = pytest.mark.slow
 
 TINY = ["--n", "160", "--steps", "4", "--width", "0.125", "--batch-size", "4", "--workers", "1",
-        "--bootstrap", "200", "--set", "mixed_precision=no"]
+        "--set", "mixed_precision=no"]
 
 
 def test_demo_runs_every_stage_with_two_seeds_and_resumes(tmp_path, capsys):

@@ -54,7 +54,7 @@ def _grid(tmp_path: Path, casts: dict[str, float]) -> list[Path]:
 
 def test_worded_claims_on_a_constructed_grid(tmp_path):
     casts = {"l1": 3.0, "l2": 3.0, "ssim": 7.0, "ssim+l1": 2.5, "ssim+l2": 2.5}  # SSIM alone casts most
-    out = make_report(_grid(tmp_path, casts), tmp_path / "report", resamples=400, figures="all")
+    out = make_report(_grid(tmp_path, casts), tmp_path / "report", figures="all")
     claims = {c["id"]: c for c in out["claims"]}
     assert [c["id"] for c in out["claims"]] == [f"C{i}" for i in range(1, 13)]
     assert claims["C3"]["verdict"] == "supported"  # ssim+l2/mask+decoder is built to be best everywhere
@@ -105,22 +105,26 @@ def test_worded_claims_on_a_constructed_grid(tmp_path):
 def test_worded_claims_contradicted_and_untestable(tmp_path):
     casts = {"l1": 3.0, "l2": 3.0, "ssim": 2.0, "ssim+l1": 6.0, "ssim+l2": 2.0}  # SSIM+l1 casts more than SSIM
     runs = _grid(tmp_path, casts)
-    claims = {c["id"]: c for c in make_report(runs, tmp_path / "r", resamples=300, figures="none")["claims"]}
+    claims = {c["id"]: c for c in make_report(runs, tmp_path / "r", figures="none")["claims"]}
     assert claims["C9"]["verdict"] == "contradicted"
     # without the SSIM runs, C9 and C12 cannot be tested and say what they need
     no_ssim = [r for r in runs if not r.name.startswith("ssim-")]
-    claims = {c["id"]: c for c in make_report(no_ssim, tmp_path / "r2", resamples=300, figures="none")["claims"]}
+    claims = {c["id"]: c for c in make_report(no_ssim, tmp_path / "r2", figures="none")["claims"]}
     assert claims["C9"]["verdict"] == "not tested" and "ssim/none" in claims["C9"]["needs"]
     assert claims["C12"]["verdict"] == "not tested"
     assert claims["C10"]["verdict"] == "supported" and "not run both ways: ssim" in claims["C10"]["scope"]
 
 
-def test_bold_only_where_the_best_interval_separates():
-    iv = lambda m, lo, hi: Interval(m, lo, hi, 2, 10, ())  # noqa: E731
-    assert separated_best({"a": iv(0.1, 0.08, 0.12), "b": iv(0.2, 0.18, 0.22), "c": iv(0.3, 0.2, 0.4)}) == "a"
-    assert separated_best({"a": iv(0.1, 0.08, 0.19), "b": iv(0.2, 0.18, 0.22)}) is None  # overlapping
-    assert separated_best({"a": iv(0.1, 0.08, 0.12)}) is None  # nothing to separate from
-    assert separated_best({"a": iv(None, None, None), "b": iv(0.2, 0.18, 0.22)}) is None
+def test_bold_only_where_the_best_differs_from_every_other_paired():
+    group = lambda m: Interval(m, None if m is None else m - 0.15, None if m is None else m + 0.15, 2, 10, ())  # noqa: E731
+    diff = lambda hi: Interval(-0.05, -0.1, hi, 2, 10, ())  # noqa: E731
+    means = {"a": group(0.1), "b": group(0.2), "c": group(0.3)}  # the group intervals overlap: pairing decides
+    assert separated_best(means, lambda best, other: diff(-0.01)) == "a"
+    assert separated_best(means, lambda best, other: diff(-0.01 if other == "c" else 0.01)) is None  # not b
+    one_seed = Interval(-0.05, None, None, 1, 10, (), one_seed=True)
+    assert separated_best(means, lambda best, other: one_seed) is None
+    assert separated_best({"a": group(0.1)}, lambda best, other: diff(-0.01)) is None  # nothing to separate from
+    assert separated_best({"a": group(None), "b": group(0.2)}, lambda best, other: diff(-0.01)) is None
 
 
 def test_difference_of_differences_recovers_a_known_interaction():
@@ -129,6 +133,6 @@ def test_difference_of_differences_recovers_a_known_interaction():
     noise = lambda: rng.normal(0, 0.01, (2, 200))  # noqa: E731
     a0, a1 = base + noise(), base - 0.3 + noise()  # effect in a: -0.3
     b0, b1 = base + noise(), base - 0.1 + noise()  # effect in b: -0.1
-    d = difference_of_differences(a0, a1, b0, b1, resamples=300)[0]
+    d = difference_of_differences(a0, a1, b0, b1)[0]
     assert d.mean == pytest.approx(-0.2, abs=0.005) and d.lo < d.mean < d.hi < -0.19 + 0.01
     assert len(d.per_seed) == 2

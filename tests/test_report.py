@@ -112,12 +112,12 @@ def test_no_effect_is_inconclusive_and_the_wrong_direction_contradicts(tmp_path)
             for h in ("none", "mask+decoder") for s in (0, 1)]
     from facevae_dist.report.build import make_report
 
-    c1 = next(c for c in make_report(runs, tmp_path / "r1", resamples=500, figures="none")["claims"] if c["id"] == "C1")
+    c1 = next(c for c in make_report(runs, tmp_path / "r1", figures="none")["claims"] if c["id"] == "C1")
     assert c1["verdict"] == "inconclusive"
     # the mask makes it worse by 0.1 with every seed: the claim is contradicted
     worse = [write_eval(tmp_path / f"w-{s}", "l2/mask+decoder", s, scores_for(rng, base, 0.1)) for s in (0, 1)]
-    c1 = next(c for c in make_report(runs[:2] + worse, tmp_path / "r2", resamples=500,
-                                                figures="none")["claims"] if c["id"] == "C1")
+    c1 = next(c for c in make_report(runs[:2] + worse, tmp_path / "r2", figures="none")["claims"]
+              if c["id"] == "C1")
     assert c1["verdict"] == "contradicted"
 
 
@@ -140,7 +140,7 @@ def test_legacy_eval_region_names_are_mapped(tmp_path):
     assert "'paper' read as 'composite'" in ev["legacy"]
     from facevae_dist.report.build import make_report
 
-    res = make_report([run], tmp_path / "rep", resamples=200, figures="none")
+    res = make_report([run], tmp_path / "rep", figures="none")
     md = Path(res["table_md"]).read_text()
     assert "(`composite`)" in md and "composite-face" in md  # the missing region is named in a note
     assert "`paper`" not in md
@@ -186,7 +186,7 @@ def test_sets(tmp_path_factory):
 
 
 def _report_error(runs, out: Path, capsys) -> str:
-    assert main(["report", *map(str, runs), "--out", str(out), "--bootstrap", "100"]) == 2
+    assert main(["report", *map(str, runs), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     return err[0]
@@ -198,8 +198,7 @@ def test_report_pairs_evals_of_the_same_shards(test_sets, tmp_path, capsys):
     assert a["test_set"]["image_size"] == 36 and a["test_set"]["split"] == "test" and a["test_set"]["limit"] is None
     assert a["test_set"]["regions"] == list(M.REGIONS)
     capsys.readouterr()
-    assert main(["report", str(test_sets["none@a36"]), str(test_sets["mask@a36"]), "--out", str(tmp_path / "r"),
-                 "--bootstrap", "100"]) == 0
+    assert main(["report", str(test_sets["none@a36"]), str(test_sets["mask@a36"]), "--out", str(tmp_path / "r")]) == 0
     claims = json.loads((tmp_path / "r" / "claims.json").read_text())
     assert claims["n_images"] == 4 and next(c for c in claims["claims"] if c["id"] == "C1")["verdict"] != "not tested"
     assert "no test-set fingerprint" not in capsys.readouterr().err
@@ -227,6 +226,6 @@ def test_evals_without_a_fingerprint_are_paired_with_a_note(two_seed_runs, tmp_p
     """metrics.json written before the fingerprint: paired by key as before, and the report says it could not check."""
     from facevae_dist.report.build import make_report
 
-    res = make_report(two_seed_runs, tmp_path / "rep", resamples=200, figures="none")
+    res = make_report(two_seed_runs, tmp_path / "rep", figures="none")
     note = "4 eval(s) recorded no test-set fingerprint"
     assert note in Path(res["table_md"]).read_text() and note in capsys.readouterr().err

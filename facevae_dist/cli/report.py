@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from facevae_dist.errors import UsageError
 from facevae_dist.progress import info
 
 
 def _run(args) -> int:
     from facevae_dist.report.build import make_report  # imports torch: not at `facevae --help` time
 
-    if args.bootstrap < 100:
-        raise UsageError(f"--bootstrap {args.bootstrap}: use at least 100 resamples (default 2000)")
-    res = make_report(args.run_dirs, args.out, resamples=args.bootstrap, seed=args.seed)
+    res = make_report(args.run_dirs, args.out)
     tested = [c for c in res["claims"] if c["verdict"] != "not tested"]
     info(f"wrote {res['table_md']}, {res['table_csv']}, {res['claims_md']} ({len(tested)} claim(s) tested: "
          + (", ".join(f"{c['id']} {c['verdict']}" for c in tested) or "none") + f") and {len(res['figures'])} "
@@ -26,15 +23,16 @@ def register(sub) -> None:
         description="From directories evaluated with `facevae eval` (run directories or exported models), grouped "
         "by (hypothesis, seed) as eval recorded them: table.md / table.csv with, per hypothesis and region "
         "(face, composite-face, composite, whole), the mean over seeds of 1-SSIM, 1-MS-SSIM, LPIPS, 1-VIF, 10*l1 "
-        "and 10*RMSE (the paper's '10*l2') with a 95% hierarchical bootstrap interval over seeds and images and "
-        "the paper's numbers beside every region (its protocol is unknown); the mask effect per loss as paired "
+        "and 10*RMSE (the paper's '10*l2') with a 95% seed-level t interval (the seed spread plus the "
+        "image-sampling variance the seeds share; the seed variance pooled over the report's hypotheses where one "
+        "has fewer than 3 seeds) and the paper's numbers beside every region (its protocol is unknown); the mask "
+        "effect per loss as paired "
         "per-image differences; claims.md / claims.json: the paper's claims C1-C8 these runs can test "
-        "(supported | contradicted | inconclusive, with the numbers and the region), the others marked "
+        "(supported: every interval excludes 0 the claimed way | contradicted: one excludes 0 the other way after a "
+        "Holm correction | inconclusive, with the numbers and the region), the others marked "
         "'not tested' with what would be needed; figures/mask_effect.png, metrics_<region>.png and "
-        "comparison_{raw,composite}.png. Deterministic (seeded bootstrap).")
+        "comparison_{raw,composite}.png. Deterministic (closed-form intervals).")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="evaluated run directories or exported models "
                    "(or their metrics.json)")
     p.add_argument("--out", required=True, help="output directory (created)")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.set_defaults(func=_run, _parser=p)

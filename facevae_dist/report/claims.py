@@ -2,15 +2,18 @@
 
 Each claim is a set of directional comparisons "run A is better (lower) than run B on metric m", split into parts
 that need different runs (C1: one part per loss). A comparison is judged on the paired per-image difference A - B
-with a hierarchical bootstrap interval over seeds and images (stats.py):
-- better:    supported when the 95% interval lies below 0 and every seed's difference is negative; contradicted when
-             it lies above 0 and every seed agrees; otherwise inconclusive.
-- no_worse:  ("equal or better", C5) contradicted when A is clearly worse as above; otherwise it does not count
-             against the claim, but cannot support it on its own.
-A claim is contradicted when any tested comparison is, supported when every tested comparison is supported (or
-not contradicted, for no_worse), inconclusive otherwise. No correction for multiple comparisons is applied: C3
-alone makes 54, so a "supported" C3 is stronger evidence than a "contradicted" one is. Verdicts are given on the
-`face` region (raw output, face pixels: what the model itself reconstructs) and, beside it, on `composite`.
+with its seed-level 95% t interval and p-value (stats.py; the seed variance pooled over the grid's hypotheses where
+an arm has fewer than 3 seeds). Per claim and region, over all its tested comparisons:
+- supported:    every comparison's 95% interval excludes 0 the claimed way (an intersection-union test: each at 95%
+                keeps the claim's error at 5%, so no correction is needed); `no_worse` comparisons ("equal or better",
+                C5) need not, but must not be contradicted.
+- contradicted: at least one comparison excludes 0 the other way after a Holm correction over the claim's
+                comparisons (two-sided p-values from the same t), so a contradiction too has at most a 5% chance
+                when nothing differs, however many comparisons the claim makes (C3 makes 54).
+- inconclusive: otherwise; "inconclusive (one seed)" where an arm has one seed and no pooled variance stands in
+  for the seed spread (no interval, never a verdict).
+Verdicts are given on the `face` region (raw output, face pixels: what the model itself reconstructs) and, beside
+it, on `composite`.
 
 The claims the paper makes in words are made measurable and judged by the same rules:
 - C9 (SSIM alone shifts colour; adding l1/l2 fixes it): SSIM+l1 and SSIM+l2 have a smaller mean colour cast on face
@@ -29,13 +32,20 @@ import numpy as np
 
 from facevae_dist.report.paper import paper_result
 from facevae_dist.report.results import COLUMN_KEYS, Group
-from facevae_dist.stats import Interval, difference_of_differences, paired_differences
+from facevae_dist.stats import POOL_BELOW, Interval, Pooled, difference_of_differences, holm, paired_differences, pool
 
 N, M = "none", "mask+decoder"
 LOSSES = ("l1", "l2", "ssim", "ssim+l1", "ssim+l2")
 PERCEPTUAL = ("1-ssim", "1-ms-ssim", "lpips", "1-vif")
 PRIMARY_REGION = "face"
 OTHER_REGIONS = ("composite",)
+ONE_SEED = "inconclusive (one seed)"
+METHOD_NOTE = (
+    f"Seed variance: a hypothesis with fewer than {POOL_BELOW} seeds takes the one pooled over every hypothesis of "
+    "the report (per metric and region), one with more its own (Welch). Pooling is what makes two seeds informative "
+    "(alone, their one difference leaves 1 degree of freedom) but assumes about equal seed variance across "
+    "hypotheses (table.md, Seed spread); with three seeds or more each hypothesis's own variance stays calibrated "
+    "when seed variances differ, which pooling does not (simulated grids: tests/test_stats.py).")
 
 
 @dataclass(frozen=True)
@@ -129,16 +139,24 @@ def _name(h: tuple[str, str]) -> str:
     return f"{h[0]}/{h[1]}"
 
 
-def _judge(comp: Comparison, d: Interval) -> str:
-    if d.mean is None or d.lo is None:
-        return "inconclusive"  # undefined on these images (e.g. LPIPS below 31 px)
-    below = d.hi < 0 and all(v < 0 for v in d.per_seed)
-    above = d.lo > 0 and all(v > 0 for v in d.per_seed)
-    if above:
-        return "contradicted"
-    if comp.kind == "no_worse":
-        return "not contradicted"
-    return "supported" if below else "inconclusive"
+def judge(comparisons: list[Comparison], intervals: list[Interval]) -> list[str]:
+    """The result of each comparison of one claim in one region (its intervals: better − worse), the Holm
+    correction taken over all of them."""
+    tested = [i for i, d in enumerate(intervals) if d.p is not None]
+    rejected = {i for i, r in zip(tested, holm([intervals[i].p for i in tested])) if r}
+    out = []
+    for i, (c, d) in enumerate(zip(comparisons, intervals)):
+        if d.mean is None:
+            out.append("inconclusive")  # undefined on these images (e.g. LPIPS below 31 px)
+        elif d.one_seed:
+            out.append(ONE_SEED)
+        elif i in rejected and d.mean > 0:
+            out.append("contradicted")
+        elif c.kind == "no_worse":
+            out.append("not contradicted")
+        else:
+            out.append("supported" if d.hi < 0 else "inconclusive")
+    return out
 
 
 def _verdict(results: list[str]) -> str:
@@ -146,33 +164,45 @@ def _verdict(results: list[str]) -> str:
         return "contradicted"
     if all(r in ("supported", "not contradicted") for r in results) and "supported" in results:
         return "supported"
-    return "inconclusive"
+    return ONE_SEED if ONE_SEED in results else "inconclusive"
 
 
 class _Differences:
-    """Paired differences better - worse for all six columns at once, cached per (better, worse, region)."""
+    """Paired differences better - worse for all six columns at once, cached per (better, worse, region), with the
+    seed variance pooled over every hypothesis of the grid per region (computed once)."""
 
-    def __init__(self, groups: list[Group], keys: list[str], resamples: int, seed: int):
+    def __init__(self, groups: list[Group], keys: list[str], pooled: dict[str, Pooled] | None = None):
         self.by = {(g.loss, g.mask_mode): g for g in groups}
-        self.keys, self.resamples, self.seed = keys, resamples, seed
+        self.keys, self.pooled = keys, dict(pooled or {})
         self.cache: dict = {}
+
+    def pooled_for(self, region: str) -> Pooled:
+        if region not in self.pooled:
+            self.pooled[region] = pool([g.matrix(self.keys, region) for g in self.by.values()])
+        return self.pooled[region]
 
     def get(self, better, worse, region) -> dict[str, Interval]:
         k = (better, worse, region)
         if k not in self.cache:
             a = self.by[worse].matrix(self.keys, region)
             b = self.by[better].matrix(self.keys, region)
-            self.cache[k] = dict(zip(COLUMN_KEYS, paired_differences(a, b, resamples=self.resamples,
-                                                                     seed=self.seed)))
+            self.cache[k] = dict(zip(COLUMN_KEYS, paired_differences(a, b, pooled=self.pooled_for(region))))
         return self.cache[k]
 
 
 def _record(part: str, c: Comparison, d: Interval, paper: float | None, *, better: str | None = None,
-            worse: str | None = None) -> dict:
-    return {"part": part, "better": better or _name(c.better), "worse": worse or _name(c.worse),
-            "metric": c.metric, "kind": c.kind, "difference": d.mean,
-            "ci95": None if d.lo is None else [d.lo, d.hi], "per_seed": list(d.per_seed), "n_seeds": d.n_seeds,
-            "n_images": d.n_images, "paper_difference": paper, "result": _judge(c, d)}
+            worse: str | None = None) -> tuple[Comparison, Interval, dict]:
+    return c, d, {"part": part, "better": better or _name(c.better), "worse": worse or _name(c.worse),
+                  "metric": c.metric, "kind": c.kind, "difference": d.mean,
+                  "ci95": None if d.lo is None else [d.lo, d.hi], "p": d.p, "df": d.df, "pooled": d.pooled,
+                  "per_seed": list(d.per_seed), "n_seeds": d.n_seeds, "n_images": d.n_images,
+                  "paper_difference": paper}
+
+
+def _judged(records: list[tuple[Comparison, Interval, dict]]) -> list[dict]:
+    """The records of one claim in one region with their results (judged together: the Holm family)."""
+    results = judge([c for c, _, _ in records], [d for _, d, _ in records])
+    return [{**r, "result": res} for (_, _, r), res in zip(records, results)]
 
 
 def _paper_diff(c: Comparison) -> float | None:
@@ -180,9 +210,10 @@ def _paper_diff(c: Comparison) -> float | None:
     return None if pb is None or pw is None else round(pb[c.metric] - pw[c.metric], 3)
 
 
-def check_claims(groups: list[Group], keys: list[str], *, resamples: int = 2000, seed: int = 0) -> list[dict]:
-    """One dict per claim C1-C12: verdict, region, scope, the numbers (C11: the demonstration)."""
-    diffs = _Differences(groups, keys, resamples, seed)
+def check_claims(groups: list[Group], keys: list[str], *, pooled: dict[str, Pooled] | None = None) -> list[dict]:
+    """One dict per claim C1-C12: verdict, region, scope, the numbers (C11: the demonstration). pooled: region ->
+    the grid's pooled seed variance (`stats.pool` over `groups`), computed here where not given."""
+    diffs = _Differences(groups, keys, pooled)
     have = set(diffs.by)
     regions_all = set.intersection(*(set(g.regions()) for g in groups)) if groups else set()
     out = []
@@ -200,11 +231,8 @@ def check_claims(groups: list[Group], keys: list[str], *, resamples: int = 2000,
         for region in (PRIMARY_REGION, *OTHER_REGIONS):
             if region not in regions_all:
                 continue
-            comps = []
-            for part in testable:
-                for c in part.comparisons:
-                    d = diffs.get(c.better, c.worse, region)[c.metric]
-                    comps.append(_record(part.label, c, d, _paper_diff(c)))
+            comps = _judged([_record(part.label, c, diffs.get(c.better, c.worse, region)[c.metric], _paper_diff(c))
+                             for part in testable for c in part.comparisons])
             per_region[region] = {"verdict": _verdict([c["result"] for c in comps]), "comparisons": comps}
         primary = PRIMARY_REGION if PRIMARY_REGION in per_region else next(iter(per_region))
         entry.update(verdict=per_region[primary]["verdict"], region=primary,
@@ -215,10 +243,10 @@ def check_claims(groups: list[Group], keys: list[str], *, resamples: int = 2000,
                      other_regions={r: v for r, v in per_region.items() if r != primary})
         out.append(entry)
     by = diffs.by
-    out += [_c9(by, keys, resamples, seed), _c10(by, keys, resamples, seed),
+    out += [_c9(by, keys), _c10(by, keys),
             {"id": "C11", "claim": WORDED_CLAIMS["C11"][0], "verdict": "shown", "region": None,
              "measure": WORDED_CLAIMS["C11"][1], "note": C11_DEMONSTRATION},
-            _c12(by, keys, regions_all, resamples, seed)]
+            _c12(diffs, regions_all)]
     return out
 
 
@@ -237,25 +265,29 @@ def _missing(by: dict, needed: list[tuple[str, str]]) -> list[str]:
     return [_name(h) for h in needed if h not in by]
 
 
-def _c9(by, keys, resamples, seed) -> dict:
+def _appearance_pooled(by: dict, keys: list[str], measure: str, transform=lambda v: v) -> Pooled:
+    return pool([transform(g.appearance(keys, (measure,))) for g in by.values() if g.has_appearance()])
+
+
+def _c9(by, keys) -> dict:
     needed = [(loss, mode) for mode in APPEARANCE_MODES for loss in ("ssim", "ssim+l1", "ssim+l2")]
     missing = _missing(by, needed)
     if missing:
         return _not_tested("C9", f"runs of {', '.join(missing)} (evaluated on the same test images)")
     if not all(by[h].has_appearance() for h in needed):
         return _not_tested("C9", "colour measures: re-run `facevae eval` on these runs (older evals lack them)")
+    pooled = _appearance_pooled(by, keys, "colour_shift")
     comps = []
     for mode in APPEARANCE_MODES:
         ssim = by[("ssim", mode)].appearance(keys, ("colour_shift",))
         for loss in ("ssim+l1", "ssim+l2"):
-            d = paired_differences(ssim, by[(loss, mode)].appearance(keys, ("colour_shift",)), resamples=resamples,
-                                   seed=seed)[0]
+            d = paired_differences(ssim, by[(loss, mode)].appearance(keys, ("colour_shift",)), pooled=pooled)[0]
             c = Comparison((loss, mode), ("ssim", mode), "colour cast")
             comps.append(_record("with mask" if mode == M else "without mask", c, d, None))
-    return _worded("C9", "face", comps, "SSIM+l1 and SSIM+l2 against SSIM, with and without the mask")
+    return _worded("C9", "face", _judged(comps), "SSIM+l1 and SSIM+l2 against SSIM, with and without the mask")
 
 
-def _c10(by, keys, resamples, seed) -> dict:
+def _c10(by, keys) -> dict:
     losses = [loss for loss in LOSSES if (loss, N) in by and (loss, M) in by]
     if not losses:
         return _not_tested("C10", "a loss run both without and with the mask (evaluated on the same test images)")
@@ -265,16 +297,18 @@ def _c10(by, keys, resamples, seed) -> dict:
     if all(np.isnan(v).all() for v in blur.values()):
         return _not_tested("C10", "hair labels: the shards' source has no label maps (only synthetic shards carry "
                                   "them through to evaluation)")
+    pooled = _appearance_pooled(by, keys, "hair_sharpness", lambda v: 1.0 - v)
     comps = []
     for loss in losses:
-        d = paired_differences(blur[(loss, N)], blur[(loss, M)], resamples=resamples, seed=seed)[0]
+        d = paired_differences(blur[(loss, N)], blur[(loss, M)], pooled=pooled)[0]
         comps.append(_record(f"loss {loss}", Comparison((loss, M), (loss, N), "hair blur"), d, None))
     skipped = [loss for loss in LOSSES if loss not in losses]
     scope = "every loss" if not skipped else f"losses {', '.join(losses)} (not run both ways: {', '.join(skipped)})"
-    return _worded("C10", "hair", comps, scope)
+    return _worded("C10", "hair", _judged(comps), scope)
 
 
-def _c12(by, keys, regions, resamples, seed) -> dict:
+def _c12(diffs: _Differences, regions) -> dict:
+    by, keys = diffs.by, diffs.keys
     needed = [(loss, mode) for loss in ("ssim", "l1", "l2") for mode in (N, M)]
     missing = _missing(by, needed)
     if missing:
@@ -287,11 +321,12 @@ def _c12(by, keys, regions, resamples, seed) -> dict:
         comps = []
         for loss in ("l1", "l2"):
             ln = [by[(loss, m)].matrix(keys, region) for m in (N, M)]
-            ivs = difference_of_differences(*ln, *ssim, resamples=resamples, seed=seed)
+            ivs = difference_of_differences(*ln, *ssim, pooled=diffs.pooled_for(region))
             for metric, d in zip(COLUMN_KEYS, ivs):
                 c = Comparison((loss, "mask effect"), ("ssim", "mask effect"), metric)
                 comps.append(_record(f"loss {loss}", c, d, _paper_effect_diff(loss, metric),
                                      better=f"{loss}: mask effect", worse="SSIM: mask effect"))
+        comps = _judged(comps)
         per_region[region] = {"verdict": _verdict([c["result"] for c in comps]), "comparisons": comps}
     primary = PRIMARY_REGION if PRIMARY_REGION in per_region else next(iter(per_region))
     other = {r: v for r, v in per_region.items() if r != primary}
@@ -310,17 +345,22 @@ def _paper_effect_diff(loss: str, metric: str) -> float | None:
 def _fmt_ci(c: dict) -> str:
     if c["difference"] is None:
         return "n/a"
-    ci = "" if c["ci95"] is None else f" [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
-    return f"{c['difference']:+.4f}{ci}"
+    if c["ci95"] is None:
+        return f"{c['difference']:+.4f} [one seed]"
+    return f"{c['difference']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] p {c['p']:.2g}"
 
 
 def claims_markdown(claims: list[dict], n_images: int, seeds_note: str) -> str:
     lines = ["# The paper's claims, checked", "",
              f"Differences are `better − worse` as claimed (lower is better, so a supported comparison is "
-             f"negative), paired on the same {n_images} test images, mean over seeds with a 95% hierarchical "
-             f"bootstrap interval over seeds and images; {seeds_note}. A comparison counts as supported only when "
-             "its interval excludes 0 and every seed agrees. Verdicts are judged on the `face` region (raw output, "
-             "face pixels); the `composite` verdict is given beside it. No multiple-comparison correction.", "",
+             f"negative), paired on the same {n_images} test images: the mean over seeds with a 95% t interval "
+             f"whose unit is the seed (the spread of the per-seed differences, plus the image-sampling variance "
+             f"they share); {seeds_note}. {METHOD_NOTE} A claim is **supported** when every comparison's interval "
+             "excludes 0 the claimed way (no correction needed: all must hold), **contradicted** when at least one "
+             "excludes 0 the other way after a Holm correction over the claim's comparisons (p-values from the same "
+             "t), **inconclusive** otherwise; an \"equal or better\" comparison (≤) counts only when clearly worse. "
+             "Verdicts are judged on the `face` region (raw output, face pixels); the `composite` verdict is given "
+             "beside it.", "",
              "| Claim | Verdict (face) | Verdict (composite) | Scope / what is needed |", "|---|---|---|---|"]
     for c in claims:
         comp = c.get("other_regions", {}).get("composite", {}).get("verdict", "—")
@@ -339,7 +379,7 @@ def claims_markdown(claims: list[dict], n_images: int, seeds_note: str) -> str:
             lines += [c["note"], ""]
             continue
         lines += [f"Scope: {c['scope']}; judged on `{c['region']}` pixels.", "",
-                  "| Part | Better | Worse | Metric | face: diff [95% CI] | per seed | composite: diff [95% CI] | "
+                  "| Part | Better | Worse | Metric | face: diff [95% CI] p | per seed | composite: diff [95% CI] p | "
                   "paper diff | result (face / composite) |", "|---|---|---|---|---:|---:|---:|---:|---|"]
         other = c.get("other_regions", {}).get("composite", {}).get("comparisons", [])
         for i, x in enumerate(c["comparisons"]):

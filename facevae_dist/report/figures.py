@@ -21,6 +21,13 @@ REGION_COLORS = {"face": "#2F7F8C", "composite-face": "#7FB7BE", "composite": "#
 PAPER_MARKER_LABEL = "paper (CelebA, protocol unknown)"
 
 
+def _yerr(iv) -> list | None:
+    """An Interval's error bar for matplotlib; None (no bar) without an interval (one seed, nothing pooled)."""
+    if iv.lo is None:
+        return None
+    return [[max(iv.mean - iv.lo, 0)], [max(iv.hi - iv.mean, 0)]]
+
+
 def figure_style():
     import matplotlib  # lazy, like every matplotlib import here: it adds ~0.5 s to every CLI start
 
@@ -74,7 +81,7 @@ def mask_effect_figure(agg: Aggregate, path: Path) -> bool:
                     iv = agg.effects[loss][region][key]
                     if iv.mean is None:
                         continue
-                    ax.errorbar(x[i] + off, iv.mean, yerr=[[iv.mean - iv.lo], [iv.hi - iv.mean]], fmt="o",
+                    ax.errorbar(x[i] + off, iv.mean, yerr=_yerr(iv), fmt="o",
                                 color=REGION_COLORS[region], markersize=5, capsize=3, elinewidth=1.2)
                     if iv.per_seed:
                         ax.plot([x[i] + off + step * 0.3] * len(iv.per_seed), iv.per_seed, ".", color="#555555",
@@ -127,9 +134,9 @@ def bar_chart(agg: Aggregate, region: str, path: Path) -> None:
                     if iv.mean is None:
                         continue
                     ax.bar(x[i] + off, iv.mean, width * 0.92, color=MODE_COLORS.get(mode, "#777777"),
-                           yerr=[[max(iv.mean - iv.lo, 0)], [max(iv.hi - iv.mean, 0)]], capsize=2,
+                           yerr=_yerr(iv), capsize=2,
                            error_kw={"elinewidth": 0.8, "ecolor": "#222222"})
-                    top = max(top, iv.hi)
+                    top = max(top, iv.mean if iv.hi is None else iv.hi)
                     paper = paper_result(loss, mode) if loss in LOSS_ORDER else None
                     if paper is not None:
                         ax.plot(x[i] + off, paper[key], marker="D", markersize=4.5, markerfacecolor="white",
@@ -178,7 +185,7 @@ def appearance_figure(agg: Aggregate, path: Path) -> bool:
                     if iv is None or iv.mean is None:
                         continue
                     ax.bar(x[i] + off, iv.mean, width * 0.92, color=MODE_COLORS.get(mode, "#777777"),
-                           yerr=[[max(iv.mean - iv.lo, 0)], [max(iv.hi - iv.mean, 0)]], capsize=2,
+                           yerr=_yerr(iv), capsize=2,
                            error_kw={"elinewidth": 0.8, "ecolor": "#222222"})
                     if iv.per_seed:
                         ax.plot([x[i] + off] * len(iv.per_seed), iv.per_seed, ".", color="#333333", markersize=3)

@@ -13,10 +13,10 @@ from facevae_dist.evaluate.appearance import DEFINITIONS as APPEARANCE_DEFINITIO
 from facevae_dist.evaluate.metrics import REGIONS
 from facevae_dist.hypotheses import LOSS_LABELS, LOSS_ORDER, MODE_LABELS
 from facevae_dist.progress import warn
-from facevae_dist.report.claims import check_claims
+from facevae_dist.report.claims import OTHER_REGIONS, PRIMARY_REGION, check_claims
 from facevae_dist.report.paper import SOURCE, paper_result
 from facevae_dist.report.results import COLUMN_KEYS, COLUMNS, Group, load_groups
-from facevae_dist.stats import RESAMPLES, Interval, group_intervals, paired_differences
+from facevae_dist.stats import POOL_BELOW, Interval, Pooled, group_intervals, paired_differences, pool
 
 REGION_TITLES = {
     "face": "Face pixels, raw decoder output",
@@ -37,6 +37,13 @@ L2_NOTE = ("10·RMSE is reported where the paper writes \"10·l2\": the paper's 
            "(docs/paper.md). Our MSE is in the per-run evals (metric l2).")
 
 
+INTERVAL_NOTE = (
+    "the seed is the unit of replication: the spread of the per-seed values (t on their degrees of freedom) plus the "
+    f"image-sampling variance all seeds share; a hypothesis with fewer than {POOL_BELOW} seeds takes the seed "
+    "variance pooled over every hypothesis of the report (see Seed spread), one with more its own (Welch); one seed "
+    "and nothing to pool: no interval")
+
+
 def _fmt(v: float | None, digits: int = 4) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
@@ -45,6 +52,8 @@ def _ci(iv: Interval, digits: int = 3, signed: bool = False) -> str:
     if iv.mean is None:
         return "n/a"
     f = f"{{:+.{digits}f}}" if signed else f"{{:.{digits}f}}"
+    if iv.lo is None:
+        return f"{f.format(iv.mean)} [one seed]"
     return f"{f.format(iv.mean)} [{f.format(iv.lo)}, {f.format(iv.hi)}]"
 
 
@@ -84,22 +93,24 @@ def check_one_test_set(evs: list[dict]) -> list[str]:
 
 
 class Aggregate:
-    """Every statistic of one report, computed once (deterministic: seeded bootstrap)."""
+    """Every statistic of one report, computed once (closed form: deterministic)."""
 
-    def __init__(self, run_dirs, resamples: int = RESAMPLES, seed: int = 0):
+    def __init__(self, run_dirs):
         self.groups, self.keys, self.notes = load_groups([Path(d) for d in run_dirs])
         self.notes += check_one_test_set([r.ev for g in self.groups for r in g.runs])
-        self.resamples, self.seed = resamples, seed
         self.regions = [r for r in REGIONS if all(r in g.regions() for g in self.groups)]
         missing = [r for r in REGIONS if r not in self.regions]
         if missing:
             self.notes.append(f"region(s) {', '.join(missing)} missing from some (older) evals; re-run `facevae "
                               "eval` on them to get every region")
+        # region -> the seed variance pooled over every hypothesis, per column (used by arms with < 3 seeds)
+        self.pooled: dict[str, Pooled] = {region: pool([g.matrix(self.keys, region) for g in self.groups])
+                                          for region in self.regions}
         # (hypothesis, region) -> {column: Interval}
         self.tables: dict[tuple[str, str], dict[str, Interval]] = {}
         for g in self.groups:
             for region in self.regions:
-                ivs = group_intervals(g.matrix(self.keys, region), resamples=resamples, seed=seed)
+                ivs = group_intervals(g.matrix(self.keys, region), pooled=self.pooled[region])
                 self.tables[(g.hypothesis, region)] = dict(zip(COLUMN_KEYS, ivs))
         # loss -> region -> {column: Interval} of mask+decoder minus none, paired per image
         self.effects: dict[str, dict[str, dict[str, Interval]]] = {}
@@ -110,16 +121,28 @@ class Aggregate:
                 self.effects[loss] = {
                     region: dict(zip(COLUMN_KEYS, paired_differences(a.matrix(self.keys, region),
                                                                      b.matrix(self.keys, region),
-                                                                     resamples=resamples, seed=seed)))
+                                                                     pooled=self.pooled[region])))
                     for region in self.regions}
         # hypothesis -> {measure: Interval} of the colour and hair measures (evals that recorded them)
         self.looks: dict[str, dict[str, Interval]] = {}
         measures = tuple(m for m, _, _ in APPEARANCE_COLUMNS)
-        for g in self.groups:
-            if g.has_appearance():
-                ivs = group_intervals(g.appearance(self.keys, measures), resamples=resamples, seed=seed)
-                self.looks[g.hypothesis] = dict(zip(measures, ivs))
-        self.claims = check_claims(self.groups, self.keys, resamples=resamples, seed=seed)
+        looks = [g for g in self.groups if g.has_appearance()]
+        pooled_looks = pool([g.appearance(self.keys, measures) for g in looks]) if looks else None
+        for g in looks:
+            ivs = group_intervals(g.appearance(self.keys, measures), pooled=pooled_looks)
+            self.looks[g.hypothesis] = dict(zip(measures, ivs))
+        self.claims = check_claims(self.groups, self.keys, pooled=self.pooled)
+        self._paired: dict = {}
+
+    def difference(self, better: str, other: str, region: str) -> dict[str, Interval]:
+        """better − other, paired per image, every column (cached)."""
+        key = (better, other, region)
+        if key not in self._paired:
+            by = {g.hypothesis: g for g in self.groups}
+            self._paired[key] = dict(zip(COLUMN_KEYS, paired_differences(
+                by[other].matrix(self.keys, region), by[better].matrix(self.keys, region),
+                pooled=self.pooled[region])))
+        return self._paired[key]
 
     @property
     def seeds_note(self) -> str:
@@ -130,19 +153,22 @@ class Aggregate:
 # ---------------------------------------------------------------------------------------------------------------
 # Tables
 
-def separated_best(intervals: dict[str, Interval]) -> str | None:
-    """The name whose mean is lowest, when its 95% interval lies wholly below the runner-up's (else None: the data
-    do not single out a best)."""
+def separated_best(intervals: dict[str, Interval], difference) -> str | None:
+    """The name whose mean is lowest, when its paired difference to every other (`difference(best, other)`:
+    best − other, an Interval) has a 95% interval wholly below 0, the test a claim "best of all" gets (else None: the
+    data do not single out a best)."""
     ranked = sorted(((iv.mean, name) for name, iv in intervals.items() if iv.mean is not None), key=lambda t: t[0])
     if len(ranked) < 2:
         return None
-    best, second = intervals[ranked[0][1]], intervals[ranked[1][1]]
-    return ranked[0][1] if best.hi < second.lo else None
+    best = ranked[0][1]
+    return best if all((d := difference(best, other)).hi is not None and d.hi < 0
+                       for _, other in ranked[1:]) else None
 
 
 def region_table(agg: Aggregate, region: str) -> str:
     header = ["Loss", "Mask", "seeds"] + [c[1] for c in COLUMNS]
-    best = {key: separated_best({g.hypothesis: agg.tables[(g.hypothesis, region)][key] for g in agg.groups})
+    best = {key: separated_best({g.hypothesis: agg.tables[(g.hypothesis, region)][key] for g in agg.groups},
+                                lambda b, o, key=key: agg.difference(b, o, region)[key])
             for key in COLUMN_KEYS}
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * len(COLUMNS)) + "|"]
     for g in agg.groups:
@@ -177,6 +203,23 @@ def effect_table(agg: Aggregate, region: str) -> str | None:
     return "\n".join(lines)
 
 
+def seed_spread_table(agg: Aggregate, region: str) -> str:
+    """Per hypothesis and column: the SD of the per-seed means, and the pooled SD the intervals of hypotheses with
+    fewer than POOL_BELOW seeds use (equal seed variance across hypotheses is what pooling assumes)."""
+    lines = ["| Loss | Mask | seeds | " + " | ".join(c[1] for c in COLUMNS) + " |",
+             "|---|---|---|" + "---:|" * len(COLUMNS)]
+    for g in agg.groups:
+        ivs = agg.tables[(g.hypothesis, region)]
+        cells = [LOSS_LABELS.get(g.loss, g.loss), MODE_LABELS.get(g.mask_mode, g.mask_mode), _seeds_text(g)]
+        cells += [_fmt(ivs[key].seed_sd[0] if ivs[key].seed_sd else None) for key in COLUMN_KEYS]
+        lines.append("| " + " | ".join(cells) + " |")
+    pooled = agg.pooled[region]
+    lines.append("| **pooled** | | " + "/".join(map(str, sorted({len(g.runs) for g in agg.groups}))) + " | "
+                 + " | ".join(f"{_fmt(float(sd))} (df {int(d)})" if d > 0 else "n/a"
+                              for sd, d in zip(pooled.sd, pooled.df)) + " |")
+    return "\n".join(lines)
+
+
 def appearance_table(agg: Aggregate) -> str | None:
     """Per hypothesis: the colour and hair measures on the raw output (mean over seeds [95% interval])."""
     if not agg.looks:
@@ -200,26 +243,34 @@ def markdown_report(agg: Aggregate, figures: list[str]) -> str:
     settings = evs[0]["settings"]
     out = [f"# Reconstruction metrics: {len(agg.groups)} hypothesis(es), {n_runs} run(s)", "",
            f"{evs[0]['split']} split, {len(agg.keys)} images scored in every run; {agg.seeds_note}. Each cell: mean "
-           f"over seeds [95% hierarchical bootstrap interval over seeds and images, {agg.resamples} resamples]. "
-           f"Lower is better; **bold** = the best of a column, only where its interval lies wholly below the "
-           f"runner-up's. {PROTOCOL_NOTE}", ""]
+           f"over seeds [95% interval, seed-level t: {INTERVAL_NOTE}]. Lower is better; **bold** = the best of a "
+           f"column, only where its paired difference to every other hypothesis has an interval below 0 (the same "
+           f"test as a claim that it is best). {PROTOCOL_NOTE}", ""]
     out += [f"- Note: {n}" for n in agg.notes] + ([""] if agg.notes else [])
     for region in agg.regions:
         out += [f"## {REGION_TITLES[region]} (`{region}`)", "", f"Region `{region}`: {REGIONS[region]}.", "",
                 region_table(agg, region), ""]
     if agg.effects:
         out += ["## Mask effect: mask+decoder minus no mask, paired per image (negative: the mask helps)", "",
-                "Mean over seeds of the per-image difference on the same test images [95% hierarchical bootstrap "
-                "interval: the seeds of each arm and the images resampled]; seeds: the i-th seed of each arm side "
-                "by side; paper: the paper's difference (protocol unknown).", ""]
+                "Mean over seeds of the per-image difference on the same test images [95% seed-level t interval, "
+                "as above]; seeds: the i-th seed of each arm side by side; paper: the paper's difference (protocol "
+                "unknown).", ""]
         for region in agg.regions:
             out += [f"### `{region}`", "", effect_table(agg, region), ""]
     looks = appearance_table(agg)
     if looks:
         out += ["## Colour cast and hair sharpness (raw output)", "",
                 "The measures behind the paper's C9 and C10 (appearance.py), per image, then mean over seeds [95% "
-                "hierarchical bootstrap interval]:", ""]
+                "seed-level t interval]:", ""]
         out += [f"- {h}: {APPEARANCE_DEFINITIONS[m]}." for m, h, _ in APPEARANCE_COLUMNS] + ["", looks, ""]
+    spread = [r for r in (PRIMARY_REGION, *OTHER_REGIONS) if r in agg.regions]
+    if spread:
+        out += ["## Seed spread", "",
+                f"SD over seeds of each run's image mean, per hypothesis, and pooled over all hypotheses (what the "
+                f"intervals of hypotheses with fewer than {POOL_BELOW} seeds use: it assumes the seed variance is "
+                "about equal across hypotheses; with two seeds each SD rests on one difference).", ""]
+        for region in spread:
+            out += [f"### `{region}`", "", seed_spread_table(agg, region), ""]
     tested = [c for c in agg.claims if "comparisons" in c]
     out += ["## The paper's claims", "",
             f"{len(tested)} of C1-C10 and C12 tested with these runs; C11 is shown; details in claims.md.", ""]
@@ -237,8 +288,7 @@ def markdown_report(agg: Aggregate, figures: list[str]) -> str:
                         for g in agg.groups for r in g.runs) + ".",
             f"- Paper values: {SOURCE}. The paper has no counterpart for the 'GT mask only' ablation (—).",
             f"- {L2_NOTE}",
-            "- Intervals: with few seeds the seed level of the bootstrap draws from very few values and understates "
-            "between-seed spread; the claims therefore also require every seed to agree.", "",
+            f"- Intervals: {INTERVAL_NOTE}.", "",
             "## Metric settings", "",
             f"- SSIM / MS-SSIM: Gaussian window {settings['ssim_window']} (sigma {settings['ssim_sigma']}), "
             f"MS-SSIM with {settings.get('ms_ssim_scales')} scales at {settings.get('image_size')} px. "
@@ -258,7 +308,7 @@ def csv_table(agg: Aggregate) -> str:
     head = ["hypothesis", "loss", "mask_mode", "region", "seeds", "n_images"]
     for key in COLUMN_KEYS:
         name = "10*rmse" if key == "10*l2" else key
-        head += [name, f"{name}_ci_lo", f"{name}_ci_hi", f"paper_{key}"]
+        head += [name, f"{name}_ci_lo", f"{name}_ci_hi", f"{name}_seed_sd", f"paper_{key}"]
     w.writerow(head)
     for g in agg.groups:
         paper = paper_result(g.loss, g.mask_mode) if g.loss in LOSS_ORDER else None
@@ -267,7 +317,8 @@ def csv_table(agg: Aggregate) -> str:
             line = [g.hypothesis, g.loss, g.mask_mode, region, _seeds_text(g), ivs[COLUMN_KEYS[0]].n_images]
             for key in COLUMN_KEYS:
                 iv = ivs[key]
-                line += [_num(iv.mean), _num(iv.lo), _num(iv.hi), "" if paper is None else f"{paper[key]:.3f}"]
+                line += [_num(iv.mean), _num(iv.lo), _num(iv.hi), _num(iv.seed_sd[0] if iv.seed_sd else None),
+                         "" if paper is None else f"{paper[key]:.3f}"]
             w.writerow(line)
     return buf.getvalue()
 
