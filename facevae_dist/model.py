@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelCard, PyTorchModelHubMixin, hf_hub_download
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
@@ -30,12 +32,14 @@ from torch import nn
 from facevae_dist.config import IMAGE_SIZES, ModelConfig  # the config lives on the torch-free ground floor
 from facevae_dist.errors import FaceVAEError, UsageError
 from facevae_dist.fileio import atomic_write_bytes, atomic_write_json
+from facevae_dist.model_card import LIBRARY, TAGS, card_text
 
 __all__ = ["FaceVAE", "ModelConfig", "VAEOutput", "composite"]
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 _FORMAT = "facevae-dist/FaceVAE"
+_FORMAT_VERSION = 2  # 2: config.json flat (the ModelConfig fields at the top level); 1: nested under "model"
 
 # Encoder stages above 9x9 resolution: (channels, conv blocks), each followed by a 2x2 max-pool.
 _ENCODER_HIGH = ((32, 2), (64, 2), (128, 2), (256, 2))
@@ -135,7 +139,7 @@ class Decoder(nn.Module):
         return torch.sigmoid(self.head(x).float())
 
 
-class FaceVAE(nn.Module):
+class FaceVAE(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY, tags=list(TAGS)):
     def __init__(self, cfg: ModelConfig | None = None):
         super().__init__()
         self.cfg = (cfg or ModelConfig()).validate()
@@ -217,34 +221,74 @@ class FaceVAE(nn.Module):
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write model.safetensors + config.json (each atomically) into `directory`."""
+    # ---- saving and loading: huggingface_hub's PyTorchModelHubMixin ----------------------------------------
+    # The mixin gives save_pretrained / from_pretrained / push_to_hub for local folders and Hub repo ids; the hooks
+    # below keep this project's files (config.json flat, model.safetensors written atomically), refuse weights
+    # that do not match their config before reading them, and still load exports written before the mixin (their
+    # config.json nested the fields under "model").
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+    def save_pretrained(self, save_directory: str | Path, *, model_card: bool = True, **hub_kwargs) -> Path | str:
+        """Write model.safetensors + config.json (each atomically) and, unless model_card=False, a model card
+        README.md (FaceVAE.generate_model_card; model_card_kwargs=... feeds it). Returns the directory, or the
+        commit URL with push_to_hub=True (any other argument of PyTorchModelHubMixin.save_pretrained is passed on)."""
+        directory = Path(save_directory)
+        if not model_card:  # checkpoints: the weights and config only
+            directory.mkdir(parents=True, exist_ok=True)
+            self._save_pretrained(directory)
+            return directory
+        pushed = super().save_pretrained(directory, **hub_kwargs)
+        return pushed if hub_kwargs.get("push_to_hub") else directory
+
+    def _save_pretrained(self, save_directory: Path) -> None:
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write_bytes(directory / WEIGHTS_FILE, save(tensors, metadata={"format": _FORMAT}))
-        atomic_write_json(directory / CONFIG_FILE, {"format": _FORMAT, "model": self.cfg.to_dict()})
-        return directory
+        atomic_write_bytes(save_directory / WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}))
+        atomic_write_json(save_directory / CONFIG_FILE, {"format": _FORMAT, "format_version": _FORMAT_VERSION,
+                                                         **self.cfg.to_dict()})
+
+    def generate_model_card(self, *args, **kwargs):
+        """The model card README.md: what the model is, its profile and how to load it; an export adds what it was
+        trained on, for how long and how it scored (facevae_dist/model_card.py)."""
+        return ModelCard(card_text(self.cfg.to_dict(), parameters=self.num_trainable_parameters(),
+                                   hub_tags=self._hub_mixin_info.model_card_data.tags, **kwargs))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "FaceVAE":
-        """Load a directory written by save_pretrained. Refuses weights that do not match config.json."""
-
-        directory = Path(directory)
-        cfg_path, w_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-        for p in (cfg_path, w_path):
-            if not p.is_file():
-                raise FaceVAEError(f"{p}: missing (expected a directory written by FaceVAE.save_pretrained)")
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, map_location: str | torch.device = "cpu",
+                        **hub_kwargs) -> "FaceVAE":
+        """A FaceVAE from a local folder written by save_pretrained (or by `facevae export`, either config.json
+        layout) or from a Hugging Face Hub repo id ("user/name", downloaded by huggingface_hub). A missing or
+        damaged file, or weights that do not match config.json, is one FaceVAEError line naming the file."""
+        where = str(pretrained_model_name_or_path)
+        if Path(where).exists() or not _HUB_ID.match(where):
+            _read_config(Path(where) / CONFIG_FILE)  # before the mixin reads it: a clear error, not a traceback
         try:
-            meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-            cfg = ModelConfig.from_dict(meta["model"])
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, FaceVAEError) as exc:
-            raise FaceVAEError(f"{cfg_path}: not a valid FaceVAE config ({exc}); re-export the model "
-                               "(`facevae export RUN_DIR --out DIR`)") from None
-        except RecursionError:  # json nests one Python call per level
-            raise FaceVAEError(f"{cfg_path}: not a valid FaceVAE config (JSON nested too deeply); re-export the "
-                               "model (`facevae export RUN_DIR --out DIR`)") from None
+            return super().from_pretrained(where, map_location=str(map_location), **hub_kwargs)
+        except FaceVAEError:
+            raise
+        except Exception as exc:  # the Hub's own errors (no network, no such repo, no access): one line
+            raise FaceVAEError(f"{where}: not a local model directory, and the Hugging Face Hub could not provide "
+                               f"it ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir, force_download: bool,
+                         local_files_only: bool, token, map_location: str = "cpu", config: dict | None = None,
+                         **unused) -> "FaceVAE":
+        """The mixin's loading hook: `config` is the config.json it read (locally or from the Hub)."""
+        if Path(model_id).is_dir():
+            folder = Path(model_id)
+        else:
+            folder = Path(hf_hub_download(repo_id=model_id, filename=WEIGHTS_FILE, revision=revision,
+                                          cache_dir=cache_dir, force_download=force_download, token=token,
+                                          local_files_only=local_files_only)).parent
+        cfg_path = folder / CONFIG_FILE
+        if config is None:
+            raise FaceVAEError(f"{model_id}: no {CONFIG_FILE} (expected a model written by FaceVAE.save_pretrained)")
+        return cls._load_weights(_config_from_json(config, cfg_path), folder / WEIGHTS_FILE, cfg_path, map_location)
+
+    @classmethod
+    def _load_weights(cls, cfg: ModelConfig, w_path: Path, cfg_path: Path, map_location) -> "FaceVAE":
+        """Refuses weights that do not match the config, from the file header, before any weights are read."""
+        if not w_path.is_file():
+            raise FaceVAEError(f"{w_path}: missing (expected a directory written by FaceVAE.save_pretrained)")
         try:  # shapes from the file header and from a model on the meta device: a mismatching (or huge) config
             with safe_open(str(w_path), "pt") as f:  # is refused before any weights are read or allocated
                 state = {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -272,7 +316,43 @@ class FaceVAE(nn.Module):
             raise FaceVAEError(f"{w_path}: unreadable safetensors file ({exc})") from None
         model = cls(cfg).to(map_location)
         model.load_state_dict(state)
-        return model
+        return model.eval()
+
+
+# A Hugging Face Hub repo id ("name" or "owner/name"); a string that is not one, or names an existing path, is a
+# local folder (so a missing local folder is an error about that folder, not a network request).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
+
+
+def _read_config(cfg_path: Path) -> dict:
+    """config.json as a dict; a missing, unreadable or non-object file -> one FaceVAEError line naming it."""
+    if not cfg_path.is_file():
+        raise FaceVAEError(f"{cfg_path}: missing (expected a directory written by FaceVAE.save_pretrained)")
+    try:
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FaceVAEError(f"{cfg_path}: not a valid FaceVAE config ({exc}); re-export the model "
+                           "(`facevae export RUN_DIR --out DIR`)") from None
+    except RecursionError:  # json nests one Python call per level
+        raise FaceVAEError(f"{cfg_path}: not a valid FaceVAE config (JSON nested too deeply); re-export the "
+                           "model (`facevae export RUN_DIR --out DIR`)") from None
+    if not isinstance(meta, dict):
+        raise FaceVAEError(f"{cfg_path}: not a valid FaceVAE config (a JSON {type(meta).__name__}, not an object); "
+                           "re-export the model (`facevae export RUN_DIR --out DIR`)")
+    _config_from_json(meta, cfg_path)
+    return meta
+
+
+def _config_from_json(meta: dict, cfg_path: Path) -> ModelConfig:
+    """The ModelConfig of a config.json: flat (the constructor's fields at the top level, with format and
+    format_version) or the layout of exports written before format_version 2 ({"format": ..., "model": {...}})."""
+    try:
+        if isinstance(meta.get("model"), dict) and "format_version" not in meta:
+            return ModelConfig.from_dict(meta["model"])
+        return ModelConfig.from_dict({k: v for k, v in meta.items() if k not in ("format", "format_version")})
+    except (TypeError, FaceVAEError) as exc:
+        raise FaceVAEError(f"{cfg_path}: not a valid FaceVAE config ({exc}); re-export the model "
+                           "(`facevae export RUN_DIR --out DIR`)") from None
 
 
 def composite(recon_raw: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -203,14 +203,14 @@ def test_exported_model_without_config_or_with_a_mismatched_one(tmp_path, monkey
     (out / "config.json").unlink()
     with pytest.raises(FaceVAEError, match=r"config.json: missing"):
         FaceVAE.from_pretrained(out)
-    wider = dict(good, model=dict(good["model"], width=0.25))
+    wider = dict(good, width=0.25)
     (out / "config.json").write_text(json.dumps(wider))
     with pytest.raises(FaceVAEError, match=r"does not match .*config.json.*shape") as exc:
         FaceVAE.from_pretrained(out)
     assert "\n" not in str(exc.value)
     # a config far bigger than the weights (8 = the largest width a config may ask for): refused from the file
     # header, before any model is built (width 1000 is refused by the config bounds already)
-    (out / "config.json").write_text(json.dumps(dict(good, model=dict(good["model"], width=8))))
+    (out / "config.json").write_text(json.dumps(dict(good, width=8)))
     built = []
     monkeypatch.setattr(FaceVAE, "reset_parameters", lambda self: built.append(next(self.parameters()).device))
     with pytest.raises(FaceVAEError, match=r"does not match .*width=8"):

@@ -123,7 +123,7 @@ def _one_error_line(capsys) -> str:
 def _with_model(**fields):
     def damage(cfg_file):
         meta = json.loads(cfg_file.read_text())
-        meta["model"].update(fields)
+        meta.update(fields)
         cfg_file.write_text(json.dumps(meta))
     return damage
 

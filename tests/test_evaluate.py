@@ -188,7 +188,7 @@ def test_eval_refuses_checkpoint_of_another_config(runs, shards, tmp_path, capsy
     shutil.copytree(runs["l2/mask+decoder"], run)
     for cfg_file in run.glob("**/config.json"):  # every checkpoint claims to be a no-mask model
         meta = json.loads(cfg_file.read_text())
-        meta["model"]["mask_mode"] = "none"
+        meta["mask_mode"] = "none"
         cfg_file.write_text(json.dumps(meta))
     assert main(["eval", str(run), "--shards", str(shards)]) == 1
     line = _err_line(capsys)

@@ -91,13 +91,13 @@ def test_model_from_another_config_is_refused(tmp_path, capsys):
     model = _save_model(tmp_path / "model")  # has a mask decoder
     cfg_file = model / "config.json"
     meta = json.loads(cfg_file.read_text())
-    meta["model"]["mask_mode"] = "none"
+    meta["mask_mode"] = "none"
     cfg_file.write_text(json.dumps(meta))
     rc = main(["reconstruct", "--model", str(model), str(_photo()), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1
     assert "does not match" in err and "mask_mode=none" in err and "unexpected tensor" in err and "mask_decoder" in err
-    meta["model"].update(mask_mode="mask+decoder", width=0.25)
+    meta.update(mask_mode="mask+decoder", width=0.25)
     cfg_file.write_text(json.dumps(meta))
     assert main(["sample", "--model", str(model), "--out", str(tmp_path / "s.png")]) == 1
     assert "shape mismatch" in capsys.readouterr().err

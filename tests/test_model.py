@@ -138,12 +138,12 @@ def test_save_load_roundtrip_and_mismatch_refusal(tmp_path):
     # config.json says "none" but the weights carry a mask decoder -> a clear refusal naming the mismatch
     cfg_path = tmp_path / "m" / "config.json"
     meta = json.loads(cfg_path.read_text())
-    meta["model"]["mask_mode"] = "none"
+    meta["mask_mode"] = "none"
     cfg_path.write_text(json.dumps(meta))
     with pytest.raises(FaceVAEError, match="unexpected tensor.*mask_decoder"):
         FaceVAE.from_pretrained(tmp_path / "m")
-    meta["model"]["mask_mode"] = "mask+decoder"
-    meta["model"]["width"] = 0.25
+    meta["mask_mode"] = "mask+decoder"
+    meta["width"] = 0.25
     cfg_path.write_text(json.dumps(meta))
     with pytest.raises(FaceVAEError, match="shape mismatch"):
         FaceVAE.from_pretrained(tmp_path / "m")
@@ -186,3 +186,50 @@ def test_transposed_conv_same_padding_tf_crop_vs_pytorch_form():
         assert model.num_trainable_parameters() == 9_059_331
     out = tiny(mask_mode="none", tf_same_crop=True)(torch.rand(1, 3, 36, 36))
     assert out.recon.shape == (1, 3, 36, 36)
+
+
+def test_hub_mixin_round_trip_on_a_local_folder(tmp_path):
+    """save_pretrained / from_pretrained are huggingface_hub's PyTorchModelHubMixin: safetensors weights, a flat
+    config.json (the ModelConfig fields at the top level) and a model card README.md with YAML front matter."""
+    from huggingface_hub import ModelCard, PyTorchModelHubMixin
+
+    model = tiny(mask_mode="mask+decoder", sampling="paper").eval()
+    assert isinstance(model, PyTorchModelHubMixin)
+    out = model.save_pretrained(tmp_path / "m")
+    assert out == tmp_path / "m"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    assert {k: v for k, v in config.items() if not k.startswith("format")} == model.cfg.to_dict()
+    assert config["format_version"] == 2
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "facevae-dist" and "pytorch_model_hub_mixin" in card.data.tags
+    assert "arXiv 2112.02139" in card.text and 'FaceVAE.from_pretrained("' in card.text
+    loaded = FaceVAE.from_pretrained(str(out))  # the mixin's entry point, a str path as the Hub API takes
+    assert not loaded.training and loaded.cfg == model.cfg
+    image, _ = batch()
+    assert torch.equal(model.reconstruct(image).recon, loaded.reconstruct(image).recon)
+    # checkpoints skip the card
+    bare = model.save_pretrained(tmp_path / "ckpt", model_card=False)
+    assert sorted(p.name for p in bare.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_old_format_export_still_loads_and_reconstructs_identically(tmp_path):
+    """Exports written before the mixin nest the fields under "model" (the committed reference models are such
+    exports): they load unchanged, and give the same outputs as after re-saving them in the flat format."""
+    from pathlib import Path
+
+    old = Path(__file__).resolve().parents[1] / "docs" / "reference" / "models" / "l2--mask+decoder--seed-0"
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    assert "model" in json.loads(before["config.json"]) and "format_version" not in json.loads(before["config.json"])
+    model = FaceVAE.from_pretrained(old)
+    resaved = FaceVAE.from_pretrained(model.save_pretrained(tmp_path / "flat"))
+    image, _ = batch(size=36)
+    a, b = model.reconstruct(image), resaved.reconstruct(image)
+    assert torch.equal(a.recon, b.recon) and torch.equal(a.mask_pred, b.mask_pred)
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before  # loading wrote nothing there
+    # a hand-written old layout in a temp folder: same weights, same config
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    (nested / "model.safetensors").write_bytes(before["model.safetensors"])
+    (nested / "config.json").write_text(json.dumps({"format": "facevae-dist/FaceVAE", "model": model.cfg.to_dict()}))
+    assert torch.equal(FaceVAE.from_pretrained(nested).reconstruct(image).recon, a.recon)

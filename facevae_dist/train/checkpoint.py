@@ -245,7 +245,7 @@ class CheckpointManager:
         if write_rank_files is not None:
             write_rank_files(tmp)
         if self.rank == 0:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, model_card=False)  # a model card belongs to exports
             save_toml(cfg, tmp / CONFIG_FILE)
             if optimizer_state is not None:
                 save_pt({"optimizer": optimizer_state, "scaler": scaler_state, "state": state.to_dict(),
