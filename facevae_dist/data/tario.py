@@ -12,11 +12,13 @@ import os
 import tarfile
 from pathlib import Path
 
+from facevae_dist.fileio import naming
+
 
 def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
     """Write samples [(key, {field: bytes})] to `path` (caller handles atomic rename). Metadata is fixed
     (mtime 0, uid/gid 0, no user names, mode 0644) so the bytes depend only on the samples."""
-    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+    with naming(path), open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
         for key, fields in samples:
             if "." in key:
                 raise ValueError(f"sample key {key!r} contains a dot (WebDataset splits keys at the first dot)")

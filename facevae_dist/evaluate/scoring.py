@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from safetensors import safe_open
 from safetensors.numpy import save as save_safetensors
 
 from facevae_dist.data.loader import ShardLoader, read_manifest, read_sizes, to_float
+from facevae_dist.devices import resolve_device
 from facevae_dist.errors import DataError, FaceVAEError, UsageError
 from facevae_dist.evaluate import appearance
 from facevae_dist.evaluate.metrics import (
@@ -61,14 +61,6 @@ APPEARANCE = "appearance"  # per-image colour and hair measures (appearance.py):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation
-
-def _pick_device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
 
 def check_split(shards_dir: str | Path, split: str) -> int:
     """Number of images in `split`; one clear error for a missing shards dir, an unknown or an empty split."""
@@ -169,7 +161,7 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: must be >= 1")
     run_dir = Path(run_dir)
-    dev = _pick_device(device)
+    dev = resolve_device(device)  # this rank's GPU (LOCAL_RANK) when there is one
     model, facts = load_scored_model(run_dir, which, dev)
     shards_dir, manifest, n_split = _matching_shards(run_dir, shards_dir, facts, split, model.cfg.image_size)
     scorer = _Scorer(model, MetricSuite(load_lpips(lpips_weights, device=dev), MetricSettings()),

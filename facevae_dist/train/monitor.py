@@ -14,7 +14,7 @@ import torch
 
 from facevae_dist.config import TrainConfig
 from facevae_dist.errors import RunError, UsageError
-from facevae_dist.fileio import atomic_write_text
+from facevae_dist.fileio import atomic_write_text, iter_jsonl, naming
 from facevae_dist.train import checkpoint as ckpt
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -44,7 +44,7 @@ class Metrics:
                                   and not isinstance(v, bool) and k != "step"}, step=record["step"])
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        with naming(self.path), open(self.path, "a") as f:  # a full disk's error names the file
             f.write(json.dumps(record) + "\n")
 
     def truncate_after(self, step: int) -> None:
@@ -52,13 +52,9 @@ class Metrics:
         metrics read exactly like an uninterrupted one's."""
         if not self.path.is_file():
             return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by the kill
+        # a line cut by the kill (or otherwise unreadable) is dropped with those past the checkpoint
+        keep = [json.dumps(r) for r in iter_jsonl(self.path)
+                if isinstance(r.get("step", 0), (int, float)) and r.get("step", 0) <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
 
