@@ -24,8 +24,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from facevae_dist.config import MAX_INTERPOLATION_STEPS, MAX_SAMPLES
 from facevae_dist.data import imageio
 from facevae_dist.data.masks import labelmap_to_mask
+from facevae_dist.devices import resolve_device
 from facevae_dist.errors import FaceVAEError, UsageError
 from facevae_dist.evaluate.scoring import loss_name
 from facevae_dist.fileio import atomic_write_bytes, atomic_write_json
@@ -179,7 +181,7 @@ def reconstruct_files(model_dir: str | Path, paths, out_dir: str | Path, *, batc
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir}: exists and is not a directory; give a directory for the outputs")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     model = load_any_model(model_dir, device=dev)
     size, mode = model.cfg.image_size, model.cfg.mask_mode
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -256,12 +258,12 @@ def sample_grid(model_dir: str | Path, out: str | Path, *, n: int = 16, seed: in
     """Decode n prior samples z ~ N(0, temperature^2 I) into one image grid (PNG or JPEG, as the suffix of `out`
     says). Mask+decoder models show the face on mid grey through their predicted mask (their background was never
     trained: it carries no signal)."""
-    if n < 1:
-        raise UsageError(f"--n {n}: must be >= 1")
+    if not 1 <= n <= MAX_SAMPLES:
+        raise UsageError(f"--n {n}: must be in [1, {MAX_SAMPLES}] (the samples are decoded in one batch)")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise UsageError(f"--temperature {temperature}: must be a finite number >= 0 (1 = the prior itself)")
     image_format = _out_file_format(Path(out))
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     model = load_any_model(model_dir, device=dev)
     g = torch.Generator().manual_seed(seed)
     z = (torch.randn(n, model.cfg.latent_dim, generator=g) * temperature).to(dev)
@@ -279,10 +281,11 @@ def interpolate_images(model_dir: str | Path, a: str | Path, b: str | Path, out:
                        device: str | None = None) -> Path:
     """Encode two photos (z = mu), decode `steps` points on the line between them; one image row:
     photo a, the interpolation, photo b. Mask+decoder models composite each frame onto the cross-faded inputs."""
-    if steps < 2:
-        raise UsageError(f"--steps {steps}: must be >= 2")
+    if not 2 <= steps <= MAX_INTERPOLATION_STEPS:
+        raise UsageError(f"--steps {steps}: must be in [2, {MAX_INTERPOLATION_STEPS}] (the frames are decoded in one "
+                         "batch)")
     image_format = _out_file_format(Path(out))
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     model = load_any_model(model_dir, device=dev)
     size = model.cfg.image_size
     x = torch.stack([to_tensor(read_rgb(p), size) for p in (a, b)]).to(dev)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from facevae_dist.cli.argtypes import add_device_argument, bounded_int, positive_int
+from facevae_dist.cli.argtypes import add_device_argument, bounded_int
+from facevae_dist.config import MAX_INTERPOLATION_STEPS, MAX_SAMPLES
 from facevae_dist.errors import FaceVAEError
 from facevae_dist.progress import info
 
@@ -79,7 +80,8 @@ def register(sub) -> None:
     _model_arg(rc)
     rc.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size, any format PIL reads)")
     rc.add_argument("--out", required=True, help="output directory")
-    rc.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    rc.add_argument("--batch-size", type=bounded_int(1, 1024), default=16,
+                    help="images per forward pass (default 16)")
     rc.add_argument("--masks", metavar="DIR", help="face masks <image name>.png for models without a mask decoder")
     rc.set_defaults(func=_run_reconstruct, _parser=rc)
 
@@ -88,7 +90,8 @@ def register(sub) -> None:
                         "sample is shown through its predicted mask on grey (their background is untrained).")
     _model_arg(sp)
     sp.add_argument("--out", default="samples.png", help="image to write: .png or .jpg by its suffix (default samples.png)")
-    sp.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
+    sp.add_argument("--n", type=bounded_int(1, MAX_SAMPLES), default=16,
+                    help=f"number of samples, 1-{MAX_SAMPLES} (default 16)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--temperature", type=float, default=1.0, help="prior standard deviation scale (default 1)")
     sp.set_defaults(func=_run_sample, _parser=sp)
@@ -100,5 +103,6 @@ def register(sub) -> None:
     ip.add_argument("a", help="first image")
     ip.add_argument("b", help="second image")
     ip.add_argument("--out", default="interpolation.png", help="image to write: .png or .jpg by its suffix (default interpolation.png)")
-    ip.add_argument("--steps", type=int, default=8, help="interpolation frames (default 8)")
+    ip.add_argument("--steps", type=bounded_int(2, MAX_INTERPOLATION_STEPS), default=8,
+                    help=f"interpolation frames, 2-{MAX_INTERPOLATION_STEPS} (default 8)")
     ip.set_defaults(func=_run_interpolate, _parser=ip)
