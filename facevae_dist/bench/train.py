@@ -143,7 +143,7 @@ def _sync(device: torch.device) -> None:
 
 def _train_config(model_key: str, opts: dict, image_size: int, width: float | None = None) -> TrainConfig:
     model = {"image_size": image_size, **({"width": width} if width is not None else {})}
-    return TrainConfig.from_hypothesis(MODELS[model_key], model=model, tensorboard=False, run_dir="bench",
+    return TrainConfig.from_hypothesis(MODELS[model_key], model=model, log_with="none", run_dir="bench",
                                        channels_last=opts["channels_last"], compile=opts["compile"],
                                        mixed_precision={"fp32": "no"}.get(opts["amp"], opts["amp"]),
                                        optim={"clip_value": CLIP_NORM})

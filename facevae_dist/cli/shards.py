@@ -120,8 +120,9 @@ def _info(args) -> int:
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
         return 0
-    from rich.console import Console
     from rich.table import Table
+
+    from facevae_dist.progress import output_console
 
     table = Table(title=f"shards: {summary['dir']}")
     table.add_column("split")
@@ -129,7 +130,7 @@ def _info(args) -> int:
     table.add_column("shards", justify="right")
     for split, count in summary["counts"].items():
         table.add_row(split, str(count), str(summary["shards"][split]))
-    console = Console()
+    console = output_console()  # not squeezed to 80 columns when piped
     console.print(table)
     console.print(f"source: {json.dumps(summary['source'])}")
     console.print(f"options: {json.dumps(summary['options'])}")

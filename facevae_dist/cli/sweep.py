@@ -68,9 +68,9 @@ def _fmt_eta(seconds) -> str:
 def _status(args) -> int:
     import json
 
-    from rich.console import Console
     from rich.table import Table
 
+    from facevae_dist.progress import output_console
     from facevae_dist.sweep.status import sweep_status
 
     rows = sweep_status(args.sweep_dir)
@@ -92,7 +92,8 @@ def _status(args) -> int:
         table.add_row(r["hypothesis"], seed, r["job_id"], f"[{colours.get(r['state'], 'white')}]{state}[/]", step,
                       f"{r['loss']:.4f}" if r["loss"] is not None else "",
                       f"{r['images_per_s']:.1f}" if r["images_per_s"] else "", _fmt_eta(r["eta_s"]), r["log"] or "")
-    Console().print(table)  # the table is the command's output: stdout (progress and status lines go to stderr)
+    # the table is the command's output: stdout (progress and status lines go to stderr), unsqueezed when piped
+    output_console().print(table)
     return 0
 
 

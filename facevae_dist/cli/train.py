@@ -11,6 +11,7 @@ import sys
 from facevae_dist.config import TrainConfig, apply_dict, apply_overrides, load_toml
 from facevae_dist.errors import FaceVAEError, from_os_error
 from facevae_dist.presets import add_preset_argument, apply_preset
+from facevae_dist.progress import stdout_for_result_only
 from facevae_dist.seeds import SEED_MAX, seed_arg
 
 EXAMPLES = """\
@@ -86,6 +87,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                             "--set optim.clip=global --set optim.eps_form=torch); the JSON sets the ZeRO stage and "
                             "buckets, while batch size, accumulation, clip value, lr and precision always come from "
                             "the training config")
+    logs = p.add_argument_group("logs and experiment tracking")
+    logs.add_argument("--log-with", metavar="TRACKERS",
+                      help="auto (default): TensorBoard when installed, else none; or any of tensorboard, wandb, "
+                           "mlflow, comma-separated (extras facevae-dist[tensorboard|wandb|mlflow]); none: "
+                           "metrics.jsonl only. Logs go inside the run dir (W&B offline unless $WANDB_MODE, MLflow "
+                           "a file store unless $MLFLOW_TRACKING_URI)")
+    logs.add_argument("--progress-every", type=float, metavar="S",
+                      help="seconds between plain progress lines when stderr is not a terminal, e.g. a Slurm log "
+                           "(default 30; 0 = at every log step; $FACEVAE_PROGRESS_EVERY overrides)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show full tracebacks for errors")
 
@@ -97,6 +107,7 @@ _FLAG_FIELDS = {  # argparse dest -> TrainConfig path
     "sample_every": "sample_every", "resume": "resume", "mixed_precision": "mixed_precision",
     "channels_last": "channels_last", "compile": "compile", "compile_mode": "compile_mode",
     "deterministic": "deterministic", "deepspeed": "deepspeed",
+    "log_with": "log_with", "progress_every": "progress_every",
 }
 
 
@@ -137,10 +148,10 @@ def _run(args: argparse.Namespace) -> int:
     from facevae_dist.train.loop import train
 
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        _print_summary(train(config_from_args(args)))
+        _print_summary(_train_quietly(train, args))
         return 0
     try:  # under a multi-process launcher: leave without the interpreter's teardown, whatever happened
-        _print_summary(train(config_from_args(args)))
+        _print_summary(_train_quietly(train, args))
         rc = 0
     except (FaceVAEError, OSError) as exc:
         if getattr(args, "debug", False):
@@ -149,6 +160,13 @@ def _run(args: argparse.Namespace) -> int:
         print(f"facevae: error: {error}", file=sys.stderr)
         rc = error.exit_code
     _exit_without_teardown(rc)
+
+
+def _train_quietly(train, args: argparse.Namespace) -> dict:
+    """Train with stdout pointed at stderr: stdout carries the JSON summary only (libraries print to it, e.g.
+    DeepSpeed's logger)."""
+    with stdout_for_result_only():
+        return train(config_from_args(args))
 
 
 def _print_summary(summary: dict) -> None:

@@ -7,7 +7,6 @@ DeepSpeed itself is imported only inside the functions that need it: it is optio
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -23,6 +22,7 @@ from accelerate.utils import DeepSpeedPlugin, broadcast_object_list, gather_obje
 from facevae_dist.config import TrainConfig
 from facevae_dist.errors import RunError, UsageError
 from facevae_dist.fileio import atomic_write_json
+from facevae_dist.train.tracking import make_trackers
 
 
 def resolve_mixed_precision(value: str) -> str:
@@ -46,7 +46,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     # train() may run several times in one process (tests, a debug sweep): start from a clean Accelerate state.
     # The process group (PartialState) is kept: it belongs to the launcher.
     AcceleratorState._reset_state(reset_partial_state=False)
-    kwargs = {"gradient_accumulation_steps": cfg.grad_accum, "log_with": _trackers() if cfg.tensorboard else None,
+    kwargs = {"gradient_accumulation_steps": cfg.grad_accum, "log_with": make_trackers(cfg),
               "project_dir": cfg.run_dir}
     if cfg.deepspeed:
         plugin = deepspeed_plugin(cfg)
@@ -55,17 +55,6 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
             _skip_deepspeed_shm_jit()
         return Accelerator(deepspeed_plugin=plugin, mixed_precision="no", **kwargs)
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no", **kwargs)
-
-
-def init_trackers(accelerator: Accelerator, cfg: TrainConfig) -> None:
-    if accelerator.log_with:
-        flat = {f"{k}.{kk}" if isinstance(v, dict) else k: (str(vv) if isinstance(v, dict) else str(v))
-                for k, v in cfg.to_dict().items() for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])}
-        accelerator.init_trackers("tensorboard", config=flat)
-
-
-def _trackers() -> list[str] | None:
-    return ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else None
 
 
 def _skip_deepspeed_shm_jit() -> None:

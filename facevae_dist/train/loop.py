@@ -49,14 +49,13 @@ from facevae_dist.errors import UsageError
 from facevae_dist.fileio import atomic_write_json
 from facevae_dist.model import FaceVAE
 from facevae_dist.perf import cpu_has_native_bf16, keep_freed_memory
-from facevae_dist.progress import info, make_progress
+from facevae_dist.progress import ProgressLines, info, log_to, make_progress, progress_every
 from facevae_dist.runinfo import environment_info
 from facevae_dist.seeds import derived_seed
 from facevae_dist.train import checkpoint as ckpt
 from facevae_dist.train.distributed import (
     broadcast_object,
     gather_objects,
-    init_trackers,
     load_deepspeed_optimizer,
     make_accelerator,
     mean_over_ranks,
@@ -68,7 +67,10 @@ from facevae_dist.train.distributed import (
 from facevae_dist.train.monitor import BadSteps, CostClock, Metrics, StopSignal, Throughput, poisoned_steps
 from facevae_dist.train.optim import build_optimizer
 from facevae_dist.train.samples import write_sample_grid
+from facevae_dist.train.launch_check import warn_if_launch_mismatch
 from facevae_dist.train.step import TrainStep
+from facevae_dist.train.tracking import describe as describe_trackers
+from facevae_dist.train.tracking import init_trackers, log_image, resolve_log_with
 from facevae_dist.train.validation import Validator
 
 # What a resumed run may not change: it would mix two experiments in one run dir (and in best/).
@@ -82,12 +84,20 @@ def train(cfg: TrainConfig) -> dict:
     precision_was_auto = cfg.mixed_precision == "auto"
     cfg = dataclasses.replace(cfg, mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
     _check_inputs(cfg)
+    requested_trackers = cfg.log_with
+    cfg = dataclasses.replace(cfg, log_with=resolve_log_with(cfg.log_with))  # recorded resolved, as the precision
     keep_freed_memory()  # glibc would otherwise mmap/munmap every large activation each step (see perf.py)
     with _backends(cfg):
         accelerator = make_accelerator(cfg)
-        # one training process per run dir (rank 0 holds the lock until train() returns)
-        with ckpt.RunDirLock(Path(cfg.run_dir)) if accelerator.is_main_process else contextlib.nullcontext():
+        # one training process per run dir (rank 0 holds the lock until train() returns); rank 0 also appends what
+        # it prints to the run's train.log
+        with (ckpt.RunDirLock(Path(cfg.run_dir)) if accelerator.is_main_process else contextlib.nullcontext(),
+              log_to(Path(cfg.run_dir) / "train.log", enabled=accelerator.is_main_process,
+                     title=f"train {cfg.hypothesis or 'custom config'}")):
             run = setup(cfg, accelerator)
+            if run.is_main:
+                info(describe_trackers(cfg, requested_trackers))
+                warn_if_launch_mismatch(run.world)
             if precision_was_auto and cfg.mixed_precision == "no" and run.device.type == "cpu" and run.is_main:
                 _hint_native_bf16()
             return run_loop(run)
@@ -112,7 +122,7 @@ def _check_inputs(cfg: TrainConfig) -> None:
 def _hint_native_bf16() -> None:
     """Once per process, when precision was left to "auto" (fp32 on a CPU) on a CPU with bf16 in hardware."""
     if cpu_has_native_bf16():
-        info("this CPU does bf16 in hardware: --set mixed_precision=bf16 trained the paper's model about 1.6x faster "
+        info("this CPU does bf16 in hardware: --mixed-precision bf16 trained the paper's model about 1.6x faster "
              "here (`facevae bench train`; autocast, fp32 weights and losses)")
 
 
@@ -236,7 +246,7 @@ def _prepare_run_dir(run: _Run) -> None:
         atomic_write_json(run_dir / "env.json", env)
         run.metrics.truncate_after(run.state.step)  # lines a killed run logged after its last checkpoint
     run.accelerator.wait_for_everyone()
-    init_trackers(run.accelerator, run.cfg)
+    init_trackers(run.accelerator, run.cfg, run.state.step, run.world)
     for warning in presets.preset_warnings(run.cfg, run.world):
         info(f"warning: {warning}")
 
@@ -293,6 +303,7 @@ def run_loop(run: _Run) -> dict:
     stopped, steps_run, t_start = "finished", 0, time.perf_counter()
     _say_what_runs(run)
     progress = make_progress()
+    lines = ProgressLines(cfg.max_steps, state.step, progress_every(cfg.progress_every))  # for logs: no bar there
     task = progress.add_task("train", total=cfg.max_steps, completed=state.step)
     try:
         with progress, stop:
@@ -318,12 +329,16 @@ def run_loop(run: _Run) -> dict:
                 if log_now and not bad_steps.last_was_bad:
                     loss = _log_train_step(run, terms, rate.images_per_s(), clock)
                     progress.update(task, description=f"train loss {loss:.4f} {rate.last:.1f} img/s")
+                    lines.logged(loss, rate.last)
+                lines.step(step, log_now, last=step == cfg.max_steps)
                 val_loss = None
                 if val_now:
                     val_loss, last_val_step = _validate_and_keep_best(run), step
                 if sample_now and run.is_main:
-                    write_sample_grid(run.raw_model, run.val.batches(1), cfg,
-                                      Path(cfg.run_dir) / "samples" / f"step_{step}.png")
+                    grid = write_sample_grid(run.raw_model, run.val.batches(1), cfg,
+                                             Path(cfg.run_dir) / "samples" / f"step_{step}.png")
+                    if grid is not None:
+                        log_image(run.accelerator, "samples/reconstructions", grid, step)
                 if ckpt_now:
                     _save_checkpoint(run, clock, val_loss)
                     last_ckpt_step = step

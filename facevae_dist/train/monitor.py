@@ -16,6 +16,7 @@ from facevae_dist.config import TrainConfig
 from facevae_dist.errors import RunError, UsageError
 from facevae_dist.fileio import atomic_write_text, iter_jsonl, naming
 from facevae_dist.train import checkpoint as ckpt
+from facevae_dist.train.tracking import scalars as tracker_scalars
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 STOP_CHECK_EVERY = 10  # steps between the all-reduced preemption checks of a multi-process run (and at log steps)
@@ -33,15 +34,15 @@ def poisoned_steps() -> set[int]:
 
 
 class Metrics:
-    """metrics.jsonl (rank 0 only): one JSON object per line; also forwarded to Accelerate's trackers."""
+    """metrics.jsonl (rank 0 only): one JSON object per line; also forwarded to Accelerate's trackers (tracking.py
+    names them train/..., val/...)."""
 
     def __init__(self, path: Path, enabled: bool, accelerator):
         self.path, self.enabled, self.accelerator = path, enabled, accelerator
 
     def write(self, record: dict) -> None:
-        if self.accelerator.log_with:
-            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))
-                                  and not isinstance(v, bool) and k != "step"}, step=record["step"])
+        if self.accelerator.trackers:
+            self.accelerator.log(tracker_scalars(record), step=record["step"])
         if not self.enabled:
             return
         with naming(self.path), open(self.path, "a") as f:  # a full disk's error names the file

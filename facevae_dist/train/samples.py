@@ -15,12 +15,13 @@ from facevae_dist.model import FaceVAE
 
 
 @torch.no_grad()
-def write_sample_grid(model: FaceVAE, val_batches, cfg: TrainConfig, path: Path, n: int = 8) -> None:
+def write_sample_grid(model: FaceVAE, val_batches, cfg: TrainConfig, path: Path, n: int = 8) -> np.ndarray | None:
     """Rows of input | reconstruction | predicted mask | ground-truth mask (checkerboard where a model has no mask
-    head). The reconstruction is the inference output (z = mu; mask+decoder composites with its predicted mask)."""
+    head). The reconstruction is the inference output (z = mu; mask+decoder composites with its predicted mask).
+    Returns the grid (HxWx3 uint8, for the trackers), or None without a val batch."""
     batch = next(iter(val_batches), None)
     if batch is None:
-        return
+        return None
     image, mask = batch[0][:n], batch[1][:n]
     model.eval()
     out = model.reconstruct(image, mask if cfg.model.mask_mode == "mask" else None)
@@ -37,3 +38,4 @@ def write_sample_grid(model: FaceVAE, val_batches, cfg: TrainConfig, path: Path,
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
+    return arr
