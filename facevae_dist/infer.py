@@ -1,8 +1,11 @@
 """Inference on ordinary image files: export a trained model, reconstruct photos, sample and interpolate.
 
-Photos of any size are squashed to the model's square input (bilinear, no crop: the paper's preprocessing) and the
-outputs are resized back to each photo's own size. Compositing happens at the photo's full resolution, so the
-background of a composite is the original photo pixel for pixel.
+`reconstruct` finds the face in each photo (MediaPipe's offline detector, align.py), crops the region that frames it
+as the training images frame faces, squashes that to the model's square input as the shards did, and pastes the
+reconstruction back at that region's place and size: every output has the photo's own size, and the composite
+changes only the face (the mask, feathered at its edge and at the region's border), the rest of the photo pixel
+for pixel. --no-align squashes each whole image instead (the old behaviour: right only for photos already framed
+like the training images) and warns when that changes an image's aspect ratio.
 
 What each mask mode does in `reconstruct`:
 - "mask+decoder": predicts the face mask itself; writes the reconstruction, the predicted mask and the composite
@@ -16,6 +19,7 @@ What each mask mode does in `reconstruct`:
 from __future__ import annotations
 
 import io
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +28,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from facevae_dist.config import MAX_INTERPOLATION_STEPS, MAX_SAMPLES
+from facevae_dist.align import FaceFinder, Frame, crop, feather, frame_for
+from facevae_dist.config import MAX_INTERPOLATION_STEPS, MAX_SAMPLES, load_toml
 from facevae_dist.data import imageio
 from facevae_dist.data.masks import labelmap_to_mask
+from facevae_dist.data.shards import read_manifest
 from facevae_dist.devices import resolve_device
 from facevae_dist.errors import FaceVAEError, UsageError
-from facevae_dist.evaluate.scoring import loss_name
-from facevae_dist.fileio import atomic_write_bytes, atomic_write_json
+from facevae_dist.evaluate.scoring import EVAL_DIR, METRICS_FILE, load_eval, loss_name
+from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from facevae_dist.model import CONFIG_FILE, WEIGHTS_FILE, FaceVAE
-from facevae_dist.progress import make_progress
+from facevae_dist.model_card import shards_facts
+from facevae_dist.progress import make_progress, warn
 from facevae_dist.train.checkpoint import load_model, open_model
 
 MODE_NOTES = {
@@ -49,28 +56,87 @@ MODE_NOTES = {
 # Models
 
 def load_any_model(path: str | Path, which: str = "best", device: str | torch.device = "cpu"):
-    """A FaceVAE from an exported directory (model.safetensors + config.json) or from a run directory."""
+    """A FaceVAE from an exported directory (model.safetensors + config.json) or from a run directory. A path that
+    is neither is a usage error (exit 2), as in `facevae eval`."""
     path = Path(path)
     if (path / WEIGHTS_FILE).is_file() or (path / CONFIG_FILE).is_file():
         return FaceVAE.from_pretrained(path, map_location=device).eval()
     if (path / "checkpoints").is_dir() or (path / "best").is_dir():
         return load_model(path, which, map_location=device)[0]
-    raise FaceVAEError(f"{path}: neither an exported model (model.safetensors + config.json, from `facevae export`) "
-                       "nor a run directory (from `facevae train`)")
+    if not path.exists():
+        raise UsageError(f"--model {path}: no such directory; pass an exported model directory (`facevae export`) "
+                         "or a run directory (`facevae train`)")
+    raise UsageError(f"--model {path}: neither an exported model (model.safetensors + config.json, from `facevae "
+                     "export`) nor a run directory (from `facevae train`)")
+
+
+def training_fit(model_dir: str | Path) -> str:
+    """How the model's training shards fitted the aligned frame to the square ("squash" | "center-crop"): from
+    export.json's training_data, or the run's shards manifest; "squash" (the paper's, the default) when neither
+    is at hand."""
+    path = Path(model_dir)
+    try:
+        if (path / "export.json").is_file():
+            data = json.loads((path / "export.json").read_text(encoding="utf-8")).get("training_data") or {}
+            return data.get("fit") or "squash"
+        if (path / "config.toml").is_file():
+            shards = load_toml(path / "config.toml").data.shards
+            return shards_facts(read_manifest(shards, check_counts=False), shards)["fit"]
+    except (FaceVAEError, OSError, ValueError, AttributeError):
+        pass  # a damaged or absent record only costs the default framing
+    return "squash"
 
 
 def export_model(run_dir: str | Path, out_dir: str | Path, which: str = "best") -> Path:
-    """Write the chosen checkpoint of `run_dir` as model.safetensors + config.json (FaceVAE.from_pretrained(out))
-    plus export.json saying where it came from."""
+    """Write the chosen checkpoint of `run_dir` as model.safetensors + config.json (FaceVAE.from_pretrained(out),
+    locally or after uploading the folder to the Hugging Face Hub), export.json saying where it came from, and the
+    model card README.md: the hypothesis, the training shards' facts, the profile, the steps and, when the run's
+    eval/metrics.json scored this very checkpoint, its scores."""
     loaded = open_model(run_dir, which)
     model, cfg, step = loaded.model, loaded.cfg, loaded.step
-    out = model.save_pretrained(out_dir)
-    atomic_write_json(Path(out) / "export.json", {
+    facts = {
         "run_dir": str(run_dir), "checkpoint": loaded.label, "step": step, "hypothesis": cfg.hypothesis or None,
         "seed": cfg.seed, "loss": loss_name(cfg.loss.terms), "mask_mode": model.cfg.mask_mode,
         "image_size": model.cfg.image_size,
-    })
+    }
+    data = _training_data(cfg.data.shards)
+    if data is not None:
+        facts["training_data"] = data  # reconstruct frames faces as these shards did (their `fit`)
+    out = model.save_pretrained(out_dir, model_card=False)
+    atomic_write_json(Path(out) / "export.json", facts)
+    shown = Path(out_dir) if not Path(out_dir).is_absolute() else Path(Path(out_dir).name)
+    card = model.generate_model_card(export=facts, data=data, scores=_scores_of(run_dir, step),
+                                     load_from=shown.as_posix())
+    atomic_write_text(Path(out) / "README.md", card.content)
     return Path(out)
+
+
+def _training_data(shards_dir: str | None) -> dict | None:
+    """The model card's facts about the training shards, or None when their manifest is not at hand."""
+    if not shards_dir:
+        return None
+    try:
+        return shards_facts(read_manifest(shards_dir, check_counts=False), shards_dir)
+    except FaceVAEError:
+        warn(f"{shards_dir}: the training shards' manifest is not readable here; the model card says the training "
+             "data was not recorded")
+        return None
+
+
+def _scores_of(run_dir: str | Path, step: int) -> dict | None:
+    """The run's eval/metrics.json when it scored checkpoint `step`; None otherwise (no eval, or another step's)."""
+    if not (Path(run_dir) / EVAL_DIR / METRICS_FILE).is_file():
+        return None
+    try:
+        scores = load_eval(run_dir)
+    except FaceVAEError as exc:
+        warn(f"{exc}; the model card shows no scores")
+        return None
+    if (scores.get("checkpoint") or {}).get("step") != step:
+        warn(f"{scores['path']} scored step {(scores.get('checkpoint') or {}).get('step')}, not the exported step "
+             f"{step}; the model card shows no scores (run `facevae eval {run_dir} --checkpoint ...` to score it)")
+        return None
+    return scores
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -148,8 +214,10 @@ def _read_given_mask(path: Path, wh: tuple[int, int]) -> np.ndarray:
 class ReconstructResult:
     mask_mode: str
     note: str
+    aligned: bool = True  # faces found and framed (False: --no-align, whole images squashed)
     written: dict[str, list[str]] = field(default_factory=dict)  # input path -> output files
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (input path, reason)
+    faces: dict[str, dict] = field(default_factory=dict)  # input path -> the face found and the frame used
 
 
 def _unique_stems(paths: list[Path]) -> list[str]:
@@ -165,11 +233,13 @@ def _unique_stems(paths: list[Path]) -> list[str]:
 
 @torch.no_grad()
 def reconstruct_files(model_dir: str | Path, paths, out_dir: str | Path, *, batch_size: int = 16,
-                      masks_dir: str | Path | None = None, device: str | None = None) -> ReconstructResult:
+                      masks_dir: str | Path | None = None, device: str | None = None,
+                      align: bool = True) -> ReconstructResult:
     """Reconstruct every image in `paths` into `out_dir` (see the module docstring for what each mode writes).
-    Corrupt, non-image and oversized files are reported in `skipped` and the rest are processed.
-    Memory stays bounded whatever the photos' size: a batch holds the model-size inputs plus at most
-    imageio.MAX_PIXELS of full-size uint8 photos, and each photo's outputs are made and written one at a time."""
+    Corrupt, non-image and oversized files, and (align) photos without a face found, are reported in `skipped`
+    and the rest are processed. Memory stays bounded whatever the photos' size: a batch holds the model-size inputs
+    plus at most imageio.MAX_PIXELS of full-size uint8 photos, and each photo's outputs are made and written one
+    at a time."""
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: must be >= 1")
     paths = [Path(p) for p in paths]
@@ -184,55 +254,101 @@ def reconstruct_files(model_dir: str | Path, paths, out_dir: str | Path, *, batc
     dev = resolve_device(device)
     model = load_any_model(model_dir, device=dev)
     size, mode = model.cfg.image_size, model.cfg.mask_mode
+    finder = FaceFinder() if align else None  # a missing MediaPipe is one line before anything is written
+    fit = training_fit(model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = ReconstructResult(mask_mode=mode, note=MODE_NOTES[mode])
+    result = ReconstructResult(mask_mode=mode, note=MODE_NOTES[mode], aligned=align)
+    squashed: list[str] = []
     pixel_budget = imageio.max_pixels_default()
     with make_progress() as progress:
         task = progress.add_task("reconstruct", total=len(paths))
-        batch: list[tuple[Path, str, np.ndarray, torch.Tensor]] = []  # (path, stem, photo uint8 HxWx3, input)
+        # (path, stem, photo uint8 HxWx3, the frame the input was cut from or None for the whole photo, input)
+        batch: list[tuple[Path, str, np.ndarray, Frame | None, torch.Tensor]] = []
 
         def flush() -> None:
             if not batch:
                 return
             out = model.reconstruct(torch.stack([x for *_, x in batch]).to(dev))
-            for i, (path, stem, photo, _) in enumerate(batch):
+            for i, (path, stem, photo, frame, _) in enumerate(batch):
                 try:
-                    result.written[str(path)] = _write_outputs(out, i, path, stem, photo, mode, masks_dir, out_dir)
+                    result.written[str(path)] = _write_outputs(out, i, path, stem, photo, frame, masks_dir, out_dir)
                 except imageio.ImageReadError as exc:  # its --masks file; nothing of this photo was written yet
                     result.skipped.append((str(path), f"mask {exc}"))
                 progress.advance(task)
             batch.clear()
 
-        for path, stem in zip(paths, _unique_stems(paths)):
-            try:
-                im = read_rgb(path)
-            except FaceVAEError as exc:
-                result.skipped.append((str(path), str(exc)))
-                progress.advance(task)
-                continue
-            if batch and sum(p.shape[0] * p.shape[1] for _, _, p, _ in batch) + im.width * im.height > pixel_budget:
-                flush()
-            batch.append((path, stem, np.asarray(im), to_tensor(im, size)))
-            del im
-            if len(batch) == batch_size:
-                flush()
-        flush()
+        try:
+            for path, stem in zip(paths, _unique_stems(paths)):
+                try:
+                    photo = np.asarray(read_rgb(path))
+                except FaceVAEError as exc:
+                    result.skipped.append((str(path), str(exc)))
+                    progress.advance(task)
+                    continue
+                frame = None
+                if finder is not None:
+                    face = finder(photo)
+                    if face is None:
+                        result.skipped.append((str(path), "no face found (MediaPipe face detector); pass --no-align "
+                                                          "to reconstruct the whole image"))
+                        progress.advance(task)
+                        continue
+                    frame = frame_for(face, fit)
+                    result.faces[str(path)] = {**face.to_dict(), "fit": fit,
+                                               "frame": [frame.left, frame.top, frame.width, frame.height]}
+                    x = to_tensor(Image.fromarray(crop(photo, frame)), size)
+                else:
+                    if photo.shape[0] != photo.shape[1]:
+                        squashed.append(f"{path.name} ({photo.shape[1]}x{photo.shape[0]})")
+                    x = to_tensor(Image.fromarray(photo), size)
+                held = sum(p.shape[0] * p.shape[1] for _, _, p, _, _ in batch)
+                if batch and held + photo.shape[0] * photo.shape[1] > pixel_budget:
+                    flush()
+                batch.append((path, stem, photo, frame, x))
+                if len(batch) == batch_size:
+                    flush()
+            flush()
+        finally:
+            if finder is not None:
+                finder.close()
+    if squashed:
+        warn(f"--no-align: {len(squashed)} image(s) are not square, e.g. {squashed[0]}: each was squashed to the "
+             f"model's {size}x{size} input, changing its aspect ratio, so its face comes out stretched; without "
+             "--no-align the face is found and cropped as in training")
     return result
 
 
-def _write_outputs(out, i: int, path: Path, stem: str, photo: np.ndarray, mode: str, masks_dir: Path | None,
-                   out_dir: Path) -> list[str]:
-    """Write one photo's reconstruction (+ mask, composite) at the photo's own size; returns the files written."""
-    wh = (photo.shape[1], photo.shape[0])
-    recon = _upsample(out.recon_raw[i], wh)
+def _write_outputs(out, i: int, path: Path, stem: str, photo: np.ndarray, frame: Frame | None,
+                   masks_dir: Path | None, out_dir: Path) -> list[str]:
+    """Write one photo's reconstruction (+ mask, composite) at the photo's own size; returns the files written.
+    frame: where the model's input was cut from, and where its output goes back (None: the whole photo)."""
+    h, w = photo.shape[:2]
+    whole = Frame(0, 0, w, h)
+    frame = frame or whole
+    rows, cols, frows, fcols = frame.visible(w, h)
+    recon_f = _upsample(out.recon_raw[i], (frame.width, frame.height))
+    recon = recon_f
+    if frame != whole:
+        recon = photo.copy()
+        recon[rows, cols] = recon_f[frows, fcols]
     files = {f"{stem}_recon.png": recon}
-    alpha = None
+    alpha_f = None
     if out.mask_pred is not None:
-        alpha = files[f"{stem}_mask.png"] = _upsample(out.mask_pred[i], wh)
+        alpha_f = _upsample(out.mask_pred[i], (frame.width, frame.height))
     elif masks_dir is not None and (masks_dir / f"{path.stem}.png").is_file():
-        alpha = _read_given_mask(masks_dir / f"{path.stem}.png", wh)
-    if alpha is not None:
-        files[f"{stem}_composite.png"] = _composite_u8(recon, photo, alpha)
+        given = _read_given_mask(masks_dir / f"{path.stem}.png", (w, h))
+        alpha_f = np.zeros((frame.height, frame.width), np.uint8)
+        alpha_f[frows, fcols] = given[rows, cols]
+    if alpha_f is not None:
+        if frame != whole:  # a pasted region: no seam at the mask's edge or at the region's border
+            alpha_f = feather(alpha_f, frame.width / out.recon_raw.shape[-1])
+        alpha = np.zeros((h, w), np.uint8)
+        alpha[rows, cols] = alpha_f[frows, fcols]
+        if out.mask_pred is not None:
+            files[f"{stem}_mask.png"] = alpha
+        composite = photo.copy()
+        composite[rows, cols] = _composite_u8(recon_f[frows, fcols], photo[rows, cols], alpha_f[frows, fcols])
+        files[f"{stem}_composite.png"] = composite
     for name, a in files.items():
         atomic_write_bytes(out_dir / name, _png(a))
     return [str(out_dir / n) for n in files]
@@ -317,7 +433,8 @@ def _out_file_format(out: Path) -> str:
 
 def write_summary(result: ReconstructResult, out_dir: str | Path) -> Path:
     path = Path(out_dir) / "reconstruct.json"
-    atomic_write_json(path, {"mask_mode": result.mask_mode, "note": result.note, "written": result.written,
+    atomic_write_json(path, {"mask_mode": result.mask_mode, "note": result.note, "aligned": result.aligned,
+                             "faces": result.faces, "written": result.written,
                              "skipped": [{"file": f, "reason": r} for f, r in result.skipped]})
     return path
 

@@ -42,10 +42,13 @@ def test_reconstruct_real_photo_skips_bad_files(tmp_path, capsys):
     Image.fromarray(np.full((20, 31, 3), 200, np.uint8)).save(small)
     inputs = [photo, tmp_path / "truncated.jpg", tmp_path / "notes.txt", small]
     out = tmp_path / "out"
-    rc = main(["reconstruct", "--model", str(model), *map(str, inputs), "--out", str(out), "--batch-size", "2"])
+    rc = main(["reconstruct", "--model", str(model), *map(str, inputs), "--out", str(out), "--batch-size", "2",
+               "--no-align"])
     err = capsys.readouterr().err
     assert rc == 0
     assert "skipped" in err and "truncated.jpg" in err and "notes.txt" in err
+    # --no-align squashes whole images: said once for the non-square ones
+    assert "--no-align: 2 image(s) are not square, e.g. grace_hopper.jpg (512x600)" in " ".join(err.split())
     summary = json.loads((out / "reconstruct.json").read_text())
     assert {s["file"] for s in summary["skipped"]} == {str(tmp_path / "truncated.jpg"), str(tmp_path / "notes.txt")}
     assert summary["mask_mode"] == "mask+decoder" and "no mask input" in summary["note"]
@@ -171,7 +174,7 @@ def test_reconstruct_memory_stays_bounded_for_huge_photos(tmp_path):
         "from facevae_dist.infer import load_any_model, reconstruct_files\n"
         "load_any_model(sys.argv[1])  # baseline: imports and one model load\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "reconstruct_files(sys.argv[1], sys.argv[3:], sys.argv[2], batch_size=4, device='cpu')\n"
+        "reconstruct_files(sys.argv[1], sys.argv[3:], sys.argv[2], batch_size=4, device='cpu', align=False)\n"
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)\n")
     res = subprocess.run([sys.executable, "-c", code, str(model), str(tmp_path / "out"), *map(str, paths)],
                          capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
@@ -180,3 +183,141 @@ def test_reconstruct_memory_stays_bounded_for_huge_photos(tmp_path):
     extra_mb = int(res.stdout.strip().splitlines()[-1])
     assert (tmp_path / "out" / "big1_composite.png").is_file()
     assert extra_mb < 300, f"reconstruct of 2 x 9 Mpixel photos peaked {extra_mb} MB above the baseline"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real photos: the face found and framed as in training, the result pasted back (needs the `masks` extra)
+
+REFERENCE_MODEL = Path(__file__).resolve().parents[1] / "docs" / "reference" / "models" / "l2--mask+decoder--seed-0"
+
+
+def test_reconstruct_finds_the_face_and_changes_only_it(tmp_path):
+    """Grace Hopper (512x600, the face in the upper half, not framed like aligned CelebA) through the default
+    path: the face is found, the frame around it holds the eyes where training put them, every output has the
+    photo's size, nothing outside the frame changes, and a trained model's predicted mask sits on the face (the
+    squashed whole photo put it on the chin and collar)."""
+    pytest.importorskip("mediapipe", reason="optional extra facevae-dist[masks] not installed")
+    from facevae_dist.align import EYES_AT, FRAME
+
+    out = tmp_path / "out"
+    assert main(["reconstruct", "--model", str(REFERENCE_MODEL), str(_photo()), "--out", str(out)]) == 0
+    summary = json.loads((out / "reconstruct.json").read_text())
+    face = summary["faces"][str(_photo())]
+    bx, by, bw, bh = face["box"]
+    assert summary["aligned"] and face["score"] > 0.5 and 150 < bx < 250 and 100 < by < 250 and 150 < bw < 250
+    left, top, width, height = face["frame"]
+    assert width / height == pytest.approx(FRAME[0] / FRAME[1], abs=0.01)  # "squash": the aligned frame
+    eyes_y = (face["eyes"][0][1] + face["eyes"][1][1]) / 2
+    assert (eyes_y - top) / height == pytest.approx(EYES_AT[1] / FRAME[1], abs=0.01)
+
+    src = np.asarray(Image.open(_photo()).convert("RGB"))
+    recon, mask, comp = (np.asarray(Image.open(out / f"grace_hopper_{k}.png")) for k in ("recon", "mask", "composite"))
+    assert recon.shape == comp.shape == src.shape and mask.shape == src.shape[:2]
+    outside = np.ones(src.shape[:2], bool)
+    outside[max(0, top):top + height, max(0, left):left + width] = False
+    assert outside.sum() > 0.25 * outside.size
+    assert np.array_equal(comp[outside], src[outside]) and np.array_equal(recon[outside], src[outside])
+    assert not mask[outside].any()
+    m = mask[..., None] / 255.0
+    np.testing.assert_allclose(comp / 255.0, recon / 255.0 * m + src / 255.0 * (1 - m), atol=2.5 / 255)
+    # the predicted mask lies on the face: its centre of mass inside the detector's face box
+    ys, xs = np.nonzero(mask > 127)
+    assert len(ys) > 0.3 * bw * bh
+    assert bx < xs.mean() < bx + bw and by < ys.mean() < by + bh
+
+
+def test_reconstruct_astronaut_and_center_crop_framing(tmp_path):
+    """skimage's public-domain astronaut (512x512, the face small and high): found and framed; an export whose
+    shards were center-cropped is framed by the frame's central square."""
+    pytest.importorskip("mediapipe", reason="optional extra facevae-dist[masks] not installed")
+    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image not installed")
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(skimage_data.astronaut()).save(photo)
+    model = tmp_path / "model"
+    shutil.copytree(REFERENCE_MODEL, model)
+    export = json.loads((model / "export.json").read_text())
+    for fit in ("squash", "center-crop"):
+        (model / "export.json").write_text(json.dumps({**export, "training_data": {"fit": fit}}))
+        out = tmp_path / fit
+        assert main(["reconstruct", "--model", str(model), str(photo), "--out", str(out)]) == 0
+        face = json.loads((out / "reconstruct.json").read_text())["faces"][str(photo)]
+        left, top, width, height = face["frame"]
+        bx, by, bw, bh = face["box"]
+        assert face["fit"] == fit and left < bx and bx + bw < left + width and top < by + bh / 2 < top + height
+        assert (width == height) == (fit == "center-crop")
+        assert Image.open(out / "astronaut_composite.png").size == (512, 512)
+
+
+def test_no_face_found_is_skipped_and_no_align_keeps_the_whole_image(tmp_path, capsys):
+    pytest.importorskip("mediapipe", reason="optional extra facevae-dist[masks] not installed")
+    model = _save_model(tmp_path / "model")
+    flat = tmp_path / "flat.png"
+    Image.fromarray(np.full((60, 90, 3), 128, np.uint8)).save(flat)
+    assert main(["reconstruct", "--model", str(model), str(flat), str(_photo()), "--out", str(tmp_path / "o")]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "skipped" in err and "flat.png" in err and "no face found" in err and "--no-align" in err
+    assert main(["reconstruct", "--model", str(model), str(flat), "--out", str(tmp_path / "o2"), "--no-align"]) == 0
+    assert Image.open(tmp_path / "o2" / "flat_composite.png").size == (90, 60)
+    assert "not square, e.g. flat.png (90x60)" in " ".join(capsys.readouterr().err.split())
+
+
+def test_reconstruct_without_mediapipe_is_one_line_naming_the_fix(tmp_path, capsys, monkeypatch):
+    import sys
+
+    model = _save_model(tmp_path / "model")
+    monkeypatch.setitem(sys.modules, "mediapipe.python.solutions", None)  # as if the extra were not installed
+    rc = main(["reconstruct", "--model", str(model), str(_photo()), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert "MediaPipe" in err[0] and "masks" in err[0] and "--no-align" in err[0]
+    assert not (tmp_path / "o").exists()
+    assert main(["reconstruct", "--model", str(model), str(_photo()), "--out", str(tmp_path / "o"), "--no-align"]) == 0
+
+
+def test_missing_model_is_a_usage_error(tmp_path, capsys):
+    for model in (tmp_path / "nonexistent", tmp_path):  # no such directory; a directory that holds no model
+        rc = main(["reconstruct", "--model", str(model), str(_photo()), "--out", str(tmp_path / "o"), "--no-align"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and str(model) in err[0], err
+    assert main(["sample", "--model", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "s.png")]) == 2
+
+
+def test_export_carries_a_model_card_and_a_flat_config(tmp_path):
+    """A real run (synthetic shards, two steps), evaluated, then exported: the folder is what the Hugging Face Hub
+    expects of a PyTorchModelHubMixin model (README.md with YAML front matter, flat config.json, safetensors) and
+    the card states the hypothesis, the training data, the profile, the steps, the eval's scores and split, how to
+    load it and the paper."""
+    from huggingface_hub import ModelCard
+
+    from facevae_dist.config import TrainConfig
+    from facevae_dist.data.shards import ShardOptions, build_shards
+    from facevae_dist.data.sources import SyntheticSource
+    from facevae_dist.train.loop import train
+
+    shards = tmp_path / "shards"
+    build_shards(SyntheticSource(n=16, seed=0, split_ratios=(0.5, 0.25, 0.25)), shards,
+                 ShardOptions(image_size=18, shard_size=8, image_format="png"))
+    run = tmp_path / "run"
+    train(TrainConfig.from_hypothesis(
+        "ssim+l1/mask+decoder", run_dir=str(run), max_steps=2, val_every=2, val_batches=1, ckpt_every=2,
+        log_every=1, sample_every=0, mixed_precision="no", data={"shards": str(shards), "batch_size": 4, "workers": 0},
+        model={"image_size": 18, "width": 0.125, "latent_dim": 8}))
+    assert main(["-q", "eval", str(run), "--shards", str(shards), "--bootstrap", "50", "--device", "cpu"]) == 0
+    out = tmp_path / "export"
+    assert main(["-q", "export", str(run), "--out", str(out)]) == 0
+
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "export.json", "model.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["image_size"] == 18 and config["mask_mode"] == "mask+decoder" and "model" not in config
+    assert json.loads((out / "export.json").read_text())["training_data"]["fit"] == "squash"
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "facevae-dist" and card.data.license == "mit"  # synthetic faces: the code's
+    assert {"vae", "face-reconstruction", "pytorch_model_hub_mixin"} <= set(card.data.tags)
+    text = card.text
+    for fact in ("`ssim+l1/mask+decoder`", "source: `synthetic`", "train 8, val 4, test 4", "18x18",
+                 "| width | 0.125", "2 optimizer steps", "`test` split of `shards`, n = 4 images",
+                 "| face | ", 'FaceVAE.from_pretrained("', "ENIAC 2021", "2112.02139", "@inproceedings"):
+        assert fact in text, fact
+    assert str(tmp_path) not in text  # no absolute paths in a card meant for publishing
+    loaded = FaceVAE.from_pretrained(out)
+    assert loaded.cfg.image_size == 18 and not loaded.training

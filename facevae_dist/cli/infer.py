@@ -23,7 +23,7 @@ def _run_reconstruct(args) -> int:
     from facevae_dist.infer import reconstruct_files, write_summary
 
     res = reconstruct_files(args.model, args.images, args.out, batch_size=args.batch_size, masks_dir=args.masks,
-                            device=args.device)
+                            device=args.device, align=not args.no_align)
     info(res.note)
     for f, reason in res.skipped:
         # Always shown (also with --quiet): a skipped input is something the user must know about.
@@ -31,10 +31,10 @@ def _run_reconstruct(args) -> int:
               file=sys.stderr)
     summary = write_summary(res, args.out)
     if not res.written:
-        raise FaceVAEError(f"none of the {len(res.skipped)} input file(s) could be read as an image "
-                           f"(details in {summary})")
+        raise FaceVAEError(f"none of the {len(res.skipped)} input file(s) could be reconstructed: unreadable as an "
+                           f"image{', or no face found' if res.aligned else ''} (details in {summary})")
     info(f"reconstructed {len(res.written)} image(s) into {args.out}"
-         + (f"; skipped {len(res.skipped)} unreadable file(s)" if res.skipped else ""))
+         + (f"; skipped {len(res.skipped)} file(s)" if res.skipped else ""))
     return 0
 
 
@@ -61,9 +61,11 @@ def _model_arg(p) -> None:
 
 
 def register(sub) -> None:
-    ex = sub.add_parser("export", help="export a run's checkpoint as model.safetensors + config.json",
-                        description="Write a checkpoint of a run as a standalone model directory (model.safetensors, "
-                        "config.json, export.json); load it in Python with FaceVAE.from_pretrained(DIR).")
+    ex = sub.add_parser("export", help="export a run's checkpoint as a Hub-style model folder with a model card",
+                        description="Write a checkpoint of a run as a standalone model directory: model.safetensors, "
+                        "config.json (flat), export.json and the model card README.md (hypothesis, training data, "
+                        "profile, steps, and the scores of the run's eval when it scored this checkpoint). Load it "
+                        "with FaceVAE.from_pretrained(DIR), or upload the folder to the Hugging Face Hub as it is.")
     ex.add_argument("run_dir", help="a run directory written by `facevae train`")
     ex.add_argument("--out", required=True, help="output directory")
     ex.add_argument("--checkpoint", default="best", metavar="best|latest|step_N", help="which checkpoint (default best)")
@@ -71,18 +73,23 @@ def register(sub) -> None:
 
     rc = sub.add_parser(
         "reconstruct", help="reconstruct photos of any size (reconstruction, predicted mask, composite)",
-        description="Each image is squashed to the model's input size, reconstructed with z = mu and resized back "
-        "to its own size. mask+decoder models predict the face mask themselves (no mask input) and also write the "
-        "mask and the composite (reconstructed face on the original background). No-mask and 'mask' models cannot "
-        "predict a mask: they write the reconstruction, and the composite only for images whose mask is given in "
-        "--masks DIR (<image name>.png). Unreadable or non-image files are reported and skipped; the rest are "
-        "processed. A summary goes to OUT/reconstruct.json.")
+        description="In each image the face is found (MediaPipe's offline detector: the `masks` extra), the region "
+        "framing it as the training images frame faces is cropped and squashed to the model's input, reconstructed "
+        "with z = mu, and the result is pasted back at that region's place and size: every output has the image's "
+        "own size. mask+decoder models predict the face mask themselves (no mask input) and also write the mask and "
+        "the composite (the reconstructed face on the photo, which changes only inside the feathered mask). No-mask "
+        "and 'mask' models cannot predict a mask: they write the reconstruction, and the composite only for images "
+        "whose mask is given in --masks DIR (<image name>.png). Unreadable files and images without a face found "
+        "are reported and skipped; the rest are processed. A summary goes to OUT/reconstruct.json.")
     _model_arg(rc)
     rc.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size, any format PIL reads)")
     rc.add_argument("--out", required=True, help="output directory")
     rc.add_argument("--batch-size", type=bounded_int(1, 1024), default=16,
                     help="images per forward pass (default 16)")
     rc.add_argument("--masks", metavar="DIR", help="face masks <image name>.png for models without a mask decoder")
+    rc.add_argument("--no-align", action="store_true",
+                    help="do not look for the face: squash each whole image to the model's input (warns when that "
+                    "changes its aspect ratio); for images already framed like the training images")
     rc.set_defaults(func=_run_reconstruct, _parser=rc)
 
     sp = sub.add_parser("sample", help="a grid of images decoded from prior samples z ~ N(0, I)",
