@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,6 +109,143 @@ def _job_id(sweep_dir: Path, key: str) -> str:
 def _train_steps(run: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
             if "loss" in line and '"split"' not in line]
+
+
+def _scontrol_job(job_id: str) -> str:
+    return subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
+
+
+def _submit_args(shards, out, *extra) -> list[str]:
+    """`facevae sweep submit` of one tiny element (two steps)."""
+    sets = [arg for item in [*TINY, "max_steps=2", "val_every=0", "ckpt_every=2"] for arg in ("--set", item)]
+    return ["sweep", "submit", "--hypotheses", "l2/none", "--shards", str(shards), "--out", str(out),
+            "--cpus-per-task", "1", "--timeout-min", "20", "--signal-delay-s", "5", "--eval-limit", "4", *sets, *extra]
+
+
+def _script(dry_run_output: str) -> str:
+    """The sbatch script in --dry-run's output, the snapshot's time stamp blanked (a submission takes its own)."""
+    text = dry_run_output[dry_run_output.index("#!/bin/bash"):]
+    return re.sub(r"/code/\d{8}-\d{6}", "/code/STAMP", text)
+
+
+def test_dry_run_prints_gres_passthrough_and_environment_and_writes_nothing(shards, tmp_path, capsys):
+    """--dry-run needs no Slurm: the script has --requeue, GPUs as --gres (ranks per node from its count, no
+    --gpus-per-node), every --slurm-option as an #SBATCH line, --setup lines before the snapshot's PYTHONPATH, and
+    --python in the srun line; nothing is written."""
+    out = tmp_path / "sweep"
+    assert main(_submit_args(shards, out, "--hypotheses", "l2/none,l1/none", "--gres", "gpu:a100:2",
+                             "--slurm-option", "mail-type=END,FAIL", "--slurm-option", "exclusive",
+                             "--slurm-option=--reservation=grid", "--python", "/shared/envs/facevae/bin/python",
+                             "--setup", "module load cuda/12.1", "--dry-run")) == 0
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    assert f"# element 0: l2/none -> {out / 'l2--none'}" in lines
+    assert f"# element 1: l1/none -> {out / 'l1--none'}" in lines
+    for line in ("#SBATCH --requeue", "#SBATCH --gres=gpu:a100:2", "#SBATCH --ntasks-per-node=2",
+                 "#SBATCH --mail-type=END,FAIL", "#SBATCH --exclusive", "#SBATCH --reservation=grid",
+                 "#SBATCH --array=0-1%2"):
+        assert line in lines, line
+    assert not any("--gpus-per-node" in line for line in lines)
+    setup = lines.index("module load cuda/12.1")
+    assert lines[setup + 1].startswith(f"export PYTHONPATH={out / 'code'}/")
+    srun = next(line for line in lines if line.startswith("srun "))
+    assert srun.endswith(f"/shared/envs/facevae/bin/python -u -m submitit.core._submit {out / 'logs'}")
+    assert not out.exists()
+    # the count may come from --gpus-per-node; a single element is a plain job, not an array
+    assert main(_submit_args(shards, out, "--gres", "gpu:h100", "--gpus-per-node", "4", "--dry-run")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "#SBATCH --gres=gpu:h100:4" in lines and "#SBATCH --ntasks-per-node=4" in lines
+    assert not any(line.startswith("#SBATCH --array") for line in lines)
+    assert not out.exists()
+
+
+def test_slurm_flags_bad_input_is_one_line(shards, tmp_path, capsys):
+    """--gres against --gpus-per-node, --slurm-option not KEY[=VALUE] or one the sweep sets itself, an empty
+    --python or --setup: exit 2, one line naming the flag, nothing written."""
+    out = tmp_path / "sweep"
+    cases = [
+        (["--gres", "gpu:a100:8", "--gpus-per-node", "4"], "--gres"),
+        (["--gres", "gpu:a100"], "no GPU count"),
+        (["--gres", "gpu:a100:0"], "--gres"),
+        (["--gres", "gpu:a:1,gpu:b:1"], "more than once"),
+        (["--gres", "gpu::8"], "NAME[:TYPE][:COUNT]"),
+        (["--slurm-option", "=END"], "KEY[=VALUE]"),
+        (["--slurm-option", "mail-type="], "KEY[=VALUE]"),
+        (["--slurm-option", "p=gpu"], "KEY[=VALUE]"),
+        (["--slurm-option", "mail type=END"], "KEY[=VALUE]"),
+        (["--slurm-option", "time=10"], "--timeout-min"),
+        (["--slurm-option", "gres=gpu:1"], "--gres"),
+        (["--slurm-option", "no-requeue"], "requeue"),
+        (["--slurm-option", "comment=a", "--slurm-option", "comment=b"], "more than once"),
+        (["--python", ""], "--python"),
+        (["--python", "'unclosed"], "--python"),
+        (["--setup", " "], "--setup"),
+    ]
+    for extra, words in cases:
+        assert main(_submit_args(shards, out, *extra, "--dry-run")) == 2, extra
+        err = capsys.readouterr().err
+        assert words in err and extra[0] in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.slurm
+def test_dry_run_matches_the_submission_and_options_reach_slurm(slurm_cluster, shards, tmp_path, capsys):
+    """--dry-run prints the script a submission then writes (bar the snapshot's time stamp) and submits nothing;
+    the submission's --slurm-option reaches Slurm (Comment=) and sweep.json, its job is requeueable; a dry run of a
+    sweep with nothing left to submit changes nothing."""
+    out = tmp_path / "passthrough"
+    args = _submit_args(shards, out, "--slurm-option", "comment=facevae-test")
+    name = f"facevae-{out.name}"
+
+    def queued() -> str:
+        return subprocess.run(["squeue", "-h", "-n", name, "-o", "%i"], capture_output=True, text=True).stdout
+
+    assert main([*args, "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert "#SBATCH --comment=facevae-test" in dry and "#SBATCH --requeue" in dry
+    assert not out.exists() and queued() == "", "a dry run submits nothing and writes nothing"
+
+    assert main(args) == 0
+    job = _job_id(out, "l2/none")
+    shown = _scontrol_job(job)
+    assert "Comment=facevae-test" in shown and "Requeue=1" in shown, shown
+    assert _script((out / "logs" / f"{job}_submission.sh").read_text()) == _script(dry)
+    assert _manifest(out)["submissions"][-1]["slurm"]["slurm_options"] == ["comment=facevae-test"]
+
+    before = ((out / "sweep.json").read_bytes(), sorted((out / "code").iterdir()), queued())
+    assert main([*args, "--dry-run"]) == 0  # the element is queued, running or finished: nothing to submit
+    assert "#!/bin/bash" not in capsys.readouterr().out
+    assert ((out / "sweep.json").read_bytes(), sorted((out / "code").iterdir()), queued()) == before
+    subprocess.run(["scancel", job], check=True)  # its options are what this test is about, not its run
+
+
+@pytest.mark.slurm
+def test_missing_srun_or_refused_sbatch_is_one_line_and_leaves_nothing(slurm_cluster, shards, tmp_path, capsys,
+                                                                         monkeypatch):
+    """sbatch on PATH but not srun (submitit's test for a cluster): exit 2, one line, before any file is written.
+    A submission sbatch refuses: one line, and the code snapshot, submitit's files and the new folders are gone."""
+    out = tmp_path / "sweep"
+    only_sbatch = tmp_path / "bin"
+    only_sbatch.mkdir()
+    (only_sbatch / "sbatch").symlink_to(shutil.which("sbatch"))
+    with monkeypatch.context() as patch:
+        patch.setenv("PATH", str(only_sbatch))
+        assert main(_submit_args(shards, out)) == 2
+    err = capsys.readouterr().err
+    assert "`srun`" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists()
+
+    assert main(_submit_args(shards, out, "--slurm-option", "mail-type=NOPE")) == 1
+    err = capsys.readouterr().err
+    assert "submission failed" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists(), sorted(out.rglob("*"))
+    # a sweep directory that exists keeps what it had, and gets nothing new
+    (out / "code").mkdir(parents=True)
+    (out / "keep.txt").write_text("mine")
+    assert main(_submit_args(shards, out, "--slurm-option", "mail-type=NOPE")) == 1
+    capsys.readouterr()
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == [Path("code"), Path("keep.txt")]
 
 
 def test_rendezvous_ports_agree_across_ranks_and_avoid_the_ephemeral_range():
@@ -255,6 +394,7 @@ def test_preempted_element_is_requeued_and_resumes_from_its_checkpoint(slurm_clu
     submit_sweep(out, shards, hypotheses=["l2/none"], cluster="slurm", slurm=ONE_CPU, eval_limit=8,
                  overrides=[*TINY, "max_steps=250", "val_every=0", "ckpt_every=10", *SLOWER_STEPS])
     job_id = _job_id(out, "l2/none")
+    assert "Requeue=1" in _scontrol_job(job_id), "the sweep asks for --requeue, whatever the cluster's default"
     run = out / "l2--none"
     # interrupt once a checkpoint exists and training goes on
     _wait(lambda: list((run / "checkpoints").glob("step_*/meta.json")) if (run / "checkpoints").is_dir() else None,

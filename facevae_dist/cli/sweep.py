@@ -12,7 +12,9 @@ SWEEP_DIR/<hypothesis>/ (with --seeds: one element per hypothesis and seed, in S
 with --elements-per-gpu K: K runs share one element's GPU, one process each). On preemption or time limit the
 element saves a checkpoint and is requeued; the requeued element resumes from that checkpoint. Rerunning the
 same command skips finished elements and resubmits the others (queued/running ones are left alone). The
-code is snapshotted into SWEEP_DIR/code/ at submit time.
+code is snapshotted into SWEEP_DIR/code/ at submit time. The jobs run the python that submits (it must exist
+at that path on every node) unless --python / --setup point them at another environment; --dry-run prints
+the sbatch script first.
 
 examples:
   # the paper's 10 hypotheses + our 5 GT-mask ablations, one 8-GPU node per hypothesis, bf16, 4 at a time
@@ -25,6 +27,10 @@ examples:
   # three seeds per hypothesis, four runs sharing each GPU (a batch-32 run uses a fraction of an H100)
   facevae sweep submit --grid paper10 --seeds 0,1,2 --elements-per-gpu 4 --gpus-per-node 1 --cpus-per-task 8 \\
       --shards /shared/shards/celeba --out /shared/sweeps/paper10-seeds --partition gpu
+  # GPUs by type, an environment on shared storage, mail at the end, read the script before submitting
+  facevae sweep submit --grid paper10 --shards /shared/shards/celeba --out /shared/sweeps/paper10 \\
+      --partition gpu --gres gpu:a100:1 --cpus-per-task 8 --python /shared/envs/facevae/bin/python \\
+      --slurm-option mail-type=END,FAIL --slurm-option mail-user=me@lab.org --dry-run
   # a tiny grid on this machine, no Slurm
   facevae sweep submit --hypotheses l2/none,l2/mask+decoder --shards shards/synthetic --out sweeps/try \\
       --cluster local --set max_steps=50 --set model.width=0.25 --wait
@@ -34,26 +40,56 @@ examples:
 def _submit(args) -> int:
     from facevae_dist.presets import sweep_overrides
     from facevae_dist.progress import info
-    from facevae_dist.sweep.submit import SlurmOptions, parse_hypotheses, parse_seeds, submit_sweep
+    from facevae_dist.sweep.submit import SlurmOptions, dry_run_sweep, parse_hypotheses, parse_seeds, submit_sweep
 
     slurm = SlurmOptions(partition=args.partition, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                          tasks_per_node=args.tasks_per_node,
                          cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, timeout_min=args.timeout_min,
                          array_parallelism=args.array_parallelism, signal_delay_s=args.signal_delay_s,
                          max_num_timeout=args.max_num_timeout, account=args.account, qos=args.qos,
-                         constraint=args.constraint, elements_per_gpu=args.elements_per_gpu)
+                         constraint=args.constraint, elements_per_gpu=args.elements_per_gpu, gres=args.gres,
+                         slurm_options=args.slurm_option or [], python=args.python, setup=args.setup or [])
+    if args.cluster != "slurm":
+        given = [flag for flag, value in (("--gres", args.gres), ("--slurm-option", args.slurm_option),
+                                          ("--python", args.python), ("--setup", args.setup)) if value]
+        if given:
+            info(f"{', '.join(given)}: for --cluster slurm only; ignored with --cluster {args.cluster}")
     hyps = parse_hypotheses(args.hypotheses)
     seeds = parse_seeds(args.seeds)
     world = 1 if getattr(slurm, "elements_per_gpu", 1) > 1 else slurm.nodes * slurm.ranks_per_node  # ranks per run
     overrides, warnings = sweep_overrides(args.preset, args.set or [], world)
     for line in warnings:
         info(line)
-    submit_sweep(args.out, args.shards, grid=args.grid, hypotheses=hyps, seeds=seeds,
-                 cluster=args.cluster, slurm=slurm, overrides=overrides, eval_split=args.eval_split,
-                 eval_limit=args.eval_limit, wait=args.wait)
+    request = dict(grid=args.grid, hypotheses=hyps, seeds=seeds, cluster=args.cluster, slurm=slurm,
+                   overrides=overrides)
+    if args.dry_run:
+        _print_dry_run(dry_run_sweep(args.out, args.shards, **request))
+        return 0
+    submit_sweep(args.out, args.shards, **request, eval_split=args.eval_split, eval_limit=args.eval_limit,
+                 wait=args.wait)
     if args.wait:
         return _status(argparse.Namespace(sweep_dir=args.out, json=False))
     return 0
+
+
+def _print_dry_run(plan: dict) -> None:
+    """The element list, then the sbatch script, on stdout (the command's output); notes on stderr."""
+    from facevae_dist.progress import info, warn
+
+    runs = sum(len(element["runs"]) for element in plan["elements"])
+    print(f"# dry run: nothing submitted, nothing written; {runs} run(s) as {len(plan['elements'])} element(s) "
+          f"on {plan['cluster']}, SWEEP_DIR {plan['out']}")
+    for element in plan["elements"]:
+        for run in element["runs"]:
+            print(f"# element {element['index']}: {run['element']} -> {run['run_dir']}")
+    if plan["script"]:
+        print(plan["script"], end="" if plan["script"].endswith("\n") else "\n")
+    elif plan["elements"]:
+        info(f"--cluster {plan['cluster']}: no sbatch script; the elements run on this machine")
+    else:
+        info("nothing to submit: every element is finished or still queued/running")
+    if plan["missing"]:
+        warn(f"{' and '.join(plan['missing'])} not on PATH here: a real submission from this machine is refused")
 
 
 def _fmt_eta(seconds) -> str:
@@ -146,6 +182,19 @@ def register(sub) -> None:
     p.add_argument("--account", help="Slurm account to charge")
     p.add_argument("--qos", help="Slurm quality of service")
     p.add_argument("--constraint", help="Slurm node feature constraint, e.g. a100")
+    p.add_argument("--gres", metavar="SPEC", help="GPUs as a generic resource instead of --gpus-per-node, e.g. "
+                   "gpu:a100:8 (8 GPUs = 8 ranks per node); gpu:a100 takes the count from --gpus-per-node")
+    p.add_argument("--slurm-option", action="append", metavar="KEY[=VALUE]",
+                   help="any other sbatch option, passed as --KEY[=VALUE] (repeatable), e.g. mail-type=END, "
+                   "mail-user=me@lab.org, reservation=grid, exclude=node07, exclusive; recorded in sweep.json")
+    p.add_argument("--python", metavar="CMD", help="the command that runs python on the nodes (default: this "
+                   "interpreter, which must then exist at the same path on every node), e.g. "
+                   "/shared/envs/facevae/bin/python, or python with --setup 'module load ...'")
+    p.add_argument("--setup", action="append", metavar="LINE",
+                   help="a shell line the job runs before srun (repeatable), e.g. --setup 'module load cuda/12.1' "
+                   "--setup 'source /shared/envs/facevae/bin/activate'")
+    p.add_argument("--dry-run", action="store_true", help="print the elements and the sbatch script a submission "
+                   "would use; submit nothing, write nothing")
     p.add_argument("--eval-split", default="test", help="split evaluated after training (default test)")
     p.add_argument("--eval-limit", type=int, help="evaluate only the first N images")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",

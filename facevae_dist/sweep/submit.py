@@ -1,6 +1,8 @@
 """Submitting the hypothesis grid as one Slurm job array (submitit): one requeueable element per (hypothesis, seed).
 
     submit_sweep()  resolve the grid x seeds -> one TrainConfig per element -> snapshot the code -> one job array
+    dry_run_sweep() the same plan, and the sbatch script, without submitting or writing anything
+    sbatch.py       what an element asks Slurm for (SlurmOptions -> the sbatch script)
     element.py      what runs on a node: one (hypothesis, seed) trains then evaluates, and requeues on preemption
     status.py       `sweep status` (state, step, loss, images/s, ETA per element) and `sweep collect` (the report)
     records.py      the manifest, each element's record, Slurm's state of a job
@@ -17,8 +19,11 @@ Layout of SWEEP_DIR:
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import shlex
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +35,7 @@ from facevae_dist.config import TrainConfig, apply_overrides
 from facevae_dist.errors import FaceVAEError, UsageError
 from facevae_dist.fileio import atomic_write_json, atomic_write_text
 from facevae_dist.hypotheses import resolve_grid, resolve_hypothesis
-from facevae_dist.progress import info, make_progress
+from facevae_dist.progress import info, make_progress, warn
 from facevae_dist.runinfo import REVISION_FILE, git_revision
 from facevae_dist.seeds import seed_problem
 from facevae_dist.sweep.element import ElementGroup, HypothesisTask
@@ -43,67 +48,9 @@ from facevae_dist.sweep.records import (
     read_json,
     slurm_state,
 )
+from facevae_dist.sweep.sbatch import SlurmOptions, sbatch_script, slurm_parameters
 
 CLUSTERS = ("slurm", "local", "debug")
-
-
-@dataclass
-
-class SlurmOptions:
-    """Resources of ONE array element. Ranks inside an element: nodes x tasks_per_node, all training one run; or,
-    with elements_per_gpu K > 1, K independent single-rank runs (K Slurm tasks) sharing one GPU (or the CPUs)."""
-
-    partition: str | None = None
-    nodes: int = 1
-    gpus_per_node: int = 0  # 0 = CPU; otherwise one task (rank) per GPU
-    tasks_per_node: int | None = None  # ranks per node; None = one per GPU (1 on CPU); >1 on CPU = gloo ranks
-    cpus_per_task: int = 2
-    mem_gb: float | None = None
-    timeout_min: int = 24 * 60
-    array_parallelism: int = 15  # elements running at once
-    signal_delay_s: int = 120  # preemption signal this long before the time limit: room for a step + checkpoint
-    max_num_timeout: int = 30  # requeues after time limits (preemptions do not count)
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    elements_per_gpu: int = 1  # runs sharing one element's GPU: a batch-32 run uses a fraction of an H100
-
-    def validate(self) -> "SlurmOptions":
-        for name in ("nodes", "cpus_per_task", "timeout_min", "array_parallelism"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
-        if self.gpus_per_node < 0:
-            raise UsageError(f"--gpus-per-node {self.gpus_per_node}: must be >= 0")
-        if self.tasks_per_node is not None and self.tasks_per_node < 1:
-            raise UsageError(f"--tasks-per-node {self.tasks_per_node}: must be >= 1")
-        if self.tasks_per_node and self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
-            raise UsageError(f"--tasks-per-node {self.tasks_per_node} with --gpus-per-node {self.gpus_per_node}: "
-                             "the trainer runs one rank per GPU; leave --tasks-per-node out")
-        if self.signal_delay_s < 0 or self.max_num_timeout < 0:
-            raise UsageError("--signal-delay-s and --max-num-timeout must be >= 0")
-        if self.elements_per_gpu < 1:
-            raise UsageError(f"--elements-per-gpu {self.elements_per_gpu}: must be >= 1")
-        if self.elements_per_gpu > 1 and (self.nodes > 1 or self.gpus_per_node > 1 or self.tasks_per_node):
-            raise UsageError(f"--elements-per-gpu {self.elements_per_gpu}: each shared run has one rank on one GPU; "
-                             "use it with --nodes 1, --gpus-per-node 0 or 1 and no --tasks-per-node")
-        return self
-
-    @property
-    def ranks_per_node(self) -> int:
-        """Slurm tasks per node: the ranks of one run, or the K runs sharing the element (elements_per_gpu)."""
-        if self.elements_per_gpu > 1:
-            return self.elements_per_gpu
-        return self.tasks_per_node or max(1, self.gpus_per_node)
-
-    def srun_args(self) -> list[str]:
-        """Slurm 22.05-23.02 do not pass the job's --cpus-per-task to srun's steps: without it every rank (and its
-        data workers) may be bound to one core. --kill-on-bad-exit: a rank that dies ends its peers at once instead
-        of leaving them in a collective until the process-group timeout; not for shared elements, whose runs are
-        independent (one failing must not end the others)."""
-        args = [f"--cpus-per-task={self.cpus_per_task}"]
-        if self.elements_per_gpu == 1:
-            args.append("--kill-on-bad-exit=1")
-        return args
 
 
 def _comma_list(flag: str, text: str, example: str) -> list[str]:
@@ -173,12 +120,17 @@ def element_configs(names: list[str], shards: str | Path, out: Path, overrides: 
     return configs
 
 
+def snapshot_dir(out: Path) -> Path:
+    """Where a snapshot taken now goes: SWEEP_DIR/code/<stamp>/."""
+    return out / "code" / time.strftime("%Y%m%d-%H%M%S")
+
+
 def snapshot_code(out: Path) -> Path:
     """Copy the facevae_dist package into SWEEP_DIR/code/<stamp>/ so edits made while the sweep runs do not change
     the running or requeued jobs (they import from the snapshot: it is first on their PYTHONPATH)."""
 
     src = Path(facevae_dist.__file__).resolve().parent
-    dest = out / "code" / time.strftime("%Y%m%d-%H%M%S")
+    dest = snapshot_dir(out)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp / "facevae_dist", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -192,33 +144,54 @@ def snapshot_code(out: Path) -> Path:
 
 
 def _make_executor(cluster: str, folder: Path, slurm: SlurmOptions, code_dir: Path, name: str):
-
-    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster, slurm_max_num_timeout=slurm.max_num_timeout)
+    if cluster == "slurm":  # SlurmExecutor itself: its parameters are the ones sbatch_script() shows
+        executor = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=slurm.max_num_timeout,
+                                          python=slurm.python_command)
+        executor.update_parameters(**slurm_parameters(slurm, code_dir, name))
+        return executor
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
     params = dict(name=name, timeout_min=slurm.timeout_min, nodes=slurm.nodes, tasks_per_node=slurm.ranks_per_node,
                   cpus_per_task=slurm.cpus_per_task)
     if slurm.gpus_per_node:
         params["gpus_per_node"] = slurm.gpus_per_node
     if slurm.mem_gb:
         params["mem_gb"] = slurm.mem_gb
-    if cluster == "slurm":
-        params.update(slurm_array_parallelism=slurm.array_parallelism, slurm_signal_delay_s=slurm.signal_delay_s,
-                      slurm_srun_args=slurm.srun_args(),
-                      slurm_setup=[f"export PYTHONPATH={code_dir}${{PYTHONPATH:+:$PYTHONPATH}}",
-                                   "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}"])
-        for key in ("partition", "account", "qos", "constraint"):
-            if getattr(slurm, key):
-                params[f"slurm_{key}"] = getattr(slurm, key)
     executor.update_parameters(**params)
     return executor
 
 
-def submit_sweep(out: str | Path, shards: str | Path, *, grid: str | None = None,
-                 hypotheses: list[str] | None = None, seeds: list[int] | None = None, cluster: str = "slurm",
-                 slurm: SlurmOptions | None = None, overrides: list[str] | None = None, eval_split: str = "test",
-                 eval_limit: int | None = None, wait: bool = False) -> dict:
-    """Submit the unfinished (hypothesis, seed) elements of the grid as one job array; returns the manifest.
-    Rerunning skips the finished ones and those still queued/running, and resubmits the rest (which resume from
-    their checkpoints)."""
+def _job_name(out: Path) -> str:
+    return f"facevae-{out.name}"
+
+
+def _missing_slurm_commands() -> list[str]:
+    """sbatch submits; submitit refuses to build a Slurm executor without srun (its test for being on a cluster)."""
+    return [command for command in ("sbatch", "srun") if shutil.which(command) is None]
+
+
+@dataclass
+class SweepPlan:
+    """What a submission does: the elements to (re)submit, grouped into array elements (elements_per_gpu runs each),
+    and the manifest with an entry for every element (in memory until the submission writes it)."""
+
+    out: Path
+    shards: Path
+    cluster: str
+    slurm: SlurmOptions
+    configs: dict[str, dict]
+    manifest: dict
+    groups: list[list[str]]
+
+    @property
+    def todo(self) -> list[str]:
+        return [key for group in self.groups for key in group]
+
+
+def plan_sweep(out: str | Path, shards: str | Path, *, grid: str | None = None, hypotheses: list[str] | None = None,
+               seeds: list[int] | None = None, cluster: str = "slurm", slurm: SlurmOptions | None = None,
+               overrides: list[str] | None = None, need_slurm: bool = True) -> SweepPlan:
+    """Validate the request and decide what to submit; writes nothing. need_slurm: refuse at once (one line, before
+    any file exists) when this machine lacks sbatch or srun."""
     if cluster not in CLUSTERS:
         raise UsageError(f"--cluster {cluster!r}: choose one of {', '.join(CLUSTERS)}")
     slurm = (slurm or SlurmOptions()).validate()
@@ -229,43 +202,112 @@ def submit_sweep(out: str | Path, shards: str | Path, *, grid: str | None = None
     if not (shards / "manifest.json").is_file():
         raise UsageError(f"--shards {shards}: no manifest.json there; build shards first "
                          "(facevae shards build --source ... --out DIR)")
-    if cluster == "slurm" and shutil.which("sbatch") is None:
-        raise UsageError("--cluster slurm: `sbatch` is not on PATH; run on a Slurm login node, use --cluster local, "
-                         "or start a one-node cluster with slurm/local-cluster/start.sh")
+    missing = _missing_slurm_commands() if cluster == "slurm" and need_slurm else []
+    if missing:
+        raise UsageError(f"--cluster slurm: {' and '.join(f'`{c}`' for c in missing)} not on PATH; run on a Slurm "
+                         "login node, use --cluster local, or start a one-node cluster with "
+                         "slurm/local-cluster/start.sh")
     names = [h.name for h in resolve_grid(grid, hypotheses)]
     configs = element_configs(names, shards, out, overrides or [], seeds)
-    out.mkdir(parents=True, exist_ok=True)
     manifest = read_json(out / MANIFEST) or {"created": time.time(), "elements": {}, "submissions": []}
     elements = manifest["elements"] = manifest_elements(manifest)
     manifest.pop("hypotheses", None)  # an older manifest's name for the same table
-
     todo = _elements_to_submit(configs, elements, cluster)
-    if not todo:
-        info("nothing to submit: every element is finished or still queued/running")
-        atomic_write_json(out / MANIFEST, manifest)
-        return manifest
-
-    code_dir = snapshot_code(out)
-    executor = _make_executor(cluster, out / "logs", slurm, code_dir, name=f"facevae-{out.name}")
     k = slurm.elements_per_gpu
     groups = [todo[i:i + k] for i in range(0, len(todo), k)]  # one array element each
-    tasks = [HypothesisTask(configs[key], eval_split, eval_limit) for key in todo]
-    if k > 1:
-        tasks = [ElementGroup(tasks[i:i + k]) for i in range(0, len(tasks), k)]
-    # batch() = one job array; each element's function is the task itself, so submitit finds its checkpoint()
-    # (map_array(fn, args) would hide it behind fn)
-    with _job_environment(code_dir, cluster, slurm.cpus_per_task), executor.batch():
-        jobs = [executor.submit(task) for task in tasks]
+    return SweepPlan(out, shards, cluster, slurm, configs, manifest, groups)
+
+
+def dry_run_sweep(out: str | Path, shards: str | Path, **request) -> dict:
+    """What `submit_sweep` with the same arguments would submit, without submitting or writing anything: each array
+    element's runs and, on Slurm, the sbatch script submitit would write (the snapshot's path is the one a
+    submission now would create). Runs on a machine without Slurm too (`missing` names what it lacks)."""
+    plan = plan_sweep(out, shards, need_slurm=False, **request)
+    script = None
+    if plan.cluster == "slurm" and plan.groups:
+        script = sbatch_script(plan.slurm, plan.out / "logs", snapshot_dir(plan.out), _job_name(plan.out),
+                               len(plan.groups))
+    return {"cluster": plan.cluster, "out": str(plan.out), "script": script,
+            "missing": _missing_slurm_commands() if plan.cluster == "slurm" else [],
+            "python": plan.slurm.python_command if plan.cluster == "slurm" else None,
+            "elements": [{"index": i, "runs": [{"element": key, "run_dir": plan.configs[key]["run_dir"]}
+                                               for key in group]}
+                         for i, group in enumerate(plan.groups)]}
+
+
+def submit_sweep(out: str | Path, shards: str | Path, *, grid: str | None = None,
+                 hypotheses: list[str] | None = None, seeds: list[int] | None = None, cluster: str = "slurm",
+                 slurm: SlurmOptions | None = None, overrides: list[str] | None = None, eval_split: str = "test",
+                 eval_limit: int | None = None, wait: bool = False) -> dict:
+    """Submit the unfinished (hypothesis, seed) elements of the grid as one job array; returns the manifest.
+    Rerunning skips the finished ones and those still queued/running, and resubmits the rest (which resume from
+    their checkpoints)."""
+    plan = plan_sweep(out, shards, grid=grid, hypotheses=hypotheses, seeds=seeds, cluster=cluster, slurm=slurm,
+                      overrides=overrides)
+    out, slurm, configs, manifest, groups = plan.out, plan.slurm, plan.configs, plan.manifest, plan.groups
+    if not groups:
+        info("nothing to submit: every element is finished or still queued/running")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / MANIFEST, manifest)
+        return manifest
+    if cluster == "slurm":
+        _check_python_here(slurm)
+
+    runs = [[HypothesisTask(configs[key], eval_split, eval_limit) for key in group] for group in groups]
+    tasks = [ElementGroup(group) for group in runs] if slurm.elements_per_gpu > 1 else [group[0] for group in runs]
+    with _removed_if_refused(out):
+        code_dir = snapshot_code(out)
+        executor = _make_executor(cluster, out / "logs", slurm, code_dir, name=_job_name(out))
+        # batch() = one job array; each element's function is the task itself, so submitit finds its checkpoint()
+        # (map_array(fn, args) would hide it behind fn)
+        with _job_environment(code_dir, cluster, slurm.cpus_per_task), executor.batch():
+            jobs = [executor.submit(task) for task in tasks]
 
     _record_submission(manifest, configs, groups, jobs, cluster=cluster, code_dir=code_dir, slurm=slurm, seeds=seeds,
                        overrides=overrides, eval_split=eval_split, eval_limit=eval_limit)
-    manifest.update(shards=str(shards.resolve()), grid=grid, out=str(out))
+    manifest.update(shards=str(plan.shards.resolve()), grid=grid, out=str(out))
     atomic_write_json(out / MANIFEST, manifest)
-    info(f"submitted {len(todo)} run(s) as {len(jobs)} element(s) of job array {jobs[0].job_id.split('_')[0]} on "
-         f"{cluster}; watch with: facevae sweep status {out}")
+    info(f"submitted {len(plan.todo)} run(s) as {len(jobs)} element(s) of job array {jobs[0].job_id.split('_')[0]} "
+         f"on {cluster}; watch with: facevae sweep status {out}")
+    if cluster == "slurm":
+        info(f"the jobs run python as {slurm.python_command}: it must exist on every node (--python or --setup to "
+             "change it)")
     if wait:
         wait_for_jobs(jobs)
     return manifest
+
+
+def _check_python_here(slurm: SlurmOptions) -> None:
+    """A --python path missing here is likely missing on the nodes too (a login node usually mounts what they do)."""
+    first = shlex.split(slurm.python_command)[0]
+    if os.path.isabs(first) and not os.path.exists(first):
+        warn(f"--python: {first} does not exist on this machine; the jobs fail unless every node has it")
+
+
+@contextlib.contextmanager
+def _removed_if_refused(out: Path):
+    """A submission that fails before sbatch took its jobs (sbatch refused them, or submitit refused the request)
+    removes what it wrote: the code snapshot, submitit's files in logs/, and the folders it created. Anything else
+    stays: a job sbatch may have taken needs its snapshot."""
+    folders = [out, out / "code", out / "logs"]
+    created = [folder for folder in folders if not folder.exists()]
+    before = {folder: set(folder.iterdir()) for folder in folders[1:] if folder.is_dir()}
+    try:
+        yield
+    except submitit.core.utils.FailedSubmissionError:  # sbatch's answer was unreadable: the job may be queued
+        raise
+    except Exception:
+        for folder in folders[1:]:
+            new = set(folder.iterdir()) - before.get(folder, set()) if folder.is_dir() else set()
+            for path in new:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty: something else may have written there meanwhile
+        raise
 
 
 def _elements_to_submit(configs: dict, elements: dict, cluster: str) -> list[str]:
@@ -307,13 +349,17 @@ def _job_environment(code_dir: Path, cluster: str, cpus_per_task: int):
         # what the Slurm jobs get from slurm_setup: a local element uses its --cpus-per-task cores, not every core
         # (four 2-thread elements on 2 cores would each fight the others for them)
         os.environ["OMP_NUM_THREADS"] = str(cpus_per_task)
+    said = io.StringIO()  # submitit prints a refused sbatch's stderr itself: it goes into the one-line error instead
     try:
         # clean_env: submitting from inside an allocation must not hand its SLURM_* variables to the new jobs
-        with contextlib.chdir(code_dir), submitit.helpers.clean_env():
+        with contextlib.chdir(code_dir), submitit.helpers.clean_env(), contextlib.redirect_stderr(said):
             yield
     except submitit.core.utils.FailedJobError as exc:
-        raise FaceVAEError(f"submission failed: {str(exc).strip().splitlines()[-1]}") from None
+        said.truncate(0)  # what sbatch said is in the error
+        why = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise FaceVAEError(f"submission failed, nothing was submitted: {why}") from None
     finally:
+        sys.stderr.write(said.getvalue())
         if old_path is None:
             os.environ.pop("PYTHONPATH", None)
         else:
