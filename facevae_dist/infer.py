@@ -21,13 +21,17 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+from facevae_dist import outputs
 from facevae_dist.align import FaceFinder, Frame, crop, feather, frame_for
 from facevae_dist.config import MAX_INTERPOLATION_STEPS, MAX_SAMPLES, load_toml
 from facevae_dist.data import imageio
@@ -39,7 +43,7 @@ from facevae_dist.evaluate.scoring import EVAL_DIR, METRICS_FILE, load_eval, los
 from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from facevae_dist.model import CONFIG_FILE, WEIGHTS_FILE, FaceVAE
 from facevae_dist.model_card import shards_facts
-from facevae_dist.progress import make_progress, warn
+from facevae_dist.progress import info, make_progress, warn
 from facevae_dist.train.checkpoint import load_model, open_model
 
 MODE_NOTES = {
@@ -87,13 +91,24 @@ def training_fit(model_dir: str | Path) -> str:
     return "squash"
 
 
-def export_model(run_dir: str | Path, out_dir: str | Path, which: str = "best") -> Path:
+def export_model(run_dir: str | Path, out_dir: str | Path, which: str = "best", *, force: bool = False) -> Path:
     """Write the chosen checkpoint of `run_dir` as model.safetensors + config.json (FaceVAE.from_pretrained(out),
     locally or after uploading the folder to the Hugging Face Hub), export.json saying where it came from, and the
     model card README.md: the hypothesis, the training shards' facts, the profile, the steps and, when the run's
-    eval/metrics.json scored this very checkpoint, its scores."""
+    eval/metrics.json scored this very checkpoint, its scores. `out_dir` may be a new folder or an export of the
+    same weights; never a run directory, a checkpoint, a shards folder or a place inside one (outputs.py); over
+    an export of other weights only with `force`, and then its eval/ (the scores of the replaced weights) goes."""
+    out_dir = Path(out_dir)
+    kind = outputs.refuse_to_write(out_dir, "--out", "the exported model", allowed=(outputs.EXPORT,))
     loaded = open_model(run_dir, which)
     model, cfg, step = loaded.model, loaded.cfg, loaded.step
+    if kind == outputs.EXPORT and not _same_weights(out_dir / WEIGHTS_FILE, model):
+        if not force:
+            raise UsageError(f"--out {out_dir} holds another model's export ({_describe_export(out_dir)}); choose "
+                             "another --out, or add --force to replace it (its eval/ goes with it)")
+        if (out_dir / EVAL_DIR).is_dir():  # scores of the weights being replaced: report would pin them on these
+            shutil.rmtree(out_dir / EVAL_DIR)
+            info(f"removed {out_dir / EVAL_DIR}: it scored the weights this export replaces")
     facts = {
         "run_dir": str(run_dir), "checkpoint": loaded.label, "step": step, "hypothesis": cfg.hypothesis or None,
         "seed": cfg.seed, "loss": loss_name(cfg.loss.terms), "mask_mode": model.cfg.mask_mode,
@@ -109,6 +124,27 @@ def export_model(run_dir: str | Path, out_dir: str | Path, which: str = "best") 
                                      load_from=shown.as_posix())
     atomic_write_text(Path(out) / "README.md", card.content)
     return Path(out)
+
+
+def _same_weights(weights: Path, model: torch.nn.Module) -> bool:
+    """Whether `weights` (a safetensors file) holds exactly `model`'s tensors: re-exporting the same checkpoint
+    keeps the export's eval/ valid."""
+    try:
+        old = load_file(str(weights))
+    except (SafetensorError, OSError):
+        return False
+    new = model.state_dict()
+    return old.keys() == new.keys() and all(old[k].shape == new[k].shape and torch.equal(old[k], new[k].cpu())
+                                            for k in new)
+
+
+def _describe_export(out_dir: Path) -> str:
+    """What an existing export is, for the refusal (its export.json), or "other weights"."""
+    try:
+        meta = json.loads((out_dir / "export.json").read_text())
+        return f"{meta.get('hypothesis') or meta.get('loss')} from {meta.get('run_dir')} {meta.get('checkpoint')}"
+    except (OSError, ValueError, AttributeError):
+        return "other weights"
 
 
 def _training_data(shards_dir: str | None) -> dict | None:

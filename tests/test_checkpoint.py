@@ -286,3 +286,62 @@ def test_best_absent_is_not_labelled_best(tmp_path, capsys):
     CheckpointManager(tmp_path, every=2, keep_last=2).save_best(model=model, state=TrainState(step=2), cfg=cfg,
                                                                 val_loss=0.5)
     assert checkpoint_label(resolve_which(tmp_path, "best")) == "best"
+
+
+def test_weights_written_over_a_checkpoint_are_refused_not_trained_on(tmp_path, capsys):
+    """Another model's weights written into a checkpoint directory (an export into it, a copy) used to be loaded
+    by a resume and by eval; meta.json's sha256 of the model files now refuses them in one line naming the file,
+    and --resume auto keeps the replaced checkpoint aside and resumes from the previous one."""
+    cfg, model, opt = _setup(tmp_path)
+    mgr = CheckpointManager(tmp_path, every=2, keep_last=3)
+    _save(mgr, cfg, model, opt, 2)
+    step_4 = _save(mgr, cfg, model, opt, 4)
+    mgr.save_best(model=model, state=TrainState(step=4), cfg=cfg, val_loss=0.5)
+    torch.manual_seed(1)
+    other = FaceVAE(cfg.model)  # same architecture, other weights: loads without any shape error
+    for where in (step_4, tmp_path / "best"):
+        other.save_pretrained(where)
+    with pytest.raises(RunError, match=r"step_4/model.safetensors: not the file this checkpoint saved") as exc:
+        load_checkpoint(step_4)
+    assert "\n" not in str(exc.value)
+    for which in ("step_4", "best"):
+        with pytest.raises(RunError, match=rf"{which}/model.safetensors: not the file"):
+            load_model(tmp_path, which)
+    assert resolve_resume(tmp_path, "auto").name == "step_2"
+    assert "step_4" in capsys.readouterr().err and any(".damaged-" in p.name for p in (tmp_path / "checkpoints").iterdir())
+
+
+def test_checkpoints_from_before_the_file_hashes_are_checked_by_their_weight_digest(tmp_path):
+    cfg, model, opt = _setup(tmp_path)
+    ck = _save(CheckpointManager(tmp_path, every=2, keep_last=3), cfg, model, opt, 2)
+    meta = json.loads((ck / "meta.json").read_text())
+    del meta["files_sha256"]  # as written before the hashes were recorded
+    (ck / "meta.json").write_text(json.dumps(meta))
+    assert load_model(tmp_path, "step_2")[2] == 2  # its own weights: the digest matches
+    torch.manual_seed(1)
+    FaceVAE(cfg.model).save_pretrained(ck)
+    with pytest.raises(RunError, match=r"step_2/model.safetensors: its weights are not the ones"):
+        load_model(tmp_path, "step_2")
+
+
+def test_stale_after_resume_retires_the_later_checkpoints_and_their_best(tmp_path, capsys):
+    from facevae_dist.train.checkpoint import retire_stale, stale_after_resume
+
+    cfg, model, opt = _setup(tmp_path)
+    mgr = CheckpointManager(tmp_path, every=2, keep_last=3)
+    for step in (2, 4, 6):
+        _save(mgr, cfg, model, opt, step)
+    mgr.save_best(model=model, state=TrainState(step=4), cfg=cfg, val_loss=0.5)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 7)))
+    assert stale_after_resume(tmp_path, 6) is None and stale_after_resume(tmp_path, 4) == {
+        "checkpoints": ["step_6"], "best": False, "why": "resumed at step 4, before step_6"}
+    assert stale_after_resume(tmp_path, 6, new_data=True)["best"]  # best/ of other data: stale at any step
+    stale = stale_after_resume(tmp_path, 2)
+    assert stale["checkpoints"] == ["step_4", "step_6"] and stale["best"]
+    dest = retire_stale(tmp_path, stale, 2)
+    assert sorted(p.name for p in dest.iterdir()) == ["best", "metrics.jsonl", "step_4", "step_6", "why.txt"]
+    assert [json.loads(line)["step"] for line in (dest / "metrics.jsonl").read_text().splitlines()] == [3, 4, 5, 6]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2"] and not (tmp_path / "best").exists()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_2"
+    err = capsys.readouterr().err
+    assert "step_4" in err and str(dest) in err and len(err.strip().splitlines()) == 1

@@ -185,6 +185,60 @@ def test_reconstruct_memory_stays_bounded_for_huge_photos(tmp_path):
     assert extra_mb < 300, f"reconstruct of 2 x 9 Mpixel photos peaked {extra_mb} MB above the baseline"
 
 
+def _run_dir(path: Path, seed: int) -> Path:
+    """A run directory with one step checkpoint and best/ (what `facevae train` leaves), weights from `seed`."""
+    from facevae_dist.config import TrainConfig
+    from facevae_dist.train.checkpoint import CheckpointManager, TrainState
+
+    cfg = TrainConfig.from_hypothesis("l2/mask+decoder", run_dir=str(path), seed=seed,
+                                      model={"image_size": 36, "width": 0.125, "latent_dim": 16})
+    torch.manual_seed(seed)
+    model = FaceVAE(cfg.model)
+    mgr = CheckpointManager(path, every=2, keep_last=2)
+    mgr.save(model=model, optimizer_state={}, scaler_state=None, state=TrainState(step=2), cfg=cfg)
+    mgr.save_best(model=model, state=TrainState(step=2), cfg=cfg, val_loss=0.5)
+    return path
+
+
+def test_export_never_lands_on_a_run_shards_or_another_models_export(tmp_path, capsys):
+    """export --out used to write anywhere: into a checkpoint (a resume then trained on the exported weights),
+    over the run directory, over shards, and over another model's evaluated export (whose eval/ report then
+    pinned on the new weights). Each is a one-line usage error now; --force replaces another export and removes
+    its stale eval/; re-exporting the same weights keeps the eval/."""
+    from facevae_dist.fileio import sha256_file
+
+    run_a, run_b = _run_dir(tmp_path / "a", 0), _run_dir(tmp_path / "b", 1)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")
+    weights = {p: sha256_file(p) for p in run_a.rglob("model.safetensors")}
+    capsys.readouterr()
+    for out, words in ((run_a / "checkpoints" / "step_2", "is a checkpoint"), (run_a, "is a run directory"),
+                       (run_a / "best" / "sub", "inside best/"), (shards, "is a shards folder"),
+                       (shards / "models", "inside a shards folder")):
+        assert main(["export", str(run_a), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(out) in err[0] and words in err[0], err
+    assert {p: sha256_file(p) for p in run_a.rglob("model.safetensors")} == weights
+    assert not (shards / "models").exists() and sorted(p.name for p in shards.iterdir()) == ["manifest.json"]
+
+    export = tmp_path / "export"
+    assert main(["export", str(run_a), "--out", str(export)]) == 0
+    (export / "eval").mkdir()
+    (export / "eval" / "metrics.json").write_text("{}")  # an eval of run a's weights
+    assert main(["export", str(run_a), "--out", str(export)]) == 0  # the same weights again: the eval still holds
+    assert (export / "eval" / "metrics.json").is_file()
+    kept = sha256_file(export / "model.safetensors")
+    capsys.readouterr()
+    assert main(["export", str(run_b), "--out", str(export)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another model's export" in err[0] and "--force" in err[0]
+    assert sha256_file(export / "model.safetensors") == kept and (export / "eval").is_dir()
+    assert main(["export", str(run_b), "--out", str(export), "--force"]) == 0
+    assert "removed" in capsys.readouterr().err and not (export / "eval").exists()
+    assert sha256_file(export / "model.safetensors") == sha256_file(run_b / "best" / "model.safetensors")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Real photos: the face found and framed as in training, the result pasted back (needs the `masks` extra)
 

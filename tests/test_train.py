@@ -451,3 +451,92 @@ def test_largest_seed_trains_and_derived_seeds_stay_in_range(shards, tmp_path):
     summary = train(tiny_config(shards, tmp_path, max_steps=2, val_every=0, ckpt_every=0, seed=SEED_MAX,
                                 data={"seed": SEED_MAX}))
     assert summary["step"] == 2 and all(math.isfinite(m["loss"]) for m in metrics(tmp_path) if "loss" in m)
+
+
+def test_resume_on_other_shards_is_refused_unless_allowed(shards, tmp_path, capsys):
+    """--shards used to be free on resume: config.toml was rewritten and best/ compared val losses of two
+    validation sets. Other shards (another folder, the same content moved, the same folder rebuilt) are refused in
+    one line naming both folders; --allow-new-shards continues on them, recorded, with best/ restarted."""
+    import shutil
+
+    from facevae_dist.errors import UsageError
+
+    run_dir = tmp_path / "run"
+    train(tiny_config(shards, run_dir, max_steps=2, val_every=2))
+    config_before = (run_dir / "config.toml").read_text()
+    other = build_fixed_shards(tmp_path / "other")
+    moved = tmp_path / "moved"
+    shutil.copytree(shards, moved)
+    for new, words in ((other, "are not"), (moved, "the same content, moved")):
+        with pytest.raises(UsageError, match="--allow-new-shards") as err:
+            train(tiny_config(new, run_dir, max_steps=4, val_every=2))
+        line = str(err.value)
+        assert "\n" not in line and str(shards.resolve()) in line and str(new.resolve()) in line and words in line
+        assert (run_dir / "config.toml").read_text() == config_before
+        assert latest_checkpoint(run_dir).name == "step_2"
+
+    capsys.readouterr()
+    assert train(tiny_config(other, run_dir, max_steps=4, val_every=2, allow_new_shards=True))["step"] == 4
+    switch = [r for r in metrics(run_dir) if r.get("event") == "new_shards"]
+    assert len(switch) == 1 and switch[0]["step"] == 2
+    assert switch[0]["shards"] == str(other.resolve()) and switch[0]["previous_shards"] == str(shards.resolve())
+    assert "allow_new_shards = false" in (run_dir / "config.toml").read_text()  # each switch is asked for
+    assert json.loads((run_dir / "env.json").read_text())["new_shards"]["shards"] == str(other.resolve())
+    retired = list((run_dir / "checkpoints").glob("retired-*/best"))
+    assert len(retired) == 1  # best/ of the old data kept aside; the new best/ is of the new validation set
+    assert json.loads((run_dir / "best" / "meta.json").read_text())["data"]["path"] == str(other.resolve())
+
+    # the same folder rebuilt with other content: refused too
+    shutil.rmtree(other)
+    build_fixed_shards(other, n_train=32)
+    with pytest.raises(UsageError, match="rebuilt since"):
+        train(tiny_config(other, run_dir, max_steps=6, val_every=2))
+
+
+def test_resume_from_an_older_checkpoint_retires_the_later_timeline(shards, tmp_path, capsys):
+    """--resume <step_2> of a run at step 6 used to leave step_4 and step_6 in place: the old timeline's newest
+    checkpoint won over the new one for --checkpoint latest and the next --resume auto, and metrics.jsonl mixed
+    the two timelines. They are moved (not deleted) to checkpoints/retired-<time>/ with one line saying so."""
+    run_dir = tmp_path / "run"
+    first = dict(max_steps=6, val_every=2, ckpt_every=2, keep_last=3)
+    train(tiny_config(shards, run_dir, **first))
+    old_weights = load_file(run_dir / "checkpoints" / "step_6" / "model.safetensors")
+    best_step = json.loads((run_dir / "best" / "meta.json").read_text())["step"]
+    capsys.readouterr()
+    again = tiny_config(shards, run_dir, **{**first, "max_steps": 4},
+                        resume=str(run_dir / "checkpoints" / "step_2"))
+    assert train(again)["step"] == 4
+    err = capsys.readouterr().err
+    assert "step_4" in err and "step_6" in err and "retired-" in err
+    retired = next((run_dir / "checkpoints").glob("retired-*"))
+    # best/ goes with them when the abandoned timeline saved it
+    expected = ["step_4", "step_6"] + (["best"] if best_step > 2 else [])
+    assert sorted(p.name for p in retired.iterdir() if p.is_dir()) == sorted(expected)
+    kept = load_file(retired / "step_6" / "model.safetensors")
+    assert kept.keys() == old_weights.keys() and all(torch.equal(kept[k], old_weights[k]) for k in kept)
+    assert [json.loads(line)["step"] for line in (retired / "metrics.jsonl").read_text().splitlines()][-1] == 6
+    assert latest_checkpoint(run_dir).name == "step_4"  # the new timeline's
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_4"
+    assert json.loads((run_dir / "best" / "meta.json").read_text())["step"] <= 4
+    # the next --resume auto continues the new timeline, and metrics.jsonl reads like one run
+    assert train(tiny_config(shards, run_dir, **{**first, "max_steps": 5}))["step"] == 5
+    steps = [r["step"] for r in metrics(run_dir) if r.get("split") != "val" and "event" not in r]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_run_dir_over_shards_an_export_or_inside_checkpoints_is_refused(shards, tmp_path):
+    """`train --run-dir <a shards folder>` used to write checkpoints and config.toml into the shards."""
+    from facevae_dist.errors import UsageError
+
+    before = sorted(p.name for p in shards.iterdir())
+    run_dir = tmp_path / "run"
+    train(tiny_config(shards, run_dir, max_steps=2, val_every=0))
+    export = tmp_path / "export"
+    load_model(run_dir, "latest")[0].save_pretrained(export)
+    for where, words in ((shards, "is a shards folder"), (shards / "train" / "runs", "inside a shards folder"),
+                         (export, "is an exported model"), (run_dir / "checkpoints" / "step_2", "is a checkpoint"),
+                         (run_dir / "checkpoints" / "sub", "inside checkpoints/")):
+        with pytest.raises(UsageError, match="--run-dir") as err:
+            train(tiny_config(shards, where, max_steps=2, val_every=0))
+        assert words in str(err.value) and "\n" not in str(err.value)
+    assert sorted(p.name for p in shards.iterdir()) == before and not (shards / "train" / "runs").exists()

@@ -14,7 +14,7 @@ from facevae_dist.progress import info
 def _run_export(args) -> int:
     from facevae_dist.infer import export_model  # imports torch: not at `facevae --help` time
 
-    out = export_model(args.run_dir, args.out, args.checkpoint)
+    out = export_model(args.run_dir, args.out, args.checkpoint, force=args.force)
     info(f"exported {args.run_dir} ({args.checkpoint}) to {out}; load it with FaceVAE.from_pretrained({str(out)!r})")
     return 0
 
@@ -67,7 +67,10 @@ def register(sub) -> None:
                         "profile, steps, and the scores of the run's eval when it scored this checkpoint). Load it "
                         "with FaceVAE.from_pretrained(DIR), or upload the folder to the Hugging Face Hub as it is.")
     ex.add_argument("run_dir", help="a run directory written by `facevae train`")
-    ex.add_argument("--out", required=True, help="output directory")
+    ex.add_argument("--out", required=True, help="output directory: a new folder or an export of the same weights "
+                    "(never a run directory, a checkpoint or a shards folder)")
+    ex.add_argument("--force", action="store_true", help="replace an export of other weights in --out (its eval/, "
+                    "which scored those weights, is removed)")
     ex.add_argument("--checkpoint", default="best", metavar="best|latest|step_N", help="which checkpoint (default best)")
     ex.set_defaults(func=_run_export, _parser=ex)
 

@@ -65,7 +65,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     how.add_argument("--workers", type=int, metavar="N", help="data loader workers per process (default 2)")
     how.add_argument("--resume", metavar="auto|none|DIR",
                      help="auto (default): continue from the newest complete checkpoint in the run dir if any; "
-                          "none: start fresh; DIR: a checkpoints/step_<n> directory")
+                          "none: start fresh; DIR: a checkpoints/step_<n> directory (the run's later checkpoints "
+                          "then move to checkpoints/retired-<time>/)")
+    how.add_argument("--allow-new-shards", action="store_true", default=None,
+                     help="let a resume continue on other --shards than the run was trained on (another folder, or "
+                          "the same folder rebuilt); refused without it. Recorded in metrics.jsonl; best/ restarts")
 
     speed = p.add_argument_group("precision and speed")
     speed.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"),
@@ -104,7 +108,8 @@ _FLAG_FIELDS = {  # argparse dest -> TrainConfig path
     "shards": "data.shards", "batch_size": "data.batch_size", "workers": "data.workers",
     "run_dir": "run_dir", "max_steps": "max_steps", "grad_accum": "grad_accum", "val_every": "val_every",
     "val_batches": "val_batches", "ckpt_every": "ckpt_every", "keep_last": "keep_last", "log_every": "log_every",
-    "sample_every": "sample_every", "resume": "resume", "mixed_precision": "mixed_precision",
+    "sample_every": "sample_every", "resume": "resume", "allow_new_shards": "allow_new_shards",
+    "mixed_precision": "mixed_precision",
     "channels_last": "channels_last", "compile": "compile", "compile_mode": "compile_mode",
     "deterministic": "deterministic", "deepspeed": "deepspeed",
     "log_with": "log_with", "progress_every": "progress_every",

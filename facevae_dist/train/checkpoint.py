@@ -5,15 +5,20 @@ Layout (inside the run directory):
                                  train_config.toml                 (the full TrainConfig)
                                  trainer_state.pt                  (optimizer, grad scaler, counters, data position)
                                  rng_rank<r>.pt                    (python/numpy/torch/cuda RNG states of each rank)
-                                 meta.json                         (step, samples seen, val loss; written last)
+                                 meta.json                         (step, samples seen, val loss, the sha256 of
+                                                                    the model files, the shards; written last)
     checkpoints/latest           text file "step_<n>", written after the directory is complete
+    checkpoints/retired-<time>/  what a resume made stale, moved aside (never deleted): the later checkpoints of
+                                 a timeline abandoned by `--resume <older step>`, a best/ of other data or steps
     best/                        the same files for the step with the lowest validation loss so far
 
 A checkpoint is written into `checkpoints/.tmp-step_<n>/` and renamed into place only when every rank has written
 its files, so a directory named step_<n> is always complete: a run killed at any moment leaves at most a stale
 temp dir (or a directory moved aside by a re-save), which remove_stale_temps cleans up or restores. A checkpoint
 damaged later (a truncated file) is moved aside as step_<n>.damaged-<time> by `--resume auto`, which then resumes
-from the newest one that loads. `.pt` files hold only tensors and plain Python values and are read back
+from the newest one that loads. The model files are checked against the sha256 meta.json recorded whenever a
+checkpoint is loaded (resume, eval, export): weights written over a checkpoint (e.g. an export into it) are
+refused, not trained on. `.pt` files hold only tensors and plain Python values and are read back
 with torch.load(weights_only=True): nothing here ever unpickles arbitrary objects.
 """
 
@@ -42,8 +47,9 @@ from safetensors.torch import load_file
 
 from facevae_dist.config import TrainConfig, load_toml, save_toml
 from facevae_dist.errors import FaceVAEError, RunError, UsageError
-from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
-from facevae_dist.model import FaceVAE
+from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from facevae_dist.model import CONFIG_FILE as MODEL_CONFIG_FILE
+from facevae_dist.model import WEIGHTS_FILE, FaceVAE
 from facevae_dist.progress import info, warn
 
 CHECKPOINTS = "checkpoints"
@@ -54,6 +60,8 @@ CONFIG_FILE = "train_config.toml"
 META_FILE = "meta.json"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _ASIDE_RE = re.compile(r"^\.old-(best|step_\d+)-\d+$")  # moved aside by _replace_dir (re-saving a directory)
+RETIRED_PREFIX = "retired-"  # checkpoints/retired-<time>/: what a resume made stale (retire_stale)
+MODEL_FILES = (WEIGHTS_FILE, MODEL_CONFIG_FILE)  # hashed into meta.json, checked on every load
 
 
 @dataclass
@@ -160,6 +168,25 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
         raise RunError(f"{path}: damaged checkpoint file ({type(exc).__name__}: {exc})") from None
 
 
+def verify_model_files(ckpt: Path, model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """meta.json of `ckpt`, after checking that its model files are the ones it saved: their sha256 against the
+    recorded one; for checkpoints from before the file hashes, the loaded `model`'s parameters against the
+    recorded digest (step checkpoints only). A mismatch (weights written over the checkpoint, e.g. by an export
+    into it) is one RunError line naming the file."""
+    meta = read_meta(ckpt)
+    for name, want in (meta.get("files_sha256") or {}).items():
+        path = Path(ckpt) / name
+        if not path.is_file() or sha256_file(path) != want:
+            raise RunError(f"{path}: not the file this checkpoint saved (its sha256 differs from the one in "
+                           f"{META_FILE}; written over, e.g. by `facevae export --out` into it); use another "
+                           "checkpoint (--resume DIR, --checkpoint step_<n>) or restore the file")
+    digests = meta.get("weights_sha256_by_rank")
+    if not meta.get("files_sha256") and model is not None and digests and weights_digest(model) != digests[0]:
+        raise RunError(f"{Path(ckpt) / WEIGHTS_FILE}: its weights are not the ones this checkpoint saved (their "
+                       f"digest differs from the one in {META_FILE}); use another checkpoint or restore the file")
+    return meta
+
+
 def step_of(path: Path) -> int:
     m = _STEP_RE.match(Path(path).name)
     return int(m.group(1)) if m else -1
@@ -190,8 +217,10 @@ class CheckpointManager:
     rank its own RNG file, and `barrier` (accelerator.wait_for_everyone) keeps them in step."""
 
     def __init__(self, run_dir: str | Path, every: int, keep_last: int, *, rank: int = 0, world_size: int = 1,
-                 barrier: Callable[[], None] = lambda: None, gather: Callable[[str], list[str]] = lambda x: [x]):
+                 barrier: Callable[[], None] = lambda: None, gather: Callable[[str], list[str]] = lambda x: [x],
+                 data: dict | None = None):
         self.run_dir = Path(run_dir)
+        self.data = data  # the shards trained on (data.shards.shards_identity), recorded in every meta.json
         self.root = self.run_dir / CHECKPOINTS
         self.every = every
         self.keep_last = keep_last
@@ -258,6 +287,8 @@ class CheckpointManager:
                                "distributed training has diverged, please report this")
             atomic_write_json(tmp / META_FILE, {
                 "weights_sha256_by_rank": digests,
+                "files_sha256": {name: sha256_file(tmp / name) for name in MODEL_FILES},
+                "data": self.data,
                 "step": state.step, "samples_seen": state.samples_seen, "epoch": state.epoch,
                 "batch_in_epoch": state.batch_in_epoch, "val_loss": val_loss, "world_size": self.world_size,
                 "train_seconds": round(state.train_seconds, 2), "cpu_seconds": round(state.cpu_seconds, 2),
@@ -410,6 +441,7 @@ def load_checkpoint(path: str | Path, rank: int = 0) -> Restored:
         model_state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise RunError(f"{weights}: damaged or unreadable safetensors file ({exc})") from None
+    verify_model_files(path)  # after the reads: a damaged file is named as damaged, a replaced one as replaced
     rng_file = path / f"rng_rank{rank}.pt"
     return Restored(path=path, model_state=model_state, optimizer_state=optimizer_state, scaler_state=scaler_state,
                     state=state, rng=load_pt(rng_file) if rng_file.is_file() else None, extra=extra)
@@ -451,6 +483,70 @@ def _newest_loadable(run_dir: Path) -> tuple[Path | None, Restored | None]:
     if kept:  # nothing newer failed: resume silently
         warn(f"resuming from {ckpt} because newer checkpoints do not load: {'; '.join(kept)}")
     return ckpt, restored
+
+
+def _lines_after(path: Path, step: int) -> list[str]:
+    """The lines of a metrics.jsonl logged after `step` (unreadable lines are skipped)."""
+    lines = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            if json.loads(line).get("step", 0) > step:
+                lines.append(line)
+        except (json.JSONDecodeError, AttributeError, TypeError):
+            continue
+    return lines
+
+
+def stale_after_resume(run_dir: str | Path, step: int, new_data: bool = False) -> dict | None:
+    """What resuming `run_dir` at `step` makes stale (rank 0; retire_stale moves it aside): the step checkpoints
+    after `step`, a timeline abandoned by `--resume <an older checkpoint>` (--resume auto and --checkpoint latest
+    would otherwise pick them over the new timeline's), and best/ when it was saved after `step` or, with
+    `new_data` (--allow-new-shards), on other shards: its val loss is not comparable with the ones to come.
+    None when nothing is stale."""
+    run_dir = Path(run_dir)
+    later = [p.name for p in list_checkpoints(run_dir) if step_of(p) > step]
+    best_stale = False
+    if is_complete(run_dir / BEST):
+        try:
+            best_stale = new_data or int(read_meta(run_dir / BEST)["step"]) > step
+        except RunError:
+            pass  # a damaged best/ is left where it is: resolve_which and eval report it
+    if not later and not best_stale:
+        return None
+    why = (f"resumed at step {step}, before {', '.join(later)}" if later
+           else f"resumed at step {step} on other shards" if new_data else f"resumed at step {step}")
+    return {"checkpoints": later, "best": best_stale, "why": why}
+
+
+def retire_stale(run_dir: str | Path, stale: dict, step: int) -> Path:
+    """Move what stale_after_resume found into checkpoints/retired-<time>/ (never deleted: it is the other
+    timeline's work), with a copy of the metrics.jsonl lines logged after `step` (the trainer then truncates
+    metrics.jsonl there), and say so in one line. Rank 0, under the RunDirLock, before the resumed run saves."""
+    run_dir = Path(run_dir)
+    metrics_lines = _lines_after(run_dir / "metrics.jsonl", step)
+    root = run_dir / CHECKPOINTS
+    dest = root / f"{RETIRED_PREFIX}{time.strftime('%Y%m%dT%H%M%S')}"
+    n = 1
+    while dest.exists():
+        dest, n = root / f"{RETIRED_PREFIX}{time.strftime('%Y%m%dT%H%M%S')}-{n}", n + 1
+    dest.mkdir(parents=True)
+    moved = []
+    for name in stale["checkpoints"]:
+        os.replace(root / name, dest / name)
+        moved.append(f"{CHECKPOINTS}/{name}")
+    if stale["best"]:
+        os.replace(run_dir / BEST, dest / BEST)
+        moved.append(f"{BEST}/")
+    if metrics_lines:
+        atomic_write_text(dest / "metrics.jsonl", "".join(line + "\n" for line in metrics_lines))
+        moved.append(f"{len(metrics_lines)} metrics.jsonl line(s)")
+    atomic_write_text(dest / "why.txt", stale["why"] + "\n")
+    newest = latest_checkpoint(run_dir)
+    if (root / LATEST).is_file() and newest is not None:  # the pointer may name a retired checkpoint
+        atomic_write_text(root / LATEST, newest.name + "\n")
+    warn(f"{stale['why']}: moved {', '.join(moved)} to {dest} (kept there; --resume auto, --checkpoint latest "
+         "and best no longer pick them)")
+    return dest
 
 
 # ---- for evaluation / inference -----------------------------------------------------------------------------------
@@ -513,8 +609,9 @@ def open_model(run_dir: str | Path, which: str = "best", map_location: str | tor
     """The model of a run's checkpoint (`which`: best | latest | step_<n> | a directory) with where it came from.
     A missing, damaged or mismatching file -> one-line FaceVAEError naming it."""
     path = resolve_which(run_dir, which)
-    meta = read_meta(path)  # before the weights: cheap, and names the file if damaged
+    read_meta(path)  # before the weights: cheap, and names the file if damaged
     model = FaceVAE.from_pretrained(path, map_location=map_location).eval()
+    meta = verify_model_files(path, model)
     cfg = load_toml(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else TrainConfig(model=model.cfg)
     return LoadedModel(model=model, cfg=cfg, step=int(meta["step"]), path=path, label=checkpoint_label(path))
 

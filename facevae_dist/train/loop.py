@@ -41,10 +41,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DummyOptim
 
-from facevae_dist import presets
+from facevae_dist import outputs, presets
 from facevae_dist.config import TrainConfig, load_toml, save_toml
 from facevae_dist.data.batches import open_train_batches
-from facevae_dist.data.shards import read_manifest
+from facevae_dist.data.shards import read_manifest, shards_identity
 from facevae_dist.errors import UsageError
 from facevae_dist.fileio import atomic_write_json
 from facevae_dist.model import FaceVAE
@@ -73,7 +73,8 @@ from facevae_dist.train.tracking import describe as describe_trackers
 from facevae_dist.train.tracking import init_trackers, log_image, resolve_log_with
 from facevae_dist.train.validation import Validator
 
-# What a resumed run may not change: it would mix two experiments in one run dir (and in best/).
+# What a resumed run may not change: it would mix two experiments in one run dir (and in best/). The data set
+# (data.shards) may change only with --allow-new-shards (_check_same_data).
 TRAINED_FIELDS = ("hypothesis", "seed", "loss", "model", "optim.eps_form")
 
 
@@ -108,6 +109,9 @@ def _check_inputs(cfg: TrainConfig) -> None:
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--run-dir {run_dir} is an existing file, not a directory; pass a directory path")
+    # a run directory (this one, resumed) or a new folder; never shards, a checkpoint, an export, or inside them
+    outputs.refuse_to_write(run_dir, "--run-dir", "the run's checkpoints, config.toml and metrics.jsonl",
+                            allowed=(outputs.RUN_DIR,))
     if cfg.deepspeed and cfg.grad_accum > 1:
         raise UsageError(f"grad_accum={cfg.grad_accum} with DeepSpeed is refused: a skipped non-finite step would "
                          "leave its accumulated gradients in the engine; use --grad-accum 1 (raise --batch-size "
@@ -141,6 +145,8 @@ class _Run:
     amp_dtype: torch.dtype | None
     state: ckpt.TrainState
     resumed_from: str | None
+    new_data: dict | None = None  # {"shards", "previous_shards", ...}: a resume switched data sets (allowed)
+    stale: dict | None = None  # what the resume made stale (checkpoint.stale_after_resume), retired by rank 0
     train_step: TrainStep = None
     manager: ckpt.CheckpointManager = None
     metrics: Metrics = None
@@ -163,7 +169,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> _Run:
     if cfg.channels_last and not use_ds:  # DeepSpeed flattens parameters and needs them contiguous
         model = model.to(memory_format=torch.channels_last)
     seed_everything(derived_seed(cfg.seed, rank))
-    restored = _checkpoint_to_resume(cfg, accelerator)
+    restored, new_data = _checkpoint_to_resume(cfg, accelerator)
     if use_ds:
         model, optimizer = accelerator.prepare(model, DummyOptim(model.parameters(), lr=cfg.optim.lr))
     else:
@@ -175,15 +181,17 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> _Run:
                                            and not use_ds),
                amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision),
                state=restored.state if restored else ckpt.TrainState(),
-               resumed_from=str(restored.path) if restored else None)
+               resumed_from=str(restored.path) if restored else None, new_data=new_data)
     if restored:
         _restore(run, restored)
+        run.stale = _stale_after_resume(run)
     run.state.world_size, run.state.batch_size = world, cfg.data.batch_size
     run.train_step = TrainStep(model=model, raw_model=raw_model, optimizer=optimizer, scaler=run.scaler,
                                accelerator=accelerator, cfg=cfg, amp_dtype=run.amp_dtype, use_deepspeed=use_ds)
     run.manager = ckpt.CheckpointManager(Path(cfg.run_dir), cfg.ckpt_every, cfg.keep_last, rank=rank, world_size=world,
                                          barrier=accelerator.wait_for_everyone,
-                                         gather=functools.partial(gather_objects, accelerator))
+                                         gather=functools.partial(gather_objects, accelerator),
+                                         data=shards_identity(cfg.data.shards))
     run.metrics = Metrics(Path(cfg.run_dir) / "metrics.jsonl", enabled=run.is_main, accelerator=accelerator)
     _prepare_run_dir(run)
     run.val = Validator(cfg, raw_model, accelerator, run.amp_dtype)
@@ -195,8 +203,9 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> _Run:
     return run
 
 
-def _checkpoint_to_resume(cfg: TrainConfig, accelerator: Accelerator) -> ckpt.Restored | None:
-    """Rank 0 picks the checkpoint (every rank must load the same one); each rank reads it."""
+def _checkpoint_to_resume(cfg: TrainConfig, accelerator: Accelerator) -> tuple[ckpt.Restored | None, dict | None]:
+    """Rank 0 picks the checkpoint (every rank must load the same one); each rank reads it. Also returns the
+    switch of data sets the resume makes (None: the same shards; only with --allow-new-shards)."""
     run_dir, is_main = Path(cfg.run_dir), accelerator.is_main_process
     if is_main:
         ckpt.remove_stale_temps(run_dir)
@@ -207,17 +216,21 @@ def _checkpoint_to_resume(cfg: TrainConfig, accelerator: Accelerator) -> ckpt.Re
             raise UsageError(f"{run_dir} already has checkpoints (latest {ckpt.latest_checkpoint(run_dir).name}) "
                              "and --resume none would mix two runs in it; use a new --run-dir, or --resume auto to "
                              "continue")
-        return None
+        return None, None
     _check_same_experiment(Path(resume_from), cfg)
+    new_data = _check_same_data(Path(resume_from), cfg)
     # rank 0 has read the checkpoint whole already when --resume auto checked that it loads
-    return verified if verified is not None else ckpt.load_checkpoint(resume_from, accelerator.process_index)
+    restored = verified if verified is not None else ckpt.load_checkpoint(resume_from, accelerator.process_index)
+    return restored, new_data
 
 
 def _restore(run: _Run, restored: ckpt.Restored) -> None:
     """Weights, optimizer, grad scaler, RNG streams and data position from a checkpoint, into a prepared run."""
     cfg, state = run.cfg, run.state
     run.raw_model.load_state_dict(restored.model_state)
-    if (state.world_size, state.batch_size) != (run.world, cfg.data.batch_size):
+    if run.new_data:  # the data position counted the previous shards' batches
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    elif (state.world_size, state.batch_size) != (run.world, cfg.data.batch_size):
         # the position within the epoch counted other batches: continue from the next epoch (not bit-exact)
         info(f"resuming with {run.world} process(es) x batch {cfg.data.batch_size} instead of {state.world_size} x "
              f"{state.batch_size}: data continues at the start of epoch {state.epoch + 1}")
@@ -239,14 +252,19 @@ def _prepare_run_dir(run: _Run) -> None:
     run_dir = Path(run.cfg.run_dir)
     if run.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_toml(run.cfg, run_dir / "config.toml")
+        if run.stale:  # before anything is saved: the abandoned timeline's checkpoints must not be picked or pruned
+            ckpt.retire_stale(run_dir, run.stale, run.state.step)
+        # the permission is this command's, not the run's: a later resume with other shards needs it again
+        save_toml(dataclasses.replace(run.cfg, allow_new_shards=False), run_dir / "config.toml")
         env = environment_info(run.world)
         env.update(resumed_from=run.resumed_from, device=str(run.device),
-                   distributed_type=str(run.accelerator.distributed_type))
+                   distributed_type=str(run.accelerator.distributed_type), new_shards=run.new_data)
         atomic_write_json(run_dir / "env.json", env)
-        run.metrics.truncate_after(run.state.step)  # lines a killed run logged after its last checkpoint
+        run.metrics.truncate_after(run.state.step)  # lines a killed run (or an abandoned timeline) logged later
     run.accelerator.wait_for_everyone()
     init_trackers(run.accelerator, run.cfg, run.state.step, run.world)
+    if run.new_data:
+        run.metrics.write({"step": run.state.step, "event": "new_shards", **run.new_data})
     for warning in presets.preset_warnings(run.cfg, run.world):
         info(f"warning: {warning}")
 
@@ -267,6 +285,48 @@ def _backends(cfg: TrainConfig):
     finally:
         torch.use_deterministic_algorithms(saved[0])
         cudnn.deterministic, cudnn.benchmark = saved[1], saved[2]
+
+
+def _check_same_data(path: Path, cfg: TrainConfig) -> dict | None:
+    """None when the checkpoint at `path` was trained on the shards cfg names: the same folder (resolved) with the
+    same content (the fingerprint its meta.json recorded). Otherwise the switch, allowed only with
+    cfg.allow_new_shards (--allow-new-shards); without it, one line naming both folders. The same content moved
+    elsewhere needs the flag too: a path is what the run records and what its evals default to."""
+    meta = ckpt.read_meta(path)
+    now = shards_identity(cfg.data.shards)
+    then = meta.get("data") or {}
+    if not then and (path / ckpt.CONFIG_FILE).is_file():  # checkpoints from before meta.json recorded the data
+        saved = load_toml(path / ckpt.CONFIG_FILE).data.shards
+        if saved == cfg.data.shards:
+            return None
+        then = {"path": str(Path(saved).resolve()), "fingerprint": None}
+    if not then or (then["path"] == now["path"] and then.get("fingerprint") in (None, now["fingerprint"])):
+        return None
+    if then["path"] == now["path"]:
+        what = "were rebuilt since (other content at the same path)"
+    elif then.get("fingerprint") == now["fingerprint"]:
+        what = f"now hold what {then['path']} held (the same content, moved)"
+    else:
+        what = f"are not {then['path']}, which it was trained on"
+    if not cfg.allow_new_shards:
+        raise UsageError(f"{path.parent.parent} was trained on {then['path']}, and --shards {now['path']} {what}; "
+                         "a resume keeps its data set: pass the run's own --shards, or add --allow-new-shards to "
+                         "continue on these (best/ then restarts)")
+    info(f"--allow-new-shards: continuing {path.parent.parent} on {now['path']} (trained on {then['path']} until "
+         f"step {meta['step']}); data restarts at the next epoch, best/ restarts")
+    return {"shards": now["path"], "fingerprint": now["fingerprint"], "previous_shards": then["path"],
+            "previous_fingerprint": then.get("fingerprint")}
+
+
+def _stale_after_resume(run: TrainingRun) -> dict | None:
+    """What this resume makes stale (checkpoint.stale_after_resume), found by rank 0 and known on every rank:
+    when best/ is retired, every rank's best-so-far restarts (they decide together whether to save best/)."""
+    stale = ckpt.stale_after_resume(Path(run.cfg.run_dir), run.state.step, bool(run.new_data)) if run.is_main \
+        else None
+    stale = broadcast_object(run.accelerator, stale)
+    if stale and stale["best"]:
+        run.state.best_val_loss, run.state.best_step = math.inf, -1
+    return stale
 
 
 def _check_same_experiment(path: Path, cfg: TrainConfig) -> None:

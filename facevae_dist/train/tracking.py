@@ -90,11 +90,13 @@ def make_trackers(cfg: TrainConfig) -> list[GeneralTracker] | None:
         if n == "tensorboard":
             trackers.append(TensorBoardTracker("tensorboard", str(run_dir)))
         elif n == "wandb":
-            mode = {} if "WANDB_MODE" in os.environ else {"mode": "offline"}  # no network unless asked for
+            extra = {} if "WANDB_MODE" in os.environ else {"mode": "offline"}  # no network unless asked for
             if _wandb_mode() == "offline":  # nor W&B's crash reports (Sentry), which it sends even offline
                 os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+            else:  # online, a resume continues the run of that id (offline, each start writes a segment of it)
+                extra["resume"] = "allow"
             trackers.append(WandBTracker(os.environ.get("WANDB_PROJECT", PROJECT), dir=str(run_dir), name=name,
-                                         id=ids.get("wandb_id") or _new_wandb_id(), resume="allow", **mode))
+                                         id=ids.get("wandb_id") or _new_wandb_id(), **extra))
         elif n == "mlflow":
             trackers.append(MLflowTracker(PROJECT, run_id=ids.get("mlflow_run_id"), run_name=name))
     return trackers
