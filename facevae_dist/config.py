@@ -250,10 +250,10 @@ class TrainConfig:
     deterministic: bool = False  # cuDNN/cuBLAS deterministic algorithms (bit-exact GPU resume); else cudnn.benchmark
     val_sampling: str = "mean"  # validation z: "mean" (z = mu) | "sample" (seeded by (seed, step), as Keras did)
     deepspeed: str = ""  # path of a DeepSpeed JSON (launch/ds_zero2.json); "" = plain DDP
+    resume: str = "auto"  # "auto" (latest checkpoint in run_dir if any) | "none" | a checkpoint directory
     # a resume may switch data.shards (other folder, or other content) only with this set (--allow-new-shards);
     # recorded in metrics.jsonl and env.json, never saved as true in config.toml (each switch is asked for)
     allow_new_shards: bool = False
-    resume: str = "auto"  # "auto" (latest checkpoint in run_dir if any) | "none" | a checkpoint directory
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
     # experiment trackers, through Accelerate (facevae_dist/train/tracking.py): "auto" = TensorBoard when it is
     # installed, else none; or any of TRACKERS; "none" = metrics.jsonl only. Resolved at start and recorded resolved.

@@ -423,6 +423,17 @@ def read_manifest(shards_dir: str | os.PathLike, *, check_counts: bool = True) -
     return manifest
 
 
+def shards_identity(shards_dir: str | os.PathLike) -> dict:
+    """Which data set a run trains on: the folder (resolved) and a fingerprint of its content (the sha256 of every
+    shard of every split, as the manifest records them, with the image size). A checkpoint records it so a resume
+    can tell the same shards from other shards, rebuilt shards at the same path and the same shards moved."""
+    manifest = read_manifest(shards_dir, check_counts=False)
+    content = {"image_size": manifest["image_size"],
+               "splits": {split: [s["sha256"] for s in info["shards"]] for split, info in manifest["splits"].items()}}
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+    return {"path": str(Path(shards_dir).resolve()), "fingerprint": digest}
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -455,17 +466,6 @@ def _validate_manifest(m: dict, path: Path) -> None:
         _expect(path, f"{field}.count", split_info.get("count"), _is_int(split_info.get("count")) and split_info["count"] >= 0,
                 "a count >= 0")
         shards = split_info.get("shards")
-def shards_identity(shards_dir: str | os.PathLike) -> dict:
-    """Which data set a run trains on: the folder (resolved) and a fingerprint of its content (the sha256 of every
-    shard of every split, as the manifest records them, with the image size). A checkpoint records it so a resume
-    can tell the same shards from other shards, rebuilt shards at the same path and the same shards moved."""
-    manifest = read_manifest(shards_dir, check_counts=False)
-    content = {"image_size": manifest["image_size"],
-               "splits": {split: [s["sha256"] for s in info["shards"]] for split, info in manifest["splits"].items()}}
-    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-    return {"path": str(Path(shards_dir).resolve()), "fingerprint": digest}
-
-
         _expect(path, f"{field}.shards", shards, isinstance(shards, list), "a list of shards")
         for i, shard in enumerate(shards):
             sf = f"{field}.shards[{i}]"
