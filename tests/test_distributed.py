@@ -49,13 +49,17 @@ def test_torchrun_two_process_ddp(shards, tmp_path):
 
 
 def test_accelerate_launch_cpu_2proc_profile(shards, tmp_path):
-    run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu-2proc.yaml"),
-         "-m", "facevae_dist", "train", *cli_args(shards, tmp_path, "--max-steps", "3", "--ckpt-every", "3",
-                                               "--val-every", "0")])
+    proc = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "launch" / "cpu-2proc.yaml"), "-m", "facevae_dist", "train",
+                *cli_args(shards, tmp_path, "--max-steps", "3", "--ckpt-every", "3", "--val-every", "0")])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["stopped"] == "finished"
     _check_ranks_identical(tmp_path, 3)
     assert 'mixed_precision = "no"' in (tmp_path / "config.toml").read_text()  # the profile's precision under auto
+    assert "asked for" not in proc.stderr  # the profile's 2 processes started: no launch warning
+    log = (tmp_path / "train.log").read_text()  # rank 0 alone writes it
+    assert log.count("---- train ") == 1 and log.count(" training ssim+l2/mask+decoder in ") == 1
+    assert log.count(" step 3/3 (100%)") == 1
 
 
 def test_deepspeed_world1_runs_and_resumes_exactly(shards, tmp_path):
