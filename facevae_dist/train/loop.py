@@ -64,10 +64,10 @@ from facevae_dist.train.distributed import (
     seed_everything,
     sync_buffers_for_deepspeed,
 )
+from facevae_dist.train.launch_check import warn_if_launch_mismatch
 from facevae_dist.train.monitor import BadSteps, CostClock, Metrics, StopSignal, Throughput, poisoned_steps
 from facevae_dist.train.optim import build_optimizer
 from facevae_dist.train.samples import write_sample_grid
-from facevae_dist.train.launch_check import warn_if_launch_mismatch
 from facevae_dist.train.step import TrainStep
 from facevae_dist.train.tracking import describe as describe_trackers
 from facevae_dist.train.tracking import init_trackers, log_image, resolve_log_with
