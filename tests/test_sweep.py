@@ -511,10 +511,14 @@ def test_local_cluster_runs_the_same_grid_without_slurm(shards, tmp_path):
     if "OMP_NUM_THREADS" not in os.environ:
         assert json.loads((out / "l2--none" / "env.json").read_text())["torch_threads"] == 1
     # the element imported the code snapshot, a copy outside git: its run still records the commit it came from
-    from facevae_dist.runinfo import git_revision
+    # (the snapshot's record, not today's HEAD: in a shared checkout someone may commit while the test runs)
+    from facevae_dist.runinfo import REVISION_FILE, git_revision
 
     if git_revision() is not None:
-        assert json.loads((out / "l2--none" / "env.json").read_text())["git_revision"] == git_revision()
+        package = Path(_element(out, "l2--none")["code"])  # SWEEP_DIR/code/<stamp>/facevae_dist
+        taken_from = (package / REVISION_FILE).read_text().strip()
+        assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", taken_from)
+        assert json.loads((out / "l2--none" / "env.json").read_text())["git_revision"] == taken_from
     metrics = out / "l2--mask+decoder" / "eval" / "metrics.json"
     assert metrics.is_file()
 
