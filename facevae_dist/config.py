@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import tomllib
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import tomli_w
 
 from facevae_dist.errors import UsageError
-from facevae_dist.fileio import atomic_write_text
+from facevae_dist.fileio import atomic_write_text, parse_toml, read_toml
 from facevae_dist.hypotheses import MASK_MODES, resolve_hypothesis
 from facevae_dist.seeds import check_seed
 
@@ -346,11 +345,9 @@ def load_toml(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
     """Read a TOML file (a full config or only some fields) over `base` (default: the defaults)."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = read_toml(path, fix="fix the file, or write a new one with a run's config.toml as the example")
     except FileNotFoundError:
         raise UsageError(f"{path}: config file not found") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: not valid TOML ({exc})") from None
     return apply_dict(base if base is not None else TrainConfig(), data, source=str(path))
 
 
@@ -427,8 +424,8 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
 
 def parse_value(raw: str) -> Any:
     try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+        return parse_toml(f"v = {raw}", "--set", fix="values are TOML literals")["v"]
+    except UsageError:
         if "," in raw:
             return [p.strip() for p in raw.split(",") if p.strip()]
         return raw

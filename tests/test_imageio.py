@@ -142,3 +142,40 @@ def test_directory_named_like_an_image_is_listed_as_skipped(tmp_path):
     errors = (tmp_path / "s" / "errors.tsv").read_text().splitlines()
     assert len(errors) == 1 and errors[0].startswith("train\tx.jpg\t") and "directory" in errors[0]
     assert json.loads((tmp_path / "s" / "manifest.json").read_text())["skipped"] == 1
+
+
+@pytest.mark.parametrize("command", ["interpolate", "reconstruct"])
+def test_a_fifo_as_input_image_is_refused_without_hanging(tmp_path, command):
+    """Opening a FIFO blocks until a writer comes: the check must come before the open (a subprocess, so a hang
+    fails the test at its deadline instead of hanging the suite)."""
+    import os
+    import subprocess
+    import sys
+
+    model = _model(tmp_path / "model")
+    fifo = tmp_path / "photo.png"
+    os.mkfifo(fifo)
+    args = {"interpolate": ["interpolate", "--model", str(model), str(fifo), str(fifo), "--out",
+                            str(tmp_path / "i.png")],
+            "reconstruct": ["reconstruct", "--model", str(model), str(fifo), "--no-align", "--out",
+                            str(tmp_path / "r")]}[command]
+    proc = subprocess.run([sys.executable, "-m", "facevae_dist", "-q", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1 and f"{fifo}: is a FIFO, not an image file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_jpeg_past_pillows_bomb_limit_is_decoded_at_reduced_scale(tmp_path, monkeypatch):
+    """Pillow refuses images over twice its MAX_IMAGE_PIXELS in open(), before our limit could pick a reduced-scale
+    JPEG decode (a 20000x20000 photo is past it). Pillow's limit is lowered here so a 100x100 JPEG stands in for
+    the 400 Mpixel one."""
+    from facevae_dist.data import imageio
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 100, 3), np.uint8)).save(tmp_path / "big.jpg")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 pixels is past 2 x 1000
+    monkeypatch.setenv("FACEVAE_MAX_IMAGE_PIXELS", "3000")
+    assert imageio.read_rgb(tmp_path / "big.jpg").shape == (50, 50, 3)  # decoded at 1/2 by libjpeg
+    assert Image.MAX_IMAGE_PIXELS == 1000  # Pillow's own limit is back for everyone else
+    Image.fromarray(np.zeros((100, 100), np.uint8)).save(tmp_path / "big.png")
+    with pytest.raises(imageio.ImageTooLarge, match="0.003 Mpixel limit"):  # no reduced decode for PNG
+        imageio.read_rgb(tmp_path / "big.png")

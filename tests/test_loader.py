@@ -371,3 +371,122 @@ def test_eval_padding_gives_every_sample_to_some_rank_with_equal_counts(shards):
         assert loader.dropped_samples == 0
     assert per_rank == [27, 27, 27]
     assert set(keys) == {f"train-{i:08d}" for i in range(80)} and len(keys) - len(set(keys)) == 1
+
+
+# ---- bounded reads: every shard member within a size, every picture checked from its header ------------------------
+
+
+def _own_copy(shards, tmp_path) -> Path:
+    own = tmp_path / "shards"
+    shutil.copytree(shards, own)
+    return own
+
+
+def _append_member(tar_path: Path, name: str, size: int) -> None:
+    """Add a member of `size` zero bytes after the last one (it joins that sample when named after its key). The
+    data is a hole in a sparse file: a 1 GiB member costs no disk, only whoever reads it."""
+    import tarfile
+
+    from facevae_dist.data.tario import index_tar
+
+    end = max(off + -(-size_ // 512) * 512 for _, fields in index_tar(tar_path) for off, size_ in fields.values())
+    info = tarfile.TarInfo(name)
+    info.size = size
+    with open(tar_path, "r+b") as f:
+        f.seek(end)
+        f.write(info.tobuf(format=tarfile.USTAR_FORMAT))
+        data_end = end + 512 + -(-size // 512) * 512
+        f.truncate(data_end)
+        f.seek(data_end)
+        f.write(b"\0" * 1024)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _last_shard(shards: Path, split: str = "train") -> tuple[Path, str]:
+    shard = shards / read_manifest(shards)["splits"][split]["shards"][-1]["path"]
+    return shard, [key for key, _ in iter_tar(shard)][-1]
+
+
+def test_an_unknown_1gib_member_is_skipped_unread_and_an_oversized_one_is_a_corrupt_sample(shards, tmp_path):
+    own = _own_copy(shards, tmp_path)
+    shard, key = _last_shard(own)
+    _append_member(shard, f"{key}.blob", 1 << 30)
+    before = _peak_rss_mb()
+    loader = ShardLoader(own, "train", 8, workers=0, shuffle=False, drop_last=False)
+    keys = epoch_keys(loader)
+    assert len(keys) == 80 and loader.corrupt_count == 0
+    assert _peak_rss_mb() - before < 256, "the unknown member was read"
+    # a known member over its limit (json: 64 KiB) makes that one sample corrupt; the shard stays readable
+    _append_member(shard, f"{key}.json", 100_000)
+    loader = ShardLoader(own, "train", 8, workers=0, shuffle=False, drop_last=False)
+    with pytest.warns(UserWarning, match=rf"{key} .*json is 100,000 bytes \(limit 65,536\)"):
+        keys = epoch_keys(loader)
+    assert len(keys) == 80 and loader.corrupt_count == 1
+
+
+def _png_header_only(path_or_buf, width: int, height: int) -> bytes:
+    """A valid 8-bit grayscale PNG of width x height zeros, compressed row by row (never held whole)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    z = zlib.compressobj(9)
+    row = b"\0" * (width + 1)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def _rewrite_sample(shard: Path, key: str, **fields: bytes) -> None:
+    samples = [(k, {**f, **fields} if k == key else f) for k, f in iter_tar(shard)]
+    write_tar(shard, samples)
+
+
+def test_a_177_mpixel_mask_is_refused_from_its_header_without_decoding(shards, tmp_path):
+    own = _own_copy(shards, tmp_path)
+    shard, key = _last_shard(own)
+    _rewrite_sample(shard, key, **{"mask.png": _png_header_only(None, 13_300, 13_300)})
+    before = _peak_rss_mb()
+    loader = ShardLoader(own, "train", 8, workers=0, shuffle=False, drop_last=False)
+    with pytest.warns(UserWarning, match=rf"{key} .*mask.png is 13300x13300, the shards' samples are 24x24"):
+        keys = epoch_keys(loader)
+    assert len(keys) == 80 and loader.corrupt_count == 1
+    assert _peak_rss_mb() - before < 100, "the 177 Mpixel mask was decoded"
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_16bit_and_0_1_masks_are_read_by_value_and_said_once(shards, tmp_path):
+    own = _own_copy(shards, tmp_path)
+    shard = own / read_manifest(own)["splits"]["train"]["shards"][0]["path"]
+    original = {k: np.asarray(Image.open(io.BytesIO(f["mask.png"]))) for k, f in iter_tar(shard)}
+    k16, k01, k01b = list(original)[:3]
+    _rewrite_sample(shard, k16, **{"mask.png": _png(original[k16].astype(np.uint16) * 257)})  # 16-bit, full scale
+    for k in (k01, k01b):
+        _rewrite_sample(shard, k, **{"mask.png": _png((original[k] > 127).astype(np.uint8))})  # 0/1
+    assert Image.open(io.BytesIO(dict(iter_tar(shard))[k16]["mask.png"])).mode == "I;16"
+    loader = ShardLoader(own, "train", 80, workers=0, shuffle=False, drop_last=False)
+    with pytest.warns(UserWarning) as record:
+        (batch,) = list(loader)
+    masks = dict(zip(batch["key"], batch["mask"][:, 0].numpy()))
+    np.testing.assert_array_equal(masks[k16], original[k16])  # not clipped to 255 everywhere
+    for k in (k01, k01b):
+        np.testing.assert_array_equal(masks[k], np.where(original[k] > 127, 255, 0))
+    said = [str(w.message) for w in record if "holds only 0 and 1" in str(w.message)]
+    assert len(said) == 1 and "of 2 sample(s)" in said[0] and loader.binary_mask_count == 2
+    from facevae_dist.data.shards import verify_shards
+
+    problems = "\n".join(verify_shards(own)["problems"])
+    assert f"sample {k16}: ValueError: mask.png mode I;16" in problems
+    assert f"sample {k01}: ValueError: mask.png holds only 0 and 1" in problems

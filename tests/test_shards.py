@@ -247,3 +247,46 @@ def test_folder_source_auto_masks_on_a_real_photo(tmp_path):
     assert 0.1 < mask.mean() < 0.6  # a face+hair blob, not empty and not the whole frame
     # The face (upper centre) is in; the flag at the side and the uniform below the chin are out.
     assert mask[10:20, 20:30].all() and not mask[:, :8].any() and not mask[36:].any()
+
+
+def test_verify_flags_unknown_and_oversized_members(tmp_path, capsys):
+    import tarfile
+
+    out = tmp_path / "s"
+    assert build(out, "--n", "24") == 0
+    tar = out / "train" / "shard-000000.tar"
+    samples = list(iter_tar(tar))
+    samples[0][1]["blob"] = b"x" * 4096  # an extra member readers do not know
+    samples[1][1]["json"] = b" " * 70_000 + b"{}"  # a known one over its 64 KiB limit
+    with open(tar, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        import io
+
+        for key, fields in samples:
+            for name, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{name}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    assert main(["shards", "verify", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"unknown member(s) {samples[0][0]}.blob (4,096 bytes): readers skip them unread" in err
+    assert f"sample {samples[1][0]}: OversizedMember: member json is 70,002 bytes (limit 65,536)" in err
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "build.json", "sizes.json"])
+def test_a_deeply_nested_or_binary_shards_file_is_one_line(tmp_path, capsys, name):
+    out = tmp_path / "s"
+    assert build(out, "--n", "12") == 0
+    for content in (b"[" * 100_000, b'{"format": "\xff"}'):
+        (out / name).write_bytes(content)
+        capsys.readouterr()
+        command = ["shards", "build", "--n", "12", *SMALL[:-1], "--out", str(out)] if name == "build.json" else \
+            ["shards", "info", str(out)] if name == "manifest.json" else ["shards", "verify", str(out)]
+        rc = main(["--quiet", *command])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("facevae: error:")]
+        assert rc in (1, 2) and "Traceback" not in err and len(lines) == 1, err
+        if name != "sizes.json":
+            assert rc == 2 and str(out / name) in lines[0]
+            assert ("nested deeper than" if content[0] == ord("[") else "not UTF-8") in lines[0]
+        else:  # verify lists it among the problems
+            assert "sizes.json missing or unreadable" in err

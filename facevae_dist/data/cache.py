@@ -28,7 +28,6 @@ import contextlib
 import fcntl
 import functools
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -40,11 +39,18 @@ from typing import NamedTuple
 
 import numpy as np
 
-from facevae_dist.data.loader import corrupt_item, decode_into, die_with_parent, short_shard, unreadable_shard
+from facevae_dist.data.loader import (
+    corrupt_item,
+    decode_into,
+    die_with_parent,
+    short_shard,
+    unreadable_shard,
+    warn_binary_masks,
+)
 from facevae_dist.data.shards import read_manifest
-from facevae_dist.data.tario import index_tar, read_fields
-from facevae_dist.errors import DataError, RunError, UsageError
-from facevae_dist.fileio import atomic_write_json
+from facevae_dist.data.tario import OversizedMember, index_tar, member_limits, read_fields
+from facevae_dist.errors import DataError, FaceVAEError, RunError, UsageError
+from facevae_dist.fileio import atomic_write_json, read_json
 from facevae_dist.progress import info, make_progress
 
 FORMAT = "facevae-npy-cache"
@@ -116,8 +122,8 @@ def _fresh_meta(paths: CachePaths, manifest: dict, shards: list[dict], fingerpri
     """The cache's JSON when the cache matches the shards and its files match their headers; None otherwise
     (missing, stale, edited, truncated). The sha256 is checked by open_cache, not here."""
     try:
-        meta = json.loads(paths.meta.read_text())
-    except (OSError, ValueError):
+        meta = read_json(paths.meta, fix="the cache is rebuilt")
+    except (OSError, FaceVAEError):
         return None
     image_shape, mask_shape = _shapes(manifest, shards)
     if not (isinstance(meta, dict) and meta.get("format") == FORMAT and meta.get("format_version") == FORMAT_VERSION
@@ -193,34 +199,39 @@ def _init_decoder(parent_pid: int, lock_fd: int) -> None:
         os.close(lock_fd)
 
 
-def _decode_shard(job: tuple) -> list[tuple[int, str]]:
-    """Decode one shard into its rows of the temp files; returns [(row, "key (shard: reason)")] of corrupt samples.
-    A damaged shard raises DataError naming it."""
+def _decode_shard(job: tuple) -> tuple[list[tuple[int, str]], int]:
+    """Decode one shard into its rows of the temp files; returns ([(row, "key (shard: reason)")] of corrupt samples,
+    the number of 0/1 masks read as 0/255). A damaged shard raises DataError naming it."""
     path, image_ext, count, row0, images_path, masks_path = job
     images = np.load(images_path, mmap_mode="r+", allow_pickle=False)
     masks = np.load(masks_path, mmap_mode="r+", allow_pickle=False)
+    limits = member_limits(image_ext, int(images.shape[1]))
     try:
         index = index_tar(path)
     except Exception as exc:
         raise unreadable_shard(path, exc)
     if len(index) < count:
         raise short_shard(path, len(index), count)
-    corrupt = []
+    corrupt, binary = [], 0
     with open(path, "rb") as f:
         for i, (key, fields) in enumerate(index[:count]):
             try:
-                data = read_fields(f, fields)
+                data = read_fields(f, fields, limits)
             except (OSError, EOFError) as exc:
                 raise unreadable_shard(path, exc)
+            except OversizedMember as exc:  # a corrupt sample, like an undecodable one
+                data = exc
             try:
-                decode_into(data, image_ext, images[row0 + i], masks[row0 + i])
+                if isinstance(data, Exception):
+                    raise data
+                binary += decode_into(data, image_ext, images[row0 + i], masks[row0 + i])
             except Exception as exc:  # counted and reported, like the loader
                 images[row0 + i] = 0
                 masks[row0 + i] = 0
                 corrupt.append((row0 + i, corrupt_item(key, path, exc)))
     images.flush()
     masks.flush()
-    return corrupt
+    return corrupt, binary
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
@@ -232,15 +243,17 @@ def _stop(pool: ProcessPoolExecutor) -> None:
         proc.join(timeout=10)
 
 
-def _decode_all(jobs: list[tuple], processes: int, lock_fd: int, split: str) -> list[tuple[int, str]]:
+def _decode_all(jobs: list[tuple], processes: int, lock_fd: int, split: str) -> tuple[list[tuple[int, str]], int]:
     corrupt: list[tuple[int, str]] = []
+    binary = 0
     with make_progress() as progress:
         task = progress.add_task(f"cache {split}", total=len(jobs))
         if processes <= 1:
             for job in jobs:
-                corrupt += _decode_shard(job)
+                rows, n = _decode_shard(job)
+                corrupt, binary = corrupt + rows, binary + n
                 progress.advance(task)
-            return corrupt
+            return corrupt, binary
         # fork: no re-import; workers only decode and write their rows. A damaged shard stops the rest.
         pool = ProcessPoolExecutor(processes, mp_context=get_context("fork"), initializer=_init_decoder,
                                    initargs=(os.getpid(), lock_fd))
@@ -251,13 +264,14 @@ def _decode_all(jobs: list[tuple], processes: int, lock_fd: int, split: str) -> 
                 for fut in done:
                     if fut.exception() is not None:
                         raise fut.exception()
-                    corrupt += fut.result()
+                    rows, n = fut.result()
+                    corrupt, binary = corrupt + rows, binary + n
                     progress.advance(task, 1)
         except BaseException:
             _stop(pool)
             raise
         pool.shutdown()
-    return corrupt
+    return corrupt, binary
 
 
 def _new_npy(path: Path, shape: tuple[int, ...]) -> None:
@@ -289,7 +303,10 @@ def _build(shards_dir, split: str, manifest: dict, shards: list[dict], fingerpri
         _new_npy(tmps[1], mask_shape)
         jobs = [(str(Path(shards_dir) / s["path"]), image_ext, c, int(o), str(tmps[0]), str(tmps[1]))
                 for s, c, o in zip(shards, counts, offsets)]
-        corrupt = sorted(_decode_all(jobs, processes, lock_fd, split))
+        corrupt, binary = _decode_all(jobs, processes, lock_fd, split)
+        corrupt.sort()
+        if binary:
+            warn_binary_masks(f"{shards_dir}/{split}", binary, "of the split")
         for tmp in tmps:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())

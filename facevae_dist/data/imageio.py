@@ -13,7 +13,9 @@ skipped-and-listed samples, `reconstruct` into skipped-and-reported files.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -39,6 +41,32 @@ class ImageTooLarge(ImageReadError):
     pass
 
 
+def check_regular_file(path: Path) -> None:
+    """Refuse what is not a regular file before it is opened: opening a FIFO blocks until a writer comes (forever,
+    for a forgotten `mkfifo`), and a device can be endless."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise ImageReadError(path, "is a directory, not an image")
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
+            "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+        raise ImageReadError(path, f"is {kind}, not an image file")
+
+
+@contextlib.contextmanager
+def _own_pixel_limit():
+    """Pillow's bomb check off while a header is read: it raises in open() for images over twice its limit, before
+    our own check could decode a large JPEG at reduced scale (the limit is checked below, from the header)."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
 def max_pixels_default() -> int:
     value = os.environ.get("FACEVAE_MAX_IMAGE_PIXELS")
     try:
@@ -58,8 +86,8 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
     path = Path(path)
     limit = max_pixels or max_pixels_default()
     try:
-        with warnings.catch_warnings():  # Pillow's bomb warning: our own limit below says it better
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        check_regular_file(path)
+        with _own_pixel_limit():
             im = Image.open(path)
         with im:
             w, h = im.size
@@ -96,6 +124,13 @@ def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     elif mode == "F" and values.max(initial=0) <= 1.0:
         values = values * 255.0  # float images in [0, 1]
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def gray_to_uint8(im: Image.Image) -> np.ndarray:
+    """A one-channel image of any depth -> uint8 HxW by value (a 16-bit 65535 is 255, not clipped from 65535)."""
+    if im.mode in _HIGH_DEPTH_MODES:
+        return _to_uint8(np.asarray(im), im.mode)
+    return np.asarray(im if im.mode == "L" else im.convert("L"))
 
 
 def to_rgb_array(im: Image.Image) -> np.ndarray:

@@ -37,7 +37,6 @@ import atexit
 import ctypes
 import functools
 import io
-import json
 import multiprocessing
 import os
 import signal
@@ -55,9 +54,11 @@ try:
 except ImportError:  # pragma: no cover
     simplejpeg = None
 
+from facevae_dist.data.imageio import gray_to_uint8
 from facevae_dist.data.shards import read_manifest
-from facevae_dist.data.tario import index_tar, read_fields
+from facevae_dist.data.tario import OversizedMember, index_tar, member_limits, read_fields
 from facevae_dist.errors import DataError, FaceVAEError, RunError, UsageError
+from facevae_dist.fileio import read_json
 
 WORKER_JOIN_S = 5.0  # how long a closing loader waits for its workers before it kills them
 _LIVE_LOADERS: "weakref.WeakSet[ShardLoader]" = weakref.WeakSet()
@@ -116,14 +117,21 @@ def warn_corrupt(items: list[str], warned: set[str]) -> None:
             warnings.warn(f"corrupt sample replaced by a copy of another in its batch: {item}")
 
 
+def warn_binary_masks(where: str, count: int, scope: str) -> None:
+    warnings.warn(f"{where}: the mask.png of {count} sample(s) {scope} holds only 0 and 1, not the face mask x255 "
+                  "that `facevae shards build` writes: read as 0/255 (`facevae shards verify` lists every one)")
+
+
 def read_sizes(shards_dir: str | os.PathLike) -> dict[str, int]:
     path = Path(shards_dir) / "sizes.json"
+    fix = "rebuild the shards with `facevae shards build`"
     try:
-        return json.loads(path.read_text())
+        sizes = read_json(path, fix=fix)
     except OSError:
-        raise DataError(f"{path}: not found (build shards with `facevae shards build`)")
-    except ValueError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})")
+        raise DataError(f"{path}: not found ({fix})")
+    if not (isinstance(sizes, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in sizes.values())):
+        raise DataError(f"{path}: expected an object of sample counts ({fix})")
+    return sizes
 
 
 def u8_to_float(x: torch.Tensor, device, memory_format=torch.contiguous_format) -> torch.Tensor:
@@ -141,23 +149,40 @@ def to_float(batch: dict, device, channels_last: bool = False) -> tuple[torch.Te
     return u8_to_float(batch["image"], device, fmt), u8_to_float(batch["mask"], device, fmt)
 
 
-def decode_into(fields: dict[str, bytes], image_ext: str, image_out: np.ndarray, mask_out: np.ndarray) -> None:
+def decode_into(fields: dict[str, bytes], image_ext: str, image_out: np.ndarray, mask_out: np.ndarray) -> bool:
     """Decode one sample's image and mask.png into uint8 arrays [H,W,3] and [H,W]; raises if either is unreadable
-    or has the wrong size (the caller counts it as corrupt). Shared by the loader and the decoded-split cache.
+    or has the wrong size, checked from the header before decoding (the caller counts it as corrupt). Shared by the
+    loader and the decoded-split cache. A mask of another depth is read by value (16-bit full scale is 255); a
+    mask holding only 0 and 1 (shards written by another tool) is read as 0/255, and True returned so the caller
+    can say so: no face mask x255 has 1 as its largest value, so the reading is unambiguous (docs/data.md).
     JPEGs go through simplejpeg (libjpeg-turbo like PIL, same default DCT and upsampling: identical pixels, at a
     higher rate: docs/performance.md); PIL takes what it refuses (e.g. CMYK), so the set of readable samples is PIL's."""
     if image_ext == "jpg" and simplejpeg is not None:
         try:  # only YCbCr/gray: libjpeg-turbo's own CMYK/YCCK -> RGB differs from PIL's
-            if simplejpeg.decode_jpeg_header(fields["jpg"])[2] in ("YCbCr", "Gray"):
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(fields["jpg"])
+            if colorspace in ("YCbCr", "Gray") and (height, width) == image_out.shape[:2]:
                 image_out[...] = simplejpeg.decode_jpeg(fields["jpg"], colorspace="RGB")
                 image_ext = ""
         except Exception:  # noqa: BLE001 - PIL below decides whether the sample is corrupt
             pass
     if image_ext:
         with Image.open(io.BytesIO(fields[image_ext]), formats=("JPEG",) if image_ext == "jpg" else ("PNG",)) as im:
+            _check_size(im, image_out.shape, image_ext)
             image_out[...] = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
     with Image.open(io.BytesIO(fields["mask.png"]), formats=("PNG",)) as im:
-        mask_out[...] = np.asarray(im if im.mode == "L" else im.convert("L"))
+        _check_size(im, mask_out.shape, "mask.png")
+        mask_out[...] = gray_to_uint8(im)
+    if mask_out.max() == 1:
+        mask_out *= 255
+        return True
+    return False
+
+
+def _check_size(im: Image.Image, shape: tuple[int, ...], member: str) -> None:
+    """From the header, before any pixel is decoded: a member of another size (a 177-Mpixel mask in a 144-px
+    shard) is a corrupt sample, refused without the decode that would take gigabytes."""
+    if im.size != (shape[1], shape[0]):
+        raise ValueError(f"{member} is {im.size[0]}x{im.size[1]}, the shards' samples are {shape[1]}x{shape[0]}")
 
 
 class _EpochPlan:
@@ -204,12 +229,17 @@ class _EpochPlan:
 
 
 class _ShardReader:
-    """Random access to samples of a few open shards (tar header index cached per shard)."""
+    """Random access to samples of a few open shards (tar header index cached per shard). Reads only the members
+    in `limits`, each within its size (tario.member_limits): an oversized one raises OversizedMember, which the
+    caller counts as a corrupt sample."""
 
-    def __init__(self, paths: list[Path], max_open: int = 8):
-        self.paths = paths
+    def __init__(self, paths: list[Path], limits: dict[str, int], max_open: int = 8):
+        self.paths, self.limits = paths, limits
         self.max_open = max_open
         self.open: dict[int, tuple] = {}
+
+    def key(self, s: int, i: int) -> str:
+        return self.open[s][1][i][0]
 
     def get(self, s: int, i: int) -> tuple[str, dict[str, bytes]]:
         if s not in self.open:
@@ -227,7 +257,7 @@ class _ShardReader:
             raise short_shard(self.paths[s], len(index), f"at least {i + 1}")
         key, fields = index[i]
         try:
-            return key, read_fields(f, fields)
+            return key, read_fields(f, fields, self.limits)
         except (OSError, EOFError) as exc:
             raise unreadable_shard(self.paths[s], exc)
 
@@ -328,7 +358,7 @@ class _ShardDataset(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         plan, start_batch = self.plan_for(self._position[0]), self._position[1]
-        reader = _ShardReader(self.paths)
+        reader = _ShardReader(self.paths, member_limits(self.image_ext, self.image_size))
         try:
             for j in range(start_batch + worker, plan.num_batches, workers):
                 try:
@@ -352,12 +382,17 @@ class _ShardDataset(IterableDataset):
         else:
             images = np.empty((b, size, size, 3), np.uint8)
             masks = np.empty((b, size, size), np.uint8)
-        keys, corrupt, good = [], [], []
+        keys, corrupt, good, binary = [], [], [], 0
         for n, (s, i) in enumerate(zip(shards.tolist(), locals_.tolist())):
-            key, fields = reader.get(s, i)
+            try:
+                key, fields = reader.get(s, i)
+            except OversizedMember as exc:  # a corrupt sample, like an undecodable one
+                key, fields = reader.key(s, i), exc
             keys.append(key)
             try:
-                decode_into(fields, self.image_ext, images[n], masks[n])
+                if isinstance(fields, Exception):
+                    raise fields
+                binary += decode_into(fields, self.image_ext, images[n], masks[n])
                 good.append(n)
             except Exception as exc:
                 corrupt.append(corrupt_item(key, self.paths[s], exc))
@@ -372,10 +407,10 @@ class _ShardDataset(IterableDataset):
         # NHWC memory seen as [B,3,H,W] (channels_last strides): no copy here; to_float lays it out on the device.
         if ticket is not None:  # only the ticket crosses the pipe (_BatchRing)
             self.ring.publish(ticket)
-            return {"ring": ticket, "key": keys, "corrupt": corrupt}
+            return {"ring": ticket, "key": keys, "corrupt": corrupt, "binary_masks": binary}
         if worker is not None:  # no ring (no shared memory): plain numpy arrays through the DataLoader's pipe
-            return {"image": images, "mask": masks, "key": keys, "corrupt": corrupt}
-        return _as_tensors({"image": images, "mask": masks, "key": keys, "corrupt": corrupt})
+            return {"image": images, "mask": masks, "key": keys, "corrupt": corrupt, "binary_masks": binary}
+        return _as_tensors({"image": images, "mask": masks, "key": keys, "corrupt": corrupt, "binary_masks": binary})
 
 
 class ShardLoader:
@@ -415,6 +450,7 @@ class ShardLoader:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prefetch_factor = prefetch_factor
         self.corrupt_count = 0
+        self.binary_mask_count = 0  # masks read as 0/255 from 0/1 (decode_into)
         self._warned: set[str] = set()
         self.epoch = epoch
         self._plan = self._make_plan()
@@ -474,6 +510,9 @@ class ShardLoader:
         for batch in batches:
             self.corrupt_count += len(batch["corrupt"])
             warn_corrupt(batch["corrupt"], self._warned)
+            if batch["binary_masks"] and not self.binary_mask_count:
+                warn_binary_masks(f"{self.shards_dir}/{self.split}", batch["binary_masks"], "in its first batch")
+            self.binary_mask_count += batch["binary_masks"]
             yield batch
         self.start_batch = 0  # a finished epoch; the next iteration starts at its beginning
 

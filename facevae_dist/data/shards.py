@@ -34,10 +34,17 @@ from PIL import Image
 from facevae_dist.data.masks import FACE_EXCLUDED_LABELS
 from facevae_dist.data.resize import resize_linear
 from facevae_dist.data.sources import SPLITS, CorruptSample, Item, Record, Source
-from facevae_dist.data.tario import iter_tar, write_tar
-from facevae_dist.errors import DataError, UsageError
-from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
-from facevae_dist.progress import info, make_progress
+from facevae_dist.data.tario import index_tar, member_limits, read_fields, write_tar
+from facevae_dist.errors import DataError, FaceVAEError, UsageError
+from facevae_dist.fileio import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    parse_json,
+    read_json,
+    sha256_file,
+)
+from facevae_dist.progress import info, make_progress, warn
 
 FORMAT = "facevae-shards"
 FORMAT_VERSION = 1
@@ -177,12 +184,12 @@ def _load_complete_stats(out: Path, split: str, k: int, n_items: int) -> dict | 
     stats_path = out / split / f"{_shard_name(k)}.stats.json"
     tar_path = out / split / f"{_shard_name(k)}.tar"
     try:
-        stats = json.loads(stats_path.read_text())
+        stats = read_json(stats_path, fix="rebuilt")
         if (stats["items"] == n_items and tar_path.stat().st_size == stats["bytes"]
                 and sha256_file(tar_path) == stats["sha256"]):
             return stats
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    except (OSError, FaceVAEError, ValueError, KeyError, TypeError):
+        pass  # damaged or missing: the shard is rebuilt
     return None
 
 
@@ -196,7 +203,7 @@ def rebuild_command(shards_dir: str | os.PathLike) -> str | None:
     """The `facevae shards build` command that resumes (and so repairs) the build in `shards_dir`, from its
     build.json; None when that is missing or unreadable."""
     try:
-        identity = json.loads((Path(shards_dir) / "build.json").read_text())
+        identity = read_json(Path(shards_dir) / "build.json", fix="unreadable")
         source, options = identity["source"], identity["options"]
         argv = ["facevae", "shards", "build", "--source", str(source["name"])]
         for key, flag in _SOURCE_FLAGS.items():
@@ -206,7 +213,7 @@ def rebuild_command(shards_dir: str | os.PathLike) -> str | None:
         for key, flag in _OPTION_FLAGS.items():
             if options.get(key) is not None:
                 argv += [flag, str(options[key])]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, FaceVAEError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return shlex.join([*argv, "--out", str(shards_dir)])
 
@@ -281,10 +288,9 @@ def _prepare_out_dir(out: Path, identity: dict, overwrite: bool) -> None:
             hint = ("pass --overwrite to replace that partial build" if not foreign else
                     f"it holds {_foreign_note(foreign)}: choose another --out")
             raise DataError(f"{out}: not empty and not a facevae shards directory (no build.json); {hint}")
-        try:
-            existing = json.loads(build_json.read_text())
-        except ValueError:
-            raise DataError(f"{build_json}: unreadable; pass --overwrite to rebuild {out}")
+        existing = read_json(build_json, fix=f"pass --overwrite to rebuild {out}")
+        if not isinstance(existing, dict):
+            raise DataError(f"{build_json}: not a build description; pass --overwrite to rebuild {out}")
         if existing != identity:
             old_source = existing.get("source") if isinstance(existing.get("source"), dict) else {}
             old_options = existing.get("options") if isinstance(existing.get("options"), dict) else {}
@@ -411,10 +417,7 @@ def read_manifest(shards_dir: str | os.PathLike, *, check_counts: bool = True) -
         hint = (" (the build did not finish: re-run the same `facevae shards build` command to resume)"
                 if (Path(shards_dir) / "build.json").exists() else " (build shards with `facevae shards build`)")
         raise DataError(f"{path}: not found{hint}")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})")
+    manifest = read_json(path, fix=_rebuild_fix(path.parent))
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f"{path}: not a facevae shards manifest")
     _validate_manifest(manifest, path)
@@ -438,10 +441,13 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _rebuild_fix(shards_dir: Path) -> str:
+    cmd = rebuild_command(shards_dir)
+    return f"re-run `{cmd}` to rewrite it" if cmd else "rebuild it with `facevae shards build`"
+
+
 def _manifest_error(path: Path, field: str, problem: str) -> DataError:
-    cmd = rebuild_command(path.parent)
-    fix = f"re-run `{cmd}` to rewrite it" if cmd else "rebuild it with `facevae shards build`"
-    return DataError(f"{path}: {field}: {problem} (damaged or edited; {fix})")
+    return DataError(f"{path}: {field}: {problem} (damaged or edited; {_rebuild_fix(path.parent)})")
 
 
 def _expect(path: Path, field: str, value, ok: bool, what: str) -> None:
@@ -493,9 +499,9 @@ def _check_counts_against_stats(shards_dir: Path, manifest: dict, path: Path) ->
             stats_path = shards_dir / (shard["path"][:-4] + ".stats.json" if shard["path"].endswith(".tar")
                                        else shard["path"] + ".stats.json")
             try:
-                stats = json.loads(stats_path.read_text())
+                stats = read_json(stats_path, fix="verify reads the tar itself")
                 count = stats["count"] if stats.get("sha256") == shard["sha256"] else None
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            except (OSError, FaceVAEError, ValueError, KeyError, TypeError, AttributeError):
                 continue  # no stats to compare with (older layout); verify reads the tar itself
             if count is not None and count != shard["count"]:
                 raise _manifest_error(path, shard["path"], f"manifest.json says {shard['count']} samples, the shard "
@@ -503,16 +509,45 @@ def _check_counts_against_stats(shards_dir: Path, manifest: dict, path: Path) ->
 
 
 # ----------------------------------------------------------------------------------------------- verify
-def decode_sample(fields: dict[str, bytes], image_ext: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Shard fields -> (uint8 HxWx3 image, uint8 HxW mask, metadata). Raises on anything malformed."""
+def decode_sample(fields: dict[str, bytes], image_ext: str, size: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Shard fields -> (uint8 HxWx3 image, uint8 HxW mask, metadata). Raises on anything malformed, on a member of
+    another size than `size` (checked from its header, before decoding) and on a mask the trainer would have to
+    convert: 16-bit (read by value) or 0/1-valued (read as 0/255); see docs/data.md."""
     with Image.open(io.BytesIO(fields[image_ext])) as im:
+        if im.size != (size, size):
+            raise ValueError(f"{image_ext} is {im.size[0]}x{im.size[1]}, expected {size}x{size}")
         image = np.asarray(im.convert("RGB"))
     with Image.open(io.BytesIO(fields["mask.png"])) as im:
+        if im.size != (size, size):
+            raise ValueError(f"mask.png is {im.size[0]}x{im.size[1]}, expected {size}x{size}")
         if im.mode != "L":
-            raise ValueError(f"mask.png mode {im.mode}, expected L")
+            raise ValueError(f"mask.png mode {im.mode}, expected L (8-bit; training reads a 16-bit mask by value)")
         mask = np.asarray(im)
-    meta = json.loads(fields["json"])
+    if mask.max(initial=0) == 1:
+        raise ValueError("mask.png holds only 0 and 1, not the face mask x255 (training reads it as 0/255)")
+    meta = parse_json(fields["json"], "json", fix="damaged sample metadata")
+    if not isinstance(meta, dict):
+        raise ValueError(f"json is a {type(meta).__name__}, not an object")
     return image, mask, meta
+
+
+def _sample_problems(shard: str, split: str, key: str, fields: dict, f, limits: dict[str, int], ext: str,
+                     size: int) -> list[str]:
+    """What is wrong with one sample: its key, members the readers skip (unknown) or refuse (oversized), and
+    anything decode_sample refuses."""
+    problems = []
+    if not key.startswith(f"{split}-") or not key[len(split) + 1:].isdigit():
+        problems.append(f"{shard}: unexpected key {key!r}")
+    unknown = [f"{key}.{name} ({size_:,} bytes)" for name, (_, size_) in fields.items() if name not in limits]
+    if unknown:
+        problems.append(f"{shard}: unknown member(s) {', '.join(unknown)}: readers skip them unread")
+    try:
+        image, mask, meta = decode_sample(read_fields(f, fields, limits), ext, size)
+        if meta.get("split") != split:
+            raise ValueError(f"json split {meta.get('split')!r}")
+    except Exception as exc:
+        problems.append(f"{shard}: sample {key}: {type(exc).__name__}: {exc}")
+    return problems
 
 
 def verify_shards(shards_dir: str | os.PathLike) -> dict:
@@ -522,6 +557,7 @@ def verify_shards(shards_dir: str | os.PathLike) -> dict:
     manifest = read_manifest(shards_dir, check_counts=False)  # counts are checked below, by reading every tar
     problems: list[str] = []
     size, ext = manifest["image_size"], manifest["image_ext"]
+    limits = member_limits(ext, size)
     counts = {}
     total = sum(v["count"] for v in manifest["splits"].values())
     with make_progress() as progress:
@@ -541,19 +577,12 @@ def verify_shards(shards_dir: str | os.PathLike) -> dict:
                     problems.append(f"{shard['path']}: sha256 mismatch (file changed or corrupted)")
                 n = 0
                 try:
-                    for key, fields in iter_tar(path):
-                        n += 1
-                        if not key.startswith(f"{split}-") or not key[len(split) + 1:].isdigit():
-                            problems.append(f"{shard['path']}: unexpected key {key!r}")
-                        try:
-                            image, mask, meta = decode_sample(fields, ext)
-                            if image.shape != (size, size, 3) or mask.shape != (size, size):
-                                raise ValueError(f"image {image.shape} / mask {mask.shape}, expected {size}x{size}")
-                            if meta.get("split") != split:
-                                raise ValueError(f"json split {meta.get('split')!r}")
-                        except Exception as exc:
-                            problems.append(f"{shard['path']}: sample {key}: {type(exc).__name__}: {exc}")
-                        progress.advance(bar)
+                    index = index_tar(path)
+                    with open(path, "rb") as f:
+                        for key, fields in index:
+                            n += 1
+                            problems += _sample_problems(shard["path"], split, key, fields, f, limits, ext, size)
+                            progress.advance(bar)
                 except Exception as exc:  # truncated or garbled tar
                     problems.append(f"{shard['path']}: unreadable tar ({type(exc).__name__}: {exc})")
                 if n != shard["count"]:
@@ -564,11 +593,11 @@ def verify_shards(shards_dir: str | os.PathLike) -> dict:
                 problems.append(f"{split}: {seen} samples read, manifest says {info['count']}")
     sizes_path = shards_dir / "sizes.json"
     try:
-        sizes = json.loads(sizes_path.read_text())
+        sizes = read_json(sizes_path, fix="rewritten by a rebuild")
         if sizes != {s: v["count"] for s, v in manifest["splits"].items()}:
             problems.append("sizes.json disagrees with manifest.json")
-    except (OSError, ValueError):
-        problems.append("sizes.json missing or unreadable")
+    except (OSError, FaceVAEError) as exc:
+        problems.append(f"sizes.json missing or unreadable ({exc})")
     return {"ok": not problems, "problems": problems, "counts": counts,
             "shards": sum(len(v["shards"]) for v in manifest["splits"].values()),
             "rebuild": rebuild_command(shards_dir) if problems else None}
@@ -588,20 +617,37 @@ def shards_info(shards_dir: str | os.PathLike, grid: str | os.PathLike | None = 
         "package_version": manifest["package_version"],
     }
     if grid is not None:
-        tiles = []
-        for split in ("test", "val", "train"):
-            for shard in manifest["splits"][split]["shards"]:
-                for _, fields in iter_tar(shards_dir / shard["path"]):
-                    image, mask, _ = decode_sample(fields, manifest["image_ext"])
-                    tiles.append(_overlay_tile(image, mask))
-                    if len(tiles) >= n_grid:
-                        break
-                if len(tiles) >= n_grid:
-                    break
+        tiles, unreadable = _grid_tiles(shards_dir, manifest, n_grid)
+        if unreadable:
+            summary["grid_skipped"] = unreadable
+            warn(f"{shards_dir}: {len(unreadable)} unreadable sample(s) left off the contact sheet ({unreadable[0]}"
+                 f"{', ...' if len(unreadable) > 1 else ''}); `facevae shards verify {shards_dir}` lists them")
         if tiles:
             write_contact_sheet(tiles, Path(grid))
             summary["grid"] = str(grid)
     return summary
+
+
+def _grid_tiles(shards_dir: Path, manifest: dict, n_grid: int) -> tuple[list[np.ndarray], list[str]]:
+    """Up to n_grid contact-sheet tiles from the first samples (test, val, then train), and the unreadable samples
+    met on the way ("key: reason")."""
+    ext, size = manifest["image_ext"], manifest["image_size"]
+    limits = member_limits(ext, size)
+    tiles, unreadable = [], []
+    for split in ("test", "val", "train"):
+        for shard in manifest["splits"].get(split, {}).get("shards", []):
+            path = shards_dir / shard["path"]
+            with open(path, "rb") as f:
+                for key, fields in index_tar(path):
+                    if len(tiles) >= n_grid:
+                        return tiles, unreadable
+                    try:
+                        image, mask, _ = decode_sample(read_fields(f, fields, limits), ext, size)
+                    except Exception as exc:  # noqa: BLE001 - reported, not drawn
+                        unreadable.append(f"{key}: {type(exc).__name__}: {exc}")
+                        continue
+                    tiles.append(_overlay_tile(image, mask))
+    return tiles, unreadable
 
 
 def _overlay_tile(image: np.ndarray, mask: np.ndarray) -> np.ndarray:

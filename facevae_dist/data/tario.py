@@ -66,9 +66,39 @@ def index_tar(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     return samples
 
 
-def read_fields(f, fields: dict[str, tuple[int, int]]) -> dict[str, bytes]:
+JSON_MEMBER_MAX = 64 << 10  # a sample's metadata is ~100 bytes
+
+
+class OversizedMember(ValueError):
+    """A known member larger than any sample of its shards can be: the sample is corrupt (counted and reported
+    like an undecodable one), the shard itself stays readable."""
+
+
+def member_limits(image_ext: str, image_size: int) -> dict[str, int]:
+    """The members a sample of these shards has, each with the most bytes it may take: twice the raw pixels plus
+    1 MiB (an incompressible PNG is about its raw size; JPEG at quality 100 is smaller), 64 KiB of JSON. Readers
+    read only these members, each only within its limit, so an extra or a swollen member (a 1 GiB blob added to a
+    shard) costs nothing but its header."""
+    pixels = image_size * image_size
+    return {image_ext: 2 * 3 * pixels + (1 << 20), "mask.png": 2 * pixels + (1 << 20), "json": JSON_MEMBER_MAX}
+
+
+def oversized(fields: dict[str, tuple[int, int]], limits: dict[str, int]) -> list[str]:
+    return [f"{name} is {size:,} bytes (limit {limits[name]:,})" for name, (_, size) in fields.items()
+            if name in limits and size > limits[name]]
+
+
+def read_fields(f, fields: dict[str, tuple[int, int]], limits: dict[str, int] | None = None) -> dict[str, bytes]:
+    """The members of one sample: those named in `limits` (all with None); others are skipped unread. A member over
+    its limit raises OversizedMember before anything is read."""
+    if limits is not None:
+        too_big = oversized(fields, limits)
+        if too_big:
+            raise OversizedMember(f"member {'; '.join(too_big)}")
     out = {}
     for name, (offset, size) in fields.items():
+        if limits is not None and name not in limits:
+            continue
         f.seek(offset)
         data = f.read(size)
         if len(data) != size:
@@ -77,9 +107,9 @@ def read_fields(f, fields: dict[str, tuple[int, int]]) -> dict[str, bytes]:
     return out
 
 
-def iter_tar(path: Path):
-    """Yield (key, {field: bytes}) for every sample, in order."""
+def iter_tar(path: Path, limits: dict[str, int] | None = None):
+    """Yield (key, {field: bytes}) for every sample, in order (the members and limits of read_fields)."""
     index = index_tar(path)
     with open(path, "rb") as f:
         for key, fields in index:
-            yield key, read_fields(f, fields)
+            yield key, read_fields(f, fields, limits)

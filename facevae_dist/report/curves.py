@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 from facevae_dist.data.shards import read_manifest
 from facevae_dist.errors import FaceVAEError, UsageError
 from facevae_dist.evaluate.scoring import evaluate, scored_test_set
-from facevae_dist.fileio import atomic_write_json, atomic_write_text
+from facevae_dist.fileio import atomic_write_json, atomic_write_text, read_json
 from facevae_dist.hypotheses import LOSS_LABELS, LOSS_ORDER, MODE_LABELS, MODE_ORDER, in_order
 from facevae_dist.progress import info
 from facevae_dist.report.figures import MODE_COLORS, figure_style, panel_style, save_figure
@@ -46,12 +45,17 @@ def _run_label(run_dir: Path, seen: set[str]) -> str:
 
 def _score(run_dir: Path, step_dir: Path, target: Path, *, shards, split: str, limit: int, device,
            lpips_weights, bootstrap: int) -> dict:
-    if target.is_file():
-        cached = json.loads(target.read_text())
-        if (cached.get("checkpoint", {}).get("step") == ckpt.step_of(step_dir) and cached.get("limit") == limit
-                and cached.get("split") == split and (shards is None or str(shards) == cached.get("shards_dir"))
-                and (cached.get("test_set") or {}).get("fingerprint") == _fingerprint(cached.get("shards_dir"), split)):
-            return cached
+    try:
+        cached = read_json(target, fix="scored again") if target.is_file() else {}
+    except FaceVAEError:
+        cached = {}  # damaged: scored again, the file replaced
+    fields = cached if isinstance(cached, dict) else {}
+    checkpoint, test_set = fields.get("checkpoint"), fields.get("test_set")
+    if (isinstance(checkpoint, dict) and isinstance(test_set, dict) and isinstance(fields.get("shards_dir"), str)
+            and checkpoint.get("step") == ckpt.step_of(step_dir) and fields.get("limit") == limit
+            and fields.get("split") == split and (shards is None or str(shards) == fields["shards_dir"])
+            and test_set.get("fingerprint") == _fingerprint(fields["shards_dir"], split)):
+        return cached
     return evaluate(run_dir, shards, split=split, limit=limit, which=step_dir.name, device=device,
                     lpips_weights=lpips_weights, out=target, bootstrap=bootstrap)
 

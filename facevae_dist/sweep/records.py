@@ -4,13 +4,13 @@ runs on a node, the submission and `sweep status`."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
 from pathlib import Path
 
-from facevae_dist.errors import UsageError
+from facevae_dist import fileio
+from facevae_dist.errors import FaceVAEError, UsageError
 
 MANIFEST = "sweep.json"
 
@@ -29,9 +29,10 @@ DEAD_STATES = ("CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"
 
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
+        doc = fileio.read_json(path, fix="rewritten by the element")
+    except (OSError, FaceVAEError):
         return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def proc_stat(pid: int) -> list[str] | None:

@@ -3,10 +3,10 @@ whether its process lives; the report over every finished element."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from facevae_dist.errors import FaceVAEError
+from facevae_dist.fileio import iter_jsonl
 from facevae_dist.progress import info
 from facevae_dist.sweep.records import (
     DEAD_STATES,
@@ -25,14 +25,9 @@ def _last_train_record(run_dir: Path) -> dict:
     if not path.is_file():
         return {}
     last = {}
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line being written right now
-            if "loss" in rec and not rec.get("split"):
-                last = rec
+    for rec in iter_jsonl(path):  # skips a line being written right now
+        if "loss" in rec and not rec.get("split"):
+            last = rec
     return last
 
 
