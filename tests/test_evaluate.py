@@ -232,6 +232,44 @@ def test_two_process_eval_matches_one_process(runs, shards, tmp_path):
     assert b["examples"]["keys"] == a["examples"]["keys"]
 
 
+def test_eval_stopped_between_its_files_is_refused_by_report_until_rerun(runs, shards, tmp_path, monkeypatch,
+                                                                         capsys):
+    """An eval of another test set (the val split: as many images, the same kind of keys) that dies after writing
+    per_image.csv, while writing examples.safetensors, leaves the new scores beside the old metrics.json. report
+    used to pair them (rc 0); metrics.json records the hashes of its files, so report refuses in one line naming
+    the file and the fix, and a rerun of the eval makes the directory whole again."""
+    from facevae_dist.evaluate import scoring
+
+    run, other = runs["l2/none"], runs["l2/mask+decoder"]
+    evals = {name: tmp_path / name / "eval" / "metrics.json" for name in ("none", "mask")}
+    for model, out in ((run, evals["none"]), (other, evals["mask"])):
+        assert main(["eval", str(model), "--shards", str(shards), "--bootstrap", "100", "--out", str(out)]) == 0
+    assert main(["report", *map(str, evals.values()), "--out", str(tmp_path / "r1")]) == 0
+    before = evals["none"].read_text()
+
+    write = scoring.atomic_write_bytes
+
+    def disk_full_at_examples(path, data):
+        if Path(path).name == scoring.EXAMPLES_FILE:
+            raise OSError(28, "No space left on device")
+        write(path, data)
+
+    monkeypatch.setattr(scoring, "atomic_write_bytes", disk_full_at_examples)
+    assert main(["eval", str(run), "--shards", str(shards), "--split", "val", "--bootstrap", "100",
+                 "--out", str(evals["none"])]) == 1  # disk full: one line, exit 1
+    monkeypatch.undo()
+    assert evals["none"].read_text() == before  # the old summary, now beside the val split's per-image scores
+    capsys.readouterr()
+    assert main(["report", *map(str, evals.values()), "--out", str(tmp_path / "r2")]) == 2
+    line = _err_line(capsys)
+    assert str(evals["none"].parent / "per_image.csv") in line and "facevae eval" in line
+    assert not (tmp_path / "r2" / "table.md").exists()
+
+    assert main(["eval", str(run), "--shards", str(shards), "--bootstrap", "100", "--out", str(evals["none"])]) == 0
+    assert main(["report", *map(str, evals.values()), "--out", str(tmp_path / "r3")]) == 0
+    assert (tmp_path / "r3" / "table.md").read_text() == (tmp_path / "r1" / "table.md").read_text()
+
+
 def test_eval_of_a_directory_that_is_no_model_is_one_clear_line(tmp_path, capsys):
     (tmp_path / "junk").mkdir()
     assert main(["eval", str(tmp_path / "junk"), "--shards", str(tmp_path)]) == 2

@@ -7,7 +7,9 @@ metrics.METRICS is computed; the output holds the mean and a 95% percentile-boot
 of images, the checkpoint step, the training seed and every metric setting. Per-image values go to
 eval/per_image.csv by sample key (paired comparisons between runs: `facevae report`) and a few fixed test images
 with their reconstructions to eval/examples.safetensors (the report's visual comparison: the same images, by key,
-through every run).
+through every run). metrics.json is written last and records the sha256 of the two files beside it ("files"):
+an eval stopped between its files, or a file copied in from another eval, is refused by the loaders instead of
+pairing one eval's summary with another's per-image scores.
 
 Multi-process: launched with several ranks (torchrun / accelerate launch set RANK / WORLD_SIZE), each rank scores
 its part of the shards and rank 0 gathers the rows (deduplicated by sample key) and writes the files.
@@ -42,7 +44,7 @@ from facevae_dist.evaluate.metrics import (
     composite_alpha,
     load_lpips,
 )
-from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from facevae_dist.model import CONFIG_FILE, WEIGHTS_FILE, FaceVAE, composite
 from facevae_dist.progress import make_progress
 from facevae_dist.stats import IMAGE_RESAMPLES, image_summary
@@ -223,9 +225,14 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
     }
     if rank == 0:
         out_path = Path(out) if out is not None else run_dir / EVAL_DIR / METRICS_FILE
-        _write_per_image(out_path.parent / PER_IMAGE_FILE, ordered, COLUMNS, values)
-        _write_examples(out_path.parent / EXAMPLES_FILE, example_keys, examples)
-        atomic_write_json(out_path, result)  # last: its presence means the eval is complete
+        siblings = {PER_IMAGE_FILE: _per_image_bytes(ordered, COLUMNS, values),
+                    EXAMPLES_FILE: _examples_bytes(example_keys, examples)}
+        # metrics.json last, holding the others' hashes: until it is replaced, the loaders see that the files
+        # beside it are not its own (an eval killed here), and refuse them rather than mix two evals
+        result["files"] = {name: hashlib.sha256(data).hexdigest() for name, data in siblings.items()}
+        for name, data in siblings.items():
+            atomic_write_bytes(out_path.parent / name, data)
+        atomic_write_json(out_path, result)
         result["path"] = str(out_path)
     return result
 
@@ -320,21 +327,31 @@ def _keep_examples(store: dict, keys: list[str], image, mask, out, mode: str, n:
             del store[max(store)]
 
 
-def _write_per_image(path: Path, keys: list[str], columns: list[str], values: np.ndarray) -> None:
+def _per_image_bytes(keys: list[str], columns: list[str], values: np.ndarray) -> bytes:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["key", *columns])
     for key, row in zip(keys, values):
         w.writerow([key, *(f"{v:.6g}" for v in row)])
-    atomic_write_text(path, buf.getvalue())
+    return buf.getvalue().encode("utf-8")
 
 
-def _write_examples(path: Path, keys: list[str], examples: dict) -> None:
+def _examples_bytes(keys: list[str], examples: dict) -> bytes:
     tensors = {}
     for field in ("input", "gt_mask", "recon_raw", "composite", "mask_pred"):
         if keys and all(field in examples[k] for k in keys):
             tensors[field] = np.stack([examples[k][field] for k in keys])
-    atomic_write_bytes(path, save_safetensors(tensors, metadata={"keys": json.dumps(keys), "format": FORMAT}))
+    return save_safetensors(tensors, metadata={"keys": json.dumps(keys), "format": FORMAT})
+
+
+def _check_written_with(eval_json: dict, path: Path) -> None:
+    """`path` (beside metrics.json) is the file that eval wrote: its sha256 is the one metrics.json recorded.
+    Evals from before the hashes were recorded are not checked here (load_per_image checks the image count)."""
+    want = (eval_json.get("files") or {}).get(path.name)
+    if want is not None and sha256_file(path) != want:
+        raise DataError(f"{path}: not the file written with {Path(eval_json['path']).name} beside it (an eval "
+                        "stopped between its files, or a file copied in from another eval); re-run "
+                        f"`facevae eval {eval_json.get('run_dir', 'RUN_DIR')}`")
 
 
 def load_eval(run_dir: str | Path) -> dict:
@@ -375,6 +392,7 @@ def load_per_image(eval_json: dict) -> tuple[list[str], dict[str, np.ndarray]]:
     if not path.is_file():
         raise UsageError(f"{path}: missing (per-image scores are needed for paired comparisons); re-run "
                          f"`facevae eval {eval_json.get('run_dir', 'RUN_DIR')}`")
+    _check_written_with(eval_json, path)
     with path.open(newline="") as f:
         rows = list(csv.reader(f))
     if not rows or rows[0][:1] != ["key"]:
@@ -389,6 +407,10 @@ def load_per_image(eval_json: dict) -> tuple[list[str], dict[str, np.ndarray]]:
                                                                                                      len(columns))
     except ValueError as exc:
         raise FaceVAEError(f"{path}: unreadable per-image scores ({exc}); re-run `facevae eval`") from None
+    n = eval_json.get("n_images")
+    if n is not None and n != len(keys):  # also catches an older eval (no recorded hashes) left half-replaced
+        raise DataError(f"{path}: {len(keys)} images, but {Path(eval_json['path']).name} beside it scored {n} (the "
+                        f"files come from two evals); re-run `facevae eval {eval_json.get('run_dir', 'RUN_DIR')}`")
     return keys, {c: values[:, j] for j, c in enumerate(columns)}
 
 
@@ -397,6 +419,7 @@ def load_examples(eval_json: dict) -> tuple[list[str], dict[str, np.ndarray]]:
     path = Path(eval_json["path"]).parent / eval_json.get("examples", {}).get("file", EXAMPLES_FILE)
     if not path.is_file():
         return [], {}
+    _check_written_with(eval_json, path)
     with safe_open(str(path), framework="numpy") as f:
         keys = json.loads((f.metadata() or {}).get("keys", "[]"))
         return keys, {k: f.get_tensor(k) for k in f.keys()}
