@@ -137,7 +137,7 @@ def parse_json(text: str | bytes, where: str | os.PathLike, *, fix: str, error: 
     except json.JSONDecodeError as exc:
         raise error(f"{where}: not valid JSON ({exc}; {fix})") from None
     except RecursionError:
-        raise error(f"{where}: nested deeper than {max_depth} levels ({fix})") from None
+        raise error(f"{where}: nested too deeply (over {max_depth} levels; {fix})") from None
     _check_depth(doc, where, fix, error, max_depth)
     return doc
 
@@ -149,7 +149,7 @@ def parse_toml(text: str, where: str | os.PathLike, *, fix: str, error: type[Fac
     except tomllib.TOMLDecodeError as exc:
         raise error(f"{where}: not valid TOML ({exc}; {fix})") from None
     except RecursionError:
-        raise error(f"{where}: nested deeper than {max_depth} levels ({fix})") from None
+        raise error(f"{where}: nested too deeply (over {max_depth} levels; {fix})") from None
     _check_depth(doc, where, fix, error, max_depth)
     return doc
 
@@ -162,7 +162,7 @@ def _check_depth(doc: Any, where, fix: str, error: type[FaceVAEError], max_depth
         node, depth = stack.pop()
         if isinstance(node, (dict, list)):
             if depth + 1 > max_depth:
-                raise error(f"{where}: nested deeper than {max_depth} levels ({fix})")
+                raise error(f"{where}: nested too deeply (over {max_depth} levels; {fix})")
             stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
 
 

@@ -19,7 +19,6 @@ What each mask mode does in `reconstruct`:
 from __future__ import annotations
 
 import io
-import json
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from facevae_dist.data.shards import read_manifest
 from facevae_dist.devices import resolve_device
 from facevae_dist.errors import FaceVAEError, UsageError
 from facevae_dist.evaluate.scoring import EVAL_DIR, METRICS_FILE, load_eval, loss_name
-from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from facevae_dist.model import CONFIG_FILE, WEIGHTS_FILE, FaceVAE
 from facevae_dist.model_card import shards_facts
 from facevae_dist.progress import info, make_progress, warn
@@ -81,7 +80,7 @@ def training_fit(model_dir: str | Path) -> str:
     path = Path(model_dir)
     try:
         if (path / "export.json").is_file():
-            data = json.loads((path / "export.json").read_text(encoding="utf-8")).get("training_data") or {}
+            data = read_json(path / "export.json", fix="the default framing is used").get("training_data") or {}
             return data.get("fit") or "squash"
         if (path / "config.toml").is_file():
             shards = load_toml(path / "config.toml").data.shards
@@ -141,9 +140,9 @@ def _same_weights(weights: Path, model: torch.nn.Module) -> bool:
 def _describe_export(out_dir: Path) -> str:
     """What an existing export is, for the refusal (its export.json), or "other weights"."""
     try:
-        meta = json.loads((out_dir / "export.json").read_text())
+        meta = read_json(out_dir / "export.json", fix="unreadable")
         return f"{meta.get('hypothesis') or meta.get('loss')} from {meta.get('run_dir')} {meta.get('checkpoint')}"
-    except (OSError, ValueError, AttributeError):
+    except (OSError, FaceVAEError, AttributeError):
         return "other weights"
 
 

@@ -16,7 +16,6 @@ leading high-resolution encoder stages and the trailing decoder stages, so tests
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from torch import nn
 
 from facevae_dist.config import IMAGE_SIZES, ModelConfig  # the config lives on the torch-free ground floor
 from facevae_dist.errors import FaceVAEError, UsageError
-from facevae_dist.fileio import atomic_write_bytes, atomic_write_json
+from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, read_json
 from facevae_dist.model_card import LIBRARY, TAGS, card_text
 
 __all__ = ["FaceVAE", "ModelConfig", "VAEOutput", "composite"]
@@ -328,14 +327,8 @@ def _read_config(cfg_path: Path) -> dict:
     """config.json as a dict; a missing, unreadable or non-object file -> one FaceVAEError line naming it."""
     if not cfg_path.is_file():
         raise FaceVAEError(f"{cfg_path}: missing (expected a directory written by FaceVAE.save_pretrained)")
-    try:
-        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FaceVAEError(f"{cfg_path}: not a valid FaceVAE config ({exc}); re-export the model "
-                           "(`facevae export RUN_DIR --out DIR`)") from None
-    except RecursionError:  # json nests one Python call per level
-        raise FaceVAEError(f"{cfg_path}: not a valid FaceVAE config (JSON nested too deeply); re-export the "
-                           "model (`facevae export RUN_DIR --out DIR`)") from None
+    meta = read_json(cfg_path, fix="not a valid FaceVAE config; re-export the model (`facevae export RUN_DIR --out "
+                     "DIR`)", error=FaceVAEError)
     if not isinstance(meta, dict):
         raise FaceVAEError(f"{cfg_path}: not a valid FaceVAE config (a JSON {type(meta).__name__}, not an object); "
                            "re-export the model (`facevae export RUN_DIR --out DIR`)")

@@ -345,3 +345,13 @@ def test_stale_after_resume_retires_the_later_checkpoints_and_their_best(tmp_pat
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_2"
     err = capsys.readouterr().err
     assert "step_4" in err and str(dest) in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("content", [b"[" * 100_000, b'{"step": 2, "x": "\xff"}'])
+def test_a_deeply_nested_or_binary_meta_json_is_one_line(tmp_path, content):
+    cfg, model, opt = _setup(tmp_path)
+    ck = _save(CheckpointManager(tmp_path, every=2, keep_last=3), cfg, model, opt, 2)
+    (ck / "meta.json").write_bytes(content)
+    with pytest.raises(RunError, match=r"step_2/meta.json: (nested too deeply|not UTF-8).*damaged checkpoint") as exc:
+        load_checkpoint(ck)
+    assert "\n" not in str(exc.value)

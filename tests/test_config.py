@@ -99,7 +99,7 @@ def test_a_deeply_nested_or_binary_config_is_one_usage_line(tmp_path, capsys):
     from facevae_dist.cli import main
 
     path = tmp_path / "config.toml"
-    for content, expected in ((b"max_steps = " + b"[" * 100_000, "nested deeper than"),
+    for content, expected in ((b"max_steps = " + b"[" * 100_000, "nested too deeply"),
                               (b'run_dir = "r\xff"\n', "not UTF-8")):
         path.write_bytes(content)
         with pytest.raises(UsageError, match=expected):

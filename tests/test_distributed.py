@@ -93,6 +93,10 @@ def test_deepspeed_config_rejects_auto_and_bad_stage(tmp_path):
     (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     with pytest.raises(UsageError, match="stage=3"):
         deepspeed_plugin(cfg)
+    for content, expected in ((b"[" * 100_000, "nested too deeply"), (b"[1, 2]", "expected a JSON object")):
+        (tmp_path / "ds.json").write_bytes(content)  # a RecursionError / AttributeError before
+        with pytest.raises(UsageError, match=expected):
+            deepspeed_plugin(cfg)
     for name in ("ds_zero1.json", "ds_zero2.json"):  # the shipped files: explicit numbers, valid for DeepSpeed
         cfg.deepspeed = str(REPO / "launch" / name)
         plugin = deepspeed_plugin(cfg)

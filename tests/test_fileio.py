@@ -13,8 +13,8 @@ from facevae_dist.fileio import MAX_DOC_DEPTH, iter_jsonl, naming, parse_toml, r
 
 
 @pytest.mark.parametrize("content, expected", [
-    (b"[" * 100_000, "nested deeper than"),  # the C parser's RecursionError, caught
-    (b'{"a": ' * (MAX_DOC_DEPTH + 1) + b"1" + b"}" * (MAX_DOC_DEPTH + 1), "nested deeper than"),  # parses, too deep
+    (b"[" * 100_000, "nested too deeply"),  # the C parser's RecursionError, caught
+    (b'{"a": ' * (MAX_DOC_DEPTH + 1) + b"1" + b"}" * (MAX_DOC_DEPTH + 1), "nested too deeply"),  # parses, too deep
     (b'{"loss": "l2\xff"}', "not UTF-8 text (byte 12"),
     (b'{"a": 1,}', "not valid JSON"),
 ])
@@ -46,9 +46,9 @@ def test_read_json_refuses_a_fifo_without_blocking(tmp_path):
 def test_read_toml_and_set_values_refuse_deep_nesting(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text("x = " + "[" * 50_000)
-    with pytest.raises(UsageError, match="nested deeper than"):
+    with pytest.raises(UsageError, match="nested too deeply"):
         read_toml(path, fix="fix it")
-    with pytest.raises(UsageError, match="nested deeper than"):
+    with pytest.raises(UsageError, match="nested too deeply"):
         parse_toml("v = " + "[" * (MAX_DOC_DEPTH + 1) + "]" * (MAX_DOC_DEPTH + 1), "--set", fix="x")
     path.write_bytes(b'run_dir = "\xfe"\n')
     with pytest.raises(UsageError, match="not UTF-8"):

@@ -287,6 +287,6 @@ def test_a_deeply_nested_or_binary_shards_file_is_one_line(tmp_path, capsys, nam
         assert rc in (1, 2) and "Traceback" not in err and len(lines) == 1, err
         if name != "sizes.json":
             assert rc == 2 and str(out / name) in lines[0]
-            assert ("nested deeper than" if content[0] == ord("[") else "not UTF-8") in lines[0]
+            assert ("nested too deeply" if content[0] == ord("[") else "not UTF-8") in lines[0]
         else:  # verify lists it among the problems
             assert "sizes.json missing or unreadable" in err

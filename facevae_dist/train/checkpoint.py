@@ -47,7 +47,14 @@ from safetensors.torch import load_file
 
 from facevae_dist.config import TrainConfig, load_toml, save_toml
 from facevae_dist.errors import FaceVAEError, RunError, UsageError
-from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from facevae_dist.fileio import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    iter_jsonl,
+    read_json,
+    sha256_file,
+)
 from facevae_dist.model import CONFIG_FILE as MODEL_CONFIG_FILE
 from facevae_dist.model import WEIGHTS_FILE, FaceVAE
 from facevae_dist.progress import info, warn
@@ -159,12 +166,12 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
     """meta.json of a checkpoint (written last: its presence marks the directory complete)."""
     path = Path(ckpt) / META_FILE
     try:
-        meta = json.loads(path.read_text())
+        meta = read_json(path, fix="damaged checkpoint file", error=RunError)
         int(meta["step"])
         return meta
     except FileNotFoundError:
         raise RunError(f"{path}: missing; the checkpoint is incomplete") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+    except (OSError, KeyError, TypeError, ValueError) as exc:
         raise RunError(f"{path}: damaged checkpoint file ({type(exc).__name__}: {exc})") from None
 
 
@@ -487,14 +494,10 @@ def _newest_loadable(run_dir: Path) -> tuple[Path | None, Restored | None]:
 
 def _lines_after(path: Path, step: int) -> list[str]:
     """The lines of a metrics.jsonl logged after `step` (unreadable lines are skipped)."""
-    lines = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            if json.loads(line).get("step", 0) > step:
-                lines.append(line)
-        except (json.JSONDecodeError, AttributeError, TypeError):
-            continue
-    return lines
+    if not path.is_file():
+        return []
+    return [json.dumps(r) for r in iter_jsonl(path)
+            if isinstance(r.get("step", 0), (int, float)) and r.get("step", 0) > step]
 
 
 def stale_after_resume(run_dir: str | Path, step: int, new_data: bool = False) -> dict | None:

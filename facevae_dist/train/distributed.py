@@ -7,7 +7,6 @@ DeepSpeed itself is imported only inside the functions that need it: it is optio
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -21,7 +20,7 @@ from accelerate.utils import DeepSpeedPlugin, broadcast_object_list, gather_obje
 
 from facevae_dist.config import TrainConfig
 from facevae_dist.errors import RunError, UsageError
-from facevae_dist.fileio import atomic_write_json
+from facevae_dist.fileio import atomic_write_json, read_json
 from facevae_dist.train.tracking import make_trackers
 
 
@@ -79,10 +78,13 @@ def deepspeed_plugin(cfg: TrainConfig) -> DeepSpeedPlugin:
     precision numbers are filled from the TrainConfig so that there is one source of truth for them."""
     path = Path(cfg.deepspeed)
     try:
-        ds = json.loads(path.read_text())
-        ds.pop("_comment", None)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path}: not valid JSON ({exc})") from None
+        ds = read_json(path, fix="--deepspeed names a DeepSpeed config such as launch/ds_zero2.json",
+                       error=UsageError)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: --deepspeed config not found") from None
+    if not isinstance(ds, dict):
+        raise UsageError(f"{path}: expected a JSON object (a DeepSpeed config such as launch/ds_zero2.json)")
+    ds.pop("_comment", None)
     autos = [k for k, v in _walk(ds) if v == "auto"]
     if autos:
         raise UsageError(f"{path}: 'auto' values ({', '.join(autos)}) are not allowed; write explicit numbers")

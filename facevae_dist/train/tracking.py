@@ -18,7 +18,6 @@ imported only when its tracker is used.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import secrets
 import time
@@ -29,8 +28,8 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracker, WandBTracker
 
 from facevae_dist.config import TRACKERS, TrainConfig
-from facevae_dist.errors import UsageError
-from facevae_dist.fileio import atomic_write_json
+from facevae_dist.errors import FaceVAEError, UsageError
+from facevae_dist.fileio import atomic_write_json, read_json
 
 STATE_FILE = "tracking.json"
 PROJECT = "facevae"  # the W&B project and MLflow experiment, unless $WANDB_PROJECT / $MLFLOW_EXPERIMENT_NAME
@@ -165,9 +164,9 @@ def _hide_tensorboard_steps_after(writer, step: int) -> None:
 
 def _read_state(run_dir: Path) -> dict:
     try:
-        state = json.loads((run_dir / STATE_FILE).read_text())
+        state = read_json(run_dir / STATE_FILE, fix="new tracker runs are started")
         return state if isinstance(state, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, FaceVAEError):
         return {}  # none yet (a new run), or unreadable: start new tracker runs rather than fail the training
 
 
