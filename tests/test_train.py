@@ -506,6 +506,7 @@ def test_resume_from_an_older_checkpoint_retires_the_later_timeline(shards, tmp_
     again = tiny_config(shards, run_dir, **{**first, "max_steps": 4},
                         resume=str(run_dir / "checkpoints" / "step_2"))
     assert train(again)["step"] == 4
+    assert 'resume = "auto"' in (run_dir / "config.toml").read_text()  # `--config` it later: the newest, not step_2
     err = capsys.readouterr().err
     assert "step_4" in err and "step_6" in err and "retired-" in err
     retired = next((run_dir / "checkpoints").glob("retired-*"))

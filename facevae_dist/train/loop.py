@@ -254,8 +254,9 @@ def _prepare_run_dir(run: _Run) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         if run.stale:  # before anything is saved: the abandoned timeline's checkpoints must not be picked or pruned
             ckpt.retire_stale(run_dir, run.stale, run.state.step)
-        # the permission is this command's, not the run's: a later resume with other shards needs it again
-        save_toml(dataclasses.replace(run.cfg, allow_new_shards=False), run_dir / "config.toml")
+        # which checkpoint to start from and the permission to switch shards are this command's, not the run's:
+        # `--config config.toml` later continues from the newest checkpoint, and another switch is asked for again
+        save_toml(dataclasses.replace(run.cfg, resume="auto", allow_new_shards=False), run_dir / "config.toml")
         env = environment_info(run.world)
         env.update(resumed_from=run.resumed_from, device=str(run.device),
                    distributed_type=str(run.accelerator.distributed_type), new_shards=run.new_data)
