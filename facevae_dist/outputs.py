@@ -10,12 +10,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from facevae_dist.errors import UsageError
+from facevae_dist.errors import FaceVAEError, UsageError
+from facevae_dist.fileio import read_json
 
 RUN_DIR = "a run directory"
 CHECKPOINT = "a checkpoint"
 SHARDS = "a shards folder"
 EXPORT = "an exported model"
+
+
+# data/shards.py's FORMAT (data/ is above this floor): the "format" of a shards folder's manifest.json
+SHARDS_FORMAT = "facevae-shards"
 
 
 def folder_kind(path: str | Path) -> str | None:
@@ -24,15 +29,29 @@ def folder_kind(path: str | Path) -> str | None:
     p = Path(path)
     if not p.is_dir():
         return None
-    if (p / "manifest.json").is_file() or (p / "build.json").is_file():  # build.json: a build not finished yet
+    if _is_shards(p):
         return SHARDS
-    if (p / "checkpoints").is_dir() or (p / "best").is_dir():
+    checkpoints = p / "checkpoints"
+    if (p / "best" / "meta.json").is_file() or (checkpoints.is_dir() and any(
+            c.name == "latest" or c.name.startswith("step_") for c in checkpoints.iterdir())):
         return RUN_DIR
-    if (p / "meta.json").is_file() or (p / "trainer_state.pt").is_file():
+    if (p / "trainer_state.pt").is_file() or ((p / "meta.json").is_file() and (p / "model.safetensors").is_file()):
         return CHECKPOINT
     if (p / "model.safetensors").is_file():
         return EXPORT
     return None
+
+
+def _is_shards(p: Path) -> bool:
+    """A shards folder: its manifest.json says so, or (a build not finished yet) build.json beside split folders."""
+    if (p / "manifest.json").is_file():
+        try:
+            manifest = read_json(p / "manifest.json", fix="")
+        except (FaceVAEError, OSError):
+            manifest = None
+        if isinstance(manifest, dict) and manifest.get("format") == SHARDS_FORMAT:
+            return True
+    return (p / "build.json").is_file() and any((p / split).is_dir() for split in ("train", "val", "test"))
 
 
 def _enclosing(path: Path) -> tuple[str, Path] | None:

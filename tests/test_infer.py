@@ -210,7 +210,7 @@ def test_export_never_lands_on_a_run_shards_or_another_models_export(tmp_path, c
     run_a, run_b = _run_dir(tmp_path / "a", 0), _run_dir(tmp_path / "b", 1)
     shards = tmp_path / "shards"
     shards.mkdir()
-    (shards / "manifest.json").write_text("{}")
+    (shards / "manifest.json").write_text('{"format": "facevae-shards"}')
     weights = {p: sha256_file(p) for p in run_a.rglob("model.safetensors")}
     capsys.readouterr()
     for out, words in ((run_a / "checkpoints" / "step_2", "is a checkpoint"), (run_a, "is a run directory"),

@@ -529,9 +529,9 @@ def test_run_dir_over_shards_an_export_or_inside_checkpoints_is_refused(shards, 
     """`train --run-dir <a shards folder>` used to write checkpoints and config.toml into the shards."""
     from facevae_dist.errors import UsageError
 
-    before = sorted(p.name for p in shards.iterdir())
     run_dir = tmp_path / "run"
     train(tiny_config(shards, run_dir, max_steps=2, val_every=0))
+    before = sorted(p.name for p in shards.iterdir())  # after the decode cache the loader keeps there
     export = tmp_path / "export"
     load_model(run_dir, "latest")[0].save_pretrained(export)
     for where, words in ((shards, "is a shards folder"), (shards / "train" / "runs", "inside a shards folder"),
