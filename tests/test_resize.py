@@ -78,7 +78,9 @@ def test_shards_build_cv2_png_stores_cv2_resized_pixels_and_loader_reads_them(tm
     item = source.plan().items["train"][0]
     record = source.load(item)
     key, fields = next(iter(iter_tar(out / "train" / "shard-000000.tar")))
-    assert set(fields) == {"png", "mask.png", "json"}
+    assert set(fields) == {"png", "mask.png", "json", "labels.png"}
+    labels = np.asarray(Image.open(io.BytesIO(fields["labels.png"])))  # NEAREST whatever --resize: ids stay ids
+    np.testing.assert_array_equal(labels, np.asarray(Image.fromarray(record.label).resize((24, 24), Image.NEAREST)))
     stored = np.asarray(Image.open(io.BytesIO(fields["png"])))
     ref = cv2.resize(record.image, (24, 24), interpolation=cv2.INTER_LINEAR)
     assert np.abs(stored.astype(int) - ref).max() <= 1  # lossless: exactly the paper's squash

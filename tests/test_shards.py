@@ -50,7 +50,7 @@ def test_synthetic_build_is_byte_identical_for_any_worker_count(tmp_path):
     assert counts == [6, 6, 6, 6, 6, 2]  # equal-size shards, the last one holds the rest
     keys, fields = zip(*iter_tar(tmp_path / "w1" / "train" / "shard-000000.tar"))
     assert keys == tuple(f"train-{i:08d}" for i in range(6))
-    assert set(fields[0]) == {"jpg", "mask.png", "json"}
+    assert set(fields[0]) == {"jpg", "mask.png", "json", "labels.png"}  # the synthetic source has label maps
     mask = np.asarray(Image.open(__import__("io").BytesIO(fields[0]["mask.png"])))
     assert mask.shape == (32, 32) and mask.dtype == np.uint8
     assert ((mask > 0) & (mask < 255)).any() and (mask == 255).any()  # soft edges, like the paper
@@ -194,6 +194,9 @@ def test_celebamask_hq_layout(tmp_path):
     _, fields = next(iter_tar(out / "train" / "shard-000000.tar"))
     mask = np.asarray(Image.open(__import__("io").BytesIO(fields["mask.png"])))
     assert mask[8, 8] == 255 and mask[0, 0] == 0 and mask[15, 8] == 0  # skin in, cloth out
+    labels = np.asarray(Image.open(__import__("io").BytesIO(fields["labels.png"])))
+    assert labels[8, 8] == 1 and labels[15, 8] == 16 and labels[0, 0] == 0  # the part masks as one label map
+    assert json.loads((out / "manifest.json").read_text())["labels"]["samples"] == 4
     assert json.loads(fields["json"])["celeba_index"] == 10
     assert set(CELEBAMASK_HQ_PARTS) >= {"skin", "cloth"}
 
@@ -223,6 +226,8 @@ def test_folder_source_with_mask_dir(tmp_path, capsys):
     samples = [s for shard in sorted((tmp_path / "s" / "train").glob("*.tar")) for s in iter_tar(shard)]
     metas = [json.loads(f["json"]) for _, f in samples]
     assert [m["source_id"] for m in metas] == ["a.jpg", "b.png", "sub/c.jpg"]
+    # only the label map is stored as labels.png: a 0/255 mask has no parts to tell skin from hair
+    assert ["labels.png" in fields for _, fields in samples] == [False, True, False]
     for _, fields in samples:  # both the 0/255 mask and the label map give the same face box
         mask = np.asarray(Image.open(__import__("io").BytesIO(fields["mask.png"])))
         assert mask[5, 5] == 255 and mask[0, 0] == 0 and mask[9, 5] == 0

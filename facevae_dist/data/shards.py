@@ -4,7 +4,8 @@ byte-identical whatever the worker count.
 Layout of OUT/:
   build.json                         what is being built (source + options), written first: a re-run with other
                                      options refuses to mix datasets unless --overwrite
-  {train,val,test}/shard-NNNNNN.tar  samples `<split>-<index:08d>` with `jpg`|`png`, `mask.png`, `json`
+  {train,val,test}/shard-NNNNNN.tar  samples `<split>-<index:08d>` with `jpg`|`png`, `mask.png`, `json`, and
+                                     `labels.png` where the source has per-pixel label maps (data/labels.py)
   {split}/shard-NNNNNN.stats.json    per-shard stats, written LAST: the shard's completion marker
   manifest.json                      counts, shard list with sha256, source, options, package version
   sizes.json                         {"train": n, "val": n, "test": n}
@@ -15,8 +16,8 @@ depends only on its own items; skipped (corrupt) items leave a gap in the indice
 
 from __future__ import annotations
 
-import io
 import hashlib
+import io
 import json
 import os
 import re
@@ -31,6 +32,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
+from facevae_dist.data.labels import LABELS_MEMBER, decode_labels, encode_labels, labels_limit, manifest_block
 from facevae_dist.data.masks import FACE_EXCLUDED_LABELS
 from facevae_dist.data.resize import resize_linear
 from facevae_dist.data.sources import SPLITS, CorruptSample, Item, Record, Source
@@ -47,7 +49,7 @@ from facevae_dist.fileio import (
 from facevae_dist.progress import info, make_progress, warn
 
 FORMAT = "facevae-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: samples carry labels.png where the source has label maps; 1 (still read): none do
 FIT_MODES = ("squash", "center-crop")
 RESIZE_METHODS = ("pil", "cv2")
 IMAGE_FORMATS = ("jpg", "png")
@@ -134,8 +136,10 @@ def _resized(record: Record, opts: ShardOptions) -> tuple[np.ndarray, np.ndarray
 
 def encode_record(record: Record, opts: ShardOptions) -> dict[str, bytes]:
     """Record -> shard fields: the image (JPEG at --jpeg-quality, or lossless PNG), the soft mask as a 1-channel
-    PNG, and the metadata JSON."""
+    PNG, the metadata JSON, and the label map (labels.png, NEAREST, the image's frame) where the record has one."""
     image, mask = _resized(record, opts)
+    labels = encode_labels(record.label, record.image.shape, _crop_box(record.image.shape[1::-1], opts.fit),
+                           opts.image_size)
     buf = io.BytesIO()
     if opts.image_format == "jpg":
         Image.fromarray(image).save(buf, format="JPEG", quality=opts.jpeg_quality)
@@ -145,8 +149,11 @@ def encode_record(record: Record, opts: ShardOptions) -> dict[str, bytes]:
     Image.fromarray(mask, "L").save(mbuf, format="PNG")
     meta = {"source_id": record.source_id, "split": record.split, "orig_size": list(record.image.shape[1::-1])}
     meta.update(record.meta)
-    return {opts.image_format: buf.getvalue(), "mask.png": mbuf.getvalue(),
-            "json": json.dumps(meta, sort_keys=True).encode()}
+    fields = {opts.image_format: buf.getvalue(), "mask.png": mbuf.getvalue(),
+              "json": json.dumps(meta, sort_keys=True).encode()}
+    if labels is not None:
+        fields[LABELS_MEMBER] = labels
+    return fields
 
 
 # ----------------------------------------------------------------------------------------------- build
@@ -172,7 +179,7 @@ def _build_one(task: tuple[Source, str, int, int, list[Item], ShardOptions, str]
     os.replace(tmp, tar_path)
     stats = {"shard": f"{split}/{tar_path.name}", "split": split, "count": len(samples), "first_index": first,
              "items": len(items), "skipped": skipped, "sha256": sha256_file(tar_path),
-             "bytes": tar_path.stat().st_size}
+             "bytes": tar_path.stat().st_size, "labelled": sum(LABELS_MEMBER in fields for _, fields in samples)}
     atomic_write_json(split_dir / f"{_shard_name(k)}.stats.json", stats)
     return stats
 
@@ -309,6 +316,22 @@ def _prepare_out_dir(out: Path, identity: dict, overwrite: bool) -> None:
     atomic_write_json(out / "build.json", identity)
 
 
+def _older_complete_build(out: Path, identity: dict) -> dict | None:
+    """The manifest of a finished build of this same dataset (source and options) in an older shard format, or None.
+    Such shards stay readable as they are, so a re-run keeps them; an unfinished one is refused by _prepare_out_dir
+    (resuming it would mix two formats in one dataset)."""
+    try:
+        existing = read_json(out / "build.json", fix="unreadable")
+        if not (isinstance(existing, dict) and _is_int(existing.get("format_version"))
+                and existing["format_version"] < FORMAT_VERSION
+                and existing == {**identity, "format_version": existing["format_version"]}):
+            return None
+        manifest = read_manifest(out)
+    except (OSError, FaceVAEError):
+        return None
+    return {**manifest, "format_version": manifest.get("format_version", existing["format_version"])}
+
+
 def build_shards(source: Source, out: str | os.PathLike, opts: ShardOptions | None = None, *, workers: int = 1,
                  overwrite: bool = False) -> dict:
     """Build (or resume building) shards of `source` into `out`; returns the manifest dict.
@@ -323,6 +346,11 @@ def build_shards(source: Source, out: str | os.PathLike, opts: ShardOptions | No
     if opts.shard_size is None:
         opts = replace(opts, shard_size=resolve_shard_size(len(plan.items["train"])))
     identity = _identity(source, opts)
+    older = None if overwrite else _older_complete_build(out, identity)
+    if older is not None:
+        info(f"{out}: kept as built by shard format {older['format_version']} (no {LABELS_MEMBER}: measures that need "
+             "label maps say so); pass --overwrite to rebuild it in the current format")
+        return older
     _prepare_out_dir(out, identity, overwrite)
 
     tasks, done = [], {}
@@ -394,6 +422,7 @@ def _write_manifest(out: Path, source: Source, opts: ShardOptions, plan, done: d
         "image_size": opts.image_size, "image_ext": opts.image_format,
         "image_format": {"jpg": f"JPEG quality {opts.jpeg_quality}", "png": "PNG (lossless)"}[opts.image_format],
         "resize": {"method": opts.resize, "fit": opts.fit, "description": RESIZE_DESCRIPTIONS[opts.resize]},
+        "labels": manifest_block(sum(s.get("labelled", 0) for s in done.values())),
         "mask": {"field": "mask.png", "excluded_labels": list(FACE_EXCLUDED_LABELS),
                  "encoding": "uint8 1-channel: the 0/1 face mask resized like the image (soft edges, never "
                              "re-binarised), x255, like the paper"},
@@ -542,9 +571,12 @@ def _sample_problems(shard: str, split: str, key: str, fields: dict, f, limits: 
     if unknown:
         problems.append(f"{shard}: unknown member(s) {', '.join(unknown)}: readers skip them unread")
     try:
-        image, mask, meta = decode_sample(read_fields(f, fields, limits), ext, size)
+        data = read_fields(f, fields, limits)
+        image, mask, meta = decode_sample(data, ext, size)
         if meta.get("split") != split:
             raise ValueError(f"json split {meta.get('split')!r}")
+        if LABELS_MEMBER in data:
+            decode_labels(data[LABELS_MEMBER], size)
     except Exception as exc:
         problems.append(f"{shard}: sample {key}: {type(exc).__name__}: {exc}")
     return problems
@@ -557,7 +589,7 @@ def verify_shards(shards_dir: str | os.PathLike) -> dict:
     manifest = read_manifest(shards_dir, check_counts=False)  # counts are checked below, by reading every tar
     problems: list[str] = []
     size, ext = manifest["image_size"], manifest["image_ext"]
-    limits = member_limits(ext, size)
+    limits = {**member_limits(ext, size), LABELS_MEMBER: labels_limit(size)}  # training reads no labels.png
     counts = {}
     total = sum(v["count"] for v in manifest["splits"].values())
     with make_progress() as progress:
