@@ -97,6 +97,14 @@ def test_eval_and_report_end_to_end(runs, shards, tmp_path, capsys):
     assert none["composite"]["l1"]["mean"] < none["whole"]["l1"]["mean"]
     # the same test images through both runs
     assert evals["l2/none"]["examples"]["keys"] == evals["l2/mask+decoder"]["examples"]["keys"]
+    # skin and hair come from the label maps the shards hold; which mask each composite used is recorded
+    for ev in evals.values():
+        assert ev["appearance"]["label_maps"] == "labels.png of each sample of the shards"
+        assert ev["appearance"]["measures"]["skin_da"]["n"] == 8 and ev["alpha"]["composite-gt"] == "the binary GT mask"
+    assert evals["l2/none"]["alpha"]["measures"]["face"]["mean"] == 1.0  # its own alpha is the GT mask...
+    for metric in ("ssim", "lpips", "l1"):  # ... so its GT composite is its composite
+        assert none["composite-gt"][metric]["mean"] == none["composite"][metric]["mean"]
+    assert evals["l2/mask+decoder"]["alpha"]["composite"] == "the predicted soft mask"
 
     out = tmp_path / "report"
     assert main(["report", *map(str, runs.values()), "--out", str(out)]) == 0
@@ -114,11 +122,13 @@ def test_eval_and_report_end_to_end(runs, shards, tmp_path, capsys):
     assert row["paper_10*l2"] == "0.797" and row["paper_1-ssim"] == "0.377" and row["seeds"] == "0"
     claims = json.loads((out / "claims.json").read_text())
     c1 = next(c for c in claims["claims"] if c["id"] == "C1")
-    assert c1["verdict"] in ("supported", "contradicted", "inconclusive") and c1["region"] == "face"
+    assert c1["verdict"] in ("supported", "contradicted", "inconclusive", "inconclusive (one seed)")
+    assert c1["region"] == "face" and set(c1["other_regions"]) == {"composite", "composite-gt"}
     assert "l1" in c1["scope"] and len(c1["comparisons"]) == 6
     assert next(c for c in claims["claims"] if c["id"] == "C3")["verdict"] == "not tested"
     for fig in ("mask_effect.png", "metrics_composite.png", "metrics_face.png", "metrics_whole.png",
-                "metrics_composite-face.png", "comparison_composite.png", "comparison_raw.png"):
+                "metrics_composite-face.png", "metrics_composite-gt.png", "comparison_composite.png",
+                "comparison_raw.png"):
         im = Image.open(out / "figures" / fig)
         assert im.size[0] > 400 and im.size[1] > 200
         assert np.asarray(im.convert("L")).std() > 5  # not blank
@@ -294,7 +304,7 @@ def test_eval_reports_corrupt_samples(runs, shards, tmp_path):
     shutil.copytree(shards, bad)
     tar_path = bad / "test" / "shard-000000.tar"
     with tarfile.open(tar_path) as t:
-        member = next(m for m in t.getmembers() if m.name.endswith(".png") and not m.name.endswith(".mask.png"))
+        member = next(m for m in t.getmembers() if m.name.split(".", 1)[1] == "png")  # an image, not a mask
     with open(tar_path, "r+b") as f:  # same size, garbage content: the tar stays valid, the PNG does not
         f.seek(member.offset_data)
         f.write(b"\0" * member.size)
@@ -305,6 +315,32 @@ def test_eval_reports_corrupt_samples(runs, shards, tmp_path):
     key = member.name.split(".")[0]
     assert len(ev["corrupt_samples"]) == 1 and ev["corrupt_samples"][0].startswith(key)
     assert ev["n_images"] == 7 and key not in (tmp_path / "eval" / "per_image.csv").read_text()
+
+
+@pytest.mark.slow
+def test_eval_reports_an_unreadable_label_map(runs, shards, tmp_path):
+    """A corrupt labels.png costs its image the appearance measures only: the image is scored, the label map is
+    reported with the corrupt samples and warned about."""
+    import tarfile
+
+    bad = tmp_path / "shards"
+    shutil.copytree(shards, bad)
+    tar_path = bad / "test" / "shard-000000.tar"
+    with tarfile.open(tar_path) as t:
+        member = next(m for m in t.getmembers() if m.name.endswith(".labels.png"))
+    with open(tar_path, "r+b") as f:
+        f.seek(member.offset_data)
+        f.write(b"\0" * member.size)
+    out = tmp_path / "eval" / "metrics.json"
+    with pytest.warns(UserWarning, match="unreadable label map"):
+        assert main(["eval", str(runs["l2/none"]), "--shards", str(bad), "--bootstrap", "50", "--out", str(out)]) == 0
+    ev = json.loads(out.read_text())
+    key = member.name.split(".")[0]
+    assert ev["n_images"] == 8 and len(ev["corrupt_samples"]) == 1 and ev["corrupt_samples"][0].startswith(key)
+    assert "labels.png" in ev["corrupt_samples"][0]
+    rows = {r["key"]: r for r in csv.DictReader((tmp_path / "eval" / "per_image.csv").open())}
+    assert rows[key]["appearance.skin_da"] == "nan" and rows[key]["face.ssim"] != "nan"
+    assert all(r["appearance.skin_da"] != "nan" for k, r in rows.items() if k != key)
 
 
 def test_learning_curve_scores_every_kept_checkpoint(runs, shards, tmp_path):

@@ -203,7 +203,8 @@ def test_score_regions_composite_and_face():
     gt[..., 20:60, 15:55] = 0.9
     suite = M.MetricSuite(M.load_lpips())
     r = suite.score_regions(x, gt, y, None, "none")
-    assert list(r) == list(M.REGIONS) == ["face", "composite-face", "composite", "whole"]
+    assert list(r) == list(M.REGIONS) == ["face", "composite-face", "composite", "composite-gt-face", "composite-gt",
+                                          "whole"]
     assert all(set(v) == set(M.METRICS) for v in r.values())
     assert not any("paper" in text for text in M.REGIONS.values())  # no claim of the paper's (unpublished) protocol
     face = (gt >= 0.5).float()
@@ -220,3 +221,35 @@ def test_score_regions_composite_and_face():
     torch.testing.assert_close(r2["composite"]["l1"], 0.25 * M.l1(y, x), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(r2["composite-face"]["l1"], 0.25 * M.l1(y, x, face), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(r2["face"]["l1"], r["face"]["l1"])  # the raw output does not depend on the mask
+
+
+def test_the_gt_composite_is_the_methods_for_no_mask_models_and_differs_by_the_alpha_for_mask_models():
+    """`composite-gt` pastes every model through the binary GT mask. For models whose own alpha is that mask it is
+    the same image (so the same scores); for a mask+decoder model the two composites differ by exactly
+    (alpha_pred − alpha_gt)(output − input), the input its soft mask lets through."""
+    from facevae_dist.model import composite
+
+    x, y = _pair(n=2, size=72)
+    gt = torch.zeros(2, 1, 72, 72)
+    gt[..., 20:60, 15:55] = 0.9
+    face = (gt >= 0.5).float()
+    suite = M.MetricSuite(M.load_lpips())
+    for mode in ("none", "mask"):
+        r = suite.score_regions(x, gt, y, None, mode)
+        for metric in M.METRICS:
+            torch.testing.assert_close(r["composite-gt"][metric], r["composite"][metric])
+            torch.testing.assert_close(r["composite-gt-face"][metric], r["composite-face"][metric])
+        torch.testing.assert_close(M.composite_alpha(gt, None, mode), M.gt_alpha(gt))
+    pred = (0.93 * face + 0.02 * (1 - face)) * torch.ones(2, 1, 72, 72)  # a soft mask a little inside the GT's
+    own = composite(y, x, M.composite_alpha(gt, pred, "mask+decoder"))
+    fair = composite(y, x, M.gt_alpha(gt))
+    torch.testing.assert_close(own - fair, (pred - face) * (y - x))
+    r = suite.score_regions(x, gt, y, pred, "mask+decoder")
+    torch.testing.assert_close(r["composite-gt"]["l1"], M.l1(fair, x))
+    torch.testing.assert_close(r["composite"]["l1"], M.l1(own, x))
+    # on face pixels the GT composite is the raw output: its pixel errors are the face's; the soft mask's are 0.93x
+    torch.testing.assert_close(r["composite-gt-face"]["l1"], r["face"]["l1"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(r["composite-face"]["l1"], 0.93 * r["face"]["l1"], atol=1e-6, rtol=1e-5)
+    cover = M.alpha_coverage(pred, gt)
+    torch.testing.assert_close(cover["face"], torch.full((2,), 0.93))
+    torch.testing.assert_close(cover["background"], torch.full((2,), 0.02))

@@ -229,3 +229,63 @@ def test_evals_without_a_fingerprint_are_paired_with_a_note(two_seed_runs, tmp_p
     res = make_report(two_seed_runs, tmp_path / "rep", figures="none")
     note = "4 eval(s) recorded no test-set fingerprint"
     assert note in Path(res["table_md"]).read_text() and note in capsys.readouterr().err
+
+
+def test_c1_on_the_gt_composite_tells_the_face_from_the_predicted_masks_leak(tmp_path):
+    """A mask model whose drawn face is no better (face and composite-gt: no effect) but whose soft mask lets the
+    input through (composite: 0.03 better): C1 holds on `composite` only, and the report says which mask each arm
+    was pasted through."""
+    from facevae_dist.report.build import make_report
+
+    rng = np.random.default_rng(3)
+    base = rng.uniform(0.4, 0.8, N_IMAGES)
+    leak = {"composite", "composite-face"}
+    runs = []
+    for seed in (0, 1):
+        for mode, gain in (("none", 0.0), ("mask+decoder", 0.03)):
+            scores = {**scores_for(rng, base, 0.0, noise=0.005, regions=tuple(r for r in M.REGIONS if r not in leak)),
+                      **scores_for(rng, base, -gain, noise=0.005, regions=tuple(leak))}
+            run = write_eval(tmp_path / f"{mode}-{seed}", f"l2/{mode}", seed, scores)
+            per_image = run / "eval" / PER_IMAGE_FILE
+            rows = list(csv.reader(per_image.open()))
+            rows[0] += ["alpha.face", "alpha.background"]
+            for row in rows[1:]:
+                row += ["0.93", "0.02"] if mode == "mask+decoder" else ["1", "0"]
+            with per_image.open("w", newline="") as f:
+                csv.writer(f).writerows(rows)
+            runs.append(run)
+    out = make_report(runs, tmp_path / "r", figures="none")
+    c1 = next(c for c in out["claims"] if c["id"] == "C1")
+    assert c1["verdict"] == "inconclusive"  # the raw face: no effect
+    assert c1["other_regions"]["composite"]["verdict"] == "supported"
+    assert c1["other_regions"]["composite-gt"]["verdict"] == "inconclusive"
+    from facevae_dist.report.claims import CLAIMS
+    assert [c.id for c in CLAIMS if "composite-gt" in c.regions] == ["C1"]  # the mask's own claim
+    table = (tmp_path / "r" / "table.md").read_text()
+    assert ("Alpha: the binary GT mask for l2/none; its own predicted soft mask for l2/mask+decoder (mean 0.93 on "
+            "face pixels, 0.02 on the background)") in table
+    assert "Alpha: the binary GT mask (>= 0.5), for every arm alike." in table
+    md = (tmp_path / "r" / "claims.md").read_text()
+    assert "| C1 | **inconclusive** | supported | inconclusive |" in md
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda m: m.update(seed="zero"), "field 'seed' is \"zero\", expected an integer or null"),
+    (lambda m: m.update(hypothesis=["l2", "none"]), "field 'hypothesis' is [\"l2\", \"none\"], expected a string"),
+    (lambda m: m.update(checkpoint=100), "field 'checkpoint' is 100, expected an object"),
+    (lambda m: m.pop("split"), "field 'split' missing"),
+    (None, "not UTF-8 text"),
+], ids=["seed-string", "hypothesis-list", "checkpoint-int", "no-split", "binary"])
+def test_a_mistyped_or_binary_metrics_json_is_one_line_in_report(tmp_path, capsys, edit, expected):
+    rng = np.random.default_rng(0)
+    run = write_eval(tmp_path / "run", "l2/none", 0, scores_for(rng, rng.uniform(0.3, 0.9, N_IMAGES), 0.0))
+    path = run / "eval" / "metrics.json"
+    if edit is None:
+        path.write_bytes(path.read_bytes().replace(b'"test"', b'"t\xffst"'))
+    else:
+        meta = json.loads(path.read_text())
+        edit(meta)
+        path.write_text(json.dumps(meta))
+    assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"facevae: error: {path}: ") and expected in err[0], err

@@ -41,10 +41,12 @@ def register(sub) -> None:
     p = sub.add_parser(
         "eval", help="score a model (run directory or exported model) on a shard split (SSIM, MS-SSIM, LPIPS, "
         "VIF, l1, l2, RMSE, PSNR)",
-        description="Reconstruct every image of a split with z = mu and score it per image in four regions: "
+        description="Reconstruct every image of a split with z = mu and score it per image in six regions: "
         "'face' (raw decoder output, ground-truth face pixels only), 'composite-face' (the composite, face pixels "
         "only), 'composite' (the output pasted onto the input's own background - the predicted mask for "
-        "mask+decoder models, the binary GT mask otherwise - every pixel) and 'whole' (raw output, every pixel). "
+        "mask+decoder models, the binary GT mask otherwise - every pixel), 'composite-gt-face' and 'composite-gt' "
+        "(the same, every model pasted through the binary GT mask) and 'whole' (raw output, every pixel); plus the "
+        "skin colour shift and hair detail on the regions of the shards' label maps (labels.png). "
         "Which pixels the paper scored is not published. Writes MODEL_DIR/eval/metrics.json (mean and 95% "
         "bootstrap interval per metric and region, checkpoint step, training seed, metric settings), "
         "eval/per_image.csv (per sample key: paired comparisons) and eval/examples.safetensors. Runs on several "

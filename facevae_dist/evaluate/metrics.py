@@ -492,16 +492,25 @@ def export_lpips_weights(out: str | Path, weights: str | Path | None = None) -> 
 
 # Regions are named by what they score. Which pixels the paper scored is not published (docs/paper.md), so none of
 # these claims to be "the paper's": `composite` is the most likely candidate, and it is listed beside the others.
+# Two composites: `composite` pastes each model's output the method's own way (a mask+decoder model through the soft
+# mask it predicts, which lets some of the input through on face pixels too); `composite-gt` pastes every model
+# through the same binary GT mask, so a difference between arms there is the drawn face's, not the alpha's.
 REGIONS = {
     "face": "raw decoder output vs the input, ground-truth face pixels only (GT mask >= 0.5)",
     "composite-face": "the composite (see `composite`) vs the input, ground-truth face pixels only (GT mask >= 0.5)",
-    "composite": ("the output composited onto the input's own background, every pixel (alpha: the predicted soft "
-                  "mask for mask+decoder models, the binary GT mask for no-mask and 'mask' models)"),
+    "composite": ("the output composited onto the input's own background, every pixel, the method's own way (alpha: "
+                  "the predicted soft mask for mask+decoder models, the binary GT mask for no-mask and 'mask' "
+                  "models)"),
+    "composite-gt-face": ("the GT composite (see `composite-gt`) vs the input, ground-truth face pixels only (GT mask "
+                          ">= 0.5)"),
+    "composite-gt": ("the output composited onto the input's own background through the binary GT mask, every pixel, "
+                     "for every model alike (the same alpha in every arm)"),
     "whole": "raw decoder output vs the input, every pixel",
 }
 # Region names of eval files written before the renaming (format eval-v1): old name -> current name.
 LEGACY_REGIONS = {"paper": "composite"}
 FACE_THRESHOLD = 0.5
+ALPHA_MEASURES = ("face", "background")  # mean alpha of `composite` on GT face / background pixels, per image
 
 
 class MetricSuite:
@@ -547,14 +556,39 @@ class MetricSuite:
             # The input's LPIPS features serve both comparisons (raw output and composite).
             taps = self.lpips.unit_taps(image) if min(image.shape[-2:]) >= LPIPS_MIN_SIZE else None
             whole, face_scores = self.compute(recon_raw, image, [None, face], taps)
-            comp = composite(recon_raw, image, composite_alpha(gt_mask, mask_pred, mask_mode))
+            alpha = composite_alpha(gt_mask, mask_pred, mask_mode)
+            comp = composite(recon_raw, image, alpha)
             composite_all, composite_face = self.compute(comp, image, [None, face], taps)
-        return {"face": face_scores, "composite-face": composite_face, "composite": composite_all, "whole": whole}
+            if uses_predicted_alpha(mask_pred, mask_mode):
+                gt_all, gt_face = self.compute(composite(recon_raw, image, face), image, [None, face], taps)
+            else:  # the method's own alpha is the binary GT mask already: the same image, the same scores
+                gt_all, gt_face = composite_all, composite_face
+        return {"face": face_scores, "composite-face": composite_face, "composite": composite_all,
+                "composite-gt-face": gt_face, "composite-gt": gt_all, "whole": whole}
+
+
+def uses_predicted_alpha(mask_pred: torch.Tensor | None, mask_mode: str) -> bool:
+    """Whether `composite` pastes this model's output through its own predicted mask (mask+decoder models)."""
+    return mask_mode == "mask+decoder" and mask_pred is not None
+
+
+def gt_alpha(gt_mask: torch.Tensor) -> torch.Tensor:
+    """The binary GT mask (>= FACE_THRESHOLD): `composite-gt`'s alpha for every model."""
+    return (gt_mask.float() >= FACE_THRESHOLD).float()
 
 
 def composite_alpha(gt_mask: torch.Tensor, mask_pred: torch.Tensor | None, mask_mode: str) -> torch.Tensor:
-    """The mask an output is pasted through (model.composite): the predicted soft mask for mask+decoder models, as
-    the authors' testing code, or the binary GT mask for models that cannot predict one."""
-    if mask_mode == "mask+decoder" and mask_pred is not None:
+    """The mask an output is pasted through in `composite` (model.composite): the predicted soft mask for
+    mask+decoder models, as the authors' testing code, or the binary GT mask for models that cannot predict one."""
+    if uses_predicted_alpha(mask_pred, mask_mode):
         return mask_pred.float()
-    return (gt_mask.float() >= FACE_THRESHOLD).float()
+    return gt_alpha(gt_mask)
+
+
+def alpha_coverage(alpha: torch.Tensor, gt_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{face, background}: [B] mean alpha on GT face pixels and on the other pixels (NaN where an image has none).
+    On face pixels 1 − alpha is the share of the input that shows through the composite there."""
+    face = gt_alpha(gt_mask)
+    alpha = alpha.float()
+    return {"face": (alpha * face).sum(dim=(1, 2, 3)) / face.sum(dim=(1, 2, 3)),
+            "background": (alpha * (1 - face)).sum(dim=(1, 2, 3)) / (1 - face).sum(dim=(1, 2, 3))}

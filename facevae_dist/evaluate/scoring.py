@@ -2,9 +2,11 @@
 
 The model is a run directory's checkpoint (`facevae train`) or an exported model directory (`facevae export`:
 model.safetensors + config.json [+ export.json]), so models handed over without their run can be scored too.
-Per image and per region (metrics.REGIONS: face, composite-face, composite, whole) every metric of
-metrics.METRICS is computed; the output holds the mean and a 95% percentile-bootstrap interval of each, the number
-of images, the checkpoint step, the training seed and every metric setting. Per-image values go to
+Per image and per region (metrics.REGIONS: face, composite-face, composite, composite-gt-face, composite-gt,
+whole) every metric of metrics.METRICS is computed, with the skin colour and hair measures of appearance.py on the
+regions of the label maps the shards hold (data/labels.py) and the mean alpha of the composite; the output holds
+the mean and a 95% percentile-bootstrap interval of each, the number of images, the checkpoint step, the training
+seed and every metric setting. Per-image values go to
 eval/per_image.csv by sample key (paired comparisons between runs: `facevae report`) and a few fixed test images
 with their reconstructions to eval/examples.safetensors (the report's visual comparison: the same images, by key,
 through every run). metrics.json is written last and records the sha256 of the two files beside it ("files"):
@@ -23,6 +25,7 @@ import io
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,16 +34,19 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save as save_safetensors
 
+from facevae_dist.data.labels import ShardLabels
 from facevae_dist.data.loader import ShardLoader, read_manifest, read_sizes, to_float
 from facevae_dist.devices import resolve_device
 from facevae_dist.errors import DataError, FaceVAEError, UsageError
 from facevae_dist.evaluate import appearance
 from facevae_dist.evaluate.metrics import (
+    ALPHA_MEASURES,
     LEGACY_REGIONS,
     METRICS,
     REGIONS,
     MetricSettings,
     MetricSuite,
+    alpha_coverage,
     composite_alpha,
     load_lpips,
 )
@@ -59,6 +65,7 @@ FORMAT = "facevae-dist/eval-v2"
 LEGACY_FORMATS = ("facevae-dist/eval-v1",)  # region `paper` (now `composite`), no `composite-face`, no seed
 N_EXAMPLES = 8
 APPEARANCE = "appearance"  # per-image colour and hair measures (appearance.py): not a region, a block of its own
+ALPHA = "alpha"  # per-image mean alpha of `composite` on face and background pixels: a block of its own
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,10 +152,19 @@ def _settings(scorer: _Scorer, image_size: int, bootstrap: int, seed: int) -> di
 
 
 def _appearance_block(scorer: _Scorer, measures: dict) -> dict:
-    """The colour and hair measures (C9, C10) with their definitions and where the hair labels came from."""
+    """The colour and hair measures (C9, C10) with their definitions and where their regions came from."""
     return {"measures": measures, "definitions": dict(appearance.DEFINITIONS),
-            "region": "raw decoder output, GT face pixels (hair: hair pixels of the label map)",
-            "hair_labels": scorer.hair_masks.why_not or "re-rendered by the synthetic generator"}
+            "region": (f"raw decoder output; skin: label 'skin' eroded by {appearance.SKIN_ERODE_PX} px; hair "
+                       f"interior: label 'hair' eroded by {appearance.HAIR_ERODE_PX} px"),
+            "label_maps": scorer.labels.why_not or "labels.png of each sample of the shards",
+            "hair_texture_floor": appearance.HAIR_TEXTURE_FLOOR, "jnd_delta_e": appearance.JND_DELTA_E}
+
+
+def _alpha_block(mask_mode: str, measures: dict) -> dict:
+    """Which mask each composite pastes this model's output through, and the mean alpha of `composite`."""
+    own = "the predicted soft mask" if mask_mode == "mask+decoder" else "the binary GT mask"
+    return {"composite": own, "composite-gt": "the binary GT mask", "measures": measures,
+            "definitions": {m: f"mean alpha of `composite` on ground-truth {m} pixels" for m in ALPHA_MEASURES}}
 
 
 def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: str = "test",
@@ -167,7 +183,7 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
     model, facts = load_scored_model(run_dir, which, dev)
     shards_dir, manifest, n_split = _matching_shards(run_dir, shards_dir, facts, split, model.cfg.image_size)
     scorer = _Scorer(model, MetricSuite(load_lpips(lpips_weights, device=dev), MetricSettings()),
-                     appearance.HairMasks(shards_dir, manifest, split), dev, n_examples)
+                     ShardLabels(shards_dir, manifest, split), dev, n_examples)
 
     rank, world, we_init = join_process_group(dev)
     try:
@@ -189,7 +205,7 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
     ordered, values, examples, corrupt, dropped = _merge(gathered, limit)
     if not ordered:
         raise DataError(f"split {split!r} of {shards_dir}: the loader yielded no images")
-    metrics = {r: {} for r in (*REGIONS, APPEARANCE)}
+    metrics = {r: {} for r in (*REGIONS, APPEARANCE, ALPHA)}
     for col, summary in zip(COLUMNS, image_summary(values, resamples=bootstrap, seed=seed)):
         region, metric = col.split(".")
         metrics[region][metric] = summary
@@ -219,6 +235,7 @@ def evaluate(run_dir: str | Path, shards_dir: str | Path | None = None, split: s
         "regions": dict(REGIONS),
         "metrics": {r: metrics[r] for r in REGIONS},
         APPEARANCE: _appearance_block(scorer, metrics[APPEARANCE]),
+        ALPHA: _alpha_block(model.cfg.mask_mode, metrics[ALPHA]),
         "examples": {"file": EXAMPLES_FILE, "keys": example_keys},
         "seconds": round(seconds, 3),
         "images_per_s": round(len(ordered) / seconds, 2) if seconds > 0 else None,
@@ -252,8 +269,9 @@ def _matching_shards(run_dir: Path, shards_dir, facts: dict, split: str, image_s
     return shards_dir, manifest, n_split
 
 
-# The per-image score columns: every metric in every region, then the appearance measures.
-COLUMNS = [f"{r}.{m}" for r in REGIONS for m in METRICS] + [f"{APPEARANCE}.{m}" for m in appearance.MEASURES]
+# The per-image score columns: every metric in every region, then the appearance measures and the alpha.
+COLUMNS = ([f"{r}.{m}" for r in REGIONS for m in METRICS] + [f"{APPEARANCE}.{m}" for m in appearance.MEASURES]
+           + [f"{ALPHA}.{m}" for m in ALPHA_MEASURES])
 
 
 @dataclass
@@ -261,7 +279,7 @@ class _Scorer:
     """Scores this rank's part of a split batch by batch: one row of COLUMNS per image, a few kept examples."""
     model: torch.nn.Module
     suite: MetricSuite
-    hair_masks: appearance.HairMasks
+    labels: ShardLabels
     device: torch.device
     n_examples: int
 
@@ -285,9 +303,11 @@ class _Scorer:
                     image, mask, batch_keys = image[:keep], mask[:keep], batch_keys[:keep]
                 rec = self.model.reconstruct(image, mask if mode == "mask" else None)
                 scores = self.suite.score_regions(image, mask, rec.recon_raw, rec.mask_pred, mode)
-                looks = appearance.score(rec.recon_raw, image, mask, self.hair_masks.batch(batch_keys, self.device))
+                looks = appearance.score(rec.recon_raw, image, *self._labels(batch_keys, corrupt))
+                alpha = alpha_coverage(composite_alpha(mask, rec.mask_pred, mode), mask)
                 rows.append(torch.stack([scores[r][m] for r in REGIONS for m in METRICS]
-                                        + [looks[m] for m in appearance.MEASURES], 1).cpu().numpy())
+                                        + [looks[m] for m in appearance.MEASURES]
+                                        + [alpha[m] for m in ALPHA_MEASURES], 1).cpu().numpy())
                 keys += batch_keys
                 _keep_examples(examples, batch_keys, image, mask, rec, mode, self.n_examples)
                 progress.advance(task, len(batch_keys) * world)
@@ -295,6 +315,18 @@ class _Scorer:
                     break
         values = np.concatenate(rows) if rows else np.zeros((0, len(COLUMNS)))
         return keys, values, examples, corrupt, loader.dropped_samples
+
+    def _labels(self, keys: list[str], corrupt: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The batch's label maps from the shards (None, None where they hold none); an unreadable labels.png is
+        reported with the corrupt samples (its image is scored, its appearance measures are NaN)."""
+        if self.labels.why_not is not None:
+            return None, None
+        seen = len(self.labels.corrupt)
+        labels, have = self.labels.batch(keys)
+        for item in self.labels.corrupt[seen:]:
+            warnings.warn(f"unreadable label map, the image scored without its appearance measures: {item}")
+            corrupt.append(f"{item}: appearance measures left undefined")
+        return torch.from_numpy(labels).to(self.device), torch.from_numpy(have).to(self.device)
 
 
 def _merge(gathered: list[tuple], limit: int | None) -> tuple:

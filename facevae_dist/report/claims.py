@@ -1,4 +1,4 @@
-"""The paper's testable claims (reference/paper.md §5, C1-C8) checked against evaluated runs.
+"""The paper's testable claims (docs/paper.md, C1-C12) checked against evaluated runs.
 
 Each claim is a set of directional comparisons "run A is better (lower) than run B on metric m", split into parts
 that need different runs (C1: one part per loss). A comparison is judged on the paired per-image difference A - B
@@ -13,12 +13,19 @@ an arm has fewer than 3 seeds). Per claim and region, over all its tested compar
 - inconclusive: otherwise; "inconclusive (one seed)" where an arm has one seed and no pooled variance stands in
   for the seed spread (no interval, never a verdict).
 Verdicts are given on the `face` region (raw output, face pixels: what the model itself reconstructs) and, beside
-it, on `composite`.
+it, on `composite`; C1, the mask's own claim, also on `composite-gt`, where every arm is pasted through the same
+binary GT mask, so that the mask's effect on the drawn face is told apart from the input its predicted soft mask
+lets through on `composite`.
 
-The claims the paper makes in words are made measurable and judged by the same rules:
-- C9 (SSIM alone shifts colour; adding l1/l2 fixes it): SSIM+l1 and SSIM+l2 have a smaller mean colour cast on face
-  pixels than SSIM alone (appearance.py `colour_shift`), with and without the mask.
-- C10 (mask models give sharper hair): for every loss the mask variant's hair blur (1 − `hair_sharpness`) is lower.
+The claims the paper makes in words are made measurable and judged by the same rules (appearance.py):
+- C9 (SSIM alone shifts skin colour toward magenta/red; adding l1/l2 fixes it), with and without the mask: the shift,
+  SSIM alone's mean signed a* difference on skin pixels is above 0 (its interval excludes 0), and its repair, that of
+  SSIM+l1 and of SSIM+l2 is lower than SSIM alone's (paired per image, excluding 0). Sizes are shown against a
+  just-noticeable difference (CIE76 ΔE 2.3).
+- C10 (mask models give sharper hair): for every loss the mask variant keeps more of the input's hair-interior detail
+  (appearance.py `hair_detail`; judged as 1 − detail, lower is better), on the images whose hair interior has texture
+  (`hair_texture` at or above the floor). Where fewer than half the images with a hair interior have any, the claim
+  is "not testable on this data", with the numbers, never a verdict.
 - C12 (the mask matters more for l1/l2 than for SSIM): the paired mask effect of l1 and of l2 minus that of SSIM
   (a difference of paired differences) is negative on every metric.
 - C11 (no mask needed at inference) is a property of the method, shown rather than tested.
@@ -26,20 +33,27 @@ The claims the paper makes in words are made measurable and judged by the same r
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
+from facevae_dist.evaluate.appearance import HAIR_TEXTURE_FLOOR, JND_DELTA_E
 from facevae_dist.report.paper import paper_result
 from facevae_dist.report.results import COLUMN_KEYS, Group
-from facevae_dist.stats import POOL_BELOW, Interval, Pooled, difference_of_differences, holm, paired_differences, pool
+from facevae_dist.stats import (POOL_BELOW, Interval, Pooled, difference_of_differences, group_intervals, holm,
+                                paired_differences, pool)
 
 N, M = "none", "mask+decoder"
 LOSSES = ("l1", "l2", "ssim", "ssim+l1", "ssim+l2")
 PERCEPTUAL = ("1-ssim", "1-ms-ssim", "lpips", "1-vif")
 PRIMARY_REGION = "face"
 OTHER_REGIONS = ("composite",)
+C1_REGIONS = ("composite", "composite-gt")  # the method's own composite and every arm through the GT mask
 ONE_SEED = "inconclusive (one seed)"
+NOT_TESTABLE = "not testable on this data"
+UNTESTED = ("not tested", NOT_TESTABLE)
+MIN_TEXTURED_SHARE = 0.5  # C10: at least this share of the images with a hair interior must have hair texture
 METHOD_NOTE = (
     f"Seed variance: a hypothesis with fewer than {POOL_BELOW} seeds takes the one pooled over every hypothesis of "
     "the report (per metric and region), one with more its own (Welch). Pooling is what makes two seeds informative "
@@ -70,6 +84,7 @@ class Claim:
     id: str
     text: str
     parts: tuple[Part, ...]
+    regions: tuple[str, ...] = OTHER_REGIONS  # judged beside PRIMARY_REGION
 
 
 def _all(better, worse, metrics=COLUMN_KEYS, kind="better"):
@@ -96,7 +111,7 @@ def _claims() -> tuple[Claim, ...]:
           Part("without mask", _all(("ssim+l1", N), ("ssim+l2", N))))
     return (
         Claim("C1", "For l1, l2, SSIM+l1 and SSIM+l2, the mask variant beats the no-mask variant on all six "
-              "metrics.", c1),
+              "metrics.", c1, C1_REGIONS),
         Claim("C2", "For SSIM alone, no-mask is better on 1−SSIM and 1−MS-SSIM; the mask variant is better on "
               "LPIPS, 1−VIF, l1 and l2.", c2),
         Claim("C3", "SSIM+l2 with mask (H9) is best of all ten runs on every metric.", c3),
@@ -114,14 +129,17 @@ def _claims() -> tuple[Claim, ...]:
 
 CLAIMS = _claims()
 
-# The claims the paper makes in words (paper.md §5), and how each is made measurable here.
+# The claims the paper makes in words (docs/paper.md), and how each is made measurable here.
 WORDED_CLAIMS = {
     "C9": ("SSIM-only training shifts skin colour (toward magenta/red); adding l1 or l2 to SSIM fixes it.",
-           "colour cast on face pixels: sqrt(da² + db²) of the mean CIELAB a*/b* difference, reconstruction − "
-           "input (appearance.py)"),
+           "the mean signed CIELAB a* difference, reconstruction − input, on skin pixels of the shards' label maps "
+           "(appearance.py `skin_da`; + is toward red/magenta): SSIM alone's above 0 (the shift), SSIM+l1's and "
+           "SSIM+l2's below SSIM alone's (the repair), paired per image"),
     "C10": ("Mask models give sharper hair.",
-            "hair blur = 1 − hair sharpness, the Laplacian energy of the reconstruction's luma on hair pixels over "
-            "the input's (appearance.py); lower is sharper"),
+            "hair detail lost = 1 − hair detail, where hair detail is <Lin, Lrec> / max(|Lin|², |Lrec|²) of the "
+            "Laplacian of luma on hair-interior pixels (the label map's hair eroded from its outline; appearance.py "
+            "`hair_detail`: 1 = the input's detail in phase, blur and noise score low), on images whose hair "
+            "interior has texture; lower is sharper"),
     "C11": ("The mask decoder lets the model composite its output at test time with no mask input.",
             "a property of the method, shown rather than tested"),
     "C12": ("The mask matters more for the l_n losses than for SSIM (SSIM is less sensitive to the background).",
@@ -228,7 +246,7 @@ def check_claims(groups: list[Group], keys: list[str], *, pooled: dict[str, Pool
             out.append(entry)
             continue
         per_region = {}
-        for region in (PRIMARY_REGION, *OTHER_REGIONS):
+        for region in (PRIMARY_REGION, *claim.regions):
             if region not in regions_all:
                 continue
             comps = _judged([_record(part.label, c, diffs.get(c.better, c.worse, region)[c.metric], _paper_diff(c))
@@ -261,6 +279,12 @@ def _not_tested(cid: str, needs: str) -> dict:
     return {"id": cid, "claim": text, "measure": measure, "verdict": "not tested", "region": None, "needs": needs}
 
 
+def _not_testable(cid: str, reason: str) -> dict:
+    """The runs are there, but their test images cannot show what the claim is about (e.g. hair without texture)."""
+    text, measure = WORDED_CLAIMS[cid]
+    return {"id": cid, "claim": text, "measure": measure, "verdict": NOT_TESTABLE, "region": None, "reason": reason}
+
+
 def _missing(by: dict, needed: list[tuple[str, str]]) -> list[str]:
     return [_name(h) for h in needed if h not in by]
 
@@ -269,42 +293,91 @@ def _appearance_pooled(by: dict, keys: list[str], measure: str, transform=lambda
     return pool([transform(g.appearance(keys, (measure,))) for g in by.values() if g.has_appearance()])
 
 
+def _no_region_reason(by: dict, what: str) -> str:
+    """Why no image has a `what` region: what eval recorded about the shards' label maps where it found none."""
+    for g in by.values():
+        for run in g.runs:
+            why = (run.ev.get("appearance") or {}).get("label_maps") or ""
+            if why.startswith(("these shards", "no sample")):
+                return why
+    return f"no test image has enough {what} pixels in its label map (appearance.py)"
+
+
+C9_REPAIRS = ("ssim+l1", "ssim+l2")
+SHIFT = ("skin_dl", "skin_da", "skin_db")
+
+
 def _c9(by, keys) -> dict:
-    needed = [(loss, mode) for mode in APPEARANCE_MODES for loss in ("ssim", "ssim+l1", "ssim+l2")]
+    needed = [(loss, mode) for mode in APPEARANCE_MODES for loss in ("ssim", *C9_REPAIRS)]
     missing = _missing(by, needed)
     if missing:
         return _not_tested("C9", f"runs of {', '.join(missing)} (evaluated on the same test images)")
     if not all(by[h].has_appearance() for h in needed):
-        return _not_tested("C9", "colour measures: re-run `facevae eval` on these runs (older evals lack them)")
-    pooled = _appearance_pooled(by, keys, "colour_shift")
+        return _not_tested("C9", "skin colour measures: re-run `facevae eval` on these runs (older evals lack them)")
+    da = {h: by[h].appearance(keys, ("skin_da",)) for h in needed}
+    if all(np.isnan(v).all() for v in da.values()):
+        return _not_testable("C9", _no_region_reason(by, "skin"))
+    pooled = _appearance_pooled(by, keys, "skin_da")
     comps = []
     for mode in APPEARANCE_MODES:
-        ssim = by[("ssim", mode)].appearance(keys, ("colour_shift",))
-        for loss in ("ssim+l1", "ssim+l2"):
-            d = paired_differences(ssim, by[(loss, mode)].appearance(keys, ("colour_shift",)), pooled=pooled)[0]
-            c = Comparison((loss, mode), ("ssim", mode), "colour cast")
-            comps.append(_record("with mask" if mode == M else "without mask", c, d, None))
-    return _worded("C9", "face", _judged(comps), "SSIM+l1 and SSIM+l2 against SSIM, with and without the mask")
+        part = "with mask" if mode == M else "without mask"
+        ssim = da[("ssim", mode)]
+        # the shift: 0 − SSIM alone's Δa*, below 0 (supported) when SSIM alone moves skin toward red/magenta
+        shift = group_intervals(-ssim, pooled=pooled)[0]
+        comps.append(_record(part, Comparison(("ssim", mode), ("ssim", mode), "skin Δa*"), shift, None,
+                             better="no shift (Δa* = 0)", worse=f"{_name(('ssim', mode))}: Δa*"))
+        for loss in C9_REPAIRS:  # the repair: Δa* with l1/l2 added minus SSIM alone's, paired per image
+            d = paired_differences(ssim, da[(loss, mode)], pooled=pooled)[0]
+            comps.append(_record(part, Comparison((loss, mode), ("ssim", mode), "skin Δa*"), d, None))
+    entry = _worded("C9", "skin", _judged(comps), "the shift of SSIM alone and its repair by SSIM+l1 and SSIM+l2, "
+                    "with and without the mask")
+    entry["sizes"] = [_shift_size(by[h], keys) for h in needed]
+    return entry
+
+
+def _shift_size(g: Group, keys: list[str]) -> dict:
+    """One hypothesis's mean skin shift (over seeds of the per-seed image mean) and its CIE76 size beside a
+    just-noticeable difference."""
+    v = g.appearance(keys, SHIFT)  # [k, n, 3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a seed without any skin pixel: NaN, said as n/a
+        dl, da, db = (float(x) for x in np.nanmean(v, axis=1).mean(axis=0))
+    delta_e = float(np.sqrt(dl * dl + da * da + db * db))
+    return {"hypothesis": _name((g.loss, g.mask_mode)), "dl": dl, "da": da, "db": db, "delta_e": delta_e,
+            "jnd": JND_DELTA_E, "visible": bool(delta_e >= JND_DELTA_E)}
 
 
 def _c10(by, keys) -> dict:
     losses = [loss for loss in LOSSES if (loss, N) in by and (loss, M) in by]
     if not losses:
         return _not_tested("C10", "a loss run both without and with the mask (evaluated on the same test images)")
-    if not all(by[(loss, m)].has_appearance() for loss in losses for m in (N, M)):
+    arms = [(loss, m) for loss in losses for m in (N, M)]
+    if not all(by[h].has_appearance() for h in arms):
         return _not_tested("C10", "hair measures: re-run `facevae eval` on these runs (older evals lack them)")
-    blur = {h: 1.0 - by[h].appearance(keys, ("hair_sharpness",)) for loss in losses for h in ((loss, N), (loss, M))}
-    if all(np.isnan(v).all() for v in blur.values()):
-        return _not_tested("C10", "hair labels: the shards' source has no label maps (only synthetic shards carry "
-                                  "them through to evaluation)")
-    pooled = _appearance_pooled(by, keys, "hair_sharpness", lambda v: 1.0 - v)
+    texture = by[arms[0]].appearance(keys, ("hair_texture",))[0, :, 0]  # the input's: the same in every run
+    interior = ~np.isnan(texture)
+    if not interior.any():
+        return _not_testable("C10", _no_region_reason(by, "hair-interior"))
+    textured = interior & (texture >= HAIR_TEXTURE_FLOOR)
+    if textured.sum() < MIN_TEXTURED_SHARE * interior.sum():
+        return _not_testable("C10", (
+            f"the inputs' hair has no interior texture to keep: its RMS Laplacian of luma is below the floor "
+            f"{HAIR_TEXTURE_FLOOR} in {int(interior.sum() - textured.sum())} of the {int(interior.sum())} test "
+            f"images with a hair interior (median {float(np.median(texture[interior])):.4f}); a verdict needs "
+            f"texture in at least {MIN_TEXTURED_SHARE:.0%} of them"))
+
+    def lost(g: Group) -> np.ndarray:  # 1 − hair detail on the images with hair texture, NaN on the others
+        return np.where(textured[None, :, None], 1.0 - g.appearance(keys, ("hair_detail",)), np.nan)
+
+    pooled = pool([lost(g) for g in by.values() if g.has_appearance()])
     comps = []
     for loss in losses:
-        d = paired_differences(blur[(loss, N)], blur[(loss, M)], pooled=pooled)[0]
-        comps.append(_record(f"loss {loss}", Comparison((loss, M), (loss, N), "hair blur"), d, None))
+        d = paired_differences(lost(by[(loss, N)]), lost(by[(loss, M)]), pooled=pooled)[0]
+        comps.append(_record(f"loss {loss}", Comparison((loss, M), (loss, N), "hair detail lost"), d, None))
     skipped = [loss for loss in LOSSES if loss not in losses]
     scope = "every loss" if not skipped else f"losses {', '.join(losses)} (not run both ways: {', '.join(skipped)})"
-    return _worded("C10", "hair", _judged(comps), scope)
+    return _worded("C10", "hair interior", _judged(comps),
+                   f"{scope}; the {int(textured.sum())} of {len(keys)} images whose hair interior has texture")
 
 
 def _c12(diffs: _Differences, regions) -> dict:
@@ -360,13 +433,15 @@ def claims_markdown(claims: list[dict], n_images: int, seeds_note: str) -> str:
              "excludes 0 the other way after a Holm correction over the claim's comparisons (p-values from the same "
              "t), **inconclusive** otherwise; an \"equal or better\" comparison (≤) counts only when clearly worse. "
              "Verdicts are judged on the `face` region (raw output, face pixels); the `composite` verdict is given "
-             "beside it.", "",
-             "| Claim | Verdict (face) | Verdict (composite) | Scope / what is needed |", "|---|---|---|---|"]
+             "beside it, and for C1 the `composite-gt` one (every arm pasted through the same binary GT mask, so the "
+             "input a predicted soft mask lets through counts for no arm).", "",
+             "| Claim | Verdict (face) | Verdict (composite) | Verdict (composite-gt) | Scope / what is needed |",
+             "|---|---|---|---|---|"]
     for c in claims:
-        comp = c.get("other_regions", {}).get("composite", {}).get("verdict", "—")
+        comp, gt = (c.get("other_regions", {}).get(r, {}).get("verdict", "—") for r in C1_REGIONS)
         region = f" ({c['region']} pixels)" if c.get("region") not in (None, PRIMARY_REGION) else ""
-        lines.append(f"| {c['id']} | **{c['verdict']}**{region} | {comp} | "
-                     f"{c.get('scope') or c.get('needs') or c.get('note')} |")
+        lines.append(f"| {c['id']} | **{c['verdict']}**{region} | {comp} | {gt} | "
+                     f"{c.get('scope') or c.get('needs') or c.get('reason') or c.get('note')} |")
     lines.append("")
     for c in claims:
         lines += [f"## {c['id']}: {c['verdict']}", "", c["claim"], ""]
@@ -375,22 +450,35 @@ def claims_markdown(claims: list[dict], n_images: int, seeds_note: str) -> str:
         if c["verdict"] == "not tested":
             lines += [f"Not tested: needs {c['needs']}", ""]
             continue
+        if c["verdict"] == NOT_TESTABLE:
+            lines += [f"Not testable on this data: {c['reason']}.", ""]
+            continue
         if "comparisons" not in c:
             lines += [c["note"], ""]
             continue
-        lines += [f"Scope: {c['scope']}; judged on `{c['region']}` pixels.", "",
-                  "| Part | Better | Worse | Metric | face: diff [95% CI] p | per seed | composite: diff [95% CI] p | "
-                  "paper diff | result (face / composite) |", "|---|---|---|---|---:|---:|---:|---:|---|"]
-        other = c.get("other_regions", {}).get("composite", {}).get("comparisons", [])
+        others = list(c.get("other_regions", {}))
+        primary = c["region"]
+        lines += [f"Scope: {c['scope']}; judged on `{primary}` pixels.", "",
+                  f"| Part | Better | Worse | Metric | {primary}: diff [95% CI] p | per seed | "
+                  + "".join(f"{r}: diff [95% CI] p | " for r in others)
+                  + f"paper diff | result ({' / '.join([primary, *others])}) |",
+                  "|---|---|---|---|---:|---:|" + "---:|" * len(others) + "---:|---|"]
         for i, x in enumerate(c["comparisons"]):
-            o = other[i] if i < len(other) else None
+            os_ = [(c["other_regions"][r]["comparisons"] + [None] * (i + 1))[i] for r in others]
             kind = " (≤)" if x["kind"] == "no_worse" else ""
             paper = "n/a" if x["paper_difference"] is None else f"{x['paper_difference']:+.3f}"
             seeds = ", ".join(f"{v:+.4f}" for v in x["per_seed"]) or "—"
             lines.append(f"| {x['part']} | {x['better']} | {x['worse']} | {x['metric']}{kind} | {_fmt_ci(x)} | "
-                         f"{seeds} | {_fmt_ci(o) if o else '—'} | {paper} | {x['result']} / "
-                         f"{o['result'] if o else '—'} |")
+                         f"{seeds} | " + "".join(f"{_fmt_ci(o) if o else '—'} | " for o in os_) + f"{paper} | "
+                         + " / ".join([x["result"], *(o["result"] if o else "—" for o in os_)]) + " |")
         lines.append("")
+        if c.get("sizes"):
+            lines += [f"Mean skin shift per hypothesis (reconstruction − input, CIELAB; ΔE = the size of the mean "
+                      f"shift, visible from about {JND_DELTA_E}):", "",
+                      "| Hypothesis | ΔL* | Δa* (+ red/magenta) | Δb* (+ yellow) | ΔE of the mean shift |",
+                      "|---|---:|---:|---:|---:|"]
+            lines += [f"| {z['hypothesis']} | {z['dl']:+.2f} | {z['da']:+.2f} | {z['db']:+.2f} | {z['delta_e']:.2f}"
+                      f"{' (visible)' if z['visible'] else ''} |" for z in c["sizes"]] + [""]
     return "\n".join(lines)
 
 
@@ -401,7 +489,8 @@ def summary_lines(claims: list[dict]) -> list[str]:
         if "comparisons" not in c:
             continue
         nums = "; ".join(f"{x['metric']} {_fmt_ci(x)}" for x in c["comparisons"][:6])
-        comp = c.get("other_regions", {}).get("composite", {}).get("verdict")
+        comp, gt = (c.get("other_regions", {}).get(r, {}).get("verdict") for r in C1_REGIONS)
         out.append(f"{c['id']} {c['verdict'].upper()} on {c['region']} pixels"
-                   + (f" ({comp} on the composite)" if comp else "") + f" [{c['scope']}]: {nums}")
+                   + (f" ({comp} on the composite" + (f", {gt} on the GT-mask composite" if gt else "") + ")"
+                      if comp else "") + f" [{c['scope']}]: {nums}")
     return out

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from facevae_dist.evaluate.appearance import JND_DELTA_E
 from facevae_dist.evaluate.scoring import load_examples
 from facevae_dist.fileio import atomic_write_bytes
 from facevae_dist.hypotheses import LOSS_LABELS, LOSS_ORDER, MODE_LABELS, MODE_ORDER, in_order
@@ -17,7 +18,8 @@ from facevae_dist.report.results import COLUMNS
 from facevae_dist.report.tables import REGION_TITLES, Aggregate
 
 MODE_COLORS = {"none": "#E07B54", "mask": "#9DA9B5", "mask+decoder": "#2F7F8C"}
-REGION_COLORS = {"face": "#2F7F8C", "composite-face": "#7FB7BE", "composite": "#E07B54", "whole": "#8C6BB1"}
+REGION_COLORS = {"face": "#2F7F8C", "composite-face": "#7FB7BE", "composite": "#E07B54", "composite-gt-face": "#D9B26F",
+                 "composite-gt": "#B5651D", "whole": "#8C6BB1"}
 PAPER_MARKER_LABEL = "paper (CelebA, protocol unknown)"
 
 
@@ -67,7 +69,7 @@ def mask_effect_figure(agg: Aggregate, path: Path) -> bool:
     from matplotlib.lines import Line2D
 
     losses = list(agg.effects)
-    regions = [r for r in ("face", "composite-face", "composite") if r in agg.regions]
+    regions = [r for r in ("face", "composite-face", "composite", "composite-gt") if r in agg.regions]
     with plt.rc_context(figure_style()):
         fig, axes = plt.subplots(2, 3, figsize=(11.5, 6.6), constrained_layout=True)
         x = np.arange(len(losses))
@@ -158,19 +160,19 @@ def bar_chart(agg: Aggregate, region: str, path: Path) -> None:
 
 
 def appearance_figure(agg: Aggregate, path: Path) -> bool:
-    """Colour cast, signed a* shift and hair sharpness per hypothesis: bars grouped by loss, the mask variants side
-    by side, 95% intervals, the single seeds as dots."""
-    if not agg.looks:
-        return False
+    """Signed skin a* and b* shifts and hair detail per hypothesis: bars grouped by loss, the mask variants side by
+    side, 95% intervals, the single seeds as dots; the shifts beside ± a just-noticeable difference."""
+    if not any(iv.mean is not None for ivs in agg.looks.values() for iv in ivs.values()):
+        return False  # no label maps in the shards: nothing to draw
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
     groups = [g for g in agg.groups if g.hypothesis in agg.looks]
     losses = in_order((g.loss for g in groups), LOSS_ORDER)
     modes = [m for m in MODE_ORDER if any(g.mask_mode == m for g in groups)]
-    panels = (("colour_shift", "Colour cast on face pixels (CIELAB; lower: truer colour)"),
-              ("da", "Mean a* shift on face pixels (+: toward magenta/red)"),
-              ("hair_sharpness", "Hair sharpness (reconstruction / input; 1 = as sharp)"))
+    panels = (("skin_da", "Mean a* shift on skin (+: toward red/magenta)"),
+              ("skin_db", "Mean b* shift on skin (+: toward yellow)"),
+              ("hair_detail", "Hair-interior detail kept (1 = the input's; textured hair)"))
     with plt.rc_context(figure_style()):
         fig, axes = plt.subplots(1, 3, figsize=(12.5, 3.9), constrained_layout=True)
         width = min(0.8 / max(len(modes), 1), 0.3)
@@ -189,17 +191,20 @@ def appearance_figure(agg: Aggregate, path: Path) -> bool:
                            error_kw={"elinewidth": 0.8, "ecolor": "#222222"})
                     if iv.per_seed:
                         ax.plot([x[i] + off] * len(iv.per_seed), iv.per_seed, ".", color="#333333", markersize=3)
-            if measure == "hair_sharpness":
+            if measure == "hair_detail":
                 ax.axhline(1.0, color="#222222", linewidth=0.8, linestyle="--")
-            if measure == "da":
+            else:
                 ax.axhline(0.0, color="#222222", linewidth=0.8)
+                for jnd in (-JND_DELTA_E, JND_DELTA_E):  # about the smallest visible colour difference
+                    ax.axhline(jnd, color="#888888", linewidth=0.7, linestyle=":")
             ax.set_title(title, fontsize=9)
             ax.set_xticks(x, [loss_tick(l) for l in losses])
             ax.tick_params(axis="x", length=0)
         handles = [Patch(color=MODE_COLORS.get(m, "#777777"), label=f"mask: {MODE_LABELS.get(m, m)}") for m in modes]
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
-        fig.suptitle(f"Colour and hair (the paper's C9 and C10), raw output; n = {len(agg.keys)}, {agg.seeds_note}; "
-                     "bars: mean over seeds, 95% hierarchical bootstrap; dots: single seeds", fontsize=10)
+        fig.suptitle(f"Skin colour and hair (the paper's C9 and C10), raw output; n = {len(agg.keys)}, "
+                     f"{agg.seeds_note}; bars: mean over seeds, 95% seed-level t interval; dots: single seeds; "
+                     f"dotted: ±{JND_DELTA_E} (just noticeable)", fontsize=10)
         save_figure(fig, path)
     return True
 

@@ -62,12 +62,13 @@ class Group:
         return [r for r in REGIONS if all(f"{r}.ssim" in run.scores for run in self.runs)]
 
     def has_appearance(self) -> bool:
-        """Every run was scored with the colour and hair measures (appearance.py; evals before them lack them)."""
-        return all("appearance.colour_shift" in run.scores for run in self.runs)
+        """Every run was scored with the label-map colour and hair measures (appearance.py; older evals lack them,
+        or hold the measures they replaced)."""
+        return all("appearance.skin_da" in run.scores for run in self.runs)
 
     def appearance(self, keys: list[str], measures: tuple[str, ...]) -> np.ndarray:
         """[n_seeds, n_images, len(measures)] of appearance measures (appearance.MEASURES) on `keys`, as recorded
-        (signed; hair_sharpness is higher-is-sharper); NaN where a measure is undefined for an image."""
+        (signed shifts; hair_detail is higher-is-sharper); NaN where a measure is undefined for an image."""
         out = np.empty((len(self.runs), len(keys), len(measures)))
         for i, run in enumerate(self.runs):
             index = {k: j for j, k in enumerate(run.keys)}

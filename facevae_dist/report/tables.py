@@ -9,7 +9,10 @@ import math
 from pathlib import Path
 
 from facevae_dist.errors import UsageError
+import numpy as np
+
 from facevae_dist.evaluate.appearance import DEFINITIONS as APPEARANCE_DEFINITIONS
+from facevae_dist.evaluate.appearance import HAIR_TEXTURE_FLOOR, JND_DELTA_E
 from facevae_dist.evaluate.metrics import REGIONS
 from facevae_dist.hypotheses import LOSS_LABELS, LOSS_ORDER, MODE_LABELS
 from facevae_dist.progress import warn
@@ -22,12 +25,13 @@ REGION_TITLES = {
     "face": "Face pixels, raw decoder output",
     "composite-face": "Face pixels of the composite",
     "composite": "Composite: the output pasted onto the input's own background, every pixel",
+    "composite-gt-face": "Face pixels of the GT-mask composite",
+    "composite-gt": "GT-mask composite: every output pasted onto the input's background through the binary GT mask",
     "whole": "Whole image, raw decoder output",
 }
-# The appearance table's columns: (measure, header, digits)
-APPEARANCE_COLUMNS = (("da", "Δa* (+ magenta/red)", 2), ("db", "Δb* (+ yellow)", 2),
-                      ("colour_shift", "colour cast", 2), ("delta_e", "ΔE", 2),
-                      ("hair_sharpness", "hair sharpness (1 = input)", 3))
+# The appearance table's columns: (measure, header, digits); hair detail only on images whose hair has texture
+APPEARANCE_COLUMNS = (("skin_dl", "skin ΔL*", 2), ("skin_da", "skin Δa* (+ red/magenta)", 2),
+                      ("skin_db", "skin Δb* (+ yellow)", 2), ("hair_detail", "hair detail (1 = input)", 3))
 PROTOCOL_NOTE = (
     "(in brackets) = the paper's test-set value, shown beside every region because the paper never published which "
     "pixels it scored: its released SSIM+l1+mask checkpoint name implies a validation 1−SSIM of about 0.12 on "
@@ -127,12 +131,20 @@ class Aggregate:
         self.looks: dict[str, dict[str, Interval]] = {}
         measures = tuple(m for m, _, _ in APPEARANCE_COLUMNS)
         looks = [g for g in self.groups if g.has_appearance()]
-        pooled_looks = pool([g.appearance(self.keys, measures) for g in looks]) if looks else None
+        values = {g.hypothesis: self._appearance(g, measures) for g in looks}
+        pooled_looks = pool(list(values.values())) if looks else None
         for g in looks:
-            ivs = group_intervals(g.appearance(self.keys, measures), pooled=pooled_looks)
-            self.looks[g.hypothesis] = dict(zip(measures, ivs))
+            self.looks[g.hypothesis] = dict(zip(measures, group_intervals(values[g.hypothesis], pooled=pooled_looks)))
         self.claims = check_claims(self.groups, self.keys, pooled=self.pooled)
         self._paired: dict = {}
+
+    def _appearance(self, g: Group, measures: tuple[str, ...]) -> np.ndarray:
+        """[k, n, len(measures)]; hair detail NaN where the input's hair interior has no texture (as C10 judges)."""
+        v = g.appearance(self.keys, measures)
+        if "hair_detail" in measures:
+            texture = g.appearance(self.keys, ("hair_texture",))[..., 0]
+            v[..., measures.index("hair_detail")][~(texture >= HAIR_TEXTURE_FLOOR)] = np.nan
+        return v
 
     def difference(self, better: str, other: str, region: str) -> dict[str, Interval]:
         """better − other, paired per image, every column (cached)."""
@@ -224,16 +236,56 @@ def appearance_table(agg: Aggregate) -> str | None:
     """Per hypothesis: the colour and hair measures on the raw output (mean over seeds [95% interval])."""
     if not agg.looks:
         return None
-    lines = ["| Loss | Mask | seeds | " + " | ".join(h for _, h, _ in APPEARANCE_COLUMNS) + " |",
-             "|---|---|---|" + "---:|" * len(APPEARANCE_COLUMNS)]
+    lines = ["| Loss | Mask | seeds | " + " | ".join(h for _, h, _ in APPEARANCE_COLUMNS) + " | ΔE of the mean shift |",
+             "|---|---|---|" + "---:|" * (len(APPEARANCE_COLUMNS) + 1)]
     for g in agg.groups:
         if g.hypothesis not in agg.looks:
             continue
         ivs = agg.looks[g.hypothesis]
         cells = [LOSS_LABELS.get(g.loss, g.loss), MODE_LABELS.get(g.mask_mode, g.mask_mode), _seeds_text(g)]
-        cells += [_ci(ivs[m], digits, signed=m in ("da", "db")) for m, _, digits in APPEARANCE_COLUMNS]
+        cells += [_ci(ivs[m], digits, signed=m.startswith("skin_")) for m, _, digits in APPEARANCE_COLUMNS]
+        shift = [ivs[m].mean for m in ("skin_dl", "skin_da", "skin_db")]
+        cells.append("n/a" if None in shift else f"{math.sqrt(sum(v * v for v in shift)):.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def alpha_note(agg: Aggregate, region: str) -> str | None:
+    """The line under a composite table: which mask each arm's output is pasted through, and for predicted masks
+    their mean alpha on face and background pixels (1 − alpha on face pixels: the input showing through)."""
+    if region in ("composite-gt", "composite-gt-face"):
+        return "Alpha: the binary GT mask (>= 0.5), for every arm alike."
+    if region not in ("composite", "composite-face"):
+        return None
+    gt, soft = [], []
+    for g in agg.groups:
+        if g.mask_mode != "mask+decoder":
+            gt.append(g.hypothesis)
+            continue
+        cover = [np.nanmean(r.scores[f"alpha.{m}"]) for r in g.runs for m in ("face", "background")
+                 if f"alpha.{m}" in r.scores]
+        soft.append(g.hypothesis + (f" (mean {np.mean(cover[0::2]):.2f} on face pixels, {np.mean(cover[1::2]):.2f} on "
+                                    "the background)" if len(cover) == 2 * len(g.runs) else ""))
+    parts = ([f"the binary GT mask for {', '.join(gt)}"] if gt else []) + (
+        [f"its own predicted soft mask for {', '.join(soft)}"] if soft else [])
+    return "Alpha: " + "; ".join(parts) + (". `composite-gt` pastes every arm through the GT mask instead."
+                                           if soft else ".")
+
+
+def appearance_regions_note(agg: Aggregate) -> str:
+    """How many pixels the label-map regions hold on the test images (the same in every run: input properties)."""
+    g = next(g for g in agg.groups if g.has_appearance())
+    skin, hair, texture = (g.appearance(agg.keys, (m,))[0, :, 0] for m in ("skin_px", "hair_px", "hair_texture"))
+    with_hair = ~np.isnan(texture)
+    if not (skin > 0).any():
+        why = (g.runs[0].ev.get("appearance") or {}).get("label_maps") or "no label maps"
+        return f"none: {why}"
+    return (f"skin pixels per image median {np.median(skin):.0f} (10-90%: {np.percentile(skin, 10):.0f}-"
+            f"{np.percentile(skin, 90):.0f}); a hair interior in {int(with_hair.sum())} of {len(agg.keys)} images "
+            + (f"(median {np.median(hair[with_hair]):.0f} px), {int((texture >= HAIR_TEXTURE_FLOOR).sum())} of them "
+               f"with texture (input RMS Laplacian >= {HAIR_TEXTURE_FLOOR}; median "
+               f"{np.median(texture[with_hair]):.4f}): hair detail is scored on those only"
+               if with_hair.any() else ""))
 
 
 def markdown_report(agg: Aggregate, figures: list[str]) -> str:
@@ -250,6 +302,8 @@ def markdown_report(agg: Aggregate, figures: list[str]) -> str:
     for region in agg.regions:
         out += [f"## {REGION_TITLES[region]} (`{region}`)", "", f"Region `{region}`: {REGIONS[region]}.", "",
                 region_table(agg, region), ""]
+        alpha = alpha_note(agg, region)
+        out += [alpha, ""] if alpha else []
     if agg.effects:
         out += ["## Mask effect: mask+decoder minus no mask, paired per image (negative: the mask helps)", "",
                 "Mean over seeds of the per-image difference on the same test images [95% seed-level t interval, "
@@ -259,10 +313,12 @@ def markdown_report(agg: Aggregate, figures: list[str]) -> str:
             out += [f"### `{region}`", "", effect_table(agg, region), ""]
     looks = appearance_table(agg)
     if looks:
-        out += ["## Colour cast and hair sharpness (raw output)", "",
-                "The measures behind the paper's C9 and C10 (appearance.py), per image, then mean over seeds [95% "
-                "seed-level t interval]:", ""]
-        out += [f"- {h}: {APPEARANCE_DEFINITIONS[m]}." for m, h, _ in APPEARANCE_COLUMNS] + ["", looks, ""]
+        out += ["## Skin colour shift and hair detail (raw output)", "",
+                "The measures behind the paper's C9 and C10 (appearance.py), on regions of the label maps the shards "
+                "hold, per image, then mean over seeds [95% seed-level t interval]:", ""]
+        out += [f"- {h}: {APPEARANCE_DEFINITIONS[m]}." for m, h, _ in APPEARANCE_COLUMNS]
+        out += [f"- ΔE of the mean shift: the CIE76 size of (ΔL*, Δa*, Δb*); about {JND_DELTA_E} is just noticeable.",
+                f"- Regions: {appearance_regions_note(agg)}.", "", looks, ""]
     spread = [r for r in (PRIMARY_REGION, *OTHER_REGIONS) if r in agg.regions]
     if spread:
         out += ["## Seed spread", "",
@@ -276,11 +332,11 @@ def markdown_report(agg: Aggregate, figures: list[str]) -> str:
             f"{len(tested)} of C1-C10 and C12 tested with these runs; C11 is shown; details in claims.md.", ""]
     for c in agg.claims:
         if "comparisons" in c:
-            comp = c["other_regions"].get("composite", {}).get("verdict")
+            others = ", ".join(f"{v['verdict']} ({r})" for r, v in c["other_regions"].items())
             out.append(f"- **{c['id']}**: {c['verdict']} ({c['region']} pixels)"
-                       + (f", {comp} (composite)" if comp else "") + f" — {c['scope']}")
+                       + (f", {others}" if others else "") + f" — {c['scope']}")
         else:
-            out.append(f"- **{c['id']}**: {c['verdict']} — {c.get('needs') or c.get('note')}")
+            out.append(f"- **{c['id']}**: {c['verdict']} — {c.get('needs') or c.get('reason') or c.get('note')}")
     out.append("")
     out += ["## Notes", "",
             f"- Shards: {', '.join(f'`{s}`' for s in shards)}. Runs: "
