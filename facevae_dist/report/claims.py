@@ -41,8 +41,16 @@ import numpy as np
 from facevae_dist.evaluate.appearance import HAIR_TEXTURE_FLOOR, JND_DELTA_E
 from facevae_dist.report.paper import paper_result
 from facevae_dist.report.results import COLUMN_KEYS, Group
-from facevae_dist.stats import (POOL_BELOW, Interval, Pooled, difference_of_differences, group_intervals, holm,
-                                paired_differences, pool)
+from facevae_dist.stats import (
+    POOL_BELOW,
+    Interval,
+    Pooled,
+    difference_of_differences,
+    group_intervals,
+    holm,
+    paired_differences,
+    pool,
+)
 
 N, M = "none", "mask+decoder"
 LOSSES = ("l1", "l2", "ssim", "ssim+l1", "ssim+l2")

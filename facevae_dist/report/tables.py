@@ -8,9 +8,9 @@ import io
 import math
 from pathlib import Path
 
-from facevae_dist.errors import UsageError
 import numpy as np
 
+from facevae_dist.errors import UsageError
 from facevae_dist.evaluate.appearance import DEFINITIONS as APPEARANCE_DEFINITIONS
 from facevae_dist.evaluate.appearance import HAIR_TEXTURE_FLOOR, JND_DELTA_E
 from facevae_dist.evaluate.metrics import REGIONS
