@@ -149,13 +149,27 @@ def test_a_damaged_model_config_json_is_one_line(tmp_path, capsys, damage, expec
 
 @pytest.mark.parametrize("content, expected", [
     (b"[1, 2, 3]", "expected a JSON object (what `facevae export` writes), got a list"),
-    (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "not valid JSON"),
+    (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "not UTF-8 text"),
     (b"{" * 100_000, "not valid JSON"),
     (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "nested too deeply"),
 ], ids=["list", "binary", "truncated", "deeply-nested"])
 def test_a_damaged_export_json_is_one_line_in_eval(tmp_path, capsys, content, expected):
     model = _exported_model(tmp_path / "model")
     (model / "export.json").write_bytes(content)
+    assert main(["eval", str(model), "--shards", str(tmp_path / "no-shards")]) == 1
+    line = _one_error_line(capsys)
+    assert str(model / "export.json") in line and expected in line, line
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("seed", "zero", "field 'seed' is \"zero\", expected an integer or null"),
+    ("hypothesis", ["l2", "none"], "field 'hypothesis' is [\"l2\", \"none\"], expected a string or null"),
+    ("step", True, "field 'step' is true, expected an integer or null"),
+])
+def test_a_mistyped_export_json_field_is_one_line_in_eval(tmp_path, capsys, field, value, expected):
+    """Eval copies these fields into metrics.json, where `report` would trip on them later."""
+    model = _exported_model(tmp_path / "model")
+    (model / "export.json").write_text(json.dumps({field: value}))
     assert main(["eval", str(model), "--shards", str(tmp_path / "no-shards")]) == 1
     line = _one_error_line(capsys)
     assert str(model / "export.json") in line and expected in line, line

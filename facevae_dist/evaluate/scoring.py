@@ -50,7 +50,7 @@ from facevae_dist.evaluate.metrics import (
     composite_alpha,
     load_lpips,
 )
-from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from facevae_dist.fileio import atomic_write_bytes, atomic_write_json, parse_json, read_json, sha256_file
 from facevae_dist.model import CONFIG_FILE, WEIGHTS_FILE, FaceVAE, composite
 from facevae_dist.progress import make_progress
 from facevae_dist.stats import IMAGE_RESAMPLES, image_summary
@@ -128,17 +128,42 @@ def scored_test_set(manifest: dict, split: str, limit: int | None) -> dict:
             "n_shards": len(shards), "limit": limit, "regions": list(REGIONS)}
 
 
+# The fields of export.json that eval copies into its record, and the fields of metrics.json that `report` relies
+# on, with their types: a wrong type is one line when the file is read, not a crash in a later stage.
+_EXPORT_FIELDS = {"hypothesis": (str, None), "loss": (str, None), "seed": (int, None), "step": (int, None),
+                  "checkpoint": (str, None), "mask_mode": (str, None), "run_dir": (str, None)}
+_EVAL_FIELDS = {"split": (str,), "loss": (str,), "mask_mode": (str,), "run_dir": (str,), "metrics": (dict,),
+                "checkpoint": (dict,), "settings": (dict,), "n_images": (int,), "hypothesis": (str, None),
+                "seed": (int, None), "test_set": (dict, None), "model": (dict, None), "appearance": (dict, None),
+                "examples": (dict, None), "files": (dict, None)}
+
+
+def check_fields(doc: dict, spec: dict[str, tuple], path: Path, fix: str, required: bool) -> None:
+    """Each field of `spec` present in `doc` (and, with `required`, every one whose types exclude None) has one of
+    its types (None: JSON null or absent; int excludes bool), else one FaceVAEError line naming the field."""
+    for name, types in spec.items():
+        if name not in doc:
+            if required and None not in types:
+                raise FaceVAEError(f"{path}: field {name!r} missing ({fix})")
+            continue
+        value = doc[name]
+        ok = any(value is None if t is None else isinstance(value, t) and not (t is int and isinstance(value, bool))
+                 for t in types)
+        if not ok:
+            wanted = " or ".join("null" if t is None else {str: "a string", int: "an integer", dict: "an object"}[t]
+                                 for t in types)
+            raise FaceVAEError(f"{path}: field {name!r} is {json.dumps(value)[:40]}, expected {wanted} ({fix})")
+
+
 def _read_export_json(path: Path) -> dict:
-    """export.json as a dict, or one line naming the file (binary, not JSON, too deeply nested, not an object)."""
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FaceVAEError(f"{path}: not valid JSON ({exc}); re-export the model (`facevae export`)") from None
-    except RecursionError:  # json nests one Python call per level
-        raise FaceVAEError(f"{path}: JSON nested too deeply; re-export the model (`facevae export`)") from None
+    """export.json as a dict, or one line naming the file (binary, not JSON, too deeply nested, not an object, a
+    field of the wrong type)."""
+    fix = "re-export the model (`facevae export`) or delete the file"
+    meta = read_json(path, fix=fix, error=FaceVAEError)
     if not isinstance(meta, dict):
         raise FaceVAEError(f"{path}: expected a JSON object (what `facevae export` writes), got a "
                            f"{type(meta).__name__}; re-export the model or delete the file")
+    check_fields(meta, _EXPORT_FIELDS, path, fix, required=False)
     return meta
 
 
@@ -393,10 +418,11 @@ def load_eval(run_dir: str | Path) -> dict:
         path = path / EVAL_DIR / METRICS_FILE
     if not path.is_file():
         raise UsageError(f"{path}: no evaluation found; run `facevae eval {run_dir} --shards DIR` first")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FaceVAEError(f"{path}: not valid JSON ({exc}); re-run `facevae eval`") from None
+    data = read_json(path, fix="re-run `facevae eval`", error=FaceVAEError)
+    if not isinstance(data, dict):
+        raise FaceVAEError(f"{path}: not a facevae eval file (a JSON {type(data).__name__}); re-run `facevae eval`")
+    check_fields(data, _EVAL_FIELDS, path, "re-run `facevae eval`", required=data.get("format") in
+                 (FORMAT, *LEGACY_FORMATS))
     if data.get("format") in LEGACY_FORMATS:
         data = _upgrade_legacy(data)
     elif data.get("format") != FORMAT:
@@ -453,5 +479,8 @@ def load_examples(eval_json: dict) -> tuple[list[str], dict[str, np.ndarray]]:
         return [], {}
     _check_written_with(eval_json, path)
     with safe_open(str(path), framework="numpy") as f:
-        keys = json.loads((f.metadata() or {}).get("keys", "[]"))
+        keys = parse_json((f.metadata() or {}).get("keys", "[]"), path, fix="re-run `facevae eval`",
+                          error=FaceVAEError)
+        if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+            raise FaceVAEError(f"{path}: its keys are not a list of sample keys; re-run `facevae eval`")
         return keys, {k: f.get_tensor(k) for k in f.keys()}
