@@ -20,7 +20,7 @@ streams (val_sampling="sample" uses its own seed (seed, step)). Hence a run kill
 the same per-step losses and final weights as an uninterrupted one on CPU (tests/test_train.py kills a real
 process to check); on GPUs only with --deterministic (cuDNN autotuning picks kernels per process otherwise).
 
-The pieces: setup() builds a _Run (model, optimizer, data, run directory), _restore() puts a checkpoint back
+The pieces: setup() builds a TrainingRun (model, optimizer, data, run directory), _restore() puts a checkpoint back
 into it, run_loop() steps it (train_step.py does one step); the loop's helpers are in train_parts.py and the
 Accelerate/DeepSpeed plumbing in distributed.py. Run it as `facevae train ...`, `python -m facevae_dist train ...`,
 `torchrun ... -m facevae_dist train ...` or `accelerate launch --config_file launch/<profile>.yaml -m facevae_dist
@@ -134,7 +134,7 @@ def _hint_native_bf16() -> None:
 
 
 @dataclasses.dataclass
-class _Run:
+class TrainingRun:
     """Everything setup() builds and the loop steps."""
     cfg: TrainConfig
     accelerator: Accelerator
@@ -160,7 +160,7 @@ class _Run:
     use_ds = property(lambda self: bool(self.cfg.deepspeed))
 
 
-def setup(cfg: TrainConfig, accelerator: Accelerator) -> _Run:
+def setup(cfg: TrainConfig, accelerator: Accelerator) -> TrainingRun:
     """Model (same init on every rank, then per-rank noise), optimizer, precision, the checkpoint to resume from,
     the run directory, metrics, validation and the training batches."""
     rank, world, use_ds = accelerator.process_index, accelerator.num_processes, bool(cfg.deepspeed)
@@ -176,7 +176,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator) -> _Run:
         optimizer = build_optimizer(model.parameters(), cfg.optim)  # ours: skips on the device (found_inf)
         model = accelerator.prepare(model)
     raw_model = accelerator.unwrap_model(model) if use_ds else getattr(model, "module", model)  # no deepspeed import
-    run = _Run(cfg=cfg, accelerator=accelerator, model=model, raw_model=raw_model, optimizer=optimizer,
+    run = TrainingRun(cfg=cfg, accelerator=accelerator, model=model, raw_model=raw_model, optimizer=optimizer,
                scaler=torch.amp.GradScaler(accelerator.device.type, enabled=cfg.mixed_precision == "fp16"
                                            and not use_ds),
                amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision),
@@ -224,7 +224,7 @@ def _checkpoint_to_resume(cfg: TrainConfig, accelerator: Accelerator) -> tuple[c
     return restored, new_data
 
 
-def _restore(run: _Run, restored: ckpt.Restored) -> None:
+def _restore(run: TrainingRun, restored: ckpt.Restored) -> None:
     """Weights, optimizer, grad scaler, RNG streams and data position from a checkpoint, into a prepared run."""
     cfg, state = run.cfg, run.state
     run.raw_model.load_state_dict(restored.model_state)
@@ -247,7 +247,7 @@ def _restore(run: _Run, restored: ckpt.Restored) -> None:
         seed_everything(derived_seed(cfg.seed, run.rank, state.step))
 
 
-def _prepare_run_dir(run: _Run) -> None:
+def _prepare_run_dir(run: TrainingRun) -> None:
     """Rank 0 writes config.toml and env.json and drops metrics lines past the checkpoint; every rank waits."""
     run_dir = Path(run.cfg.run_dir)
     if run.is_main:
@@ -352,7 +352,7 @@ def _check_same_experiment(path: Path, cfg: TrainConfig) -> None:
 # ---- the loop -----------------------------------------------------------------------------------------------------
 
 
-def run_loop(run: _Run) -> dict:
+def run_loop(run: TrainingRun) -> dict:
     """Step until max_steps or a preemption signal; log, validate, sample and checkpoint at step boundaries (the
     only host reads); then the final validation and checkpoint. Returns the run's summary."""
     cfg, state = run.cfg, run.state
@@ -422,14 +422,14 @@ def run_loop(run: _Run) -> dict:
     return _summary(run, stopped, stop.signal, steps_run * per_step, time.perf_counter() - t_start)
 
 
-def _say_what_runs(run: _Run) -> None:
+def _say_what_runs(run: TrainingRun) -> None:
     info(f"training {run.cfg.hypothesis or 'custom config'} in {run.cfg.run_dir} on {run.world} x {run.device} "
          f"({run.accelerator.distributed_type}{', DeepSpeed' if run.use_ds else ''}, precision "
          f"{run.cfg.mixed_precision}, data {run.batches.placement})"
          + (f", resumed from {run.resumed_from} at step {run.state.step}" if run.resumed_from else ""))
 
 
-def _log_train_step(run: _Run, terms: dict[str, torch.Tensor], images_per_s: float, clock: CostClock) -> float:
+def _log_train_step(run: TrainingRun, terms: dict[str, torch.Tensor], images_per_s: float, clock: CostClock) -> float:
     """One metrics line for this step: loss terms averaged over ranks, speed, data position, cost so far."""
     state = run.state
     reduced = mean_over_ranks(run.accelerator, terms)
@@ -442,7 +442,7 @@ def _log_train_step(run: _Run, terms: dict[str, torch.Tensor], images_per_s: flo
     return reduced["loss"]
 
 
-def _validate_and_keep_best(run: _Run) -> float | None:
+def _validate_and_keep_best(run: TrainingRun) -> float | None:
     state = run.state
     sync_buffers_for_deepspeed(run.raw_model, run.use_ds, run.world)
     result = run.val.run(state.step)
@@ -456,7 +456,7 @@ def _validate_and_keep_best(run: _Run) -> float | None:
     return result["loss"]
 
 
-def _save_checkpoint(run: _Run, clock: CostClock, val_loss: float | None = None) -> None:
+def _save_checkpoint(run: TrainingRun, clock: CostClock, val_loss: float | None = None) -> None:
     clock.update()
     sync_buffers_for_deepspeed(run.raw_model, run.use_ds, run.world)
     # DeepSpeed shards the optimizer by rank: each rank writes its own part into the checkpoint
@@ -466,11 +466,11 @@ def _save_checkpoint(run: _Run, clock: CostClock, val_loss: float | None = None)
                      write_rank_files=functools.partial(_save_rank_files, run) if run.use_ds else None)
 
 
-def _save_rank_files(run: _Run, directory: Path) -> None:
+def _save_rank_files(run: TrainingRun, directory: Path) -> None:
     save_deepspeed_optimizer(run.model, directory, run.rank)
 
 
-def _close(run: _Run) -> None:
+def _close(run: TrainingRun) -> None:
     run.batches.close()  # stops DataLoader workers now rather than at garbage collection
     # Not accelerator.end_training(): it also destroys the process group, which belongs to the launcher (and
     # evaluation reuses it). Destroying a gloo group right after the last collective deadlocks now and then:
@@ -480,7 +480,7 @@ def _close(run: _Run) -> None:
         tracker.finish()
 
 
-def _summary(run: _Run, stopped: str, signal_name: str | None, images: int, wall: float) -> dict:
+def _summary(run: TrainingRun, stopped: str, signal_name: str | None, images: int, wall: float) -> dict:
     state = run.state
     summary = {
         "run_dir": str(run.cfg.run_dir), "step": state.step, "stopped": stopped,
