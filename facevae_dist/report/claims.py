@@ -79,7 +79,9 @@ class Comparison:
 
 
 @dataclass(frozen=True)
-class Part:
+class ClaimPart:
+    """Comparisons that need the same runs (C1: one part per loss), tested only when all those runs are there."""
+
     label: str
     comparisons: tuple[Comparison, ...]
 
@@ -91,32 +93,37 @@ class Part:
 class Claim:
     id: str
     text: str
-    parts: tuple[Part, ...]
+    parts: tuple[ClaimPart, ...]
     regions: tuple[str, ...] = OTHER_REGIONS  # judged beside PRIMARY_REGION
 
 
-def _all(better, worse, metrics=COLUMN_KEYS, kind="better"):
+def _on_metrics(better, worse, metrics=COLUMN_KEYS, kind="better"):
+    """`better` against `worse` on each of `metrics`."""
     return tuple(Comparison(better, worse, m, kind) for m in metrics)
 
 
 def _claims() -> tuple[Claim, ...]:
-    c1 = tuple(Part(f"loss {loss}", _all((loss, M), (loss, N))) for loss in ("l1", "l2", "ssim+l1", "ssim+l2"))
-    c2 = (Part("SSIM", _all(("ssim", N), ("ssim", M), ("1-ssim", "1-ms-ssim"))
-               + _all(("ssim", M), ("ssim", N), ("lpips", "1-vif", "10*l1", "10*l2"))),)
+    c1 = tuple(ClaimPart(f"loss {loss}", _on_metrics((loss, M), (loss, N)))
+               for loss in ("l1", "l2", "ssim+l1", "ssim+l2"))
+    c2 = (ClaimPart("SSIM", _on_metrics(("ssim", N), ("ssim", M), ("1-ssim", "1-ms-ssim"))
+                    + _on_metrics(("ssim", M), ("ssim", N), ("lpips", "1-vif", "10*l1", "10*l2"))),)
     h9 = ("ssim+l2", M)
-    c3 = (Part("all ten runs", tuple(c for loss in LOSSES for mode in (N, M) if (loss, mode) != h9
-                                     for c in _all(h9, (loss, mode)))),)
-    c4 = (Part("the five no-mask runs",
-               tuple(c for loss in LOSSES if loss != "ssim" for c in _all(("ssim", N), (loss, N), PERCEPTUAL))
-               + tuple(c for loss in LOSSES if loss != "ssim+l1"
-                       for c in _all(("ssim+l1", N), (loss, N), ("10*l1", "10*l2")))),)
-    c5 = (Part("with mask", _all(("l2", M), ("ssim", M), ("1-ssim", "1-ms-ssim", "lpips"), kind="no_worse")
-               + _all(("l2", M), ("ssim", M), ("1-vif", "10*l1", "10*l2"))),)
-    c6 = (Part("without mask", _all(("ssim", N), ("l2", N), ("1-ssim", "1-ms-ssim", "lpips"))),)
-    c7 = (Part("with mask", _all(("l2", M), ("l1", M))),
-          Part("without mask", _all(("l2", N), ("l1", N), COLUMN_KEYS[1:]) + _all(("l1", N), ("l2", N), ("1-ssim",))))
-    c8 = (Part("with mask", _all(("ssim+l2", M), ("ssim+l1", M))),
-          Part("without mask", _all(("ssim+l1", N), ("ssim+l2", N))))
+    c3 = (ClaimPart("all ten runs", tuple(c for loss in LOSSES for mode in (N, M) if (loss, mode) != h9
+                                          for c in _on_metrics(h9, (loss, mode)))),)
+    c4 = (ClaimPart("the five no-mask runs",
+                    tuple(c for loss in LOSSES if loss != "ssim"
+                          for c in _on_metrics(("ssim", N), (loss, N), PERCEPTUAL))
+                    + tuple(c for loss in LOSSES if loss != "ssim+l1"
+                            for c in _on_metrics(("ssim+l1", N), (loss, N), ("10*l1", "10*l2")))),)
+    c5 = (ClaimPart("with mask",
+                    _on_metrics(("l2", M), ("ssim", M), ("1-ssim", "1-ms-ssim", "lpips"), kind="no_worse")
+                    + _on_metrics(("l2", M), ("ssim", M), ("1-vif", "10*l1", "10*l2"))),)
+    c6 = (ClaimPart("without mask", _on_metrics(("ssim", N), ("l2", N), ("1-ssim", "1-ms-ssim", "lpips"))),)
+    c7 = (ClaimPart("with mask", _on_metrics(("l2", M), ("l1", M))),
+          ClaimPart("without mask", _on_metrics(("l2", N), ("l1", N), COLUMN_KEYS[1:])
+                    + _on_metrics(("l1", N), ("l2", N), ("1-ssim",))))
+    c8 = (ClaimPart("with mask", _on_metrics(("ssim+l2", M), ("ssim+l1", M))),
+          ClaimPart("without mask", _on_metrics(("ssim+l1", N), ("ssim+l2", N))))
     return (
         Claim("C1", "For l1, l2, SSIM+l1 and SSIM+l2, the mask variant beats the no-mask variant on all six "
               "metrics.", c1, C1_REGIONS),
@@ -269,10 +276,10 @@ def check_claims(groups: list[Group], keys: list[str], *, pooled: dict[str, Pool
                      other_regions={r: v for r, v in per_region.items() if r != primary})
         out.append(entry)
     by = diffs.by
-    out += [_c9(by, keys), _c10(by, keys),
+    out += [_skin_colour_shift_claim(by, keys), _hair_detail_claim(by, keys),
             {"id": "C11", "claim": WORDED_CLAIMS["C11"][0], "verdict": "shown", "region": None,
              "measure": WORDED_CLAIMS["C11"][1], "note": C11_DEMONSTRATION},
-            _c12(diffs, regions_all)]
+            _mask_effect_by_loss_claim(diffs, regions_all)]
     return out
 
 
@@ -312,10 +319,11 @@ def _no_region_reason(by: dict, what: str) -> str:
 
 
 C9_REPAIRS = ("ssim+l1", "ssim+l2")
-SHIFT = ("skin_dl", "skin_da", "skin_db")
+SKIN_SHIFT = ("skin_dl", "skin_da", "skin_db")
 
 
-def _c9(by, keys) -> dict:
+def _skin_colour_shift_claim(by, keys) -> dict:
+    """C9: SSIM alone's skin colour shift and its repair by SSIM+l1 and SSIM+l2, with and without the mask."""
     needed = [(loss, mode) for mode in APPEARANCE_MODES for loss in ("ssim", *C9_REPAIRS)]
     missing = _missing(by, needed)
     if missing:
@@ -346,7 +354,7 @@ def _c9(by, keys) -> dict:
 def _shift_size(g: Group, keys: list[str]) -> dict:
     """One hypothesis's mean skin shift (over seeds of the per-seed image mean) and its CIE76 size beside a
     just-noticeable difference."""
-    v = g.appearance(keys, SHIFT)  # [k, n, 3]
+    v = g.appearance(keys, SKIN_SHIFT)  # [k, n, 3]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a seed without any skin pixel: NaN, said as n/a
         dl, da, db = (float(x) for x in np.nanmean(v, axis=1).mean(axis=0))
@@ -355,7 +363,8 @@ def _shift_size(g: Group, keys: list[str]) -> dict:
             "jnd": JND_DELTA_E, "visible": bool(delta_e >= JND_DELTA_E)}
 
 
-def _c10(by, keys) -> dict:
+def _hair_detail_claim(by, keys) -> dict:
+    """C10: the mask variant of each loss keeps more of the input's hair-interior detail."""
     losses = [loss for loss in LOSSES if (loss, N) in by and (loss, M) in by]
     if not losses:
         return _not_tested("C10", "a loss run both without and with the mask (evaluated on the same test images)")
@@ -388,7 +397,8 @@ def _c10(by, keys) -> dict:
                    f"{scope}; the {int(textured.sum())} of {len(keys)} images whose hair interior has texture")
 
 
-def _c12(diffs: _Differences, regions) -> dict:
+def _mask_effect_by_loss_claim(diffs: _Differences, regions) -> dict:
+    """C12: the mask effect of l1 and of l2 is larger than that of SSIM (a difference of paired differences)."""
     by, keys = diffs.by, diffs.keys
     needed = [(loss, mode) for loss in ("ssim", "l1", "l2") for mode in (N, M)]
     missing = _missing(by, needed)
