@@ -4,7 +4,7 @@ Each step is the same library function its own `facevae` subcommand calls, readi
 wrote, so a rerun resumes: finished shards are kept, finished runs are not retrained (`resume=auto` continues an
 interrupted one) and the report is rebuilt from the evaluations.
 
-The profile is sized for a 2-core CPU in about 10 minutes (36 px, a quarter of the paper's channels, lr 2e-3): long
+The profile is sized for a few minutes on a 2-core CPU (36 px, a quarter of the paper's channels, lr 2e-3): long
 enough to measure the mask effect with intervals, far too short to reconstruct faces (the outputs are colour
 blobs). The reference experiment (docs/reference/) is the long version of the same question.
 """

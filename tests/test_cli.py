@@ -63,6 +63,19 @@ def test_debug_after_the_subcommand_shows_the_traceback(tmp_path, capsys):
         main([*argv, "--debug"])
 
 
+def test_every_subcommand_module_is_imported_and_an_import_error_surfaces(monkeypatch):
+    """Every stage's CLI module is registered; one that cannot be imported is an error, never a silently missing
+    subcommand."""
+    from facevae_dist import cli
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"demo", "shards", "train", "eval", "report", "curve", "sweep", "bench"} <= set(commands)
+    monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "facevae_dist.cli.no_such_stage"])
+    with pytest.raises(ModuleNotFoundError, match="no_such_stage"):
+        build_parser()
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])

@@ -14,7 +14,6 @@ from facevae_dist.errors import FaceVAEError, from_os_error
 from facevae_dist.runinfo import git_revision
 
 # Stage order = the pipeline's flow: data -> model/train -> evaluate -> report -> sweep.
-# A module listed here that does not exist yet is simply skipped, so stages can land one by one.
 COMMAND_MODULES = [
     "facevae_dist.cli.demo",
     "facevae_dist.cli.shards",
@@ -74,13 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_Version, help="print the version (and git revision) and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     _add_global_flags(parser, top=True)
     return parser
 

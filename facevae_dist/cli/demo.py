@@ -64,7 +64,7 @@ def register(sub) -> None:
         "the face mask (the paper's question) for each seed, evaluates every run on the same test images and writes "
         "the report (reports/demo/table.md, claims.md, claims.json, figures/): face-pixel scores of the raw "
         "output first, the composite beside them, the mask effect as paired per-image differences with 95% "
-        "intervals over seeds and images, and the paper's claims these runs can test. About 10 minutes on a quiet "
+        "intervals over seeds and images, and the paper's claims these runs can test. A few minutes on a quiet "
         "2-core CPU. Re-running resumes: built shards and finished runs are reused.")
     p.add_argument("--root", default=".", help="where shards/, runs/ and reports/ go (default: current directory)")
     p.add_argument("--n", type=int, default=3000, help="synthetic images to generate (default 3000, 300 for test)")
