@@ -261,6 +261,9 @@ class TrainConfig:
     # seconds between the plain progress lines printed when stderr is not a terminal (a batch job's log); 0 = one at
     # every log step. $FACEVAE_PROGRESS_EVERY overrides it for one job.
     progress_every: float = 30.0
+    # seconds a rank waits in a collective (all-reduce, barrier, broadcast) before the run ends with a line naming
+    # the rank that stopped answering (frozen, killed, or stuck in I/O) and its last step; torch's default is 30 min
+    dist_timeout_s: float = 300.0
 
     def validate(self) -> "TrainConfig":
         self.data.validate()
@@ -285,6 +288,7 @@ class TrainConfig:
         _check_choice("preset", self.preset, ("", "default", "paper"))
         self.log_with = check_log_with(self.log_with)
         _check_float("progress_every", self.progress_every)
+        _check_float("dist_timeout_s", self.dist_timeout_s, positive=True)
         if "ssim" in self.loss.terms and self.loss.ssim_window > self.model.image_size:
             raise UsageError(f"loss.ssim_window={self.loss.ssim_window} is larger than model.image_size="
                              f"{self.model.image_size}; lower it, e.g. --set loss.ssim_window=3")

@@ -120,7 +120,7 @@ def test_deepspeed_launch_profile_is_read_by_the_command_line_not_by_train(monke
     assert config_from_args(parse([*base, "--deepspeed", other])).deepspeed == other
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
     assert not config_from_args(parse(base)).deepspeed
-    assert "ACCELERATE_USE_DEEPSPEED" not in (REPO / "facevae_dist" / "train.py").read_text()
+    assert "ACCELERATE_USE_DEEPSPEED" not in (REPO / "facevae_dist" / "train" / "loop.py").read_text()
 
 
 def test_old_module_entry_fails_saying_what_replaced_it():
@@ -129,3 +129,128 @@ def test_old_module_entry_fails_saying_what_replaced_it():
     proc = subprocess.run([sys.executable, "-m", "facevae_dist.train", "--hypothesis", "H9"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "python -m facevae_dist train" in proc.stderr
+
+
+# ---- a rank that stops answering, a launcher that dies ---------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except OSError:
+        return False
+
+
+def _ranks_of(launcher: int, world: int = 2, deadline_s: float = 300) -> list[int]:
+    """Pids of the launcher's ranks 0..world-1 (torchrun starts each in a session of its own), by their RANK."""
+    import time
+    from pathlib import Path
+
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        found = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != launcher:
+                    continue
+                environ = (stat.parent / "environ").read_bytes().split(b"\0")
+            except (OSError, ValueError, IndexError):
+                continue
+            for rank in range(world):
+                if f"RANK={rank}".encode() in environ:
+                    found[rank] = int(stat.parent.name)
+        if len(found) == world:
+            return [found[r] for r in range(world)]
+        time.sleep(0.5)
+    raise AssertionError(f"the launcher {launcher} never showed {world} ranks")
+
+
+def _kill_all(proc, ranks: list[int]) -> None:
+    """The launcher's group and each rank this test started (by pid): nothing outlives the test."""
+    import os
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pid in ranks:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _launch(shards, run_dir, *extra: str):
+    """torchrun with 2 ranks, in its own session."""
+    from train_helpers import env
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "facevae_dist", "train", *cli_args(shards, run_dir, "--max-steps", "100000", "--val-every", "0",
+                                              "--mixed-precision", "no", *extra)]
+    return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _wait_for_training(proc, run_dir, step: int, deadline_s: float = 600) -> None:
+    import time
+
+    deadline = time.monotonic() + deadline_s
+    while max((m["step"] for m in metrics(run_dir) if "loss" in m), default=0) < step:
+        assert proc.poll() is None, f"training ended early: {proc.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, f"no step {step} in {deadline_s} s"
+        time.sleep(0.5)
+
+
+def test_a_frozen_rank_ends_the_run_with_a_line_naming_it(shards, tmp_path):
+    """SIGSTOP rank 1 mid-training: rank 0 waits dist_timeout_s in its collective, then the run ends with a line
+    naming rank 1 and its last step (torch's default would wait 30 minutes, silently)."""
+    import os
+    import signal
+    import time
+
+    proc = _launch(shards, tmp_path, "--ckpt-every", "2", "--set", "dist_timeout_s=15")
+    ranks = []
+    try:
+        ranks = _ranks_of(proc.pid)
+        _wait_for_training(proc, tmp_path, 3)
+        os.kill(ranks[1], signal.SIGSTOP)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=600)
+        waited = time.monotonic() - t0
+    finally:
+        _kill_all(proc, ranks)
+    assert proc.returncode != 0
+    lines = [line for line in err.splitlines() if line.startswith("facevae: error:")]
+    assert lines and "rank 0 waited 15 s in a collective after step" in lines[0], err[-3000:]
+    assert "rank 1 (silent for" in lines[0] and "last finished step" in lines[0], lines[0]
+    assert waited < 15 + 300, f"the run took {waited:.0f} s to end"
+
+
+def test_a_killed_launcher_takes_its_ranks_along_after_a_checkpoint(shards, tmp_path):
+    """SIGKILL torchrun itself: each rank gets SIGTERM from the kernel (PR_SET_PDEATHSIG), stops with the others
+    at the same step, checkpoints it, and exits; no rank trains on as an orphan."""
+    import os
+    import signal
+    import time
+
+    from facevae_dist.train.checkpoint import latest_checkpoint
+
+    proc = _launch(shards, tmp_path, "--ckpt-every", "1000")
+    ranks = []
+    try:
+        ranks = _ranks_of(proc.pid)
+        _wait_for_training(proc, tmp_path, 3)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 300
+        while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        orphans = [pid for pid in ranks if _alive(pid)]
+    finally:
+        _kill_all(proc, ranks)
+    assert orphans == [], "ranks outlived their launcher"
+    latest = latest_checkpoint(tmp_path)
+    logged = max(m["step"] for m in metrics(tmp_path) if "loss" in m)
+    assert latest is not None and int(latest.name.split("_")[1]) == logged  # stopped together, nothing lost
+    assert "stopped by SIGTERM" in (tmp_path / "train.log").read_text()

@@ -70,11 +70,11 @@ def _close_live_loaders() -> None:
         loader.close()
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """In a child process: the kernel sends it SIGKILL when `parent_pid` dies (Linux PR_SET_PDEATHSIG), so a killed
+def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
+    """In a child process: the kernel sends it `sig` when `parent_pid` dies (Linux PR_SET_PDEATHSIG), so a killed
     parent (SIGKILL gives it no chance to stop its children) leaves no orphan; exits now if it is already gone."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):
         pass
     if os.getppid() != parent_pid:  # the parent died before prctl took effect

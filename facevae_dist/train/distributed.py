@@ -8,17 +8,21 @@ DeepSpeed itself is imported only inside the functions that need it: it is optio
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DeepSpeedPlugin, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 
 from facevae_dist.config import TrainConfig
+from facevae_dist.data.loader import die_with_parent
 from facevae_dist.errors import RunError, UsageError
 from facevae_dist.fileio import atomic_write_json, read_json
 from facevae_dist.train.tracking import make_trackers
@@ -45,8 +49,10 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     # train() may run several times in one process (tests, a debug sweep): start from a clean Accelerate state.
     # The process group (PartialState) is kept: it belongs to the launcher.
     AcceleratorState._reset_state(reset_partial_state=False)
+    exit_with_launcher()
     kwargs = {"gradient_accumulation_steps": cfg.grad_accum, "log_with": make_trackers(cfg),
-              "project_dir": cfg.run_dir}
+              "project_dir": cfg.run_dir,
+              "kwargs_handlers": [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout_s))]}
     if cfg.deepspeed:
         plugin = deepspeed_plugin(cfg)
         _ensure_single_process_env()
@@ -114,6 +120,87 @@ def _walk(d: dict, prefix: str = ""):
             yield from _walk(v, f"{prefix}{k}.")
         else:
             yield f"{prefix}{k}", v
+
+
+# ---- ranks that stop answering, launchers that die -----------------------------------------------------------------
+
+EVAL_DIST_TIMEOUT_S = 300.0  # the evaluator's collective timeout (training's is TrainConfig.dist_timeout_s)
+
+
+def exit_with_launcher() -> None:
+    """Under a multi-process launcher (torchrun, accelerate launch, srun), have the kernel send this rank SIGTERM
+    when its launcher dies (Linux PR_SET_PDEATHSIG): a SIGKILLed launcher would otherwise leave every rank training
+    on as an orphan. SIGTERM is the trainer's preemption signal, so the ranks checkpoint together and exit."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.getppid() != 1:
+        die_with_parent(os.getppid(), signal.SIGTERM)
+
+
+def is_collective_timeout(exc: BaseException) -> bool:
+    """gloo's "Timed out waiting Nms for recv/send operation", the c10d and NCCL watchdog timeouts."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("Timed out" in text or "timed out" in text or "Timeout" in text)
+
+
+class RankWatch:
+    """Every rank's heartbeat in the process group's key-value store (the launcher's TCPStore, reachable while a
+    rank is frozen): a thread writes "<time> <step>" every few seconds, so a rank whose collective times out can
+    name the ranks that stopped answering and the step each last finished. A rank blocked in a collective keeps
+    beating (the wait releases the GIL); a frozen (SIGSTOP) or dead one does not."""
+
+    PREFIX = "facevae/heartbeat/"
+
+    def __init__(self, rank: int, world: int, timeout_s: float):
+        self.rank, self.world, self.timeout_s = rank, world, timeout_s
+        self.state = None  # the run's TrainState once there is one: its .step is the last finished step
+        self.interval = max(0.5, min(10.0, timeout_s / 6))
+        self.store = _default_store() if world > 1 else None
+        self._stop = threading.Event()
+        if self.store is not None:
+            threading.Thread(target=self._beat, name="facevae-heartbeat", daemon=True).start()
+
+    def _beat(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.store.set(f"{self.PREFIX}{self.rank}", f"{time.time():.1f} {self.step}")
+            except Exception:  # noqa: BLE001 - the store went away with the launcher: nothing to report to
+                return
+            self._stop.wait(self.interval)
+
+    @property
+    def step(self) -> int:
+        return getattr(self.state, "step", 0)
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def stalled(self) -> RunError:
+        """The one line for a collective that timed out on this rank."""
+        silent = []
+        try:
+            self.store.set_timeout(timedelta(seconds=5))  # the store itself may be held by the frozen rank
+            now = time.time()
+            for r in range(self.world):
+                key = f"{self.PREFIX}{r}"
+                if r == self.rank or not self.store.check([key]):
+                    continue
+                beat, step = self.store.get(key).decode().split()
+                if now - float(beat) > 3 * self.interval:
+                    silent.append(f"rank {r} (silent for {now - float(beat):.0f} s, last finished step {step})")
+        except Exception:  # noqa: BLE001 - no store to ask: say what this rank knows
+            silent = []
+        who = ", ".join(silent) if silent else "another rank"
+        return RunError(f"rank {self.rank} waited {self.timeout_s:g} s in a collective after step {self.step}: {who} "
+                        "stopped answering (frozen, killed, or stuck in I/O); the run is ended and its last "
+                        "checkpoint kept: rerun the same command to resume (--set dist_timeout_s=N to wait longer)")
+
+
+def _default_store():
+    try:  # torch keeps the default group's store private; without it the timeout message names no rank
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except Exception:  # noqa: BLE001
+        return None
 
 
 # ---- collectives ------------------------------------------------------------------------------------------------
@@ -193,7 +280,9 @@ def join_process_group(device: torch.device) -> tuple[int, int, bool]:
     if world > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)  # all_gather_object over NCCL uses the current device
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        exit_with_launcher()
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=EVAL_DIST_TIMEOUT_S))
         return dist.get_rank(), dist.get_world_size(), True
     return 0, 1, False
 

@@ -54,8 +54,10 @@ from facevae_dist.runinfo import environment_info
 from facevae_dist.seeds import derived_seed
 from facevae_dist.train import checkpoint as ckpt
 from facevae_dist.train.distributed import (
+    RankWatch,
     broadcast_object,
     gather_objects,
+    is_collective_timeout,
     load_deepspeed_optimizer,
     make_accelerator,
     mean_over_ranks,
@@ -90,18 +92,27 @@ def train(cfg: TrainConfig) -> dict:
     keep_freed_memory()  # glibc would otherwise mmap/munmap every large activation each step (see perf.py)
     with _backends(cfg):
         accelerator = make_accelerator(cfg)
-        # one training process per run dir (rank 0 holds the lock until train() returns); rank 0 also appends what
-        # it prints to the run's train.log
-        with (ckpt.RunDirLock(Path(cfg.run_dir)) if accelerator.is_main_process else contextlib.nullcontext(),
-              log_to(Path(cfg.run_dir) / "train.log", enabled=accelerator.is_main_process,
-                     title=f"train {cfg.hypothesis or 'custom config'}")):
-            run = setup(cfg, accelerator)
-            if run.is_main:
-                info(describe_trackers(cfg, requested_trackers))
-                warn_if_launch_mismatch(run.world)
-            if precision_was_auto and cfg.mixed_precision == "no" and run.device.type == "cpu" and run.is_main:
-                _hint_native_bf16()
-            return run_loop(run)
+        watch = RankWatch(accelerator.process_index, accelerator.num_processes, cfg.dist_timeout_s)
+        try:
+            # one training process per run dir (rank 0 holds the lock until train() returns); rank 0 also appends
+            # what it prints to the run's train.log
+            with (ckpt.RunDirLock(Path(cfg.run_dir)) if accelerator.is_main_process else contextlib.nullcontext(),
+                  log_to(Path(cfg.run_dir) / "train.log", enabled=accelerator.is_main_process,
+                         title=f"train {cfg.hypothesis or 'custom config'}")):
+                run = setup(cfg, accelerator)
+                watch.state = run.state
+                if run.is_main:
+                    info(describe_trackers(cfg, requested_trackers))
+                    warn_if_launch_mismatch(run.world)
+                if precision_was_auto and cfg.mixed_precision == "no" and run.device.type == "cpu" and run.is_main:
+                    _hint_native_bf16()
+                return run_loop(run)
+        except RuntimeError as exc:  # a collective past cfg.dist_timeout_s: say which rank went silent
+            if watch.store is not None and is_collective_timeout(exc):
+                raise watch.stalled() from exc
+            raise
+        finally:
+            watch.close()
 
 
 def _check_inputs(cfg: TrainConfig) -> None:
