@@ -40,6 +40,21 @@ def current_umask() -> int:
     return mask
 
 
+def flock_holder(fd: int) -> int | None:
+    """The pid holding a flock on this open file or folder, from /proc/locks (None where it cannot be told)."""
+    st = os.fstat(fd)
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                if "FLOCK" in fields and ident in fields and "->" not in fields:  # "->": a waiter
+                    return int(fields[fields.index(ident) - 1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 @contextlib.contextmanager
 def naming(path: str | os.PathLike):
     """An OSError inside that names no file gets `path` as its file: a full disk fails in write() or close(), whose

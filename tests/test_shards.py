@@ -295,3 +295,32 @@ def test_a_deeply_nested_or_binary_shards_file_is_one_line(tmp_path, capsys, nam
             assert ("nested too deeply" if content[0] == ord("[") else "not UTF-8") in lines[0]
         else:  # verify lists it among the problems
             assert "sizes.json missing or unreadable" in err
+
+
+def test_a_second_build_into_the_same_folder_is_refused_naming_the_first(tmp_path, capsys):
+    """Two builds into one folder raced on the same temp names, or both reported success over one set of shards."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "s"
+    first = subprocess.Popen([sys.executable, "-m", "facevae_dist", "-q", "shards", "build", "--n", "20000",
+                              "--image-size", "72", "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "build.json").exists():  # written once the first build holds the folder
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline, "the first build never started writing"
+            time.sleep(0.2)
+        assert main(["-q", "shards", "build", "--n", "20000", "--image-size", "72", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.strip() == (f"facevae: error: another build is writing {out} (pid {first.pid}); wait for it to "
+                               "finish, stop it, or choose another --out")
+        assert first.poll() is None  # the first build carries on
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    from facevae_dist.data.shards import _lock_out_dir
+
+    os.close(_lock_out_dir(out))  # the lock died with its holder: the next build (a resume) may take the folder

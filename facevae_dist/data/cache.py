@@ -50,7 +50,7 @@ from facevae_dist.data.loader import (
 from facevae_dist.data.shards import read_manifest
 from facevae_dist.data.tario import OversizedMember, index_tar, member_limits, read_fields
 from facevae_dist.errors import DataError, FaceVAEError, RunError, UsageError
-from facevae_dist.fileio import atomic_write_json, read_json
+from facevae_dist.fileio import atomic_write_json, flock_holder, read_json
 from facevae_dist.progress import info, make_progress
 
 FORMAT = "facevae-npy-cache"
@@ -329,21 +329,6 @@ def _build(shards_dir, split: str, manifest: dict, shards: list[dict], fingerpri
              "and counted, as the streaming loader does")
 
 
-def _lock_holder(folder_fd: int) -> int | None:
-    """The pid holding a flock on this open folder, from /proc/locks (None where it cannot be told)."""
-    st = os.fstat(folder_fd)
-    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    try:
-        with open("/proc/locks") as f:
-            for line in f:
-                fields = line.split()
-                if "FLOCK" in fields and ident in fields and "->" not in fields:  # "->": a waiter
-                    return int(fields[fields.index(ident) - 1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _lock(folder: Path, fd: int) -> None:
     """Exclusive flock on the cache folder; waits for another builder, saying who, for at most CACHE_LOCK_WAIT_S."""
     deadline, said = time.monotonic() + CACHE_LOCK_WAIT_S, False
@@ -353,7 +338,7 @@ def _lock(folder: Path, fd: int) -> None:
             return
         except BlockingIOError:
             pass
-        holder = _lock_holder(fd)
+        holder = flock_holder(fd)
         who = f"pid {holder}" if holder else "another process"
         if not said:
             info(f"{folder}: waiting for {who}, which holds the decoded-split cache's lock (building it)")

@@ -16,6 +16,7 @@ depends only on its own items; skipped (corrupt) items leave a gap in the indice
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -42,6 +43,7 @@ from facevae_dist.fileio import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    flock_holder,
     parse_json,
     read_json,
     sha256_file,
@@ -351,6 +353,34 @@ def build_shards(source: Source, out: str | os.PathLike, opts: ShardOptions | No
         info(f"{out}: kept as built by shard format {older['format_version']} (no {LABELS_MEMBER}: measures that need "
              "label maps say so); pass --overwrite to rebuild it in the current format")
         return older
+    lock = _lock_out_dir(out)
+    try:
+        return _build_into(out, source, opts, plan, identity, workers, overwrite, lock)
+    finally:
+        os.close(lock)  # releases the flock
+
+
+def _lock_out_dir(out: Path) -> int:
+    """An open OUT holding an exclusive flock for the whole build: two builds into one folder would race on the
+    same temp names, or both report success over one set of shards. The kernel drops the lock with the builder."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = flock_holder(fd)
+        os.close(fd)
+        raise DataError(f"another build is writing {out} (pid {holder or 'unknown'}); wait for it to finish, stop it, "
+                        "or choose another --out") from None
+    except OSError:  # a file system without flock (some network mounts): build unguarded, as before
+        pass
+    return fd
+
+
+def _build_into(out: Path, source: Source, opts: ShardOptions, plan, identity: dict, workers: int, overwrite: bool,
+                lock: int) -> dict:
     _prepare_out_dir(out, identity, overwrite)
 
     tasks, done = [], {}
@@ -382,7 +412,8 @@ def build_shards(source: Source, out: str | os.PathLike, opts: ShardOptions | No
         else:
             # fork: workers inherit the imported modules (spawn would re-import torch/numpy per worker).
             ctx = get_context("fork" if os.name == "posix" else "spawn")
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+            # the workers close their copy of the lock: an orphaned worker must not keep OUT locked
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=os.close, initargs=(lock,))
             results = pool.map(_build_one, tasks, chunksize=1)
         try:
             for stats in results:
