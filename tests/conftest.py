@@ -1,5 +1,10 @@
-"""Shared fixtures. `slurm_cluster`: a real Slurm, already up, or (CI=true / FACEVAE_INSTALL_SLURM=1) the one-node
-cluster of slurm/local-cluster/start.sh for the session."""
+"""Shared by the tests (`from conftest import TINY_36, set_args`, as `from train_helpers import ...`):
+
+- the tiny model profiles, TINY_18 and TINY_36, and `model_overrides` / `set_args` to pass one as `--set` strings;
+- `tiny_shards` and `tiny_runs`: 36 px synthetic shards and two 4-step training runs (l2 without and with the face
+  mask), built once per session for the evaluation and learning-curve tests;
+- `slurm_cluster`: a real Slurm, already up, or (CI=true / FACEVAE_INSTALL_SLURM=1) the one-node cluster of
+  slurm/local-cluster/start.sh for the session."""
 
 from __future__ import annotations
 
@@ -14,6 +19,58 @@ REPO = Path(__file__).resolve().parent.parent
 START = REPO / "slurm" / "local-cluster" / "start.sh"
 STOP = REPO / "slurm" / "local-cluster" / "stop.sh"
 INSTALL_ENV = "FACEVAE_INSTALL_SLURM"  # =1: the Slurm tests may install and start the local cluster (root, apt-get)
+
+# The tiny model profiles: the paper's architecture with 1/8 of its channels and a 16-d latent.
+# 18 px: the 9x9 -> 1x1 tail plus one high-resolution stage (the trainer tests).
+# 36 px: the smallest size at which every metric is defined (LPIPS needs >= 31 px).
+TINY_18 = {"image_size": 18, "width": 0.125, "latent_dim": 16}
+TINY_36 = {"image_size": 36, "width": 0.125, "latent_dim": 16}
+
+
+def model_overrides(profile: dict, keys=None) -> list[str]:
+    """A profile (or only its `keys`) as config overrides: ["model.image_size=36", "model.width=0.125", ...]."""
+    return [f"model.{k}={v}" for k, v in profile.items() if keys is None or k in keys]
+
+
+def set_args(overrides) -> list[str]:
+    """Config overrides as command-line arguments: ["--set", "model.image_size=36", "--set", ...]."""
+    return [arg for kv in overrides for arg in ("--set", kv)]
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """36 px shards of 40 synthetic faces (24 train / 8 val / 8 test), 4 per shard."""
+    from facevae_dist.data.shards import ShardOptions, build_shards
+    from facevae_dist.data.sources import SyntheticSource
+
+    out = tmp_path_factory.mktemp("shards") / "synthetic"
+    build_shards(SyntheticSource(n=40, seed=0, split_ratios=(0.6, 0.2, 0.2)), out,
+                 ShardOptions(image_size=TINY_36["image_size"], shard_size=4, image_format="png"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tiny_shards, tmp_path_factory) -> dict[str, Path]:
+    """Two real training runs of the paper's question, l2 without and with the face mask: 4 steps of TINY_36,
+    checkpoints at steps 2 and 4."""
+    import torch
+
+    from facevae_dist.config import TrainConfig
+    from facevae_dist.train.loop import train
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name in ("l2/none", "l2/mask+decoder"):
+        run_dir = root / name.replace("/", "--")
+        cfg = TrainConfig.from_hypothesis(
+            name, run_dir=str(run_dir), max_steps=4, val_every=2, val_batches=1, ckpt_every=2, log_every=1,
+            sample_every=0, mixed_precision="no", data={"shards": str(tiny_shards), "batch_size": 4, "workers": 0},
+            model=dict(TINY_36))
+        summary = train(cfg)
+        assert summary["step"] == 4
+        out[name] = run_dir
+    return out
 
 
 def _env_true(name: str) -> bool:

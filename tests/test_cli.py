@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY_18, model_overrides, set_args
 
 import facevae_dist
 from facevae_dist.cli import build_parser, main
@@ -152,7 +153,7 @@ def small_inputs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("inputs")
     torch.manual_seed(0)
-    FaceVAE(ModelConfig(image_size=18, width=0.125, latent_dim=16)).eval().save_pretrained(root / "model")
+    FaceVAE(ModelConfig(**TINY_18)).eval().save_pretrained(root / "model")
     assert main(["-q", "shards", "build", "--n", "12", "--image-size", "18", "--shard-size", "4", "--out",
                  str(root / "shards")]) == 0
     Image.fromarray(np.full((24, 20, 3), 120, np.uint8)).save(root / "photo.png")
@@ -171,8 +172,7 @@ def _commands(inputs: Path, out: Path) -> dict[str, list[str]]:
         "eval": ["eval", model, "--shards", shards, "--limit", "2", "--bootstrap", "10", "--out",
                  str(out / "m.json")],
         "train": ["train", "--hypothesis", "H9", "--shards", shards, "--run-dir", str(out / "run"), "--batch-size",
-                  "2", "--workers", "0", "--max-steps", "1", "--val-every", "0", "--set", "model.image_size=18",
-                  "--set", "model.width=0.125", "--set", "model.latent_dim=16"],
+                  "2", "--workers", "0", "--max-steps", "1", "--val-every", "0", *set_args(model_overrides(TINY_18))],
     }
 
 

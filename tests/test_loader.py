@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_36, model_overrides, set_args
 from PIL import Image
 
 from facevae_dist.data import ShardLoader, read_sizes, to_float
@@ -27,6 +28,8 @@ from facevae_dist.data.tario import iter_tar, write_tar
 from facevae_dist.errors import DataError, RunError
 
 torch.set_num_threads(1)
+# `facevae train` overrides of the worker tests: the 36 px profile's size and width, streamed from the shards
+STREAMED_TINY = set_args([*model_overrides(TINY_36, ("image_size", "width")), "data.placement=stream"])
 
 
 @pytest.fixture(scope="module")
@@ -289,7 +292,7 @@ def test_damaged_shard_with_workers_exits_with_one_line_and_no_orphans(tmp_path,
         tar.write_bytes(b"")
     cmd = [sys.executable, "-m", "facevae_dist", "train", "--shards", str(shards), "--run-dir", str(tmp_path / "run"),
            "--max-steps", "1000", "--batch-size", "4", "--val-every", "0", "--sample-every", "0", "--workers", "2",
-           "--set", "model.width=0.125", "--set", "model.image_size=36", "--set", "data.placement=stream"]
+           *STREAMED_TINY]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _, err = proc.communicate(timeout=300)  # a clean failure takes seconds; the bug hung forever
@@ -337,8 +340,7 @@ def test_workers_die_with_a_killed_trainer(tmp_path, train_shards):
     """SIGKILL gives the trainer no chance to stop its workers: the kernel does (PR_SET_PDEATHSIG)."""
     cmd = [sys.executable, "-m", "facevae_dist", "train", "--shards", str(train_shards), "--run-dir",
            str(tmp_path / "run"), "--max-steps", "100000", "--batch-size", "4", "--val-every", "0", "--sample-every",
-           "0", "--workers", "2", "--set", "model.width=0.125", "--set", "model.image_size=36",
-           "--set", "data.placement=stream"]
+           "0", "--workers", "2", *STREAMED_TINY]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300

@@ -4,18 +4,17 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_36
 
 from facevae_dist.errors import FaceVAEError, UsageError
 from facevae_dist.model import FaceVAE, ModelConfig
 
 torch.set_num_threads(1)
 
-TINY = dict(image_size=36, width=0.125, latent_dim=16)
-
 
 def tiny(**kw) -> FaceVAE:
     torch.manual_seed(0)
-    return FaceVAE(ModelConfig(**{**TINY, **kw}))
+    return FaceVAE(ModelConfig(**{**TINY_36, **kw}))
 
 
 def batch(b=2, size=36, seed=1):

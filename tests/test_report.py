@@ -1,6 +1,7 @@
-"""`facevae report` across seeds: grouping by (hypothesis, seed), intervals, paired mask effect, claims, legacy
-region names. Evaluations are written directly (metrics.json + per_image.csv in eval's format) with known effects,
-so the statistics can be checked against the truth in a second."""
+"""`facevae report` across seeds: intervals, paired mask effect, claims, legacy region names, evals of one test set
+(the grouping by (hypothesis, seed) itself: test_results.py). Evaluations are written directly (metrics.json +
+per_image.csv in eval's format) with known effects, so the statistics can be checked against the truth in a
+second."""
 
 from __future__ import annotations
 
@@ -119,13 +120,6 @@ def test_no_effect_is_inconclusive_and_the_wrong_direction_contradicts(tmp_path)
     c1 = next(c for c in make_report(runs[:2] + worse, tmp_path / "r2", figures="none")["claims"]
               if c["id"] == "C1")
     assert c1["verdict"] == "contradicted"
-
-
-def test_duplicate_hypothesis_seed_is_one_clear_line(two_seed_runs, tmp_path, capsys):
-    dup = write_eval(tmp_path / "dup", "l2/none", 0, scores_for(np.random.default_rng(2), np.full(N_IMAGES, .5), 0))
-    assert main(["report", *map(str, two_seed_runs), str(dup), "--out", str(tmp_path / "r")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "both hypothesis l2/none seed 0" in err[0]
 
 
 def test_legacy_eval_region_names_are_mapped(tmp_path):

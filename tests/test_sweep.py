@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY_36, model_overrides, set_args
 
 from facevae_dist.cli import main
 from facevae_dist.sweep.element import RENDEZVOUS_PORTS, rendezvous_port
@@ -29,7 +30,8 @@ from facevae_dist.sweep.submit import SlurmOptions, submit_sweep
 
 pytestmark = [pytest.mark.slow]
 
-TINY = ["model.width=0.125", "model.image_size=36", "data.batch_size=4", "data.workers=0", "log_every=1",
+# the 36 px profile's size and width (the model's default latent), a small batch, no samples or mixed precision
+TINY = [*model_overrides(TINY_36, ("image_size", "width")), "data.batch_size=4", "data.workers=0", "log_every=1",
         "sample_every=0", "mixed_precision=no", "val_batches=2"]
 # Preemption tests signal once the first checkpoint (step 10) exists: the remaining steps must outlast the polling
 # and the signal's delivery even on an idle machine (~80 ms/step here instead of ~10 ms with TINY alone); a loaded
@@ -504,7 +506,7 @@ def test_local_cluster_runs_the_same_grid_without_slurm(shards, tmp_path):
     out = tmp_path / "sweep"
     assert main(["sweep", "submit", "--hypotheses", "l2/none,l2/mask+decoder", "--shards", str(shards),
                  "--out", str(out), "--cluster", "local", "--eval-limit", "8", "--wait", "--cpus-per-task", "1",
-                 *[a for kv in [*TINY, "max_steps=3", "val_every=3", "ckpt_every=3"] for a in ("--set", kv)]]) == 0
+                 *set_args([*TINY, "max_steps=3", "val_every=3", "ckpt_every=3"])]) == 0
     rows = _rows(out)
     assert rows["l2/none"]["state"] == rows["l2/mask+decoder"]["state"] == "finished"
     # each local element ran with its --cpus-per-task threads, as a Slurm job would

@@ -9,11 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import TINY_18, model_overrides, set_args
+
 from facevae_dist.config import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
-# The paper's architecture at 18 px (the 9x9 -> 1x1 tail plus one high-resolution stage) and 1/8 of the channels.
-TINY_MODEL = {"image_size": 18, "width": 0.125, "latent_dim": 16}
 
 
 def build_tiny_shards(path: Path, n: int = 120) -> Path:
@@ -61,7 +61,7 @@ def build_fixed_shards(path: Path, n_train: int = 64, n_val: int = 8, size: int 
 def tiny_config(shards: Path, run_dir: Path, hypothesis: str = "H9", **fields) -> TrainConfig:
     base = dict(run_dir=str(run_dir), max_steps=4, val_every=2, val_batches=1, ckpt_every=2, log_every=1,
                 sample_every=0, mixed_precision="no", channels_last=False, tensorboard=False,
-                data={"shards": str(shards), "batch_size": 4, "workers": 0}, model=dict(TINY_MODEL))
+                data={"shards": str(shards), "batch_size": 4, "workers": 0}, model=dict(TINY_18))
     for key, value in fields.items():
         if isinstance(value, dict):
             base.setdefault(key, {}).update(value)
@@ -74,7 +74,7 @@ def cli_args(shards: Path, run_dir: Path, *extra: str, hypothesis: str = "H9") -
     """`facevae train` arguments for the tiny setup (shared by the CLI, python -m and launcher runs)."""
     return ["--hypothesis", hypothesis, "--shards", str(shards), "--run-dir", str(run_dir), "--batch-size", "4",
             "--workers", "0", "--log-every", "1", "--sample-every", "0", "--val-batches", "1",
-            *[a for k, v in TINY_MODEL.items() for a in ("--set", f"model.{k}={v}")], *extra]
+            *set_args(model_overrides(TINY_18)), *extra]
 
 
 def env(**extra: str) -> dict:

@@ -1,7 +1,7 @@
 """`facevae report`: tables across seeds, the mask effect as paired differences, the paper's claims, figures.
 
 Reads only what `facevae eval` wrote (eval/metrics.json, per_image.csv, examples.safetensors), so a report can be
-rebuilt anywhere. Runs are grouped by (hypothesis, seed) as eval recorded them (groups.py). Writes into OUT:
+rebuilt anywhere. Runs are grouped by (hypothesis, seed) as eval recorded them (results.py). Writes into OUT:
 - table.md / table.csv: per hypothesis and region, the mean over seeds of each metric with a 95% seed-level t
   interval (stats.py), the paper's value beside it (every region: its protocol is unknown), and each hypothesis's
   seed spread beside the pooled one;
