@@ -1,4 +1,5 @@
-"""Synthetic faces: determinism by (seed, index), the 19-class label scheme, variety, and the mask definition."""
+"""Synthetic faces: determinism by (seed, index), the 19-class label scheme, variety, and the mask definition (the
+synthetic source's plan and partition file: test_sources.py)."""
 
 import numpy as np
 
@@ -10,7 +11,6 @@ from facevae_dist.data.masks import (
     labelmap_to_mask,
     part_masks_to_labelmap,
 )
-from facevae_dist.data.sources import SyntheticSource, parse_partition_file
 
 
 def test_render_is_deterministic_per_seed_and_index():
@@ -39,16 +39,6 @@ def test_celeba_like_shapes_labels_and_variety():
     # Skin tones vary widely.
     skin = [f.image[f.label == 1].mean() for f in faces]
     assert max(skin) - min(skin) > 80
-
-
-def test_partition_file_roundtrip(tmp_path):
-    lines = synthetic.partition_lines(50)
-    assert lines[0] == "000001.jpg 0" and lines[-1] == "000050.jpg 2"
-    (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")
-    parsed = parse_partition_file(tmp_path / "p.txt")
-    assert [list(parsed.values()).count(s) for s in ("train", "val", "test")] == [40, 5, 5]
-    plan = SyntheticSource(n=50).plan()
-    assert [len(plan.items[s]) for s in ("train", "val", "test")] == [40, 5, 5]
 
 
 def test_labelmap_to_mask_matches_paper_definition():

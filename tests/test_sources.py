@@ -1,6 +1,7 @@
-"""Real datasets: the CelebA layouts people hold (rebuilt in miniature: a few 178x218 images, the partition
-file, label maps), label maps in CelebAMask-HQ's own numbering, stray files in CelebAMask-HQ's part-mask folders,
-where the masks come from, and the warnings for empty splits and images that are not aligned CelebA."""
+"""The sources `facevae shards build` reads (data/sources.py): the synthetic source's plan and partition file, the
+CelebA layouts people hold (rebuilt in miniature: a few 178x218 images, the partition file, label maps), label maps
+in CelebAMask-HQ's own numbering, stray files in CelebAMask-HQ's part-mask folders, where the masks come from, and
+the warnings for empty splits and images that are not aligned CelebA."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from facevae_dist import progress
 from facevae_dist.cli import main
 from facevae_dist.data import mediapipe_mask, synthetic
 from facevae_dist.data.masks import GMASK_PARTS, LABEL_NAMES, guess_label_scheme, labelmap_to_mask, to_faceparsing
-from facevae_dist.data.sources import CelebASource
+from facevae_dist.data.sources import CelebASource, SyntheticSource, parse_partition_file
 from facevae_dist.data.tario import iter_tar
 
 N = 8  # images 000001..000008: 6 train, 1 val, 1 test
@@ -80,6 +81,16 @@ def reference_masks(tmp_path_factory) -> dict[str, bytes]:
             os.environ["FACEVAE_QUIET"] = saved_env
         progress.set_quiet(saved_flag)
     return shard_masks(root / "s")
+
+
+def test_partition_file_roundtrip(tmp_path):
+    lines = synthetic.partition_lines(50)
+    assert lines[0] == "000001.jpg 0" and lines[-1] == "000050.jpg 2"
+    (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")
+    parsed = parse_partition_file(tmp_path / "p.txt")
+    assert [list(parsed.values()).count(s) for s in ("train", "val", "test")] == [40, 5, 5]
+    plan = SyntheticSource(n=50).plan()
+    assert [len(plan.items[s]) for s in ("train", "val", "test")] == [40, 5, 5]
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
