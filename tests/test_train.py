@@ -541,3 +541,37 @@ def test_run_dir_over_shards_an_export_or_inside_checkpoints_is_refused(shards, 
             train(tiny_config(shards, where, max_steps=2, val_every=0))
         assert words in str(err.value) and "\n" not in str(err.value)
     assert sorted(p.name for p in shards.iterdir()) == before and not (shards / "train" / "runs").exists()
+
+
+def test_a_killed_data_loader_worker_stops_the_run_with_a_checkpoint_and_one_line(shards, tmp_path):
+    """SIGKILL one DataLoader worker, as the out-of-memory killer does: the run reads on in-process to the end of the
+    step, checkpoints it and exits 1 with one line naming the worker, the signal and the likely cause."""
+    cmd = [sys.executable, "-m", "facevae_dist", "train",
+           *cli_args(shards, tmp_path, "--max-steps", "100000", "--ckpt-every", "1000", "--val-every", "0"),
+           "--workers", "2", "--set", "data.placement=stream"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        wait_for_step(tmp_path, proc, 3, timeout=300)
+        workers = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
+                   if _ppid(p) == proc.pid]
+        assert len(workers) == 2, workers
+        os.kill(workers[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("facevae: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert f"worker pid {workers[0]} killed by SIGKILL, most likely by the kernel's out-of-memory killer" in lines[0]
+    logged = max(m["step"] for m in metrics(tmp_path) if "loss" in m)
+    assert f"stopped at step {logged} with a checkpoint" in lines[0]
+    assert latest_checkpoint(tmp_path).name == f"step_{logged}"  # nothing lost
+
+
+def _ppid(stat: Path) -> int | None:
+    try:
+        return int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None

@@ -94,6 +94,7 @@ class TrainBatches:
     corrupt_count: int
     batches_per_epoch: int
     dropped_samples: int  # samples of the split left out of each epoch on all ranks together
+    failure: str | None = None  # set when reading degraded (the loader's workers died): the run should stop
 
     def __iter__(self) -> "TrainBatches":
         return self
@@ -117,6 +118,10 @@ class _StreamBatches(TrainBatches):
     @property
     def corrupt_count(self) -> int:
         return self._loader.corrupt_count
+
+    @property
+    def failure(self) -> str | None:
+        return self._loader.worker_failure
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         while True:

@@ -90,6 +90,10 @@ def _init_worker(_worker_id: int, parent_pid: int) -> None:
     die_with_parent(parent_pid)
 
 
+class WorkersDied(RunError):
+    """The loader's worker processes died (killed, e.g. by the out-of-memory killer, or crashed)."""
+
+
 def unreadable_shard(path, exc: BaseException) -> DataError:
     return DataError(f"{path}: unreadable shard ({type(exc).__name__}: {exc}); run `facevae shards verify` and "
                      "rebuild it")
@@ -450,6 +454,7 @@ class ShardLoader:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prefetch_factor = prefetch_factor
         self.corrupt_count = 0
+        self.worker_failure: str | None = None  # why the workers died, if they did (the rest is read in-process)
         self.binary_mask_count = 0  # masks read as 0/255 from 0/1 (decode_into)
         self._warned: set[str] = set()
         self.epoch = epoch
@@ -507,7 +512,22 @@ class ShardLoader:
         elif self.workers:
             batches = iter(self._dataloader)
         batches = iter(self._dataset) if batches is None else self._checked(batches)
-        for batch in batches:
+        position = self.start_batch
+        while True:
+            try:
+                batch = next(batches, None)
+            except WorkersDied as exc:
+                # the same batches, read here from the one that was lost; the trainer stops at its next step
+                # boundary with a checkpoint (worker_failure), rather than crash with none
+                self.worker_failure = str(exc)
+                warnings.warn(f"{exc}; reading the rest in the training process")
+                self.workers = 0
+                self._dataset.set_position(self.epoch, position)
+                batches = iter(self._dataset)
+                continue
+            if batch is None:
+                break
+            position += 1
             self.corrupt_count += len(batch["corrupt"])
             warn_corrupt(batch["corrupt"], self._warned)
             if batch["binary_masks"] and not self.binary_mask_count:
@@ -536,7 +556,13 @@ class ShardLoader:
                                           collate_fn=_keep,
                                           worker_init_fn=functools.partial(_init_worker, parent_pid=os.getpid()))
             _LIVE_LOADERS.add(self)
-            return iter(self._dataloader)
+            previous = signal.getsignal(signal.SIGCHLD)
+            batches = iter(self._dataloader)
+            # DataLoader's SIGCHLD handler raises wherever the main thread happens to be when a worker dies (in the
+            # middle of an optimizer step); without it the death surfaces at the next batch fetch (the DataLoader
+            # checks its workers whenever it waits), a point where the run can still checkpoint
+            signal.signal(signal.SIGCHLD, previous if previous is not None else signal.SIG_DFL)
+            return batches
         except OSError as exc:
             self.close()
             warnings.warn(f"the data loader's {self.workers} worker process(es) cannot start ({exc}); reading "
@@ -576,7 +602,22 @@ class ShardLoader:
             self.close()
             raise
         except Exception as exc:  # a worker killed (e.g. out of memory) or a bug: keep the cause for --debug
+            why = self._why_workers_died()
             self.close()
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RunError(f"{self.shards_dir}/{self.split}: data loader worker failed ({first}); "
-                           "rerun with --workers 0 to see the error in the main process") from exc
+            raise WorkersDied(f"{self.shards_dir}/{self.split}: data loader worker failed ({why or first}); rerun "
+                              "with --workers 0 to see an error in the main process") from exc
+
+    def _why_workers_died(self) -> str:
+        """How the workers ended, from their exit codes: SIGKILL is what the kernel's out-of-memory killer sends."""
+        reasons = []
+        for w in getattr(getattr(self._dataloader, "_iterator", None), "_workers", []):
+            code = w.exitcode
+            if code == -signal.SIGKILL:
+                reasons.append(f"worker pid {w.pid} killed by SIGKILL, most likely by the kernel's out-of-memory "
+                               "killer (`dmesg` says): lower data.workers or the batch size, or free memory")
+            elif code is not None and code < 0:
+                reasons.append(f"worker pid {w.pid} killed by {signal.Signals(-code).name}")
+            elif code:
+                reasons.append(f"worker pid {w.pid} exited with code {code}")
+        return "; ".join(reasons)

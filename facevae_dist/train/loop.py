@@ -45,7 +45,7 @@ from facevae_dist import outputs, presets
 from facevae_dist.config import TrainConfig, load_toml, save_toml
 from facevae_dist.data.batches import open_train_batches
 from facevae_dist.data.shards import read_manifest, shards_identity
-from facevae_dist.errors import UsageError
+from facevae_dist.errors import RunError, UsageError
 from facevae_dist.fileio import atomic_write_json
 from facevae_dist.model import FaceVAE
 from facevae_dist.perf import cpu_has_native_bf16, keep_freed_memory
@@ -415,6 +415,8 @@ def run_loop(run: TrainingRun) -> dict:
                     _save_checkpoint(run, clock, val_loss)
                     last_ckpt_step = step
                 progress.update(task, completed=step)
+                if run.batches.failure:
+                    stop.request("the data loader's failure")
                 if stop.requested(step, log_now):
                     stopped = "preempted"
                     break
@@ -425,6 +427,9 @@ def run_loop(run: TrainingRun) -> dict:
             _validate_and_keep_best(run)
         if last_ckpt_step != state.step:
             _save_checkpoint(run, clock)
+        if run.batches.failure:
+            raise RunError(f"{run.batches.failure}; stopped at step {state.step} with a checkpoint: rerun the same "
+                           "command to resume")
         if stopped == "preempted":
             info(f"stopped by {stop.signal or 'a signal on another rank'} at step {state.step}; "
                  f"checkpoint saved, rerun the same command to resume")

@@ -153,6 +153,11 @@ class StopSignal:
     def _on_signal(self, signum, _frame) -> None:
         self.signal = signal.Signals(signum).name
 
+    def request(self, reason: str) -> None:
+        """Stop as a preemption signal would (every rank at the same step, after a checkpoint), for `reason`."""
+        if self.signal is None:
+            self.signal = reason
+
     def requested(self, step: int, log_step: bool) -> bool:
         if self.accelerator.num_processes == 1:
             return self.signal is not None
