@@ -262,3 +262,43 @@ def test_help_documents_the_numbering_the_flags_and_the_official_split_ratios(ca
     # the documented ratios reproduce CelebA's official partition sizes on its 202,599 images
     splits = [synthetic.split_for_index(i, 202599, (0.80341, 0.09806, 0.09853)) for i in range(202599)]
     assert [splits.count(s) for s in ("train", "val", "test")] == [162770, 19867, 19962]
+
+
+def _celebamask_hq(root: Path, n: int = 4) -> Path:
+    """Miniature CelebAMask-HQ: n images, a skin and a hair part each in folder 1/, the mapping file."""
+    anno = root / "CelebAMask-HQ-mask-anno" / "1"
+    (root / "CelebA-HQ-img").mkdir(parents=True)
+    anno.mkdir(parents=True)
+    lines = ["idx orig_idx orig_file"]
+    for idx in range(n):
+        Image.fromarray(np.full((32, 32, 3), 40 * idx, np.uint8)).save(root / "CelebA-HQ-img" / f"{idx}.jpg")
+        skin, hair = np.zeros((32, 32), np.uint8), np.zeros((32, 32), np.uint8)
+        skin[10:26, 8:24], hair[2:10, 6:26] = 255, 255
+        Image.fromarray(skin).save(anno / f"{idx:05d}_skin.png")
+        Image.fromarray(hair).save(anno / f"{idx:05d}_hair.png")
+        lines.append(f"{idx} {idx * 1000} {idx * 1000 + 1:06d}.jpg")
+    (root / "CelebA-HQ-to-CelebA-mapping.txt").write_text("\n".join(lines) + "\n")
+    return anno.parent
+
+
+def test_celebamask_hq_part_in_two_folders_is_skipped_naming_both_files(tmp_path, capsys):
+    """A part copied into another numbered folder that sorts first ('00002_hair.png' in 1/ and in 0/): the id was
+    mapped to the first folder and every part read from it, so that sample's mask silently became the lone copied
+    part. Now the sample is skipped, counted and listed with both files."""
+    anno = _celebamask_hq(tmp_path / "hq")
+    (anno / "0").mkdir()
+    (anno / "0" / "00002_hair.png").write_bytes((anno / "1" / "00002_hair.png").read_bytes())
+    (anno / "2").mkdir()
+    (anno / "2" / "00003_hat.png").write_bytes((anno / "1" / "00003_hair.png").read_bytes())  # parts split up
+    capsys.readouterr()
+    out = tmp_path / "s"
+    assert main(["--quiet", "shards", "build", "--source", "celebamask-hq", "--root", str(tmp_path / "hq"), "--out",
+                 str(out), "--image-size", "16", "--shard-size", "2"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "more than one folder" in line]
+    assert len(warnings) == 1 and "2 sample(s)" in warnings[0]
+    errors = dict(line.split("\t")[1:] for line in (out / "errors.tsv").read_text().splitlines())
+    assert errors["2"] == (f"{anno / '0' / '00002_hair.png'} and {anno / '1' / '00002_hair.png'} are the same "
+                           "part: remove the copy")
+    assert errors["3"].startswith("its part masks are split between") and "00003_hat.png" in errors["3"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["total"] == 2 and manifest["skipped"] == 2

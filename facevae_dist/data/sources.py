@@ -426,7 +426,8 @@ class CelebAMaskHQSource(Source):
         if not mapping.is_file():
             raise DataError(f"{mapping}: not found (needed for the official train/val/test split)")
         images = set(os.listdir(root / "CelebA-HQ-img"))
-        anno, stray = {}, []
+        found: dict[int, dict[str, list[str]]] = {}  # id -> folder -> its part files there
+        stray = []
         for sub in sorted(os.listdir(self._anno())):
             if (self._anno() / sub).is_dir():
                 for fname in sorted(os.listdir(self._anno() / sub)):
@@ -436,10 +437,18 @@ class CelebAMaskHQSource(Source):
                     if match is None or match.group(2) not in CELEBAMASK_HQ_PARTS:
                         stray.append(f"{sub}/{fname}")  # e.g. macOS ._00000_skin.png, a preview.png
                         continue
-                    anno.setdefault(int(match.group(1)), sub)
+                    found.setdefault(int(match.group(1)), {}).setdefault(sub, []).append(fname)
         if stray:
             warn(f"{self._anno()}: {len(stray)} PNG file(s) not named <id>_<part>.png ignored "
                  f"({', '.join(stray[:3])}{', ...' if len(stray) > 3 else ''})")
+        # An id's parts are read from one folder: one whose files sit in two (a part copied into another numbered
+        # folder) would have its mask made from whichever folder came first, so it is skipped and listed instead.
+        anno = {idx: next(iter(folders)) for idx, folders in found.items() if len(folders) == 1}
+        spread = {idx: self._spread_reason(folders) for idx, folders in found.items() if len(folders) > 1}
+        if spread:
+            first = min(spread)
+            warn(f"{self._anno()}: {len(spread)} sample(s) have part masks in more than one folder and are skipped "
+                 f"(listed in errors.tsv), e.g. {first}: {spread[first]}")
         plan = SourcePlan({s: [] for s in SPLITS})
         with open(mapping, encoding="utf-8", errors="replace") as f:
             for lineno, line in enumerate(f, start=1):
@@ -454,6 +463,9 @@ class CelebAMaskHQSource(Source):
                 name = f"{idx}.jpg"
                 if name not in images:
                     raise DataError(f"{root / 'CelebA-HQ-img' / name}: listed in {mapping.name} but missing")
+                if idx in spread:
+                    plan.skipped.append((split, str(idx), spread[idx]))
+                    continue
                 if idx not in anno:
                     if self.on_missing_mask == "skip":
                         plan.skipped.append((split, str(idx), "no part masks"))
@@ -464,6 +476,19 @@ class CelebAMaskHQSource(Source):
         for split in SPLITS:
             plan.items[split].sort(key=lambda it: int(it.source_id))
         return plan
+
+    def _spread_reason(self, folders: dict[str, list[str]]) -> str:
+        """Why one id's part files in several folders cannot be read: the same part twice, or parts split up."""
+        seen: dict[str, str] = {}
+        for sub, files in folders.items():
+            for fname in files:
+                if fname in seen:
+                    return (f"{self._anno() / seen[fname] / fname} and {self._anno() / sub / fname} are the same part: "
+                            "remove the copy")
+                seen[fname] = sub
+        (a, fa), (b, fb) = list(folders.items())[:2]
+        return (f"its part masks are split between {self._anno() / a}/ ({', '.join(fa[:2])}) and {self._anno() / b}/ "
+                f"({', '.join(fb[:2])}): keep them in one folder")
 
     def load(self, item: Item) -> Record:
         name, sub, orig = item.ref
