@@ -9,9 +9,14 @@ set -euo pipefail
 GRID=${1:-/root/facevae-grid}
 REF=docs/reference
 export PATH="$PWD/.venv/bin:$PATH"
-SHARDS=$GRID/shards/reference-36
-FRESH=$GRID/shards/fresh-36
-[ -f "$SHARDS/manifest.json" ] || { echo "$SHARDS: missing; run docs/reference/grid-runs.sh first" >&2; exit 2; }
+TRAINED=$GRID/shards/reference-36   # what the runs trained on (built by the pinned trainer's code)
+# The faces are scored on the same 20,000-face set rebuilt by this checkout (same generator seed: the same images
+# byte for byte), which also holds the label maps the skin and hair measures read; and on 300 faces generated afresh.
+SHARDS=$GRID/shards/reference-36-eval
+FRESH=$GRID/shards/fresh-36-eval
+[ -f "$TRAINED/manifest.json" ] || { echo "$TRAINED: missing; run docs/reference/grid-runs.sh first" >&2; exit 2; }
+[ -f "$SHARDS/manifest.json" ] || facevae -q shards build --source synthetic --n 20000 --image-size 36 \
+  --image-format png --out "$SHARDS"
 
 # 1. export each finished run (a run is finished when its sweep element evaluated it)
 RUNS=()
