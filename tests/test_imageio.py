@@ -56,7 +56,7 @@ def _first_sample(shards: Path, split: str = "train") -> tuple[np.ndarray, np.nd
 
 def _folder_build(root: Path, masks: Path, out: Path, *extra: str) -> int:
     return main(["--quiet", "shards", "build", "--source", "folder", "--root", str(root), "--masks", str(masks),
-                 "--out", str(out), "--image-size", "16", "--split-ratios", "1,0,0", "--format", "png", *extra])
+                 "--out", str(out), "--image-size", "18", "--split-ratios", "1,0,0", "--format", "png", *extra])
 
 
 def _model(path: Path, **kw) -> Path:

@@ -68,7 +68,7 @@ def test_no_antialiasing_unlike_pil():
 def test_shards_build_cv2_png_stores_cv2_resized_pixels_and_loader_reads_them(tmp_path):
     cv2 = _cv2()
     out = tmp_path / "s"
-    assert main(["--quiet", "shards", "build", "--out", str(out), "--n", "10", "--image-size", "24",
+    assert main(["--quiet", "shards", "build", "--out", str(out), "--n", "10", "--image-size", "18",
                  "--shard-size", "4", "--resize", "cv2", "--image-format", "png"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["image_ext"] == "png" and manifest["resize"]["method"] == "cv2"
@@ -80,12 +80,12 @@ def test_shards_build_cv2_png_stores_cv2_resized_pixels_and_loader_reads_them(tm
     key, fields = next(iter(iter_tar(out / "train" / "shard-000000.tar")))
     assert set(fields) == {"png", "mask.png", "json", "labels.png"}
     labels = np.asarray(Image.open(io.BytesIO(fields["labels.png"])))  # NEAREST whatever --resize: ids stay ids
-    np.testing.assert_array_equal(labels, np.asarray(Image.fromarray(record.label).resize((24, 24), Image.NEAREST)))
+    np.testing.assert_array_equal(labels, np.asarray(Image.fromarray(record.label).resize((18, 18), Image.NEAREST)))
     stored = np.asarray(Image.open(io.BytesIO(fields["png"])))
-    ref = cv2.resize(record.image, (24, 24), interpolation=cv2.INTER_LINEAR)
+    ref = cv2.resize(record.image, (18, 18), interpolation=cv2.INTER_LINEAR)
     assert np.abs(stored.astype(int) - ref).max() <= 1  # lossless: exactly the paper's squash
     mask = np.asarray(Image.open(io.BytesIO(fields["mask.png"])))
-    ref_mask = cv2.resize(record.face_mask().astype(np.float32), (24, 24), interpolation=cv2.INTER_LINEAR)
+    ref_mask = cv2.resize(record.face_mask().astype(np.float32), (18, 18), interpolation=cv2.INTER_LINEAR)
     assert np.abs(mask.astype(int) - np.rint(ref_mask * 255)).max() <= 1
     assert ((mask > 0) & (mask < 255)).any()  # soft edges
 
@@ -98,7 +98,7 @@ def test_shards_build_cv2_png_stores_cv2_resized_pixels_and_loader_reads_them(tm
         image, mask_t = next(batches)
     finally:
         batches.close()
-    assert image.shape == (4, 3, 24, 24) and mask_t.shape == (4, 1, 24, 24)
+    assert image.shape == (4, 3, 18, 18) and mask_t.shape == (4, 1, 18, 18)
     assert image.dtype == torch.float32 and 0 <= float(image.min()) and float(image.max()) <= 1
     stored_all = [torch.from_numpy(np.array(Image.open(io.BytesIO(f["png"])))).permute(2, 0, 1)
                   for tar in sorted((out / "train").glob("*.tar")) for _, f in iter_tar(tar)]

@@ -14,7 +14,7 @@ from facevae_dist.data.masks import CELEBAMASK_HQ_PARTS
 from facevae_dist.data.sources import export_synthetic_folder
 from facevae_dist.data.tario import iter_tar
 
-SMALL = ["--image-size", "32", "--shard-size", "6", "--quiet"]
+SMALL = ["--image-size", "36", "--shard-size", "6", "--quiet"]
 
 
 def build(out, *extra):
@@ -52,7 +52,7 @@ def test_synthetic_build_is_byte_identical_for_any_worker_count(tmp_path):
     assert keys == tuple(f"train-{i:08d}" for i in range(6))
     assert set(fields[0]) == {"jpg", "mask.png", "json", "labels.png"}  # the synthetic source has label maps
     mask = np.asarray(Image.open(__import__("io").BytesIO(fields[0]["mask.png"])))
-    assert mask.shape == (32, 32) and mask.dtype == np.uint8
+    assert mask.shape == (36, 36) and mask.dtype == np.uint8
     assert ((mask > 0) & (mask < 255)).any() and (mask == 255).any()  # soft edges, like the paper
     assert json.loads(fields[0]["json"])["split"] == "train"
 
@@ -92,7 +92,7 @@ def test_info_writes_contact_sheet(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["counts"] == {"train": 16, "val": 2, "test": 2}
     sheet = Image.open(tmp_path / "sheet.png")
-    assert sheet.size == (8 * (64 + 2), 3 * (32 + 2))  # 20 tiles, image beside overlay
+    assert sheet.size == (8 * (72 + 2), 3 * (36 + 2))  # 20 tiles, image beside overlay
 
 
 def test_celeba_layout_builds_and_truncated_image_is_skipped_counted_listed(tmp_path, celeba_root, capsys):
@@ -189,7 +189,7 @@ def test_celebamask_hq_layout(tmp_path):
     (root / "CelebA-HQ-to-CelebA-mapping.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "s"
     assert main(["--quiet", "shards", "build", "--source", "celebamask-hq", "--root", str(root), "--out", str(out),
-                 "--image-size", "16", "--shard-size", "2"]) == 0
+                 "--image-size", "18", "--shard-size", "2"]) == 0
     assert json.loads((out / "sizes.json").read_text()) == {"train": 2, "val": 1, "test": 1}
     _, fields = next(iter_tar(out / "train" / "shard-000000.tar"))
     mask = np.asarray(Image.open(__import__("io").BytesIO(fields["mask.png"])))
@@ -221,7 +221,7 @@ def test_folder_source_with_mask_dir(tmp_path, capsys):
     assert build(tmp_path / "s", *args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "d.jpg: no mask" in err
-    assert build(tmp_path / "s", *args, "--on-missing-mask", "skip", "--image-size", "10") == 0
+    assert build(tmp_path / "s", *args, "--on-missing-mask", "skip", "--image-size", "18") == 0
     assert (tmp_path / "s" / "errors.tsv").read_text().startswith("train\td.jpg\tno mask")
     samples = [s for shard in sorted((tmp_path / "s" / "train").glob("*.tar")) for s in iter_tar(shard)]
     metas = [json.loads(f["json"]) for _, f in samples]
@@ -230,7 +230,7 @@ def test_folder_source_with_mask_dir(tmp_path, capsys):
     assert ["labels.png" in fields for _, fields in samples] == [False, True, False]
     for _, fields in samples:  # both the 0/255 mask and the label map give the same face box
         mask = np.asarray(Image.open(__import__("io").BytesIO(fields["mask.png"])))
-        assert mask[5, 5] == 255 and mask[0, 0] == 0 and mask[9, 5] == 0
+        assert mask[9, 9] == 255 and mask[0, 0] == 0 and mask[17, 9] == 0
 
 
 @pytest.mark.slow
@@ -245,13 +245,13 @@ def test_folder_source_auto_masks_on_a_real_photo(tmp_path):
     shutil.copy(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False), photos / "hopper.jpg")
     Image.new("RGB", (96, 96), (30, 90, 200)).save(photos / "plain.png")  # no face in it
     out = tmp_path / "s"
-    assert build(out, "--source", "folder", "--root", str(photos), "--split-ratios", "1,0,0", "--image-size", "48") == 0
+    assert build(out, "--source", "folder", "--root", str(photos), "--split-ratios", "1,0,0", "--image-size", "72") == 0
     assert "plain.png\tno face found" in (out / "errors.tsv").read_text()
     (_, fields), = list(iter_tar(out / "train" / "shard-000000.tar"))
     mask = np.asarray(Image.open(__import__("io").BytesIO(fields["mask.png"]))) > 127
     assert 0.1 < mask.mean() < 0.6  # a face+hair blob, not empty and not the whole frame
     # The face (upper centre) is in; the flag at the side and the uniform below the chin are out.
-    assert mask[10:20, 20:30].all() and not mask[:, :8].any() and not mask[36:].any()
+    assert mask[15:30, 30:45].all() and not mask[:, :12].any() and not mask[54:].any()
 
 
 def test_verify_flags_unknown_and_oversized_members(tmp_path, capsys):
@@ -324,3 +324,12 @@ def test_a_second_build_into_the_same_folder_is_refused_naming_the_first(tmp_pat
     from facevae_dist.data.shards import _lock_out_dir
 
     os.close(_lock_out_dir(out))  # the lock died with its holder: the next build (a resume) may take the folder
+
+
+def test_an_image_size_no_model_can_train_on_is_refused_naming_the_sizes(tmp_path, capsys):
+    """--image-size 37 built shards that training then refused; now the build says so first."""
+    with pytest.raises(SystemExit) as exc:
+        main(["shards", "build", "--image-size", "37", "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "'37' is not a size the model is built for; use one of 144, 72, 36, 18, 9" in err
+    assert not (tmp_path / "s").exists()

@@ -14,7 +14,7 @@ import pytest
 from facevae_dist.cli import main
 from facevae_dist.fileio import atomic_write_bytes, atomic_write_json
 
-SMALL = ["--image-size", "16", "--shard-size", "4", "--n", "12"]
+SMALL = ["--image-size", "18", "--shard-size", "4", "--n", "12"]
 
 
 def build(out, *extra):

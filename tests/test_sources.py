@@ -57,7 +57,7 @@ LAYOUTS = {  # name -> (images, partition, masks, options), relative to --root
 
 def build(root: Path, out: Path, *extra: str) -> int:
     return main(["--quiet", "shards", "build", "--source", "celeba", "--root", str(root), "--out", str(out),
-                 "--image-size", "16", "--shard-size", "4", *extra])
+                 "--image-size", "18", "--shard-size", "4", *extra])
 
 
 def shard_masks(out: Path) -> dict[str, bytes]:
@@ -158,7 +158,7 @@ def test_label_maps_in_celebamask_hq_numbering_are_refused_then_converted_with_t
     photos = tmp_path / "photos"
     write_celeba(photos, tmp_path / "unused.txt", tmp_path / "gmasks", gmask=True)
     args = ["--quiet", "shards", "build", "--source", "folder", "--root", str(photos), "--masks",
-            str(tmp_path / "gmasks"), "--split-ratios", "0.75,0.125,0.125", "--image-size", "16", "--shard-size", "4"]
+            str(tmp_path / "gmasks"), "--split-ratios", "0.75,0.125,0.125", "--image-size", "18", "--shard-size", "4"]
     assert main([*args, "--out", str(tmp_path / "f")]) == 2
     assert main([*args, "--out", str(tmp_path / "f"), "--label-scheme", "celebamask-hq"]) == 0
     assert shard_masks(tmp_path / "f") == {f"{k}.jpg": v for k, v in reference_masks.items()}
@@ -207,7 +207,7 @@ def test_celebamask_hq_stray_pngs_are_skipped_and_listed(tmp_path, capsys):
     (anno / "preview.png").write_bytes((anno / "00000_skin.png").read_bytes())
     capsys.readouterr()
     assert main(["--quiet", "shards", "build", "--source", "celebamask-hq", "--root", str(root), "--out",
-                 str(tmp_path / "s"), "--image-size", "16", "--shard-size", "2"]) == 0
+                 str(tmp_path / "s"), "--image-size", "18", "--shard-size", "2"]) == 0
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "2 PNG file(s)" in warnings[0]
@@ -234,7 +234,7 @@ def test_folder_of_six_photos_warns_about_the_empty_test_split(tmp_path, capsys)
     write_celeba(photos, tmp_path / "unused.txt", masks, n=6)
     capsys.readouterr()
     assert main(["--quiet", "shards", "build", "--source", "folder", "--root", str(photos), "--masks", str(masks),
-                 "--out", str(tmp_path / "s"), "--image-size", "16"]) == 0
+                 "--out", str(tmp_path / "s"), "--image-size", "18"]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "split test is empty" in warnings[0] and "6 image(s)" in warnings[0]
     assert json.loads((tmp_path / "s" / "sizes.json").read_text()) == {"train": 5, "val": 1, "test": 0}
@@ -293,7 +293,7 @@ def test_celebamask_hq_part_in_two_folders_is_skipped_naming_both_files(tmp_path
     capsys.readouterr()
     out = tmp_path / "s"
     assert main(["--quiet", "shards", "build", "--source", "celebamask-hq", "--root", str(tmp_path / "hq"), "--out",
-                 str(out), "--image-size", "16", "--shard-size", "2"]) == 0
+                 str(out), "--image-size", "18", "--shard-size", "2"]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "more than one folder" in line]
     assert len(warnings) == 1 and "2 sample(s)" in warnings[0]
     errors = dict(line.split("\t")[1:] for line in (out / "errors.tsv").read_text().splitlines())

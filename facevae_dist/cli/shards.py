@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from facevae_dist.config import IMAGE_SIZES
 from facevae_dist.presets import add_preset_argument, apply_shards_preset, track_explicit
 
 BUILD_EPILOG = """\
@@ -70,6 +71,18 @@ def _ratios(text: str) -> tuple[float, float, float]:
         raise argparse.ArgumentTypeError(f"expected three non-negative fractions summing to 1, e.g. 0.8,0.1,0.1; "
                                          f"got {text!r}")
     return parts  # type: ignore[return-value]
+
+
+def _image_size(text: str) -> int:
+    """A size the model can train on (config.IMAGE_SIZES): shards at any other size build, then no run can use them."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value not in IMAGE_SIZES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size the model is built for; use one of "
+                                         f"{', '.join(map(str, IMAGE_SIZES))} (9 x 2^k; the paper uses 144)")
+    return value
 
 
 def _build(args) -> int:
@@ -174,7 +187,9 @@ def register(sub) -> None:
                      "(listed in errors.tsv)")
     out = build.add_argument_group("output")
     out.add_argument("--out", help="output directory (default shards/<source>)")
-    out.add_argument("--image-size", type=int, default=144, help="square training size in pixels (default 144)")
+    out.add_argument("--image-size", type=_image_size, default=144, metavar="PX",
+                     help=f"square training size in pixels: one the model is built for, "
+                     f"{', '.join(map(str, IMAGE_SIZES))} (default 144)")
     out.add_argument("--fit", choices=FIT_VALUES, default="squash",
                      help="squash: whole image to a square, as the paper does (default); center-crop: largest "
                      "centered square, aspect ratio kept")
