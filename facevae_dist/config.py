@@ -132,11 +132,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UsageError(f"unknown model config field(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**d).validate()
+        return _section_from_dict(cls, d, "model")
 
 
 @dataclass
@@ -183,11 +179,7 @@ class LossConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LossConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UsageError(f"unknown loss config field(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**d).validate()
+        return _section_from_dict(cls, d, "loss")
 
 
 @dataclass
@@ -502,6 +494,16 @@ def _to_plain(obj: Any) -> Any:
 
 def _deepcopy(cfg: TrainConfig) -> TrainConfig:
     return copy.deepcopy(cfg)
+
+
+def _section_from_dict(cls, d: dict[str, Any], section: str):
+    """A validated config section from a plain dict (a model's config.json, a checkpoint): unknown fields are an
+    error that lists the known ones."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise UsageError(f"unknown {section} config field(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return cls(**d).validate()
 
 
 # ---- checks -----------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +139,19 @@ def test_eval_limit_and_checkpoint_choice(tiny_runs, tiny_shards, tmp_path):
     assert len((tmp_path / "per_image.csv").read_text().splitlines()) == 6
 
 
+
+def _zero_first_member(shards: Path, copy: Path, wanted) -> tarfile.TarInfo:
+    """Copy the shards and overwrite the first matching member of the first test shard with zeros of the same size:
+    the tar stays valid, the member's content does not. Returns the member."""
+    shutil.copytree(shards, copy)
+    tar_path = copy / "test" / "shard-000000.tar"
+    with tarfile.open(tar_path) as t:
+        member = next(m for m in t.getmembers() if wanted(m.name))
+    with open(tar_path, "r+b") as f:
+        f.seek(member.offset_data)
+        f.write(b"\0" * member.size)
+    return member
+
 def _err_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
@@ -265,16 +279,8 @@ def test_report_on_unevaluated_run_is_one_clear_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_eval_reports_corrupt_samples(tiny_runs, tiny_shards, tmp_path):
     """A corrupt image inside a real shard is reported in metrics.json and not scored; the rest are."""
-    import tarfile
-
     bad = tmp_path / "shards"
-    shutil.copytree(tiny_shards, bad)
-    tar_path = bad / "test" / "shard-000000.tar"
-    with tarfile.open(tar_path) as t:
-        member = next(m for m in t.getmembers() if m.name.split(".", 1)[1] == "png")  # an image, not a mask
-    with open(tar_path, "r+b") as f:  # same size, garbage content: the tar stays valid, the PNG does not
-        f.seek(member.offset_data)
-        f.write(b"\0" * member.size)
+    member = _zero_first_member(tiny_shards, bad, lambda name: name.split(".", 1)[1] == "png")  # an image
     out = tmp_path / "eval" / "metrics.json"
     with pytest.warns(UserWarning, match="corrupt sample"):
         assert main(["eval", str(tiny_runs["l2/none"]), "--shards", str(bad), "--bootstrap", "50",
@@ -289,16 +295,8 @@ def test_eval_reports_corrupt_samples(tiny_runs, tiny_shards, tmp_path):
 def test_eval_reports_an_unreadable_label_map(tiny_runs, tiny_shards, tmp_path):
     """A corrupt labels.png costs its image the appearance measures only: the image is scored, the label map is
     reported with the corrupt samples and warned about."""
-    import tarfile
-
     bad = tmp_path / "shards"
-    shutil.copytree(tiny_shards, bad)
-    tar_path = bad / "test" / "shard-000000.tar"
-    with tarfile.open(tar_path) as t:
-        member = next(m for m in t.getmembers() if m.name.endswith(".labels.png"))
-    with open(tar_path, "r+b") as f:
-        f.seek(member.offset_data)
-        f.write(b"\0" * member.size)
+    member = _zero_first_member(tiny_shards, bad, lambda name: name.endswith(".labels.png"))
     out = tmp_path / "eval" / "metrics.json"
     with pytest.warns(UserWarning, match="unreadable label map"):
         assert main(["eval", str(tiny_runs["l2/none"]), "--shards", str(bad), "--bootstrap", "50",
