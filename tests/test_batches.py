@@ -102,3 +102,17 @@ def test_host_gather_converts_every_uint8_value_as_the_stream_does(shards, chann
     stream = {"image": split.images[index].permute(0, 3, 1, 2), "mask": split.masks[index].unsqueeze(1)}
     ref_image, ref_mask = to_float(stream, "cpu", channels_last=channels_last)  # what _StreamBatches hands on
     assert torch.equal(image, ref_image) and torch.equal(mask, ref_mask)
+
+
+@pytest.mark.parametrize("placement", ["stream", "host"])
+def test_an_empty_split_says_so_and_how_to_rebuild_not_to_shrink_the_batch(tmp_path, placement):
+    from facevae_dist.errors import DataError
+
+    out = tmp_path / "s"
+    build_shards(SyntheticSource(n=12, seed=0, split_ratios=(1.0, 0.0, 0.0)), out,
+                 ShardOptions(image_size=18, shard_size=4))
+    data = DataConfig(shards=str(out), batch_size=2, workers=0, placement=placement)
+    with pytest.raises(DataError) as exc:
+        list(iter_val_batches(data, rank=0, world=1, device="cpu", max_batches=1, channels_last=False))
+    assert str(exc.value).startswith(f"{out}/val: the split is empty (0 samples); rebuild the shards")
+    assert "smaller batch size" not in str(exc.value)

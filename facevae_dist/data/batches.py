@@ -40,8 +40,16 @@ import numpy as np
 import torch
 
 from facevae_dist.data.cache import open_cache, usable_for_placement
-from facevae_dist.data.loader import ShardLoader, _EpochPlan, no_readable_sample, to_float, u8_to_float, warn_corrupt
-from facevae_dist.errors import DataError, UsageError
+from facevae_dist.data.loader import (
+    ShardLoader,
+    _EpochPlan,
+    no_batches,
+    no_readable_sample,
+    to_float,
+    u8_to_float,
+    warn_corrupt,
+)
+from facevae_dist.errors import UsageError
 from facevae_dist.progress import info
 
 PLACEMENTS = ("stream", "host", "device")
@@ -146,7 +154,7 @@ class _ResidentSplit:
     def __init__(self, data_cfg, split: str, *, rank: int, world: int, device: torch.device, on_device: bool,
                  batch_size: int, drop_last: bool, shuffle: bool, resampled: bool):
         cache = open_cache(data_cfg.shards, split)
-        self.cache = cache
+        self.cache, self.where, self.world = cache, f"{data_cfg.shards}/{split}", world
         counts = np.diff(np.append(cache.shard_offsets, len(cache))).tolist()
         if not 0 <= rank < world:
             raise UsageError(f"rank {rank} out of range for world_size {world}")
@@ -213,8 +221,7 @@ class _ResidentBatches(TrainBatches):
         self._plan, self._index, self._corrupt_per_batch, self._messages = self._split.plan(self.epoch)
         self.batches_per_epoch, self.dropped_samples = self._plan.num_batches, self._plan.dropped_samples
         if self.batches_per_epoch == 0:
-            raise DataError(f"{len(self._split.cache)} samples give no batch of {self._split.batch_size} per rank; "
-                            "use a smaller batch size")
+            raise no_batches(self._split.where, len(self._split.cache), self._split.batch_size, self._split.world)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.batch_in_epoch >= self.batches_per_epoch:

@@ -109,6 +109,16 @@ def corrupt_item(key: str, path, exc: BaseException) -> str:
     return f"{key} ({Path(path).name}: {type(exc).__name__}: {exc})"
 
 
+def no_batches(where: str, n: int, batch_size: int, world: int) -> DataError:
+    """A split that gives this rank no batch: empty (a build left it nothing), or smaller than one batch per rank."""
+    if n == 0:
+        return DataError(f"{where}: the split is empty (0 samples); rebuild the shards so that it gets some (`facevae "
+                         "shards build` with a non-zero --split-ratios share for it, or more images; errors.tsv lists "
+                         "the skipped ones), or do without it (--val-every 0 for val)")
+    return DataError(f"{where}: {n} samples give no batch of {batch_size} per rank over {world} rank(s); use a "
+                     "smaller batch size")
+
+
 def no_readable_sample(items: list[str]) -> DataError:
     return DataError(f"no readable sample in a whole batch ({'; '.join(items[:3])}); run `facevae shards verify`")
 
@@ -436,6 +446,8 @@ class ShardLoader:
         if split not in manifest["splits"]:
             raise UsageError(f"split {split!r} not in {shards_dir} (have {', '.join(manifest['splits'])})")
         shards = [s for s in manifest["splits"][split]["shards"] if s["count"] > 0]
+        if not shards:
+            raise no_batches(f"{shards_dir}/{split}", 0, batch_size, world_size)
         readers = world_size * max(workers, 1)
         if len(shards) < readers:
             raise DataError(f"{shards_dir}/{split}: {len(shards)} shard(s) for {world_size} rank(s) x "
@@ -460,8 +472,7 @@ class ShardLoader:
         self.epoch = epoch
         self._plan = self._make_plan()
         if self._plan.num_batches == 0:
-            raise DataError(f"{shards_dir}/{split}: {sum(self.shard_counts)} samples give no batch of "
-                            f"{batch_size} per rank over {world_size} rank(s); use a smaller batch size")
+            raise no_batches(f"{shards_dir}/{split}", sum(self.shard_counts), batch_size, world_size)
         if not 0 <= start_batch <= self._plan.num_batches:
             raise UsageError(f"start_batch {start_batch} outside [0, {self._plan.num_batches}]")
         self.start_batch = start_batch
