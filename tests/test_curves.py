@@ -82,8 +82,11 @@ def test_curve_of_several_losses_gets_a_column_per_loss(tmp_path):
     write_curve(_rows("l2/none"), tmp_path / "one", {"split": "test", "limit": 4, "shards": None}, None)
     with Image.open(tmp_path / "grid" / "learning_curve.png") as by_loss, \
             Image.open(tmp_path / "one" / "learning_curve.png") as one:
-        assert by_loss.size[1] > 1.4 * one.size[1], "several losses: two rows of panels"
+        assert by_loss.size[1] > 1.4 * one.size[1], "several losses: four rows of panels"
         assert one.size[0] > 1000
+        for png in (by_loss, one):  # the composite beside the face pixels, in both layouts
+            words = png.info["Description"]
+            assert "face-pixel 1−SSIM\n(raw output)" in words and "composite 1−SSIM\n(output on" in words
 
 
 def test_learning_curve_of_a_directory_without_checkpoints_is_one_line(tmp_path, capsys):

@@ -16,7 +16,8 @@ from facevae_dist.evaluate.appearance import HAIR_TEXTURE_FLOOR, MEASURES
 from facevae_dist.evaluate.scoring import PER_IMAGE_FILE
 from facevae_dist.report.build import make_report
 from facevae_dist.report.claims import LOSSES
-from facevae_dist.report.tables import separated_best
+from facevae_dist.report.figures import appearance_figure
+from facevae_dist.report.tables import Aggregate, separated_best
 from facevae_dist.stats import Interval, difference_of_differences
 
 # mask effect per loss on the six columns (negative: the mask helps); the l_n losses gain most, SSIM almost nothing
@@ -124,7 +125,16 @@ def test_worded_claims_on_a_constructed_grid(tmp_path):
     assert "| ssim/none | " in md and "(visible)" in md  # C9's sizes beside the just-noticeable difference
     im = Image.open(report / "figures" / "appearance.png")
     assert im.size[0] > 1200 and np.asarray(im.convert("L")).std() > 5
+    assert "Hair-interior detail kept" in im.info["Description"] and "Not drawn" not in im.info["Description"]
     assert json.loads((report / "claims.json").read_text())["claims"][8]["id"] == "C9"
+    # every figure names the interval it draws (the PNG's text chunk holds the figure's words); the region charts
+    # give the paper's values a strip of their own and say not to compare heights with ours
+    for name in ("mask_effect", "metrics_face", "metrics_composite", "appearance"):
+        words = Image.open(report / "figures" / f"{name}.png").info["Description"]
+        assert "95% seed-level t interval (seed variance pooled over the hypotheses" in words, name
+        assert "bootstrap" not in words, name
+    words = Image.open(report / "figures" / "metrics_composite.png").info["Description"]
+    assert "paper\n(own scale)" in words and "compare its order, not its height" in words
 
 
 def test_worded_claims_contradicted_and_untestable(tmp_path):
@@ -156,6 +166,12 @@ def test_c10_is_not_testable_on_flat_hair_and_c9_c10_without_label_maps(tmp_path
     assert flat["C10"]["verdict"] == "not testable on this data" and "comparisons" not in flat["C10"]
     assert f"below the floor {HAIR_TEXTURE_FLOOR} in 60 of the 60 test images" in flat["C10"]["reason"]
     assert flat["C9"]["verdict"] == "supported"  # skin colour does not need hair texture
+    # the figure draws no hair bars that would look like a result, and says why in claims.py's words
+    agg = Aggregate(_grid(tmp_path / "flat2", shifts, texture=0.005))
+    assert appearance_figure(agg, tmp_path / "appearance.png")
+    words = Image.open(tmp_path / "appearance.png").info["Description"]
+    assert "Not drawn: C10 (sharper hair with the mask) is not testable on this data" in " ".join(words.split())
+    assert "below the floor 0.04 in 60 of the 60 test images" in " ".join(words.split())
     runs = _grid(tmp_path / "none", shifts, texture=None)
     out = make_report(runs, tmp_path / "r2", figures="all")
     bare = {c["id"]: c for c in out["claims"]}

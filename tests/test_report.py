@@ -99,6 +99,9 @@ def test_report_groups_seeds_and_supports_a_real_mask_effect(two_seed_runs, tmp_
     assert "| C1 | **supported** | supported |" in md and "not tested" in md
     im = Image.open(out / "figures" / "mask_effect.png")
     assert im.size[0] > 800 and np.asarray(im.convert("L")).std() > 5
+    # the subtitle names the interval drawn (stats.py's), stored with the figure's words in the PNG
+    assert "bars: 95% seed-level t interval (seed variance pooled over the hypotheses, fewer than 3 seeds each)" \
+        in im.info["Title"] and "bootstrap" not in im.info["Description"]
     # deterministic: the same report twice
     again = tmp_path / "again"
     make_report(two_seed_runs, again, figures="effect")

@@ -135,9 +135,19 @@ def _loss_and_mode(hypothesis) -> tuple[str, str]:
     return loss, mode
 
 
+# What the curves plot: the face pixels of the raw output (the target's measure) and, below it, the composite (the
+# output pasted onto the input's background: the image the mask method delivers); older rows may lack the composite
+CURVE_METRICS = (("face_1-ssim", "face-pixel 1−SSIM\n(raw output)"),
+                 ("composite_1-ssim", "composite 1−SSIM\n(output on the input's background)"))
+
+
+def _metrics(rows: list[dict]) -> list[tuple[str, str]]:
+    return [(key, label) for key, label in CURVE_METRICS if any(r.get(key) is not None for r in rows)]
+
+
 def _plot(rows: list[dict], path: Path, target: float | None) -> None:
-    """One panel per axis for a few runs; a grid of several losses gets a column per loss instead (twenty lines on
-    one panel cannot be read)."""
+    """One panel per (metric, axis) for a few runs; a grid of several losses gets a column per loss instead (twenty
+    lines on one panel cannot be read)."""
     losses = in_order((_loss_and_mode(r["hypothesis"])[0] for r in rows), LOSS_ORDER)
     if len(losses) > 1:
         _plot_by_loss(rows, losses, path, target)
@@ -146,49 +156,69 @@ def _plot(rows: list[dict], path: Path, target: float | None) -> None:
 
 
 def _plot_by_loss(rows: list[dict], losses: list[str], path: Path, target: float | None) -> None:
-    """Columns: losses; rows: vs optimizer steps and vs CPU-hours; colour: mask mode (as in the report's figures);
-    line style: seed. Shared axes, so that losses compare across columns."""
+    """Columns: losses; rows: each metric vs optimizer steps, then each vs CPU-hours; colour: mask mode (as in the
+    report's figures); line style: seed. A metric shares its y axis across every panel, an x quantity its x axis,
+    so that losses compare across columns."""
     import matplotlib.pyplot as plt  # lazy: matplotlib adds ~0.5 s to every CLI start
     from matplotlib.lines import Line2D
 
     runs = list(dict.fromkeys(r["run"] for r in rows))
     seeds = list(dict.fromkeys(str(r["seed"]) for r in rows))
     modes = in_order((_loss_and_mode(r["hypothesis"])[1] for r in rows), MODE_ORDER)
+    metrics = _metrics(rows)
+    panels = [(x, xlabel, key, label) for x, xlabel in (("step", "optimizer steps"), ("cpu_hours", "CPU-hours"))
+              for key, label in metrics]
     with plt.rc_context(figure_style()):
-        fig, axes = plt.subplots(2, len(losses), figsize=(2.6 * len(losses) + 0.8, 6.0), sharey=True,
-                                 sharex="row", squeeze=False)
+        fig, axes = plt.subplots(len(panels), len(losses), figsize=(2.6 * len(losses) + 1.0, 2.3 * len(panels) + 1.2),
+                                 squeeze=False)
+        for i, (x, _, key, _) in enumerate(panels):  # one y axis per metric, one x axis per quantity
+            y_first = axes[next(j for j, p in enumerate(panels) if p[2] == key), 0]
+            x_first = axes[next(j for j, p in enumerate(panels) if p[0] == x), 0]
+            for ax in axes[i]:
+                if ax is not y_first:
+                    ax.sharey(y_first)
+                if ax is not x_first:
+                    ax.sharex(x_first)
         for run in runs:
             pts = sorted((r for r in rows if r["run"] == run), key=lambda r: r["step"])
             loss, mode = _loss_and_mode(pts[0]["hypothesis"])
             col = losses.index(loss)
             kw = dict(color=MODE_COLORS.get(mode, "#777777"), marker="o", markersize=2, linewidth=1.1,
                       linestyle=SEED_STYLES[seeds.index(str(pts[0]["seed"])) % len(SEED_STYLES)])
-            axes[0, col].plot([p["step"] for p in pts], [p["face_1-ssim"] for p in pts], **kw)
-            cpu = [(p["cpu_hours"], p["face_1-ssim"]) for p in pts if p["cpu_hours"] is not None]
-            if cpu:
-                axes[1, col].plot(*zip(*cpu), **kw)
+            for i, (x, _, key, _) in enumerate(panels):
+                xy = [(p[x], p[key]) for p in pts if p.get(x) is not None and p.get(key) is not None]
+                if xy:
+                    axes[i, col].plot(*zip(*xy), **kw)
         for col, loss in enumerate(losses):
             axes[0, col].set_title(LOSS_LABELS.get(loss, loss))
-            for row, xlabel in enumerate(("optimizer steps", "CPU-hours")):
-                ax = axes[row, col]
+            for i, (x, xlabel, key, label) in enumerate(panels):
+                ax = axes[i, col]
                 panel_style(ax)
-                ax.set_xlabel(xlabel)
-                if target is not None:
+                last_of_x = i + 1 == len(panels) or panels[i + 1][0] != x
+                if last_of_x:
+                    ax.set_xlabel(xlabel)
+                else:
+                    ax.tick_params(axis="x", labelbottom=False)
+                if col == 0:
+                    ax.set_ylabel(f"{label}\nlower is better")
+                else:
+                    ax.tick_params(axis="y", labelleft=False)
+                if target is not None and key == "face_1-ssim":
                     ax.axhline(target, color="#555555", linewidth=0.8, linestyle=(0, (4, 3)))
-        _log_steps(axes[0, 0], rows)  # shared x: one call sets every column
-        axes[0, 0].set_ylabel("face-pixel 1-SSIM (raw output)\nlower is better")
-        axes[1, 0].set_ylabel("face-pixel 1-SSIM (raw output)\nlower is better")
+        _log_steps(axes[0, 0], rows)  # shared x: one call sets every steps panel
         handles = [Line2D([], [], color=MODE_COLORS.get(m, "#777777"), label=f"mask: {MODE_LABELS.get(m, m)}")
                    for m in modes]
         handles += [Line2D([], [], color="#333333", linestyle=SEED_STYLES[i % len(SEED_STYLES)], label=f"seed {s}")
                     for i, s in enumerate(seeds)]
         if target is not None:
             handles.append(Line2D([], [], color="#555555", linewidth=0.8, linestyle=(0, (4, 3)),
-                                  label=f"target {target:g}"))
+                                  label=f"target {target:g} (face pixels)"))
         fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=8)
-        fig.suptitle("Learning curves per loss: vs optimizer steps (top) and vs compute (bottom)",
-                     fontweight="bold", fontsize=10)
-        fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+        what = " and ".join(label.split("\n")[0] for _, label in metrics)
+        rows_each = "row" if len(metrics) == 1 else f"{len(metrics)} rows"
+        fig.suptitle(f"Learning curves per loss: {what}\nvs optimizer steps (top {rows_each}) and vs compute (bottom "
+                     f"{rows_each})", fontweight="bold", fontsize=10)
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
         save_figure(fig, path)
 
 
@@ -205,10 +235,14 @@ def _log_steps(ax, rows: list[dict]) -> None:
 
 
 def _plot_runs(rows: list[dict], path: Path, target: float | None) -> None:
+    """A few runs of one loss: a row per metric (face pixels, composite), vs steps (left) and vs CPU-hours (right);
+    colour: mask mode (as in the report's figures) unless two runs share a hypothesis; line style: seed."""
     import matplotlib.pyplot as plt  # lazy: matplotlib adds ~0.5 s to every CLI start
 
+    metrics = _metrics(rows)
     with plt.rc_context(figure_style()):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+        fig, axes = plt.subplots(len(metrics), 2, figsize=(10, 3.4 * len(metrics) + 0.4), sharey="row",
+                                 sharex="col", squeeze=False)
         runs = list(dict.fromkeys(r["run"] for r in rows))
         first = {run: next(r for r in rows if r["run"] == run) for run in runs}
         names = {run: f"{first[run]['hypothesis']} seed {first[run]['seed']}" for run in runs}
@@ -217,34 +251,46 @@ def _plot_runs(rows: list[dict], path: Path, target: float | None) -> None:
             names = {run: run for run in runs}
         palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
         hyps = list(dict.fromkeys(str(first[run]["hypothesis"]) for run in runs))
+        modes = [_loss_and_mode(h)[1] for h in hyps]
+        by_mode = not by_run and len(set(modes)) == len(hyps) and all(m in MODE_COLORS for m in modes)
         for i, run in enumerate(runs):
             pts = sorted((r for r in rows if r["run"] == run), key=lambda r: r["step"])
             hyp = str(first[run]["hypothesis"])
             seeds = list(dict.fromkeys(str(first[x]["seed"]) for x in runs if str(first[x]["hypothesis"]) == hyp))
-            colour = palette[(i if by_run else hyps.index(hyp)) % len(palette)]
+            colour = (MODE_COLORS[_loss_and_mode(hyp)[1]] if by_mode
+                      else palette[(i if by_run else hyps.index(hyp)) % len(palette)])
             style = "-" if by_run else SEED_STYLES[seeds.index(str(first[run]["seed"])) % len(SEED_STYLES)]
             kw = dict(color=colour, linestyle=style, marker="o", markersize=3, label=names[run])
-            steps = [p["step"] for p in pts]
-            axes[0].plot(steps, [p["face_1-ssim"] for p in pts], **kw)
-            axes[0].fill_between(steps, [p["face_1-ssim_lo"] for p in pts], [p["face_1-ssim_hi"] for p in pts],
-                                 color=colour, alpha=0.12, linewidth=0)
-            cpu = [(p["cpu_hours"], p["face_1-ssim"]) for p in pts if p["cpu_hours"] is not None]
-            if cpu:
-                axes[1].plot(*zip(*cpu), **kw)
-        for ax, xlabel in zip(axes, ("optimizer steps", "CPU-hours (all threads, all ranks)")):
-            panel_style(ax)
-            ax.set_xlabel(xlabel)
-            if target is not None:
-                ax.axhline(target, color="#555555", linewidth=0.8, linestyle=(0, (4, 3)))
-                ax.text(ax.get_xlim()[1], target, f" target {target:g}", va="bottom", ha="right", fontsize=8,
-                        color="#555555")
-        _log_steps(axes[0], rows)
-        axes[0].set_ylabel("face-pixel 1-SSIM (raw output)\nlower is better")
-        axes[0].set_title("Learning curve vs steps (band: 95% interval over images)")
-        axes[1].set_title("Learning curve vs compute")
+            for row, (key, _) in enumerate(metrics):
+                steps = [(p["step"], p[key]) for p in pts if p.get(key) is not None]
+                if steps:
+                    axes[row, 0].plot(*zip(*steps), **kw)
+                if key == "face_1-ssim":  # eval's interval over images, recorded for the face pixels only
+                    axes[row, 0].fill_between([p["step"] for p in pts], [p["face_1-ssim_lo"] for p in pts],
+                                              [p["face_1-ssim_hi"] for p in pts], color=colour, alpha=0.12,
+                                              linewidth=0)
+                cpu = [(p["cpu_hours"], p[key]) for p in pts if p["cpu_hours"] is not None and p.get(key) is not None]
+                if cpu:
+                    axes[row, 1].plot(*zip(*cpu), **kw)
+        for row, (key, label) in enumerate(metrics):
+            for col, xlabel in enumerate(("optimizer steps", "CPU-hours (all threads, all ranks)")):
+                ax = axes[row, col]
+                panel_style(ax)
+                if row == len(metrics) - 1:
+                    ax.set_xlabel(xlabel)
+                if target is not None and key == "face_1-ssim":
+                    ax.axhline(target, color="#555555", linewidth=0.8, linestyle=(0, (4, 3)))
+                    # at the left edge: the curves start well above the target, so they leave it free there
+                    ax.text(0.01, target, f"target {target:g}", va="bottom", ha="left", fontsize=8, color="#555555",
+                            transform=ax.get_yaxis_transform())
+            axes[row, 0].set_ylabel(f"{label}\nlower is better")
+        _log_steps(axes[0, 0], rows)
+        axes[0, 0].set_title("Learning curve vs steps (band: 95% interval over images)")
+        axes[0, 1].set_title("Learning curve vs compute")
         if not any(r["cpu_hours"] is not None for r in rows):
-            axes[1].text(0.5, 0.5, "no CPU-hours recorded\n(checkpoints written before the trainer counted them)",
-                         transform=axes[1].transAxes, ha="center", va="center", fontsize=8, color="#555555")
-        axes[0].legend(fontsize=7, frameon=False)
+            for ax in axes[:, 1]:
+                ax.text(0.5, 0.5, "no CPU-hours recorded\n(checkpoints written before the trainer counted them)",
+                        transform=ax.transAxes, ha="center", va="center", fontsize=8, color="#555555")
+        axes[0, 0].legend(fontsize=7, frameon=False)
         fig.tight_layout()
         save_figure(fig, path)
