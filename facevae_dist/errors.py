@@ -29,6 +29,15 @@ class RunError(FaceVAEError):
     exit_code = 1
 
 
+class Stopped(FaceVAEError):
+    """Stopped by a signal at a point with nothing to save (e.g. while decoding the cache): one line, and the exit
+    code a shell gives a process killed by that signal (128 + its number: 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 # What to do about the OS errors a command meets on its files; the rest get a generic hint.
 _OS_HINTS = {
     "ENOSPC": "the disk is full: free space there or write elsewhere",

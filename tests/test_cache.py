@@ -329,3 +329,50 @@ def test_a_full_disk_is_one_line_and_auto_falls_back_to_streaming(own_shards, mo
     assert batches_mod.resolve_placement(auto, CPU) == "stream"
     monkeypatch.undo()
     assert batches_mod.resolve_placement(auto, CPU) == "host"
+
+
+_STUCK_TRAINER = """
+import sys, time
+from facevae_dist.cli import main
+from facevae_dist.data import cache
+
+cache.decode_into = lambda *args, **kwargs: time.sleep(3600)  # a decode that never ends: always caught mid-build
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_preemption_signal_during_the_cache_build_is_one_line_and_exit_143(tmp_path):
+    """Slurm's SIGTERM to the job's process group while `facevae train` decodes the cache (before training, so
+    before the trainer's own handlers): it used to exit 143 without a word; now one line, temp files removed."""
+    import signal
+    import time
+
+    from train_helpers import env
+
+    out = tmp_path / "s"
+    build_shards(SyntheticSource(n=60, seed=1), out, ShardOptions(image_size=18, shard_size=7))
+    folder = cache_paths(out, "train").meta.parent
+    args = ["-q", "train", "--hypothesis", "H9", "--shards", str(out), "--run-dir", str(tmp_path / "run"),
+            "--workers", "0", "--batch-size", "4", "--max-steps", "1", "--val-every", "0", "--set", "data.placement=host",
+            "--set", "model.image_size=18", "--set", "model.width=0.125"]
+    proc = subprocess.Popen([sys.executable, "-c", _STUCK_TRAINER, *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=env())
+    try:
+        deadline = time.monotonic() + 300
+        while not list(folder.glob(".*.tmp")):  # mid-build: its temp files are there
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "the cache build never started"
+            time.sleep(0.2)
+        time.sleep(1)  # the decoding processes have started on their shards
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 143 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0] == (f"facevae: error: {folder}: stopped by SIGTERM while decoding the train split into the cache; "
+                        "nothing kept: the next run decodes it again")
+    assert list(folder.glob(".*.tmp")) == []

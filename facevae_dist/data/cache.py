@@ -30,6 +30,8 @@ import functools
 import hashlib
 import os
 import shutil
+import signal
+import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -49,7 +51,7 @@ from facevae_dist.data.loader import (
 )
 from facevae_dist.data.shards import read_manifest
 from facevae_dist.data.tario import OversizedMember, index_tar, member_limits, read_fields
-from facevae_dist.errors import DataError, FaceVAEError, RunError, UsageError
+from facevae_dist.errors import DataError, FaceVAEError, RunError, Stopped, UsageError
 from facevae_dist.fileio import atomic_write_json, flock_holder, read_json
 from facevae_dist.progress import info, make_progress
 
@@ -193,7 +195,10 @@ def _sha256(path: Path, what: str) -> str:
 
 def _init_decoder(parent_pid: int, lock_fd: int) -> None:
     """Decoding process set-up: die with the builder, and let go of the forked copy of its lock descriptor (the
-    flock belongs to the open file, so a copy kept by an orphan would hold the lock for ever)."""
+    flock belongs to the open file, so a copy kept by an orphan would hold the lock for ever). Preemption signals
+    sent to the whole process group are the builder's to handle: it stops the decoders itself."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
     die_with_parent(parent_pid)
     with contextlib.suppress(OSError):
         os.close(lock_fd)
@@ -260,7 +265,9 @@ def _decode_all(jobs: list[tuple], processes: int, lock_fd: int, split: str) -> 
         try:
             futures = {pool.submit(_decode_shard, job) for job in jobs}
             while futures:
-                done, futures = wait(futures, return_when=FIRST_EXCEPTION)
+                # a timeout, so that this thread runs a signal's handler soon even when the kernel delivered the
+                # signal to another thread (Python runs handlers only in the main thread, between bytecodes)
+                done, futures = wait(futures, timeout=1.0, return_when=FIRST_EXCEPTION)
                 for fut in done:
                     if fut.exception() is not None:
                         raise fut.exception()
@@ -373,6 +380,27 @@ def _intact(paths: CachePaths, meta: dict) -> bool:
                                                                        ("masks", paths.masks)))
 
 
+@contextlib.contextmanager
+def _signals_stop_the_build(folder: Path, split: str):
+    """While the cache is decoded, a preemption signal (SIGTERM, SIGUSR1/2: what Slurm sends) stops the build with
+    one line (its temp files removed) instead of killing the process without a word; the trainer's own handlers
+    only come once training starts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, _frame):
+        raise Stopped(f"{folder}: stopped by {signal.Signals(signum).name} while decoding the {split} split into the "
+                      "cache; nothing kept: the next run decodes it again", signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def open_cache(shards_dir, split: str, *, processes: int | None = None, build: bool = True) -> SplitCache:
     """The decoded split, built first if missing or stale (build=False: DataError instead). Concurrent callers
     (ranks) build it once: the others wait on the lock and then open it."""
@@ -398,7 +426,8 @@ def open_cache(shards_dir, split: str, *, processes: int | None = None, build: b
             procs = processes or max(1, min(len(shards), len(os.sched_getaffinity(0))))
             try:
                 _remove_stale_temps(folder)
-                _build(shards_dir, split, manifest, shards, fingerprint, paths, procs, lock)
+                with _signals_stop_the_build(folder, split):
+                    _build(shards_dir, split, manifest, shards, fingerprint, paths, procs, lock)
             except PermissionError as exc:
                 raise UsageError(f"{folder}: cannot write the decoded-split cache ({exc.strerror}); make "
                                  "the shards folder writable once, or use --set data.placement=stream")
