@@ -293,6 +293,9 @@ def reconstruct_files(model_dir: str | Path, paths, out_dir: str | Path, *, batc
     fit = training_fit(model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = ReconstructResult(mask_mode=mode, note=MODE_NOTES[mode], aligned=align)
+    if masks_dir is not None and mode == "mask+decoder":
+        warn(f"--masks {masks_dir}: not used: a mask+decoder model predicts the face mask itself, and its composite "
+             "uses that")
     squashed: list[str] = []
     pixel_budget = imageio.max_pixels_default()
     with make_progress() as progress:
@@ -350,6 +353,11 @@ def reconstruct_files(model_dir: str | Path, paths, out_dir: str | Path, *, batc
         warn(f"--no-align: {len(squashed)} image(s) are not square, e.g. {squashed[0]}: each was squashed to the "
              f"model's {size}x{size} input, changing its aspect ratio, so its face comes out stretched; without "
              "--no-align the face is found and cropped as in training")
+    if masks_dir is not None and mode != "mask+decoder":
+        unmasked = [Path(p) for p in result.written if not (masks_dir / f"{Path(p).stem}.png").is_file()]
+        if unmasked:
+            warn(f"--masks {masks_dir}: no mask for {len(unmasked)} of {len(result.written)} photo(s), e.g. "
+                 f"{unmasked[0].name} (it needs {unmasked[0].stem}.png there): no composite for them")
     return result
 
 

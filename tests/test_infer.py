@@ -375,3 +375,21 @@ def test_export_carries_a_model_card_and_a_flat_config(tmp_path):
     assert str(tmp_path) not in text  # no absolute paths in a card meant for publishing
     loaded = FaceVAE.from_pretrained(out)
     assert loaded.cfg.image_size == 18 and not loaded.training
+
+
+@pytest.mark.parametrize("mask_mode", ["none", "mask+decoder"])
+def test_masks_that_are_not_used_are_said_not_silently_ignored(tmp_path, capsys, mask_mode):
+    """A no-mask model given --masks without a mask for a photo wrote no composite for it, and a mask+decoder model
+    ignored --masks altogether, both without a word."""
+    model = _save_model(tmp_path / "model", mask_mode=mask_mode)
+    photo = tmp_path / "face.jpg"
+    shutil.copy(_photo(), photo)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    (masks / "other.png").write_bytes(b"")  # a mask for some other photo
+    assert main(["reconstruct", "--model", str(model), str(photo), "--no-align", "--out", str(tmp_path / "out"),
+                 "--masks", str(masks)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("facevae: warning: --masks")]
+    expected = ("not used: a mask+decoder model predicts the face mask itself" if mask_mode == "mask+decoder" else
+                "no mask for 1 of 1 photo(s), e.g. face.jpg (it needs face.png there): no composite for them")
+    assert len(warnings) == 1 and expected in warnings[0], warnings
