@@ -96,7 +96,8 @@ def _data(data: dict | None, source: str | None, exported: bool) -> str:
     lines = ["## Training data\n", f"- source: `{source}`: {about}" + (f" ({settings})" if settings else ""),
              "- images: " + ", ".join(f"{split} {n}" for split, n in counts.items()) if counts else None,
              f"- preprocessing: {data['image_size']}x{data['image_size']} {data.get('image_format', '')}, "
-             f"{data.get('fit', 'squash')} ({data.get('resize_method', '?')} resize)" if data.get("image_size") else None,
+             f"{data.get('fit', 'squash')} ({data.get('resize_method', '?')} resize)"
+             if data.get("image_size") else None,
              f"- face masks: {data['masks']}" if data.get("masks") else None,
              f"- shards: `{data['shards']}`, built by facevae-dist {data.get('package_version', '?')}"
              if data.get("shards") else None,
