@@ -143,26 +143,22 @@ def read_doc_text(path: str | os.PathLike, *, fix: str, error: type[FaceVAEError
 def parse_json(text: str | bytes, where: str | os.PathLike, *, fix: str, error: type[FaceVAEError] = DataError,
                max_depth: int = MAX_DOC_DEPTH) -> Any:
     """json.loads with the failures as one line naming `where` (a file, or a member of one)."""
-    try:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8")
-        doc = json.loads(text)
-    except UnicodeDecodeError as exc:
-        raise error(f"{where}: not UTF-8 text (byte {exc.start}; {fix})") from None
-    except json.JSONDecodeError as exc:
-        raise error(f"{where}: not valid JSON ({exc}; {fix})") from None
-    except RecursionError:
-        raise error(f"{where}: nested too deeply (over {max_depth} levels; {fix})") from None
-    _check_depth(doc, where, fix, error, max_depth)
-    return doc
+    return _parse(json.loads, text, "JSON", json.JSONDecodeError, where, fix, error, max_depth)
 
 
 def parse_toml(text: str, where: str | os.PathLike, *, fix: str, error: type[FaceVAEError] = UsageError,
                max_depth: int = MAX_DOC_DEPTH) -> dict:
+    return _parse(tomllib.loads, text, "TOML", tomllib.TOMLDecodeError, where, fix, error, max_depth)
+
+
+def _parse(loads, text: str | bytes, kind: str, syntax_error: type[Exception], where, fix: str,
+           error: type[FaceVAEError], max_depth: int) -> Any:
     try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise error(f"{where}: not valid TOML ({exc}; {fix})") from None
+        doc = loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+    except UnicodeDecodeError as exc:
+        raise error(f"{where}: not UTF-8 text (byte {exc.start}; {fix})") from None
+    except syntax_error as exc:
+        raise error(f"{where}: not valid {kind} ({exc}; {fix})") from None
     except RecursionError:
         raise error(f"{where}: nested too deeply (over {max_depth} levels; {fix})") from None
     _check_depth(doc, where, fix, error, max_depth)

@@ -152,6 +152,13 @@ def _zero_first_member(shards: Path, copy: Path, wanted) -> tarfile.TarInfo:
         f.write(b"\0" * member.size)
     return member
 
+
+def _eval_warned(run: Path, shards: Path, out: Path, warning: str) -> dict:
+    """`facevae eval` of `run` on `shards` into `out`, which must warn `warning`; returns metrics.json."""
+    with pytest.warns(UserWarning, match=warning):
+        assert main(["eval", str(run), "--shards", str(shards), "--bootstrap", "50", "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
 def _err_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
@@ -281,11 +288,7 @@ def test_eval_reports_corrupt_samples(tiny_runs, tiny_shards, tmp_path):
     """A corrupt image inside a real shard is reported in metrics.json and not scored; the rest are."""
     bad = tmp_path / "shards"
     member = _zero_first_member(tiny_shards, bad, lambda name: name.split(".", 1)[1] == "png")  # an image
-    out = tmp_path / "eval" / "metrics.json"
-    with pytest.warns(UserWarning, match="corrupt sample"):
-        assert main(["eval", str(tiny_runs["l2/none"]), "--shards", str(bad), "--bootstrap", "50",
-                     "--out", str(out)]) == 0
-    ev = json.loads(out.read_text())
+    ev = _eval_warned(tiny_runs["l2/none"], bad, tmp_path / "eval" / "metrics.json", "corrupt sample")
     key = member.name.split(".")[0]
     assert len(ev["corrupt_samples"]) == 1 and ev["corrupt_samples"][0].startswith(key)
     assert ev["n_images"] == 7 and key not in (tmp_path / "eval" / "per_image.csv").read_text()
@@ -297,11 +300,7 @@ def test_eval_reports_an_unreadable_label_map(tiny_runs, tiny_shards, tmp_path):
     reported with the corrupt samples and warned about."""
     bad = tmp_path / "shards"
     member = _zero_first_member(tiny_shards, bad, lambda name: name.endswith(".labels.png"))
-    out = tmp_path / "eval" / "metrics.json"
-    with pytest.warns(UserWarning, match="unreadable label map"):
-        assert main(["eval", str(tiny_runs["l2/none"]), "--shards", str(bad), "--bootstrap", "50",
-                     "--out", str(out)]) == 0
-    ev = json.loads(out.read_text())
+    ev = _eval_warned(tiny_runs["l2/none"], bad, tmp_path / "eval" / "metrics.json", "unreadable label map")
     key = member.name.split(".")[0]
     assert ev["n_images"] == 8 and len(ev["corrupt_samples"]) == 1 and ev["corrupt_samples"][0].startswith(key)
     assert "labels.png" in ev["corrupt_samples"][0]
