@@ -19,7 +19,7 @@ SHARDS = "a shards folder"
 EXPORT = "an exported model"
 
 
-# data/shards.py's FORMAT (data/ is above this floor): the "format" of a shards folder's manifest.json
+# the "format" of a shards folder's manifest.json (data/shards.py writes it: data/ is above this floor)
 SHARDS_FORMAT = "facevae-shards"
 
 

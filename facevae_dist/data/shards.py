@@ -48,9 +48,10 @@ from facevae_dist.fileio import (
     read_json,
     sha256_file,
 )
+from facevae_dist.outputs import SHARDS_FORMAT
 from facevae_dist.progress import info, make_progress, warn
 
-FORMAT = "facevae-shards"
+FORMAT = SHARDS_FORMAT  # one definition: outputs.py tells a shards folder by it
 FORMAT_VERSION = 2  # 2: samples carry labels.png where the source has label maps; 1 (still read): none do
 FIT_MODES = ("squash", "center-crop")
 RESIZE_METHODS = ("pil", "cv2")
