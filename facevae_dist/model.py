@@ -65,7 +65,9 @@ class ConvBlock(nn.Sequential):
     """Keras Conv2D(3x3, 'same') -> BatchNormalization -> ELU."""
 
     def __init__(self, cin: int, cout: int):
-        super().__init__(nn.Conv2d(cin, cout, 3, padding=1), _keras_bn(cout), nn.ELU())
+        # In place: BatchNorm's backward does not need its output, and ELU's backward then reads its own output
+        # (grad * (out + 1)) instead of recomputing exp(x), saving one activation per block.
+        super().__init__(nn.Conv2d(cin, cout, 3, padding=1), _keras_bn(cout), nn.ELU(inplace=True))
 
 
 class ConvTBlock(nn.Module):
@@ -83,11 +85,18 @@ class ConvTBlock(nn.Module):
         else:
             self.conv = nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=0)
         self.bn = _keras_bn(cout)
-        self.act = nn.ELU()
+        self.act = nn.ELU(inplace=True)  # see ConvBlock
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n_h, n_w = x.shape[-2:]
-        x = self.conv(x)
+        if x.device.type == "cpu":
+            # The bias added apart: oneDNN computes a transposed convolution's weight gradient 2-4x slower when the
+            # bias is fused into it (docs/performance.md); the sum is the same and so are the parameters.
+            conv = self.conv
+            x = F.conv_transpose2d(x, conv.weight, None, conv.stride, conv.padding, conv.output_padding)
+            x = x + conv.bias.to(x.dtype)[:, None, None]
+        else:
+            x = self.conv(x)
         if self.crop:
             x = x[..., : 2 * n_h, : 2 * n_w]
         return self.act(self.bn(x))

@@ -187,6 +187,36 @@ def test_transposed_conv_same_padding_tf_crop_vs_pytorch_form():
     assert out.recon.shape == (1, 3, 36, 36)
 
 
+
+@pytest.mark.parametrize("padding,tf_crop", [("same", False), ("same", True), ("valid", False)])
+def test_cpu_blocks_match_the_plain_module_calls_forward_and_backward(padding, tf_crop):
+    """The CPU forms (transposed conv with its bias added apart, ELU in place) give the values and gradients of the
+    plain layers they stand for: ConvTranspose2d with its bias fused, BatchNorm, a separate ELU."""
+    from facevae_dist.model import ConvBlock, ConvTBlock
+
+    torch.manual_seed(0)
+    for block in (ConvTBlock(4, 5, padding, tf_crop=tf_crop), ConvBlock(4, 5)):
+        x = torch.randn(3, 4, 6, 6, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_()
+        conv, bn = (block.conv, block.bn) if isinstance(block, ConvTBlock) else (block[0], block[1])
+        ref_bn = torch.nn.BatchNorm2d(5, eps=1e-3, momentum=0.01)
+        h = conv(x_ref)  # the module call: bias fused into the convolution
+        if isinstance(block, ConvTBlock) and block.crop:
+            h = h[..., :12, :12]
+        ref = torch.nn.functional.elu(ref_bn(h))
+        out = block(x)
+        g = torch.randn_like(ref)
+        (out * g).sum().backward()
+        block_grads = [p.grad.clone() for p in conv.parameters()]  # conv's weight and bias serve both forms
+        conv.zero_grad()
+        (ref * g).sum().backward()
+        assert torch.allclose(out, ref, atol=1e-6)
+        assert torch.allclose(x.grad, x_ref.grad, atol=1e-5)
+        (w_mine, b_mine), (w_plain, b_plain) = block_grads, (conv.weight.grad, conv.bias.grad)
+        assert w_mine.abs().sum() > 0 and torch.allclose(w_mine, w_plain, atol=1e-5)
+        assert torch.allclose(b_mine, b_plain, atol=1e-4)  # ~0 either way: train-mode BatchNorm removes the mean
+        assert torch.allclose(bn.running_mean, ref_bn.running_mean, atol=1e-6)
+
 def test_hub_mixin_round_trip_on_a_local_folder(tmp_path):
     """save_pretrained / from_pretrained are huggingface_hub's PyTorchModelHubMixin: safetensors weights, a flat
     config.json (the ModelConfig fields at the top level) and a model card README.md with YAML front matter."""
