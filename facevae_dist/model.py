@@ -88,6 +88,10 @@ class ConvTBlock(nn.Module):
         self.act = nn.ELU(inplace=True)  # see ConvBlock
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.convolve(x)))
+
+    def convolve(self, x: torch.Tensor) -> torch.Tensor:
+        """The transposed convolution with its bias (and TF's crop where asked)."""
         n_h, n_w = x.shape[-2:]
         if x.device.type == "cpu":
             # The bias added apart: oneDNN computes a transposed convolution's weight gradient 2-4x slower when the
@@ -99,7 +103,7 @@ class ConvTBlock(nn.Module):
             x = self.conv(x)
         if self.crop:
             x = x[..., : 2 * n_h, : 2 * n_w]
-        return self.act(self.bn(x))
+        return x
 
 
 def _keras_bn(c: int) -> nn.BatchNorm2d:
