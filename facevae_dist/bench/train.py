@@ -13,8 +13,8 @@ zero_grad, nothing else), under torch.profiler: ATen ops per step, host reads of
 (`aten::_local_scalar_dense`, i.e. .item()/.tolist()/bool(t): a sync on a GPU) and how many of them come from
 inside optimizer.step, ms per step and the images/s ratio.
 Reference (PAPER_TF_REFERENCES): the authors' own TensorFlow code at batch 32, 144 px, measured beside this bench.
-`vs_paper_tf` (the "vs TF" column) is given only where a reference was measured on the same CPU model with the same
-speed-relevant flags (SPEED_FLAG_PREFIXES: AVX2, AVX-512, its bf16/fp16 parts, AMX): a figure from another CPU says
+`vs_paper_tf` (the "vs TF" column) is given only where a reference was timed as the authors train (model.fit) on the
+same CPU model with the same speed-relevant flags (SPEED_FLAG_PREFIXES: AVX2, AVX-512, its bf16/fp16 parts, AMX): a figure from another CPU says
 nothing about this one (an Intel Xeon with AMX was once shown 1.26x against a TF figure from an Intel Xeon without
 it, where TF measured beside it gave 0.92-0.96x). Elsewhere the references are listed as documentation, each with
 the machine it came from. Results are written as JSON after every row (atomically).
@@ -54,17 +54,23 @@ CONFIG_TOKENS = ("fp32", "bf16", "fp16", "channels_last", "compile")
 MODELS = {"mask+decoder": "ssim+l1/mask+decoder", "none": "ssim+l1/none"}
 # The flags that decide how fast these kernels run; a reference is comparable only with the same set.
 SPEED_FLAG_PREFIXES = ("avx512_bf16", "avx512_fp16", "amx", "avx512f", "avx2")
-# The authors' own TF code (training.py at b694a18: Keras train_on_batch, Adam clipnorm 1e-3) at batch 32, 144 px, on
-# 2-core machines of this project. "cpu_model" is /proc/cpuinfo's model name exactly and "flags" the machine's
-# speed flags exactly (None: not recorded, so never compared against, only listed).
+# The authors' own TF code (training.py at b694a18: Keras, Adam clipnorm 1e-3) at batch 32, 144 px, on 2-core machines
+# of this project. "cpu_model" is /proc/cpuinfo's model name exactly and "flags" the machine's speed flags exactly
+# (None: not recorded, so never compared against, only listed). "path" is how TF was timed: "fit" is how the authors
+# train (model.fit over a tf.data pipeline, tools/paper_tf_fit.py); only a "fit" figure is ever compared against.
 PAPER_TF_REFERENCES = (
     {"cpu": "AMD EPYC with AVX-512 and avx512_bf16 (Zen 4), 2 cores", "cpu_model": "AMD EPYC",
-     "flags": ("avx2", "avx512_bf16", "avx512f"), "img_s": {"none": 12.5, "mask+decoder": 9.0},
-     "source": "TF 2.15.1 measured beside this bench on 2026-12-03, median of 3 runs of 5 timed steps"},
-    {"cpu": "Intel Xeon, 2 cores (no native bf16)", "cpu_model": None, "flags": None,
-     "img_s": {"none": 16.0, "mask+decoder": 13.0}, "source": "TF 2.15 (exact model and flags not recorded)"},
+     "flags": ("avx2", "avx512_bf16", "avx512f"), "path": "fit", "img_s": {"none": 15.44, "mask+decoder": 12.14},
+     "source": "TF 2.15.1 model.fit on a cached tf.data (tools/paper_tf_fit.py), interleaved with this bench on "
+               "2026-12-07, median of 3 rounds"},
+    {"cpu": "Intel Xeon, 2 cores (no native bf16)", "cpu_model": None, "flags": None, "path": None,
+     "img_s": {"none": 16.0, "mask+decoder": 13.0}, "source": "TF 2.15 (how it was timed, the exact model and flags "
+                                                               "not recorded)"},
 )
 CLIP_NORM = 1e-3
+TIMED = ("the trainer's step (TrainStep: forward, losses, backward, non-finite skip, clip, Keras Adam) on one batch "
+         "of random images already on the device; the config names the layout (channels_last), the precision (fp32, "
+         "or bf16 autocast) and torch.compile")
 FULL_CONFIGS = ("fp32", "bf16", "channels_last", "channels_last+bf16", "compile")
 # The host-overhead comparison: small enough that host work is a visible share of a step.
 OVERHEAD_CONFIG = {"image_size": 36, "width": 0.25, "batch_size": 8}
@@ -93,11 +99,11 @@ def this_cpu() -> tuple[str, tuple[str, ...]]:
 
 
 def paper_tf_reference(cpu: tuple[str, tuple[str, ...]] | None = None) -> dict | None:
-    """The PAPER_TF_REFERENCES entry measured on the same CPU model with the same speed flags as `cpu` (default:
-    this one), or None."""
+    """The PAPER_TF_REFERENCES entry timed with model.fit on the same CPU model with the same speed flags as `cpu`
+    (default: this one), or None."""
     model, flags = cpu if cpu is not None else this_cpu()
     return next((r for r in PAPER_TF_REFERENCES
-                 if r["cpu_model"] == model.strip() and r["flags"] is not None
+                 if r["path"] == "fit" and r["cpu_model"] == model.strip() and r["flags"] is not None
                  and tuple(sorted(r["flags"])) == speed_flags(flags)), None)
 
 
@@ -377,6 +383,7 @@ def run_train_bench(out: Path, batch_sizes: list[int], steps: int, warmup: int, 
         "torch_threads": torch.get_num_threads(),
         "malloc_keep_freed_memory": malloc_tuned,
         "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "timed": TIMED,
         "reference_paper_tf": reference,  # what vs_paper_tf divides by (None: none measured on this CPU and flags)
         # with no reference of this CPU: every reference, as documentation of the machine it came from
         "paper_tf_references_elsewhere": [] if reference is not None else list(PAPER_TF_REFERENCES),
@@ -437,12 +444,14 @@ def _print_table(result: dict) -> None:
         cells.append("ok" if r.get("status") == "ok" else f"{r.get('status')}: {r.get('error', '')}"[:40])
         table.add_row(*cells)
     console.print(table)
+    console.print(f"timed: {result['timed']}", markup=False)
     if reference:
-        console.print(f"s/step: median wall time of a step; vs TF: against the authors' TensorFlow code measured on "
-                      f"this CPU model and flags ({reference['cpu']}: {_tf_figures(reference)}; batch 32, 144 px "
-                      "rows only)", markup=False)
+        console.print(f"s/step: median wall time of a step; vs TF: against the authors' TensorFlow code trained with "
+                      f"model.fit on this CPU model and flags ({reference['cpu']}: {_tf_figures(reference)}; batch "
+                      "32, 144 px rows only)", markup=False)
     else:
-        console.print("s/step: median wall time of a step. No TF reference was measured on this CPU model and flags "
+        console.print("s/step: median wall time of a step. No TF reference (model.fit) was measured on this CPU model "
+                      "and flags "
                       f"({result['cpu_model']}: {', '.join(result['cpu_flags']) or 'no AVX2/AVX-512/AMX'}), so no "
                       "ratio is shown; the authors' TensorFlow code measured elsewhere (documentation only, not "
                       "comparable):", markup=False)
