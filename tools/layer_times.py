@@ -47,8 +47,8 @@ def torch_times(args) -> dict:
 
     keep_freed_memory()
     opts = parse_config("channels_last+bf16" if args.bf16 else "channels_last", "cpu")
-    cfg = _train_config(args.model, opts, SIZE)
-    image, mask = _synthetic_batch(BATCH, SIZE, torch.device("cpu"), True)
+    cfg = _train_config(args.model, opts, args.image_size)
+    image, mask = _synthetic_batch(args.batch_size, args.image_size, torch.device("cpu"), True)
     step, _, model = make_steps(cfg, torch.device("cpu"))
     amp = dict(device_type="cpu", dtype=torch.bfloat16, enabled=args.bf16)
     kinds = {torch.nn.Conv2d: "conv", ConvTBlock: "transposed conv", torch.nn.BatchNorm2d: "batchnorm",
@@ -184,14 +184,18 @@ def tf_times(args) -> dict:
             "full_step_ms": full, "full_step_path": "fit"}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="layer_times.py", description=__doc__.splitlines()[0])
     parser.add_argument("backend", choices=("torch", "tf"))
     parser.add_argument("--model", choices=("mask+decoder", "none"), default="mask+decoder")
     parser.add_argument("--code", help="tf: folder holding the authors' training.py")
     parser.add_argument("--bf16", action="store_true", help="torch: under bf16 autocast")
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--image-size", type=int, default=SIZE, help="torch: 144 (the paper's), 72, 36, 18 or 9")
+    parser.add_argument("--batch-size", type=int, default=BATCH, help="torch: default 32 (the paper's)")
+    args = parser.parse_args(argv)
+    if args.backend == "tf" and (args.image_size, args.batch_size) != (SIZE, BATCH):
+        parser.error(f"tf times the authors' model as they built it: {SIZE} px, batch {BATCH}")
     if args.backend == "tf" and not (args.code and os.path.isfile(os.path.join(args.code, "training.py"))):
         parser.error("tf needs --code, the folder holding the authors' training.py")
     result = torch_times(args) if args.backend == "torch" else tf_times(args)
@@ -199,6 +203,7 @@ def main() -> int:
     result["sum_ms"] = round(sum(result["ms"].values()), 1)
     result["full_step_ms"] = round(result["full_step_ms"], 1)
     result["model"] = args.model
+    result["image_size"], result["batch_size"] = args.image_size, args.batch_size
     print(json.dumps(result))
     return 0
 

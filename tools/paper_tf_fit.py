@@ -32,8 +32,8 @@ def ellipse_mask(size: int):
     return (((xx / 0.6) ** 2 + (yy / 0.8) ** 2) < 1).astype("float32")  # the same "face" as `facevae bench train`
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="paper_tf_fit.py", description=__doc__.splitlines()[0])
     parser.add_argument("code", help="folder holding the authors' training.py and utils.py")
     parser.add_argument("--model", choices=("mask+decoder", "none"), default="mask+decoder")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -43,7 +43,7 @@ def main() -> int:
     parser.add_argument("--xla", action="store_true", help="compile the train step with XLA (jit_compile=True)")
     parser.add_argument("--train-on-batch", action="store_true", help="time train_on_batch calls instead of fit")
     parser.add_argument("--json", help="also append the result as one line to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.epochs < 2 or args.steps < 1:
         parser.error("--epochs must be at least 2 (the first is warm-up) and --steps at least 1")
     if not os.path.isfile(os.path.join(args.code, "training.py")):
