@@ -18,7 +18,7 @@ def load(name: str):
 
 
 def test_layer_times_times_every_layer_kind_of_the_model(capsys):
-    kinds = {"conv", "transposed conv", "batchnorm", "elu", "maxpool", "dense", "losses", "clip + adam"}
+    kinds = {"conv, encoder", "conv, decoders", "transposed conv", "batchnorm", "elu", "maxpool", "dense", "losses", "clip + adam"}
     assert load("layer_times").main(["torch", "--model", "mask+decoder", "--image-size", "18", "--batch-size", "4",
                                      "--repeats", "1"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -24,6 +24,11 @@ BATCH, SIZE = 32, 144
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _split_conv(kind: str, in_encoder: bool) -> str:
+    """The 3x3 convolutions counted apart for the encoder and for the decoders (with their heads)."""
+    return kind if kind != "conv" else ("conv, encoder" if in_encoder else "conv, decoders")
+
+
 def _median_ms(fn, repeats: int) -> float:
     fn()
     times = []
@@ -54,8 +59,9 @@ def torch_times(args) -> dict:
     kinds = {torch.nn.Conv2d: "conv", ConvTBlock: "transposed conv", torch.nn.BatchNorm2d: "batchnorm",
              torch.nn.ELU: "elu", torch.nn.MaxPool2d: "maxpool", torch.nn.Linear: "dense"}
     seen: list[tuple[str, torch.nn.Module, torch.Size, torch.dtype]] = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out, k=k: seen.append((k, mod, inp[0].shape, inp[0].dtype)))
-             for m in model.modules() for cls, k in kinds.items() if type(m) is cls]
+    hooks = [m.register_forward_hook(lambda mod, inp, out, k=_split_conv(k, name.startswith("encoder.")):
+                                     seen.append((k, mod, inp[0].shape, inp[0].dtype)))
+             for name, m in model.named_modules() for cls, k in kinds.items() if type(m) is cls]
     with torch.autocast(**amp):
         out = model(image, mask if cfg.model.mask_mode != "none" else None)
     for h in hooks:
@@ -115,12 +121,15 @@ def tf_times(args) -> dict:
     kinds = {"Conv2D": "conv", "Conv2DTranspose": "transposed conv", "BatchNormalization": "batchnorm",
              "MaxPooling2D": "maxpool", "Dense": "dense"}
     ms: dict[str, float] = {}
+    in_encoder = True  # Keras lists a functional model's layers in graph order: the encoder ends at out_encoder
     for layer in model.layers:
         name = type(layer).__name__
+        in_encoder = in_encoder and layer.name != "out_encoder"
         kind = kinds.get(name) or ("elu" if name == "Activation" and layer.get_config()["activation"] == "elu"
                                    else None)
         if kind is None:
             continue
+        kind = _split_conv(kind, in_encoder)
         fresh = type(layer).from_config(layer.get_config())
         shape = (BATCH,) + tuple(layer.input.shape[1:])
         x = tf.random.normal(shape)
