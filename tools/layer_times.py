@@ -115,9 +115,10 @@ def tf_times(args) -> dict:
     sys.path.insert(0, os.path.abspath(args.code))
     import training  # the authors' module, unmodified
 
-    vae = training.VAE2train() if args.model == "mask+decoder" else training.VAENoMask()
-    vae.add_losses(add_BCE=args.model == "mask+decoder")
-    model = vae.model
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from paper_tf_fit import build_paper_model, fit_epoch_seconds
+
+    model = build_paper_model(training, args.model).model
     kinds = {"Conv2D": "conv", "Conv2DTranspose": "transposed conv", "BatchNormalization": "batchnorm",
              "MaxPooling2D": "maxpool", "Dense": "dense"}
     ms: dict[str, float] = {}
@@ -179,15 +180,7 @@ def tf_times(args) -> dict:
     model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=1e-4, clipnorm=1e-3))
     mask = tf.cast(tf.random.uniform((BATCH, SIZE, SIZE, 1)) > 0.5, tf.float32)
     data = tf.data.Dataset.from_tensors(((image, mask),) if args.model == "mask+decoder" else (image,))
-    epoch_s: list[float] = []
-
-    class EpochTimer(tf.keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.t = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            epoch_s.append(time.perf_counter() - self.t)
-    model.fit(data.cache().repeat(), steps_per_epoch=1, epochs=1 + args.repeats, verbose=0, callbacks=[EpochTimer()])
+    epoch_s = fit_epoch_seconds(model, data.cache().repeat(), 1, 1 + args.repeats)
     full = 1000 * statistics.median(epoch_s[1:])
     return {"backend": f"tensorflow {tf.__version__}", "threads": "default", "precision": "fp32", "ms": ms,
             "full_step_ms": full, "full_step_path": "fit"}

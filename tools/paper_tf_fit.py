@@ -32,6 +32,29 @@ def ellipse_mask(size: int):
     return (((xx / 0.6) ** 2 + (yy / 0.8) ** 2) < 1).astype("float32")  # the same "face" as `facevae bench train`
 
 
+def build_paper_model(training, model: str):
+    """The authors' model with their default losses (KL, SSIM, 4 MAE, and BCE + Dice with the mask decoder)."""
+    vae = training.VAE2train() if model == "mask+decoder" else training.VAENoMask()
+    vae.add_losses(add_BCE=model == "mask+decoder")
+    return vae
+
+
+def fit_epoch_seconds(model, data, steps: int, epochs: int) -> list[float]:
+    """Wall seconds of each epoch of model.fit(verbose=0) over `data` (the first one traces the step)."""
+    import tensorflow as tf
+    epoch_s: list[float] = []
+
+    class EpochTimer(tf.keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            epoch_s.append(time.perf_counter() - self.t)
+
+    model.fit(data, steps_per_epoch=steps, epochs=epochs, verbose=0, callbacks=[EpochTimer()])
+    return epoch_s
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="paper_tf_fit.py", description=__doc__.splitlines()[0])
     parser.add_argument("code", help="folder holding the authors' training.py and utils.py")
@@ -58,20 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     images = rng.random((n, size, size, 3), dtype=np.float32)
     masks = np.broadcast_to(ellipse_mask(size)[None, :, :, None], (n, size, size, 1)).copy()
-    if args.model == "mask+decoder":
-        vae = training.VAE2train()
-        vae.add_losses()  # their defaults: KL, SSIM, MAE, BCE
-        data = tf.data.Dataset.from_tensor_slices(((images, masks),))
-    else:
-        vae = training.VAENoMask()
-        vae.add_losses(add_BCE=False)
-        data = tf.data.Dataset.from_tensor_slices((images,))
+    vae = build_paper_model(training, args.model)
+    data = tf.data.Dataset.from_tensor_slices(((images, masks),) if args.model == "mask+decoder" else (images,))
     data = data.batch(args.batch_size, drop_remainder=True).cache().repeat().prefetch(tf.data.AUTOTUNE)
     # As their train(): Adam(1e-4, clipnorm=1e-3); jit_compile only with --xla (Keras' default is off on CPU).
     vae.model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=1e-4, clipnorm=1e-3), jit_compile=args.xla)
 
-    epoch_s: list[float] = []
     if args.train_on_batch:
+        epoch_s: list[float] = []
         batches = iter(data)
         for epoch in range(args.epochs):
             t = time.perf_counter()
@@ -79,14 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 vae.model.train_on_batch(next(batches)[0])
             epoch_s.append(time.perf_counter() - t)
     else:
-        class EpochTimer(tf.keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch, logs=None):
-                self.t = time.perf_counter()
-
-            def on_epoch_end(self, epoch, logs=None):
-                epoch_s.append(time.perf_counter() - self.t)
-
-        vae.model.fit(data, steps_per_epoch=args.steps, epochs=args.epochs, verbose=0, callbacks=[EpochTimer()])
+        epoch_s = fit_epoch_seconds(vae.model, data, args.steps, args.epochs)
     timed = [args.batch_size * args.steps / s for s in epoch_s[1:]]
     result = {"peer": "authors' TF code (training.py b694a18)", "tf": tf.__version__, "model": args.model,
               "path": "train_on_batch" if args.train_on_batch else ("fit+xla" if args.xla else "fit"),
