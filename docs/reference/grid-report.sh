@@ -84,3 +84,6 @@ results = {"target_face_1-ssim": 0.40, "image_size": 36,
 (ref / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 print(json.dumps(results, indent=2))
 PY
+
+# 6. the READMEs' answer tables from the new report (their prose is written by hand from report/)
+python tools/readme_tables.py
