@@ -65,3 +65,34 @@ def test_reference_model_reproduces_on_fresh_faces(name, fresh_shards, tmp_path,
         "what docs/reference/results.json records"
     if result["hypothesis"] == "l2/mask+decoder":
         assert face <= RESULTS["target_face_1-ssim"]
+
+
+CLAIMS = {c["id"]: c for c in json.loads((REFERENCE / "report" / "claims.json").read_text())["claims"]}
+
+
+def test_the_readmes_state_the_reports_verdicts():
+    """Every verdict the two READMEs quote is the one report/claims.json holds (raw face pixels / composite)."""
+    import re
+
+    seen = set()
+    for line in (REFERENCE / "README.md").read_text().splitlines():
+        if not line.startswith("| **C"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        claim = CLAIMS[cells[0].split("**")[1]]
+        composite = claim.get("other_regions", {}).get("composite", {}).get("verdict", "")
+        gt = claim.get("other_regions", {}).get("composite-gt", {}).get("verdict")
+        assert cells[1] == claim["verdict"] and cells[2].split(" (")[0] == composite, line
+        assert gt is None or f"(composite-gt: {gt})" in cells[2], line
+        seen.add(claim["id"])
+    assert seen == set(CLAIMS)
+    readme = (REFERENCE.parents[1] / "README.md").read_text()
+    paragraph = " ".join(readme.split("The paper's twelve claims")[1].split("\n\n")[0].split())
+    quoted = re.findall(r"(C\d+) (contradicted|supported|inconclusive) / (contradicted|supported|inconclusive)",
+                        paragraph)
+    assert {q[0] for q in quoted} == {"C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C12"}, paragraph
+    for cid, raw, composite in quoted:
+        assert (raw, composite) == (CLAIMS[cid]["verdict"], CLAIMS[cid]["other_regions"]["composite"]["verdict"]), cid
+    for cid in ("C9", "C10", "C11"):  # one verdict each, somewhere before the next claim is named
+        after = re.split(r"\bC\d+\b", paragraph.split(f"{cid} ", 1)[1])[0]
+        assert CLAIMS[cid]["verdict"].removesuffix(" on this data") in after, (cid, after)
