@@ -44,15 +44,19 @@ done
 #    CURVES=0 skips them)
 if [ ${#RUNS[@]} -gt 0 ] && [ "${CURVES:-1}" != 0 ]; then
   OMP_NUM_THREADS=1 facevae -q curve "${RUNS[@]}" --out "$GRID/curve" --device cpu --target 0.40
-  # curve/grid/: these runs with the four l2 runs of curve/ beside them (the l2 run directories are gone; their
-  # rows were scored by the same protocol on the same 300 test faces of the same shards)
-  python - "$GRID/curve/curve.json" "$REF/curve/curve.json" "$REF/curve/grid" <<'PY'
+  # curve/grid/: these runs beside every committed row of a run not in this sweep directory (the seed-0/1 runs'
+  # directories are gone; their rows were scored by the same protocol on the same 300 test faces of the same shards)
+  python - "$GRID/curve/curve.json" "$REF/curve/grid/curve.json" "$REF/curve/grid" <<'PY'
 import json, sys
 from facevae_dist.report.curves import write_curve
-new, l2 = (json.load(open(p)) for p in sys.argv[1:3])
-assert (new["split"], new["limit"]) == (l2["split"], l2["limit"]), "the l2 curve was scored on other faces"
-write_curve(l2["rows"] + new["rows"], sys.argv[3], {"split": new["split"], "limit": new["limit"],
-            "shards": new["shards"], "scored_earlier": "the l2 rows: docs/reference/curve/curve.json"}, new["target"])
+new, old = (json.load(open(p)) for p in sys.argv[1:3])
+assert (new["split"], new["limit"]) == (old["split"], old["limit"]), "the committed curves were scored on other faces"
+runs = {r["run"] for r in new["rows"]}
+kept = [r for r in old["rows"] if r["run"] not in runs]
+write_curve(kept + new["rows"], sys.argv[3], {"split": new["split"], "limit": new["limit"], "shards": new["shards"],
+            "scored_earlier": f"the rows of the {len({r['run'] for r in kept})} runs not in the sweep directory, by "
+            "earlier runs of this script (the l2 ones first by commands.sh: docs/reference/curve/curve.json)"},
+            new["target"])
 PY
 fi
 
