@@ -7,6 +7,7 @@ thirty models on all 300 would take minutes of CI)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -72,8 +73,6 @@ CLAIMS = {c["id"]: c for c in json.loads((REFERENCE / "report" / "claims.json").
 
 def test_the_readmes_state_the_reports_verdicts():
     """Every verdict the two READMEs quote is the one report/claims.json holds (raw face pixels / composite)."""
-    import re
-
     seen = set()
     for line in (REFERENCE / "README.md").read_text().splitlines():
         if not line.startswith("| **C"):

@@ -4,7 +4,7 @@ README.md ("The short answer") and docs/reference/README.md ("The answer") each 
 docs/reference/report/table.md: a table whose header reads `| loss | mask | <region> <metric> | ...` takes every cell
 from the row of that loss and mask in table.md's section for `<region>`, column `<metric>`, without the paper's value
 in parentheses (bold kept: it is the report's rule). Run after `docs/reference/grid-report.sh` rebuilds the report;
-tests/test_reference.py runs it with --check, so no README number can drift from the report.
+tests/test_tools.py runs it with --check, so no README number can drift from the report.
   usage: python tools/readme_tables.py [--check]
 """
 
